@@ -1,0 +1,83 @@
+"""Frozen configuration dataclasses, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+METHODS = ("auto", "draft", "lookup", "none")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen. temperature 0 means greedy (argmax).
+
+    Truncation follows llama.cpp's default order: top-k, then top-p and min-p on the
+    temperature-1 softmax, then temperature. 0 disables top-k; 1.0 disables top-p;
+    0.0 disables min-p. The same warp is applied to target and draft distributions.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        if not (0 <= self.min_p < 1):
+            raise ValueError(f"min_p must be in [0, 1) (0 disables it), got {self.min_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Which speculation method runs and how much it drafts.
+
+    draft_max: most tokens drafted per round (K). draft_p_min: the draft model stops
+    drafting when its most likely next token has probability below this.
+    """
+
+    method: str = "draft"
+    draft_max: int = 4
+    draft_p_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not (isinstance(self.draft_max, int) and 1 <= self.draft_max <= 64):
+            raise ValueError(f"draft_max must be an integer from 1 to 64, got {self.draft_max!r}")
+        if not (0 <= self.draft_p_min < 1):
+            raise ValueError(f"draft_p_min must be in [0, 1), got {self.draft_p_min!r}")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """How one model is loaded. n_gpu_layers -1 offloads every layer (when built with a GPU
+    backend); n_threads None uses llama.cpp's default."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_gpu_layers: int = -1
+    n_threads: int | None = None
+    flash_attn: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n_ctx, int) and self.n_ctx >= 16):
+            raise ValueError(f"n_ctx must be an integer >= 16, got {self.n_ctx!r}")
+        if not (isinstance(self.n_batch, int) and self.n_batch >= 1):
+            raise ValueError(f"n_batch must be a positive integer, got {self.n_batch!r}")
+        if not (isinstance(self.n_gpu_layers, int) and self.n_gpu_layers >= -1):
+            raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {self.n_gpu_layers!r}")
+        if self.n_threads is not None and not (isinstance(self.n_threads, int) and self.n_threads >= 1):
+            raise ValueError(f"n_threads must be a positive integer, got {self.n_threads!r}")
