@@ -1,0 +1,21 @@
+"""ggspec: exact speculative decoding for local GGUF models on llama.cpp."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import BackendConfig, SamplingConfig, SpecConfig
+from .engine import Engine, Result
+from .errors import (BusyError, ContextOverflowError, DecodeError, DownloadError, GgspecError,
+                     ModelFileError, VocabMismatchError)
+from .hub import pull
+from .stats import Stats
+
+try:
+    __version__ = version("ggspec")
+except PackageNotFoundError:
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BackendConfig", "BusyError", "ContextOverflowError", "DecodeError", "DownloadError", "Engine",
+    "GgspecError", "ModelFileError", "Result", "SamplingConfig", "SpecConfig", "Stats",
+    "VocabMismatchError", "pull", "__version__",
+]

@@ -1,0 +1,91 @@
+"""Verifying a chain of draft tokens against the target's logits. Pure numpy.
+
+A chain d_0..d_{K-1} comes with the target's rows L_0..L_K: row i predicts the position of
+d_i, row K the bonus position after a full accept. Each rule returns a Verdict: how many
+draft tokens are accepted, and the token the target commits after them. Rows are warped
+lazily, only as far as the verification reaches.
+
+Random numbers, so runs replay from a seed: greedy rules draw none; the sampling rules draw
+one rng.random() per draft token tested, in order (even where acceptance is certain), then
+one for the committed token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ggspec.config import SamplingConfig
+from ggspec.sampling import sample, warp
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """n_accepted draft tokens are kept (0..K); token is committed after them."""
+
+    n_accepted: int
+    token: int
+
+
+def accept_greedy(target_logits: np.ndarray, draft: np.ndarray) -> Verdict:
+    """Keep the longest prefix where the draft equals the target's argmax; commit the next argmax."""
+    k = _chain_length(target_logits, draft)
+    top = np.argmax(target_logits, axis=-1)  # (k + 1,)
+    mismatch = np.flatnonzero(top[:k] != draft)
+    n = int(mismatch[0]) if mismatch.size else k
+    return Verdict(n, int(top[n]))
+
+
+def accept_speculative(
+    target_logits: np.ndarray,
+    draft: np.ndarray,
+    q: np.ndarray,
+    cfg: SamplingConfig,
+    rng: np.random.Generator,
+) -> Verdict:
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for a draft d_i ~ q_i.
+
+    target_logits (k + 1, n_vocab); draft (k,); q (k, n_vocab) the warped draft distributions.
+    The committed tokens are distributed exactly as sampling the target token by token.
+    At temperature 0 this is accept_greedy and q is not used.
+    """
+    k = _chain_length(target_logits, draft)
+    if cfg.greedy:
+        return accept_greedy(target_logits, draft)
+    for i in range(k):
+        d = draft[i]
+        p = warp(target_logits[i], cfg)  # (n_vocab,)
+        if rng.random() * q[i, d] < p[d]:  # u < p(d) / q(d): accept w.p. min(1, p(d) / q(d))
+            continue  # q(d) <= p(d): always accepted, the draw is still made
+        residual = np.maximum(p - q[i], 0.0)  # rejected: resample from norm(max(p - q, 0))
+        return Verdict(i, sample(residual if residual.any() else p, rng))  # all 0 only if p == q
+    return Verdict(k, sample(warp(target_logits[k], cfg), rng))  # all accepted: bonus from p_k
+
+
+def accept_match(
+    target_logits: np.ndarray,
+    draft: np.ndarray,
+    cfg: SamplingConfig,
+    rng: np.random.Generator,
+) -> Verdict:
+    """Sample-and-match for drafts without q (prompt lookup): y_i ~ p_i, accept while y_i == d_i.
+
+    target_logits (k + 1, n_vocab); draft (k,). Exact for any draft: y_i is the target's own sample.
+    """
+    k = _chain_length(target_logits, draft)
+    if cfg.greedy:
+        return accept_greedy(target_logits, draft)
+    for i in range(k):
+        y = sample(warp(target_logits[i], cfg), rng)  # y ~ p_i
+        if y != draft[i]:
+            return Verdict(i, y)  # mismatch: commit the target's own sample
+    return Verdict(k, sample(warp(target_logits[k], cfg), rng))  # all matched: bonus from p_k
+
+
+def _chain_length(target_logits: np.ndarray, draft: np.ndarray) -> int:
+    """K, after checking that the target gave one row per draft token plus the bonus row."""
+    k = len(draft)
+    if target_logits.shape[0] != k + 1:
+        raise ValueError(f"need {k + 1} target rows for {k} draft tokens, got {target_logits.shape[0]}")
+    return k

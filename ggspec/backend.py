@@ -1,0 +1,377 @@
+"""The only module that talks to llama.cpp (through llama-cpp-python's C API).
+
+`Model` owns a `llama_model *`; `Context` owns a `llama_context *` and its `llama_batch`.
+Each frees its handle exactly once (`close()`, `with`, or garbage collection), and a
+context is always freed before the model it was created from (it holds a reference).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from .config import BackendConfig
+from .errors import DecodeError, ModelFileError, VocabMismatchError
+
+GGUF_MAGIC = b"GGUF"
+ALL_LAYERS = 0x7FFFFFFF
+DECODE_ERRORS = {
+    1: "no free KV-cache slot for the batch (the context is full)",
+    2: "aborted",
+    -1: "invalid input batch",
+}
+
+llama_cpp.llama_backend_init()
+
+
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5
+_log = {"verbose": False, "last": 0}
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level != GGML_LOG_LEVEL_CONT:
+        _log["last"] = level
+    if _log["verbose"] or _log["last"] == GGML_LOG_LEVEL_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show all of llama.cpp's log lines on stderr (only its errors when False)."""
+    _log["verbose"] = verbose
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+set_verbose(os.environ.get("GGSPEC_VERBOSE", "") not in ("", "0"))
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raise ModelFileError naming `path` unless it is a readable GGUF file."""
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(f"not a GGUF file (starts with {magic!r}, expected b'GGUF'): {path}")
+
+
+class Model:
+    """A loaded GGUF model: weights, vocabulary and metadata."""
+
+    def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig()):
+        self._handle = None
+        self.path = Path(path)
+        check_gguf_file(self.path)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = ALL_LAYERS if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
+        handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not handle:
+            size = self.path.stat().st_size
+            raise ModelFileError(
+                f"llama.cpp could not load {self.path} ({size:,} bytes): the file is truncated, "
+                "corrupt, or of an architecture this llama.cpp does not support; "
+                "download it again (ggspec pull) or check the file"
+            )
+        self._handle = handle
+        self.vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(handle)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(handle)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.vocab_type = llama_cpp.llama_vocab_type(self.vocab)
+        self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self._piece = ctypes.create_string_buffer(256)
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise RuntimeError(f"model {self.path.name} is closed")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            llama_cpp.llama_model_free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.handle, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    @property
+    def n_params(self) -> int:
+        return llama_cpp.llama_model_n_params(self.handle)
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def chat_template(self) -> str | None:
+        tmpl = llama_cpp.llama_model_chat_template(self.handle, None)
+        return tmpl.decode("utf-8", "replace") if tmpl else None
+
+    def token_text(self, token: int) -> bytes:
+        """The vocabulary entry of `token` as stored in the model (not detokenized)."""
+        return llama_cpp.llama_vocab_get_text(self.vocab, token)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes `token` contributes to generated text (control tokens render empty)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the template stored in the GGUF (llama.cpp's renderer)."""
+        tmpl = llama_cpp.llama_model_chat_template(self.handle, None)
+        if not tmpl:
+            raise ValueError(f"{self.path.name} has no chat template; pass a raw prompt instead")
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (llama_cpp.llama_chat_message * len(keep))(*[llama_cpp.llama_chat_message(r, c) for r, c in keep])
+        cap = 2 * sum(len(r) + len(c) for r, c in keep) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(keep), add_generation_prompt, buf, cap)
+            if n < 0:
+                raise ValueError(
+                    f"llama.cpp does not support the chat template of {self.path.name}; "
+                    "pass a raw prompt instead"
+                )
+            if n <= cap:
+                return buf.raw[:n].decode("utf-8", "replace")
+            cap = n
+        raise RuntimeError("chat template output kept growing")
+
+
+class Context:
+    """An inference context over a Model: KV cache, batch, logits (and hidden states).
+
+    `tokens` mirrors what sequence 0 of the KV cache holds; `eval`/`truncate` keep it true.
+    """
+
+    def __init__(self, model: Model, cfg: BackendConfig = BackendConfig(), *,
+                 n_seq_max: int = 1, embeddings: bool = False):
+        self._handle = None
+        self.model = model
+        self.cfg = cfg
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = cfg.n_ctx
+        params.n_batch = cfg.n_batch
+        params.n_ubatch = cfg.n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = n_seq_max > 1
+        params.n_threads = params.n_threads_batch = cfg.n_threads or default_threads()
+        params.embeddings = embeddings
+        if embeddings:
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        if cfg.flash_attn is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        with ExitStack() as stack:
+            handle = llama_cpp.llama_init_from_model(model.handle, params)
+            if not handle:
+                raise ModelFileError(f"llama.cpp could not create a context of {cfg.n_ctx} tokens "
+                                     f"for {model.path}; try a smaller context size")
+            stack.callback(llama_cpp.llama_free, handle)
+            batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, n_seq_max)
+            stack.callback(llama_cpp.llama_batch_free, batch)
+            self._cleanup = stack.pop_all()
+        self._handle = handle
+        self._batch = batch
+        self._memory = llama_cpp.llama_get_memory(handle)
+        self.n_ctx = llama_cpp.llama_n_ctx(handle)
+        self.n_seq_max = n_seq_max
+        self.n_vocab = model.n_vocab
+        self.tokens: list[int] = []
+        self.busy_seconds = 0.0  # time spent inside llama_decode
+        n = cfg.n_batch
+        self._tok = np.ctypeslib.as_array(batch.token, shape=(n,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
+        self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
+        self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise RuntimeError("context is closed")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._cleanup.close()
+            self._handle = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int],
+               seq_ids: Sequence[Sequence[int]] | None, want: np.ndarray) -> np.ndarray:
+        """Run ONE llama_decode over `tokens` (at most n_batch).
+
+        seq_ids[i] lists the sequences token i belongs to (None: all in sequence 0);
+        want[i] asks for row i's logits. Returns a zero-copy (n_wanted, n_vocab) float32
+        view that stays valid until the next decode on this context.
+        """
+        n = len(tokens)
+        if not 0 < n <= self.cfg.n_batch:
+            raise ValueError(f"a batch holds 1 to {self.cfg.n_batch} tokens, got {n}")
+        b = self._batch
+        b.n_tokens = n
+        self._tok[:n] = tokens
+        self._pos[:n] = positions
+        self._out[:n] = want
+        if seq_ids is None:
+            self._nseq[:n] = 1
+            for i in range(n):
+                b.seq_id[i][0] = 0
+        else:
+            for i, ids in enumerate(seq_ids):
+                self._nseq[i] = len(ids)
+                for j, s in enumerate(ids):
+                    b.seq_id[i][j] = s
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.handle, b)
+        self.busy_seconds += time.perf_counter() - t0
+        if rc != 0:
+            reason = DECODE_ERRORS.get(rc, "unknown error")
+            raise DecodeError(f"llama_decode failed with code {rc}: {reason}")
+        n_out = int(np.count_nonzero(want))
+        if n_out == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.handle), shape=(n_out, self.n_vocab))
+
+    def hidden(self, n_rows: int) -> np.ndarray:
+        """Zero-copy (n_rows, n_embd) view of the last decode's output embeddings
+        (the input of the output layer); needs a context made with embeddings=True."""
+        ptr = llama_cpp.llama_get_embeddings(self.handle)
+        if not ptr:
+            raise RuntimeError("this context was created without embeddings=True")
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_embd))
+
+    def eval(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
+        """Append `tokens` to sequence 0 at the next positions, in n_batch chunks.
+
+        logits: "last" -> (1, n_vocab) for the final token, "all" -> one row per token
+        (only when len(tokens) <= n_batch), "none" -> empty.
+        """
+        n = len(tokens)
+        if len(self.tokens) + n > self.n_ctx:
+            raise DecodeError(f"{len(self.tokens) + n} tokens do not fit in the context of {self.n_ctx}")
+        if logits == "all" and n > self.cfg.n_batch:
+            raise ValueError(f"logits for every row need a batch of at most {self.cfg.n_batch} tokens")
+        out = np.empty((0, self.n_vocab), dtype=np.float32)
+        step = self.cfg.n_batch
+        for start in range(0, n, step):
+            chunk = tokens[start:start + step]
+            want = np.zeros(len(chunk), dtype=np.int8)
+            if logits == "all":
+                want[:] = 1
+            elif logits == "last" and start + step >= n:
+                want[-1] = 1
+            p0 = len(self.tokens)
+            out = self.decode(chunk, range(p0, p0 + len(chunk)), None, want)
+            self.tokens.extend(chunk)
+        return out
+
+    def truncate(self, n: int) -> None:
+        """Drop every cached position >= n, in every sequence (also cells a failed or
+        interrupted call left beyond `tokens`)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, -1, n, -1)
+        del self.tokens[n:]
+
+    def sync(self, tokens: Sequence[int]) -> int:
+        """Keep the longest cached prefix shared with `tokens`; return its length."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        self.truncate(n)
+        return n
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self.tokens.clear()
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_keep(self._memory, seq)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1))
+
+
+VOCAB_MAX_SIZE_DIFFERENCE = 128
+VOCAB_CHECK_START_TOKEN_ID = 5
+
+
+def check_vocab_compatible(target: Model, draft: Model) -> None:
+    """Refuse a draft whose tokenizer differs from the target's (llama.cpp's rules in
+    common/speculative.cpp): same vocabulary type, BOS/EOS ids and add-BOS flag, sizes
+    within 128, and identical token text for every shared id from 5 up."""
+    name = f"draft {draft.path.name} and target {target.path.name}"
+    facts = [("vocabulary type", target.vocab_type, draft.vocab_type),
+             ("add-BOS flag", target.add_bos, draft.add_bos),
+             ("BOS token id", target.bos, draft.bos),
+             ("EOS token id", target.eos, draft.eos)]
+    for what, t, d in facts:
+        if t != d:
+            raise VocabMismatchError(f"{name} do not share a tokenizer: {what} {d} != {t}")
+    if abs(target.n_vocab - draft.n_vocab) > VOCAB_MAX_SIZE_DIFFERENCE:
+        raise VocabMismatchError(f"{name} do not share a tokenizer: vocabulary sizes "
+                                 f"{draft.n_vocab} and {target.n_vocab} differ by more than "
+                                 f"{VOCAB_MAX_SIZE_DIFFERENCE}")
+    for i in range(VOCAB_CHECK_START_TOKEN_ID, min(target.n_vocab, draft.n_vocab)):
+        t, d = target.token_text(i), draft.token_text(i)
+        if t != d:
+            raise VocabMismatchError(f"{name} do not share a tokenizer: token {i} is {d!r} in "
+                                     f"the draft but {t!r} in the target")

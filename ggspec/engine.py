@@ -1,0 +1,235 @@
+"""The engine: load a target (and a drafter) and generate, one round at a time.
+
+A round reads top to bottom: propose -> verify -> commit. The target's KV cache always
+holds every committed token but the last one; the last one (the "pending" token) is
+the first row of the next verification batch, followed by the draft.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Generator, Iterator, Sequence
+
+import numpy as np
+
+from . import hub
+from .acceptance import Verdict, accept_greedy, accept_match, accept_speculative
+from .backend import Context, Model, check_vocab_compatible
+from .config import BackendConfig, SamplingConfig, SpecConfig
+from .drafters import Draft, Drafter
+from .drafters.model import ModelDrafter
+from .errors import BusyError, ContextOverflowError
+from .stats import Stats
+from .text import TextStream
+
+Prompt = str | Sequence[int] | Sequence[dict]
+DEFAULT_DRAFT = "default"
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (end of generation or stop string), "length", "cancelled"
+    stats: Stats = field(default_factory=Stats)
+
+
+class Engine:
+    """A target model and an optional draft model, ready to generate.
+
+    target / draft: a registry name (pulled on first use) or a GGUF path. draft
+    "default" takes the registry's paired draft for a registry target, and no draft for
+    a path; None means no draft model.
+
+    One generation runs at a time. generate() and stream() called from another thread
+    while one runs wait for it to finish (or raise BusyError with wait=False).
+    """
+
+    def __init__(self, target: str | os.PathLike | None = None,
+                 draft: str | os.PathLike | None = DEFAULT_DRAFT, *,
+                 target_config: BackendConfig = BackendConfig(),
+                 draft_config: BackendConfig | None = None,
+                 spec: SpecConfig = SpecConfig(),
+                 sampling: SamplingConfig = SamplingConfig(),
+                 progress: bool = True):
+        target = target or hub.default_model()
+        if draft == DEFAULT_DRAFT:
+            draft = hub.default_draft(str(target)) if not Path(target).exists() else None
+        self.spec = spec
+        self.sampling = sampling
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        with ExitStack() as stack:
+            self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
+            self.ctx = stack.enter_context(Context(self.target, target_config))
+            self._contexts = [self.ctx]
+            self.draft: Model | None = None
+            self.drafters: dict[str, Drafter] = {}
+            if draft is not None:
+                draft_config = draft_config or target_config
+                self.draft = stack.enter_context(Model(hub.resolve(str(draft), progress=progress), draft_config))
+                check_vocab_compatible(self.target, self.draft)
+                draft_ctx = stack.enter_context(Context(self.draft, draft_config))
+                self._contexts.append(draft_ctx)
+                self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
+            self._resources = stack.pop_all()
+        if spec.method == "draft" and "draft" not in self.drafters:
+            self.spec = replace(spec, method="none")
+
+    def close(self) -> None:
+        """Free the contexts, then the models."""
+        self._resources.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    def cancel(self) -> None:
+        """Ask the running generation to stop after its current round (thread-safe)."""
+        self._cancel.set()
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Chat messages are rendered with the target's template; text is tokenized as is."""
+        if isinstance(prompt, str):
+            return self.target.tokenize(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.target.tokenize(self.target.apply_chat_template(prompt), add_special=True)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+                 sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
+                 on_text: Callable[[str], bool | None] | None = None, wait: bool = True) -> Result:
+        """Generate a completion. on_text receives each text piece as it is committed
+        and may return True to stop (finish reason "cancelled")."""
+        gen = self.stream(prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec, wait=wait)
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as done:
+                return done.value
+            if on_text is not None and on_text(piece):
+                self.cancel()
+
+    def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+               sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
+               wait: bool = True) -> Generator[str, None, Result]:
+        """Yield text pieces as they are committed; the generator returns the Result.
+        Closing the generator ends the generation (the engine lock is held until then)."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        sampling = sampling or self.sampling
+        spec = spec or self.spec
+        if spec.method not in ("none", *self.drafters):
+            raise ValueError(f"method {spec.method!r} is not available here; "
+                             f"available: none, {', '.join(self.drafters) or '(no drafter loaded)'}")
+        tokens = self.tokenize(prompt)
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                "use a larger context size (--ctx-size) or a shorter prompt")
+        if not self._lock.acquire(blocking=wait):
+            raise BusyError("the engine is already generating; wait for it or use another engine")
+        try:
+            self._cancel.clear()
+            return (yield from self._run(tokens, max_tokens, stop, sampling, spec))
+        finally:
+            self._lock.release()
+
+    def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
+             sampling: SamplingConfig, spec: SpecConfig) -> Iterator[str]:
+        drafter = self.drafters.get(spec.method)
+        stats = Stats(method=spec.method)
+        rng = np.random.default_rng(sampling.seed)
+        text = TextStream(stop)
+        out: list[str] = []
+        emitted: list[str] = []
+        generated: list[int] = []
+
+        # prefill everything but the last prompt token, which round one verifies
+        t0 = time.perf_counter()
+        busy0 = self._busy()
+        stats.cached_tokens = self.ctx.sync(prompt[:-1])
+        self.ctx.eval(prompt[stats.cached_tokens:-1], logits="none")
+        if drafter is not None:
+            drafter.prepare(prompt)
+        stats.prefill_tokens = len(prompt) - stats.cached_tokens
+        t1 = time.perf_counter()
+        stats.prefill_seconds = t1 - t0
+        busy1 = self._busy()
+
+        committed = list(prompt)
+        finish = ""
+        while not finish:
+            if len(committed) >= self.n_ctx:
+                finish = "length"
+                break
+            # propose
+            budget = min(spec.draft_max, max_tokens - len(generated) - 1, self.n_ctx - len(committed))
+            ta = time.perf_counter()
+            draft = drafter.propose(committed, budget, sampling, rng) if drafter and budget > 0 else Draft([])
+            tb = time.perf_counter()
+            # verify: [pending, d_1 .. d_k] in one llama_decode, logits for every row
+            rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
+            verdict = self._accept(rows, draft, sampling, rng)
+            tc = time.perf_counter()
+            stats.draft_seconds += tb - ta
+            stats.verify_seconds += tc - tb
+            stats.record_round(len(draft.tokens), verdict.n_accepted)
+            # commit: keep the pending token and the accepted drafts in the KV cache
+            self.ctx.truncate(len(committed) + verdict.n_accepted)
+            for token in [*draft.tokens[:verdict.n_accepted], verdict.token]:
+                committed.append(token)
+                finish = self._take(token, generated, text, out, max_tokens)
+                if finish:
+                    break
+            while out:
+                emitted.append(out.pop(0))
+                yield emitted[-1]
+            if not finish and self._cancel.is_set():
+                finish = "cancelled"
+        tail = text.flush()
+        if tail:
+            emitted.append(tail)
+            yield tail
+        stats.decode_seconds = time.perf_counter() - t1
+        stats.llama_seconds = self._busy() - busy1
+        stats.generated_tokens = len(generated)
+        stats.finish_reason = finish
+        return Result(text="".join(emitted), tokens=generated, finish_reason=finish, stats=stats)
+
+    def _take(self, token: int, generated: list[int], text: TextStream, out: list[str],
+              max_tokens: int) -> str:
+        """Add one committed token to the output; return a finish reason or ""."""
+        if token in self.target.eog:
+            return "stop"
+        generated.append(token)
+        piece = text.push(self.target.token_bytes(token))
+        if piece:
+            out.append(piece)
+        if text.stopped:
+            return "stop"
+        return "length" if len(generated) >= max_tokens else ""
+
+    def _accept(self, rows: np.ndarray, draft: Draft, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Verdict:
+        if sampling.greedy:
+            return accept_greedy(rows, draft.tokens)
+        if draft.q is not None:
+            return accept_speculative(rows, draft.tokens, draft.q, sampling, rng)
+        return accept_match(rows, draft.tokens, sampling, rng)
+
+    def _busy(self) -> float:
+        return sum(c.busy_seconds for c in self._contexts)

@@ -1,0 +1,81 @@
+"""Turning one row of logits into a distribution, and drawing tokens from it. Pure numpy.
+
+warp follows llama.cpp's default sampler chain: top-k, then top-p and min-p on the
+temperature-1 softmax of the survivors, then temperature. It treats every non-finite logit
+(-inf from a grammar or logit bias, NaN or +inf from a broken model) as excluded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ggspec.config import SamplingConfig
+
+
+def greedy(logits: np.ndarray) -> int:
+    """The most likely token; ties go to the lowest id."""
+    return int(np.argmax(logits))
+
+
+def softmax_max(logits: np.ndarray) -> float:
+    """Probability of the most likely token under the plain softmax (temperature 1, no truncation)."""
+    return float(1.0 / np.exp(logits - np.max(logits), dtype=np.float64).sum())  # 1 / sum exp(l - max)
+
+
+def warp(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """One row of logits (n_vocab,) -> dense float64 probabilities (n_vocab,) summing to 1.
+
+    Temperature 0 gives the one-hot at the argmax. At least one token is always kept.
+    """
+    probs = np.zeros(logits.shape[-1])  # (n_vocab,)
+    if cfg.greedy:
+        probs[greedy(logits)] = 1.0
+        return probs
+    ids = _top_k(logits, cfg.top_k)  # (k,) candidate ids, or every id
+    cand = logits[ids].astype(np.float64)  # (k,)
+    cand[~np.isfinite(cand)] = -np.inf
+    kept = _top_p_min_p(cand, cfg.top_p, cfg.min_p)
+    probs[ids] = _softmax(kept / cfg.temperature)  # p ∝ exp(l / T) over the kept tokens
+    return probs
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw a token from non-negative weights (n_vocab,) by inverse CDF with one rng.random().
+
+    The weights need not be normalised; a token of weight 0 is never returned.
+    """
+    support = probs.nonzero()[0]  # (s,) tokens of positive weight
+    if support.size == 0:
+        raise ValueError("cannot sample from all-zero weights")
+    cdf = probs[support].cumsum()  # (s,) strictly increasing
+    i = cdf.searchsorted(rng.random() * cdf[-1], side="right")
+    return int(support[min(i, support.size - 1)])  # u * total rounds up to total if subnormal
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray | slice:
+    """Ids of the k largest logits in no particular order; every id when k is 0 or >= n_vocab."""
+    if k == 0 or k >= logits.shape[-1]:
+        return slice(None)
+    return logits.argpartition(-k)[-k:]
+
+
+def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:
+    """Set to -inf the logits that top-p or min-p drop, both judged on the softmax at T = 1."""
+    if top_p == 1.0 and min_p == 0.0:
+        return logits
+    p = _softmax(logits)
+    keep = p >= min_p * p.max()  # min-p: at least min_p times the most likely (which stays)
+    if top_p < 1.0:
+        order = (-p).argsort(kind="stable")
+        n_keep = p[order].cumsum().searchsorted(top_p) + 1  # smallest prefix with mass >= top_p
+        keep[order[n_keep:]] = False
+    return np.where(keep, logits, -np.inf)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """exp(l - max) / sum; -inf entries get probability 0."""
+    top = logits.max()
+    if top == -np.inf:
+        raise ValueError("no finite logit to sample from")
+    e = np.exp(logits - top)
+    return e / e.sum()

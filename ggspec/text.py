@@ -1,0 +1,55 @@
+"""Incremental text: token bytes in, safe text pieces out."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Sequence
+
+
+class TextStream:
+    """Turns the bytes of committed tokens into text pieces.
+
+    Never emits half of a multi-byte UTF-8 character, holds back any tail that could be
+    the start of a stop string, and ends (without emitting it) at the first stop string,
+    also when it spans several tokens.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def push(self, data: bytes) -> str:
+        """Add one token's bytes; return the text that is now safe to show."""
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(data)
+        return self._release()
+
+    def flush(self) -> str:
+        """End of generation: return everything still held back."""
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(b"", final=True)
+        out = self._release()
+        out, self._held = out + self._held, ""
+        return out
+
+    def _release(self) -> str:
+        hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            # a stop string is complete: emit what precedes it and end
+            out, self._held, self.stopped = self._held[:min(hits)], "", True
+            return out
+        keep = max((_overlap(self._held, s) for s in self._stops), default=0)
+        out, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

