@@ -22,6 +22,7 @@ from .acceptance import Verdict, accept_greedy, accept_match, accept_speculative
 from .backend import Context, Model, check_vocab_compatible
 from .config import BackendConfig, SamplingConfig, SpecConfig
 from .drafters import Draft, Drafter
+from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter
 from .errors import BusyError, ContextOverflowError
 from .stats import Stats
@@ -69,7 +70,7 @@ class Engine:
             self.ctx = stack.enter_context(Context(self.target, target_config))
             self._contexts = [self.ctx]
             self.draft: Model | None = None
-            self.drafters: dict[str, Drafter] = {}
+            self.drafters: dict[str, Drafter] = {"lookup": LookupDrafter()}
             if draft is not None:
                 draft_config = draft_config or target_config
                 self.draft = stack.enter_context(Model(hub.resolve(str(draft), progress=progress), draft_config))

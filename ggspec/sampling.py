@@ -19,7 +19,7 @@ def greedy(logits: np.ndarray) -> int:
 
 def softmax_max(logits: np.ndarray) -> float:
     """Probability of the most likely token under the plain softmax (temperature 1, no truncation)."""
-    return float(1.0 / np.exp(logits - np.max(logits), dtype=np.float64).sum())  # 1 / sum exp(l - max)
+    return float(1.0 / np.exp(logits - np.max(logits)).sum(dtype=np.float64))  # 1 / sum exp(l - max)
 
 
 def warp(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
@@ -44,7 +44,7 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
 
     The weights need not be normalised; a token of weight 0 is never returned.
     """
-    support = probs.nonzero()[0]  # (s,) tokens of positive weight
+    support = (probs > 0).nonzero()[0]  # (s,) tokens of positive weight
     if support.size == 0:
         raise ValueError("cannot sample from all-zero weights")
     cdf = probs[support].cumsum()  # (s,) strictly increasing
@@ -54,9 +54,15 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 def _top_k(logits: np.ndarray, k: int) -> np.ndarray | slice:
     """Ids of the k largest logits in no particular order; every id when k is 0 or >= n_vocab."""
-    if k == 0 or k >= logits.shape[-1]:
+    n_vocab = logits.shape[-1]
+    if k == 0 or k >= n_vocab:
         return slice(None)
-    return logits.argpartition(-k)[-k:]
+    subset = logits[:: min(16, n_vocab // k)]  # (>= k,) strided: a few hundred survive below
+    floor = np.partition(subset, -k)[-k]  # k-th largest of a subset <= k-th largest of all
+    cand = np.flatnonzero(logits >= floor)  # (c,) with c >= k, unless NaNs upset the floor
+    if cand.size < k:
+        cand = np.arange(n_vocab)
+    return cand[logits[cand].argpartition(-k)[-k:]]
 
 
 def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:

@@ -19,15 +19,16 @@ class Reference:
 
 
 def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 512,
-                     stop_at_eog: bool = True) -> Reference:
-    """Greedy decoding one token per llama_decode (after a batched prompt)."""
+                     stop_at_eog: bool = True, forced: list[int] = ()) -> Reference:
+    """Greedy decoding one token per llama_decode (after a batched prompt). With `forced`,
+    those tokens are fed one per decode first (teacher forcing), then n are generated."""
     mparams = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
     assert model, model_path
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_ctx
-    cparams.n_threads = cparams.n_threads_batch = 2
+    cparams.n_threads = cparams.n_threads_batch = 1
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -35,6 +36,9 @@ def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 51
     try:
         arr = (llama_cpp.llama_token * len(prompt))(*prompt)
         assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(prompt))) == 0
+        for token in forced:
+            one = (llama_cpp.llama_token * 1)(token)
+            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
         for _ in range(n):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
             top2 = np.sort(logits)[-2:]

@@ -138,3 +138,18 @@ def test_truncate_then_extend_matches_fresh_index(seed):
     for max_tokens in (1, 4, 10):
         expected = reference_propose(history, sizes, max_tokens)
         assert index.propose(max_tokens) == fresh.propose(max_tokens) == expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sync_matches_a_fresh_index(seed):
+    rng = random.Random(seed)
+    index = NgramIndex()
+    for _ in range(10):
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        if rng.random() < 0.5 and len(index):
+            tokens = list(index.history[:rng.randrange(len(index) + 1)]) + tokens
+        index.sync(tokens)
+        fresh = NgramIndex()
+        fresh.extend(tokens)
+        assert index.history == tuple(tokens)
+        assert index.propose(8) == fresh.propose(8)

@@ -47,7 +47,7 @@ class Tiny:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-        cparams.n_threads = cparams.n_threads_batch = min(4, os.cpu_count() or 1)
+        cparams.n_threads = cparams.n_threads_batch = 1  # tiny matrices: threads only add sync
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
@@ -155,12 +155,16 @@ def test_files_are_small_and_load_fast(paths):
     t0 = time.perf_counter()
     with Tiny(paths["target"]) as m:
         t1 = time.perf_counter()
-        m.decode(random_text_tokens(64), 0)
+        tokens = random_text_tokens(64)
+        m.decode(tokens, 0)  # warm-up: the first decode allocates the compute buffers
+        m.clear()
         t2 = time.perf_counter()
-        m.decode([5], 64)
+        m.decode(tokens, 0)
         t3 = time.perf_counter()
+        m.decode([5], 64)
+        t4 = time.perf_counter()
     print(f"\nsize {os.path.getsize(paths['target'])} B, load {1e3 * (t1 - t0):.1f} ms, "
-          f"64-token prefill {1e3 * (t2 - t1):.2f} ms, 1 token {1e3 * (t3 - t2):.2f} ms")
+          f"64-token prefill {1e3 * (t3 - t2):.2f} ms, 1 token {1e3 * (t4 - t3):.2f} ms")
     assert t1 - t0 < 1.0
 
 
@@ -190,7 +194,7 @@ def test_decode_logits_and_spread(target):
           f"min {gap.min():.3f}, p(top) at T=1 median {np.median(p_top):.2f}")
     assert 0.7 * DEFAULT_LOGIT_SCALE < std.mean() < 1.3 * DEFAULT_LOGIT_SCALE
     assert np.mean(gap > 0.05) > 0.9  # clear greedy winners
-    assert np.median(p_top) < 0.9  # sampling at T=1 is not one-hot
+    assert 0.3 < np.median(p_top) < 0.9  # confident and uncertain positions, not one-hot
     assert len(set(np.argmax(logits, axis=1))) > 20  # the context matters
 
 
@@ -202,7 +206,9 @@ def test_single_token_decode_matches_batched_prefill(target):
     k = 32
     stepped = [target.decode(tokens[:k], 0)[-1]]
     stepped += [target.decode([t], k + i)[0] for i, t in enumerate(tokens[k:])]
-    np.testing.assert_allclose(np.array(stepped), batched[k - 1:], atol=1e-3, rtol=0)
+    diff = np.abs(np.array(stepped) - batched[k - 1:]).max()
+    print(f"\nmax |single-token - batched| logit difference {diff:.2e}")
+    assert diff < 1e-3
 
 
 def test_tokenize_round_trip(target):
@@ -257,22 +263,22 @@ def test_draft_agrees_with_base(target, paths):
         with Tiny(paths[name]) as m:
             rates[name] = _agreement(target, m, tokens)
     print("\nargmax agreement with the target on a random continuation:", rates)
-    assert rates[0.05] > 0.85
-    assert rates[0.1] > 0.7
-    assert rates[0.05] >= rates[0.1] >= rates[0.3]
-    assert rates["fresh"] < 0.1 and rates["one_layer"] < 0.1
+    assert rates[0.05] > 0.7
+    assert rates[0.1] > 0.5
+    assert rates[0.05] > rates[0.1] > rates[0.3]
+    assert rates["fresh"] < 0.05 and rates["one_layer"] < 0.05
 
 
 def test_greedy_draft_chain_agreement(target, paths):
     """Along the target's own greedy continuation (what a draft must predict)."""
     prompt = target.tokenize("def hello(self):")
-    out = target.greedy(prompt, 40)
+    out = target.greedy(prompt, 100)
     tokens = prompt + out
     with Tiny(paths[0.1]) as m:
         rate = _agreement(target, m, tokens)
     print(f"\nnoise 0.1 draft, greedy continuation agreement {rate:.2f}: "
           f"{target.detokenize(out, errors='replace')!r}")
-    assert rate > 0.6
+    assert rate > 0.4
 
 
 def test_base_shape_must_match(paths, tmp_path):

@@ -8,9 +8,16 @@ loads and decodes in milliseconds. Every model written here shares one SPM vocab
     draft = write_tiny_llama(tmp / "draft.gguf", base=target, noise=0.1, seed=1)  # similar
     other = write_tiny_llama(tmp / "other.gguf", seed=7, n_layer=1)               # unrelated
 
-Weights are scaled so that after the final RMS norm the logits over the vocabulary have a
-standard deviation of about `logit_scale`: greedy argmax has a clear winner (top-2 gap far
-above float noise) while sampling at temperature 1 is spread over many tokens.
+Weights are scaled so that the logits over the vocabulary have a standard deviation of
+about `logit_scale` (default 3): greedy argmax has a clear winner (median top-2 gap ≈ 1.5,
+far above float noise) while sampling at temperature 1 is not one-hot (median top
+probability ≈ 0.6, from ≈ 0.25 to ≈ 1 across positions). Like a real model, each token
+pushes up one "successor" token by a random amount, so some positions are confident and
+some are not; byte tokens get half the logit spread, so output is mostly whole pieces.
+
+A draft made from `base` with relative `noise` agrees with the base's argmax on about
+90% / 80% / 65% / 25% of positions for noise 0.02 / 0.05 / 0.1 / 0.3 (random text); a
+model with another seed or shape on about 0%.
 
 Embedding channel 0 is reserved as an end-of-generation trigger: no layer reads or writes
 it, and only the tokens in `eog_after` carry a (tiny) value there, which the output layer
@@ -24,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection
+from collections.abc import Collection
 
 import gguf
 import numpy as np
@@ -140,9 +147,9 @@ _HPARAM_KEYS = dict(
 )
 DEFAULT_LOGIT_SCALE = 3.0
 _EOG_TRIGGER_VALUE = 1e-2  # tiny: changes the trigger token's RMS norm by ~1e-6
-_EOG_LOGIT = 20.0  # the EOG logit after a trigger token, far above the others (max ≈ 3 * 3)
+_EOG_LOGIT = 50.0  # the EOG logit after a trigger token, far above all others
 _BYTE_LOGIT_FACTOR = 0.5  # byte tokens: logit std logit_scale / 2, rarely the argmax
-_SUCCESSOR_BONUS = 2.0  # the largest successor push, in units of logit_scale
+_SUCCESSOR_BONUS = 5.0  # the largest successor push, in units of logit_scale
 _RMS_EPS = 1e-5
 
 

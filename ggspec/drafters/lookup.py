@@ -21,6 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
+from ..config import SamplingConfig
+from . import Draft
+
 DEFAULT_NGRAM_SIZES = (5, 4, 3, 2)
 
 
@@ -65,6 +70,15 @@ class NgramIndex:
         self._last = {n: {} for n in self.ngram_sizes}
         self.extend(kept)
 
+    def sync(self, tokens: Sequence[int]) -> None:
+        """Make the history equal ``tokens``, keeping the longest common prefix indexed."""
+        h = self._history
+        n = len(h)
+        if n > len(tokens) or h != list(tokens[:n]):
+            n = next((i for i, (a, b) in enumerate(zip(h, tokens)) if a != b), min(n, len(tokens)))
+            self.truncate(n)
+        self.extend(tokens[n:])
+
     def propose(self, max_tokens: int) -> list[int]:
         """Tokens that followed the most recent earlier occurrence of the longest matching suffix.
 
@@ -89,3 +103,22 @@ class NgramIndex:
             # ascending ends: a later occurrence overwrites an earlier one
             for end in range(max(n, start), len(h)):
                 last[tuple(h[end - n:end])] = end
+
+
+class LookupDrafter:
+    """Prompt lookup: drafts by copying what followed the last occurrence of the current
+    suffix in the prompt and output. It has no draft distribution, so the target verifies
+    its drafts by sample-and-match (exact), or greedy prefix matching at temperature 0."""
+
+    name = "lookup"
+
+    def __init__(self, ngram_sizes: Sequence[int] = DEFAULT_NGRAM_SIZES) -> None:
+        self.index = NgramIndex(ngram_sizes)
+
+    def prepare(self, tokens: Sequence[int]) -> None:
+        self.index.sync(tokens)
+
+    def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Draft:
+        self.index.sync(tokens)
+        return Draft(self.index.propose(budget))

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny generated GGUF models (fast) and the real Qwen pair (marked `real`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tinymodels import write_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def target_path(tiny_dir) -> str:
+    return str(write_tiny_llama(tiny_dir / "target.gguf", seed=0))
+
+
+@pytest.fixture(scope="session")
+def draft_path(tiny_dir, target_path) -> str:
+    """A draft that agrees with the target on most tokens (the target plus noise)."""
+    return str(write_tiny_llama(tiny_dir / "draft.gguf", base=target_path, noise=0.1, seed=1))
+
+
+@pytest.fixture(scope="session")
+def other_path(tiny_dir) -> str:
+    """A draft sharing the vocabulary but unrelated to the target: many rejections."""
+    return str(write_tiny_llama(tiny_dir / "other.gguf", seed=7, n_layer=1))

@@ -1,0 +1,256 @@
+"""The engine on tiny generated models: exactness against plain llama.cpp decoding,
+rollback, stopping, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ggspec import (BackendConfig, BusyError, ContextOverflowError, Engine, ModelFileError,
+                    SamplingConfig, SpecConfig, VocabMismatchError)
+from reference import first_divergence, greedy_reference
+from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
+
+GREEDY = SamplingConfig(temperature=0)
+CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
+
+
+def random_prompt(seed: int, n: int = 16) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [VOCAB.bos_id] + [int(t) for t in rng.integers(300, VOCAB.n_vocab - 10, n)]
+
+
+@pytest.fixture(scope="module")
+def engine(target_path, draft_path):
+    with Engine(target_path, draft_path, target_config=CFG) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def far_engine(target_path, other_path):
+    with Engine(target_path, other_path, target_config=CFG) as e:
+        yield e
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("which", ["engine", "far_engine"])
+def test_greedy_speculation_equals_plain_greedy_decoding(request, target_path, which, k):
+    eng = request.getfixturevalue(which)
+    for seed in range(4):
+        prompt = random_prompt(100 * k + seed)
+        ref = greedy_reference(target_path, prompt, 40)
+        got = eng.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=k))
+        assert got.stats.draft_tokens > 0
+        problem = first_divergence(got.tokens, ref)
+        assert problem is None, f"K={k} seed={seed}: {problem}"
+
+
+@pytest.mark.parametrize("method", ["none", "lookup"])
+def test_other_methods_equal_plain_greedy_decoding(engine, target_path, method):
+    # a repetitive prompt so that lookup finds matches
+    prompt = [VOCAB.bos_id] + random_prompt(5, 12)[1:] * 4
+    ref = greedy_reference(target_path, prompt, 60)
+    got = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=6))
+    assert first_divergence(got.tokens, ref) is None
+    if method == "lookup":
+        assert got.stats.draft_tokens > 0
+
+
+def test_draft_equal_to_target_accepts_every_draft_token(target_path):
+    with Engine(target_path, target_path, target_config=CFG) as eng:
+        got = eng.generate(random_prompt(1), max_tokens=50, sampling=GREEDY, spec=SpecConfig("draft", draft_max=5))
+    assert got.stats.draft_tokens >= 40
+    assert got.stats.accepted_tokens == got.stats.draft_tokens
+    assert got.stats.position_accepted == got.stats.position_proposed
+
+
+def test_kv_cache_after_many_rejections_matches_a_fresh_prefill(far_engine, target_path):
+    prompt = random_prompt(3)
+    got = far_engine.generate(prompt, max_tokens=60, sampling=SamplingConfig(temperature=1.0, seed=4),
+                              spec=SpecConfig("draft", draft_max=6))
+    assert got.stats.draft_tokens - got.stats.accepted_tokens > 20
+    committed = prompt + got.tokens
+    ctx = far_engine.ctx
+    assert ctx.tokens == committed[:-1]
+    cached = ctx.eval([committed[-1]], logits="last")[0].copy()
+    # the reference feeds the committed tokens one per decode, as plain decoding would
+    fresh = greedy_reference(target_path, prompt, 1, forced=got.tokens).logits[0]
+    np.testing.assert_allclose(cached, fresh, atol=1e-3)
+
+
+def exact_first_two(target_path, prompt, temperature, top_k):
+    """Exact marginals of the first two sampled tokens under softmax(top-k(l) / T)."""
+    def warp(logits):
+        keep = np.argsort(logits)[::-1][:top_k] if top_k else np.arange(len(logits))
+        p = np.zeros(len(logits))
+        z = logits[keep] / temperature
+        p[keep] = np.exp(z - z.max())
+        return p / p.sum()
+
+    p1 = warp(greedy_reference(target_path, prompt, 1).logits[0])
+    p2 = np.zeros_like(p1)
+    for x in np.flatnonzero(p1):
+        p2 += p1[x] * warp(greedy_reference(target_path, prompt + [int(x)], 1).logits[0])
+    return p1, p2
+
+
+@pytest.mark.parametrize("method,top_k", [("draft", 0), ("lookup", 8)])
+def test_sampled_tokens_follow_the_target_distribution(engine, target_path, method, top_k):
+    n = 20_000
+    base = random_prompt(9, 6)
+    # lookup drafts only where the suffix repeats: repeat the prompt so it always drafts
+    prompt = base + base[1:] if method == "lookup" else base
+    sampling = dict(temperature=0.9, top_k=top_k, top_p=1.0, min_p=0.0)
+    p1, p2 = exact_first_two(target_path, prompt, 0.9, top_k)
+    counts = np.zeros((2, VOCAB.n_vocab))
+    drafted = 0
+    for seed in range(n):
+        got = engine.generate(prompt, max_tokens=2, sampling=SamplingConfig(**sampling, seed=seed),
+                              spec=SpecConfig(method, draft_max=3))
+        counts[0, got.tokens[0]] += 1
+        counts[1, got.tokens[1]] += 1
+        drafted += got.stats.draft_tokens
+    assert drafted > n / 2
+    for row, p in zip(counts / n, (p1, p2)):
+        assert np.all(row[p == 0] == 0), "a sample fell outside the target's support"
+        sigma = np.sqrt(p * (1 - p) / n)
+        worst = np.max(np.abs(row - p) / np.maximum(sigma, 1e-12))
+        assert worst < 6, f"{worst:.1f} sigma off the exact target probability"
+
+
+def test_seeded_runs_are_reproducible(engine):
+    prompt = random_prompt(11)
+
+    def run(seed):
+        return engine.generate(prompt, max_tokens=30, sampling=SamplingConfig(temperature=1.0, seed=seed)).tokens
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_end_of_generation_token_stops(tiny_dir, target_path):
+    prompt = random_prompt(12)
+    ref = greedy_reference(target_path, prompt, 20)
+    stopper = ref.tokens[7]
+    first = ref.tokens.index(stopper)
+    path = write_tiny_llama(tiny_dir / "eog.gguf", seed=0, eog_after=[stopper])
+    with Engine(str(path), str(path), target_config=CFG) as eng:
+        got = eng.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=4))
+    assert got.finish_reason == "stop"
+    assert got.tokens == ref.tokens[:first + 1]
+
+
+def test_stop_string_spanning_tokens_ends_the_text(engine):
+    prompt = random_prompt(13)
+    full = engine.generate(prompt, max_tokens=40, sampling=GREEDY)
+    pieces = [engine.target.token_bytes(t).decode() for t in full.tokens]
+    start = len("".join(pieces[:10]))
+    stop = full.text[start - 2:start + 3]  # spans the boundary between tokens 9 and 10
+    got = engine.generate(prompt, max_tokens=40, sampling=GREEDY, stop=[stop])
+    assert got.finish_reason == "stop"
+    assert got.text == full.text[:full.text.index(stop)]
+    assert stop not in got.text
+
+
+def test_max_tokens_and_stream_pieces(engine):
+    prompt = random_prompt(14)
+    gen = engine.stream(prompt, max_tokens=25, sampling=GREEDY)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert result.finish_reason == "length"
+    assert len(result.tokens) == 25
+    assert "".join(pieces) == result.text == engine.target.detokenize(result.tokens)
+
+
+def test_callback_can_stop_and_keeps_what_was_generated(engine):
+    seen = []
+    got = engine.generate(random_prompt(15), max_tokens=100, sampling=GREEDY,
+                          on_text=lambda piece: seen.append(piece) or len(seen) >= 5)
+    assert got.finish_reason == "cancelled"
+    assert 5 <= len(got.tokens) < 100
+    assert got.text == "".join(seen)
+
+
+def test_reaching_the_context_end_finishes_with_length(target_path, draft_path):
+    with Engine(target_path, draft_path, target_config=BackendConfig(n_ctx=64, n_batch=64)) as eng:
+        prompt = random_prompt(16, 50)
+        got = eng.generate(prompt, max_tokens=100, sampling=GREEDY)
+    assert got.finish_reason == "length"
+    assert 0 < len(got.tokens) <= 64 - len(prompt) + 1
+
+
+def test_prompt_longer_than_the_context_names_both_numbers(target_path):
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=32)) as eng:
+        with pytest.raises(ContextOverflowError, match=r"41 tokens.*32"):
+            eng.generate(random_prompt(17, 40))
+
+
+def test_second_caller_gets_busy_error_or_waits(engine):
+    gen = engine.stream(random_prompt(18), max_tokens=10, sampling=GREEDY)
+    next(gen)  # the first generation now holds the engine
+    with pytest.raises(BusyError):
+        engine.generate(random_prompt(19), max_tokens=2, wait=False)
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(engine.generate(random_prompt(19), max_tokens=2)))
+    waiter.start()
+    waiter.join(0.2)
+    assert not done  # still waiting for the lock
+    gen.close()
+    waiter.join(10)
+    assert done and len(done[0].tokens) == 2
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-1), dict(top_k=-2), dict(top_p=0), dict(top_p=1.5), dict(min_p=1.0), dict(seed=-3),
+])
+def test_invalid_sampling_parameters_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(draft_max=0), dict(draft_max=100), dict(method="magic")])
+def test_invalid_speculation_parameters_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SpecConfig(**bad)
+
+
+def test_missing_model_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.gguf"
+    with pytest.raises(ModelFileError, match="nope.gguf"):
+        Engine(str(path), None)
+
+
+def test_non_gguf_file_names_the_path(tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("hello")
+    with pytest.raises(ModelFileError, match="not a GGUF file.*notes.gguf"):
+        Engine(str(path), None)
+
+
+def test_truncated_model_file_names_the_path(tmp_path, target_path):
+    path = tmp_path / "cut.gguf"
+    data = open(target_path, "rb").read()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ModelFileError, match="cut.gguf"):
+        Engine(str(path), None)
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path, target_path):
+    path = write_mismatched_vocab_llama(tmp_path / "mismatch.gguf")
+    with pytest.raises(VocabMismatchError, match=r"token \d+"):
+        Engine(target_path, str(path))
+
+
+def test_chat_messages_use_the_models_template(engine):
+    messages = [{"role": "user", "content": "hello world"}]
+    tokens = engine.tokenize(messages)
+    expected = engine.target.tokenize("<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n")
+    assert tokens == expected
+    assert VOCAB.im_start_id in tokens
