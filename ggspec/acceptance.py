@@ -12,6 +12,7 @@ one for the committed token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ class Verdict:
     token: int
 
 
-def accept_greedy(target_logits: np.ndarray, draft: np.ndarray) -> Verdict:
+def accept_greedy(target_logits: np.ndarray, draft: Sequence[int] | np.ndarray) -> Verdict:
     """Keep the longest prefix where the draft equals the target's argmax; commit the next argmax."""
     k = _chain_length(target_logits, draft)
     top = np.argmax(target_logits, axis=-1)  # (k + 1,)
@@ -39,7 +40,7 @@ def accept_greedy(target_logits: np.ndarray, draft: np.ndarray) -> Verdict:
 
 def accept_speculative(
     target_logits: np.ndarray,
-    draft: np.ndarray,
+    draft: Sequence[int] | np.ndarray,
     q: np.ndarray,
     cfg: SamplingConfig,
     rng: np.random.Generator,
@@ -65,7 +66,7 @@ def accept_speculative(
 
 def accept_match(
     target_logits: np.ndarray,
-    draft: np.ndarray,
+    draft: Sequence[int] | np.ndarray,
     cfg: SamplingConfig,
     rng: np.random.Generator,
 ) -> Verdict:
@@ -83,7 +84,7 @@ def accept_match(
     return Verdict(k, sample(warp(target_logits[k], cfg), rng))  # all matched: bonus from p_k
 
 
-def _chain_length(target_logits: np.ndarray, draft: np.ndarray) -> int:
+def _chain_length(target_logits: np.ndarray, draft: Sequence[int] | np.ndarray) -> int:
     """K, after checking that the target gave one row per draft token plus the bonus row."""
     k = len(draft)
     if target_logits.shape[0] != k + 1:

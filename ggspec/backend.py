@@ -220,7 +220,8 @@ class Context:
         self._handle = handle
         self._batch = batch
         self._memory = llama_cpp.llama_get_memory(handle)
-        self.n_ctx = llama_cpp.llama_n_ctx(handle)
+        self.n_ctx = llama_cpp.llama_n_ctx(handle)      # llama.cpp may round the request up
+        self.n_batch = llama_cpp.llama_n_batch(handle)  # and clamp the batch to the context
         self.n_seq_max = n_seq_max
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []
@@ -260,8 +261,8 @@ class Context:
         view that stays valid until the next decode on this context.
         """
         n = len(tokens)
-        if not 0 < n <= self.cfg.n_batch:
-            raise ValueError(f"a batch holds 1 to {self.cfg.n_batch} tokens, got {n}")
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a batch holds 1 to {self.n_batch} tokens, got {n}")
         b = self._batch
         b.n_tokens = n
         self._tok[:n] = tokens
@@ -304,10 +305,10 @@ class Context:
         n = len(tokens)
         if len(self.tokens) + n > self.n_ctx:
             raise DecodeError(f"{len(self.tokens) + n} tokens do not fit in the context of {self.n_ctx}")
-        if logits == "all" and n > self.cfg.n_batch:
-            raise ValueError(f"logits for every row need a batch of at most {self.cfg.n_batch} tokens")
+        if logits == "all" and n > self.n_batch:
+            raise ValueError(f"logits for every row need a batch of at most {self.n_batch} tokens")
         out = np.empty((0, self.n_vocab), dtype=np.float32)
-        step = self.cfg.n_batch
+        step = self.n_batch
         for start in range(0, n, step):
             chunk = tokens[start:start + step]
             want = np.zeros(len(chunk), dtype=np.int8)

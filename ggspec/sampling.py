@@ -71,8 +71,9 @@ def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:
         return logits
     p = _softmax(logits)
     keep = p >= min_p * p.max()  # min-p: at least min_p times the most likely (which stays)
-    if top_p < 1.0:
-        order = (-p).argsort(kind="stable")
+    if top_p < 1.0:  # both keep a prefix of the sorted order: sort only the min-p survivors
+        survivors = keep.nonzero()[0]
+        order = survivors[(-p[survivors]).argsort(kind="stable")]
         n_keep = p[order].cumsum().searchsorted(top_p) + 1  # smallest prefix with mass >= top_p
         keep[order[n_keep:]] = False
     return np.where(keep, logits, -np.inf)

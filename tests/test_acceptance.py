@@ -60,6 +60,15 @@ def test_accept_greedy_keeps_the_prefix_matching_argmax(draft, expected):
     assert accept_greedy(rows, np.array(draft, dtype=np.int64)) == expected
 
 
+def test_draft_may_be_a_list():
+    rows = 5 * np.eye(V, dtype=np.float32)[[3, 1, 4]]
+    q = np.eye(V)[[3, 1]]
+    assert accept_greedy(rows, [3, 2]) == Verdict(1, 1)
+    assert accept_speculative(rows, [3, 1], q, GREEDY, np.random.default_rng(0)) == Verdict(2, 4)
+    assert accept_speculative(rows[:1], [], np.zeros((0, V)), PLAIN, np.random.default_rng(0)).n_accepted == 0
+    assert accept_match(rows, [3, 1], SamplingConfig(temperature=0.01), np.random.default_rng(0)) == Verdict(2, 4)
+
+
 @pytest.mark.parametrize("rule", ["speculative", "match"])
 def test_greedy_config_reduces_to_accept_greedy_and_draws_nothing(rule):
     rng = np.random.default_rng(0)
@@ -200,14 +209,20 @@ class ToyPair:
 
 
 def generate(pair: ToyPair, k: int, rule: str, cfg: SamplingConfig, n_tokens: int, rng) -> list[int]:
-    """Speculative rounds of k draft tokens until n_tokens are committed."""
+    """Speculative rounds of k draft tokens until n_tokens are committed.
+
+    The speculative rule drafts d ~ q; the match rule drafts deterministically, as prompt
+    lookup does (here the draft's argmax).
+    """
     out: tuple[int, ...] = ()
     while len(out) < n_tokens:
         prefixes = [out]  # prefixes[i]: what row i of the target has seen
         for _ in range(k):
             prefix = prefixes[-1]
-            d = pair.draft_token(prefix, rng) if rule == "speculative" else int(np.argmax(pair.dist(1, prefix)))
-            prefixes.append(prefix + (d,))
+            if rule == "speculative":
+                prefixes.append(prefix + (pair.draft_token(prefix, rng),))
+            else:
+                prefixes.append(prefix + (int(np.argmax(pair.dist(1, prefix))),))
         draft = np.array(prefixes[-1][len(out):], dtype=np.int64)  # (k,)
         rows = np.array([pair.logits(0, prefix) for prefix in prefixes])  # (k + 1, V)
         if rule == "speculative":

@@ -132,6 +132,18 @@ def test_top_p_matches_a_reference_on_random_rows():
         np.testing.assert_allclose(probs, hand_softmax(logits.tolist(), 0.6, kept), rtol=1e-6)
 
 
+def test_top_p_and_min_p_together_keep_the_intersection():
+    rng = np.random.default_rng(6)
+    for _ in range(50):
+        logits = rng.normal(scale=2.0, size=300).astype(np.float32)
+        top_p, min_p = rng.uniform(0.3, 0.99), rng.uniform(0.0, 0.2)
+        p = hand_softmax(logits.tolist())
+        by_p = np.argsort(-p, kind="stable")
+        n_top_p = int(np.argmax(np.cumsum(p[by_p]) >= top_p)) + 1
+        kept = set(by_p[:n_top_p].tolist()) & set(np.flatnonzero(p >= min_p * p.max()).tolist())
+        assert support(warp(logits, cfg(top_p=top_p, min_p=min_p))) == kept
+
+
 def test_top_p_and_min_p_are_judged_at_temperature_one():
     logits = log_probs(0.5, 0.3, 0.15, 0.04, 0.01)
     for temperature in (0.2, 1.0, 3.0):
