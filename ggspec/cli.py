@@ -1,51 +1,563 @@
-"""The ggspec command line. The only place that prints or raises ClickException."""
+"""The ggspec command line: run, chat, bench, pull, models, info.
+
+The only module that prints. A user mistake (GgspecError or ValueError) ends as one
+`Error: ...` line on stderr and exit code 1, never a traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, Iterator
 
 import click
 
-from . import __version__
-from .config import BackendConfig, SamplingConfig, SpecConfig
-from .engine import Engine
+from . import __version__, bench as benchmark, hub
+from .backend import Model, check_vocab_compatible, set_verbose
+from .chat import ChatSession, Settings, available_methods, from_draft
+from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
+from .engine import DEFAULT_DRAFT, Engine, Result
 from .errors import GgspecError
-from .stats import footer
+from .stats import footer, report
+
+# The method used when --method is not given. The engine runs "none" instead of "draft"
+# when no draft model is loaded.
+DEFAULT_METHOD = "draft"
+
+_SAMPLING = SamplingConfig()
+_SPEC = SpecConfig()
 
 
-@click.group(epilog="""\b
+class _Group(click.Group):
+    """Turns user mistakes raised by any command into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (GgspecError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
+  ggspec chat                                   chat with the default pair (pulled on first use)
   ggspec run "Write a Python function that reverses a string."
-  ggspec run -t 0 -k 4 --method draft "Explain recursion."
+  ggspec run -t 0 -k 6 --method lookup -f prompt.txt
+  echo "Explain recursion." | ggspec run --json
+  ggspec run -m model.gguf -d draft.gguf --raw "def fib(n):"
+  ggspec bench -w code -w edit --method draft --method lookup -k 2 -k 4
+  ggspec pull && ggspec models
+  ggspec info model.gguf --draft draft.gguf
 """)
-@click.version_option(__version__, prog_name="ggspec")
+@click.version_option(__version__, "-V", "--version", prog_name="ggspec")
 def cli() -> None:
     """Exact speculative decoding for local GGUF models."""
 
 
-@cli.command()
-@click.argument("prompt")
-@click.option("-m", "--model", default=None, help="Registry name or target GGUF path.")
-@click.option("-d", "--draft", default="default", help="Draft GGUF path or registry name.")
-@click.option("--method", type=click.Choice(["draft", "none"]), default="draft", help="Speculation method.")
-@click.option("-k", "--draft-max", type=int, default=4, show_default=True, help="Most tokens drafted a round.")
-@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens generated.")
-@click.option("-t", "--temperature", type=float, default=0.8, show_default=True, help="0 for greedy.")
-@click.option("-s", "--seed", type=int, default=None, help="Random seed.")
-@click.option("--ctx-size", type=int, default=4096, show_default=True, help="Context size in tokens.")
-def run(prompt, model, draft, method, draft_max, max_tokens, temperature, seed, ctx_size) -> None:
-    """Generate a completion for PROMPT."""
+def _options(*options) -> Callable:
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+_model_options = _options(
+    click.option("-m", "--model", metavar="NAME|FILE", help="Target: registry name or GGUF path.  "
+                 "[default: the registry's default]"),
+    click.option("-d", "--draft", metavar="NAME|FILE", default=DEFAULT_DRAFT,
+                 help="Draft model: GGUF path or registry name.  [default: a registry target's paired draft]"),
+    click.option("--no-draft", is_flag=True, help="Load no draft model."),
+    click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
+                 help="Context size in tokens."),
+    click.option("-ngl", "--gpu-layers", type=int, default=-1, show_default=True,
+                 help="Target layers to offload to the GPU (-1: all)."),
+    click.option("--gpu-layers-draft", type=int, help="Draft layers to offload.  [default: as --gpu-layers]"),
+    click.option("--threads", type=int, help="CPU threads.  [default: all available]"),
+    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
+)
+
+_spec_options = _options(
+    click.option("--method", type=click.Choice(METHODS), help="Speculation method.  "
+                 f"[default: {DEFAULT_METHOD} when a draft model is loaded, else none]"),
+    click.option("-k", "--draft-max", type=int, default=_SPEC.draft_max, show_default=True,
+                 help="Most tokens drafted per round."),
+)
+
+
+def _sampling_options(temperature: float = _SAMPLING.temperature) -> Callable:
+    return _options(
+        click.option("-t", "--temperature", type=float, default=temperature, show_default=True,
+                     help="Sampling temperature; 0 for greedy."),
+        click.option("--top-k", type=int, default=_SAMPLING.top_k, show_default=True, help="0 disables."),
+        click.option("--top-p", type=float, default=_SAMPLING.top_p, show_default=True, help="1 disables."),
+        click.option("--min-p", type=float, default=_SAMPLING.min_p, show_default=True, help="0 disables."),
+        click.option("-s", "--seed", type=int, help="Random seed.  [default: random]"),
+    )
+
+
+def _sampling(opts: dict) -> SamplingConfig:
+    return SamplingConfig(temperature=opts.pop("temperature"), top_k=opts.pop("top_k"),
+                          top_p=opts.pop("top_p"), min_p=opts.pop("min_p"), seed=opts.pop("seed"))
+
+
+def _open_engine(opts: dict, spec: SpecConfig | None = None) -> Engine:
+    """An Engine from the model and spec options (popped from opts)."""
+    if opts.pop("verbose"):
+        set_verbose(True)
+    explicit = opts.pop("method", None)
+    spec = spec or SpecConfig(explicit or DEFAULT_METHOD, draft_max=opts.pop("draft_max"))
+    target_config = BackendConfig(n_ctx=opts.pop("ctx_size"), n_gpu_layers=opts.pop("gpu_layers"),
+                                  n_threads=opts.pop("threads"))
+    layers = opts.pop("gpu_layers_draft")
+    draft_config = target_config if layers is None else replace(target_config, n_gpu_layers=layers)
+    draft = None if opts.pop("no_draft") else opts.pop("draft")
+    engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config, spec=spec)
+    if explicit == "draft" and engine.draft is None:
+        engine.close()
+        raise GgspecError("--method draft needs a draft model: pass -d/--draft NAME|FILE")
+    return engine
+
+
+@contextmanager
+def _interrupt_cancels(engine: Engine) -> Iterator[None]:
+    """While generating, the first Ctrl-C asks the engine to stop after its current round
+    (what was generated is kept); a second one interrupts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+
+    def on_interrupt(signum, frame) -> None:
+        engine.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_interrupt)
     try:
-        spec = SpecConfig(method=method, draft_max=draft_max)
-        sampling = SamplingConfig(temperature=temperature, seed=seed)
-        with Engine(model, draft, target_config=BackendConfig(n_ctx=ctx_size), spec=spec) as engine:
-            result = engine.generate([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                     sampling=sampling,
-                                     on_text=lambda piece: print(piece, end="", flush=True))
-    except (GgspecError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    print()
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _name(model) -> str | None:
+    return None if model is None else str(model.path)
+
+
+# ---------------------------------------------------------------- run
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("-f", "--file", "prompt_file", type=click.File(encoding="utf-8"), help="Read the prompt from FILE.")
+@_model_options
+@_spec_options
+@_sampling_options()
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--chat/--raw", default=True, show_default=True,
+              help="Send the prompt as a user message in the target's chat template, or as is.")
+@click.option("--system", help="System message (with --chat).")
+@click.option("--stop", multiple=True, help="End the text at this string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+def run(prompt, prompt_file, max_tokens, chat, system, stop, as_json, **opts) -> None:
+    """Generate one answer.
+
+    The prompt is PROMPT, or -f FILE, or stdin (PROMPT '-', or none and stdin piped).
+    The text streams to stdout; a stats line follows on stderr. Ctrl-C stops the
+    generation and keeps what was generated.
+    """
+    text = _read_prompt(prompt, prompt_file)
+    if system and not chat:
+        raise click.UsageError("--system needs --chat")
+    sampling = _sampling(opts)
+    with _open_engine(opts) as engine:
+        if chat and not engine.target.chat_template:
+            raise GgspecError(f"{engine.target.path.name} has no chat template; use --raw")
+        messages = [{"role": "system", "content": system}] if system else []
+        request = [*messages, {"role": "user", "content": text}] if chat else text
+        echo = None if as_json else (lambda piece: click.echo(piece, nl=False))
+        with _interrupt_cancels(engine):
+            result = engine.generate(request, max_tokens=max_tokens, stop=stop, sampling=sampling, on_text=echo)
+        if as_json:
+            params = {"max_tokens": max_tokens, "stop": list(stop), "chat": chat, "system": system,
+                      **asdict(sampling), "draft_max": engine.spec.draft_max, "ctx_size": engine.n_ctx}
+            click.echo(json.dumps(_run_json(engine, result, params), ensure_ascii=False))
+            return
+    click.echo()
+    if result.finish_reason == "cancelled":
+        click.secho("[interrupted]", dim=True, err=True)
     click.secho(footer(result.stats), dim=True, err=True)
+
+
+def _run_json(engine: Engine, result: Result, params: dict) -> dict:
+    return {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
+            "stats": result.stats.to_dict(), "target": _name(engine.target), "draft": _name(engine.draft),
+            "method": result.stats.method, "params": params}
+
+
+def _read_prompt(prompt: str | None, prompt_file) -> str:
+    if prompt_file is not None:
+        if prompt is not None:
+            raise click.UsageError("give PROMPT or -f FILE, not both")
+        text = prompt_file.read()
+    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif prompt is None:
+        raise click.UsageError("no prompt: give PROMPT, -f FILE, or pipe text on stdin")
+    else:
+        text = prompt
+    if not text.strip():
+        raise click.UsageError("the prompt is empty")
+    return text
+
+
+# ---------------------------------------------------------------- chat
+
+CHAT_HELP = """\
+/help              this list
+/reset             forget the conversation (the system prompt and settings stay)
+/stats             full stats of the last answer and of the session
+/system [TEXT]     set the system prompt; without TEXT, remove it
+/set [NAME VALUE]  change a setting; without NAME, show them. Names: temperature (t),
+                   top_k, top_p, min_p, seed, max_tokens (n), method, draft_max (k)
+/exit              leave (also Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C during an answer stops it and keeps what was written."""
+
+
+@cli.command()
+@_model_options
+@_spec_options
+@_sampling_options()
+@click.option("-n", "--max-tokens", type=int, default=1024, show_default=True, help="Most tokens per answer.")
+@click.option("--system", help="System prompt.")
+@click.option("--show-drafts", is_flag=True, help="Colour the text that came from accepted draft tokens.")
+def chat(max_tokens, system, show_drafts, **opts) -> None:
+    """Chat interactively, several turns.
+
+    Each turn prefills only the new tokens: the KV caches keep the conversation. Type /help for the commands. When stdin is not a terminal, each line is one user
+    message (or a /command) and the answers are printed plainly, one per line.
+    """
+    sampling = _sampling(opts)
+    interactive = sys.stdin.isatty()
+    with _open_engine(opts) as engine:
+        if not engine.target.chat_template:
+            raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
+        session = ChatSession(engine, Settings(sampling, engine.spec, max_tokens), system=system)
+        if interactive:
+            _repl(session, show_drafts)
+        else:
+            _piped(session)
+
+
+def _repl(session: ChatSession, show_drafts: bool) -> None:
+    try:
+        import readline  # noqa: F401  (gives input() line editing and history)
+    except ImportError:
+        pass
+
+    engine = session.engine
+    draft = f" + {engine.draft.path.name}" if engine.draft else ""
+    spec = session.settings.spec
+    k = f", k={spec.draft_max}" if spec.method != "none" else ""
+    click.secho(f"ggspec chat: {engine.target.path.name}{draft} ({spec.method}{k}). "
+                "/help for commands, Ctrl-D to exit.", dim=True)
+    unmarked = show_drafts
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not _command(session, line, click.echo):
+                    return
+                continue
+            pieces = _answer(session, line, show_drafts, click.echo)
+        except (GgspecError, ValueError) as e:
+            click.secho(f"Error: {e}", fg="red")
+            continue
+        if unmarked and pieces and all(from_draft(p) is None for p in pieces):
+            click.secho("(--show-drafts: this engine does not mark draft tokens; text is not coloured)", dim=True)
+            unmarked = False
+
+
+def _piped(session: ChatSession) -> None:
+    say = lambda text: click.echo(text, err=True)  # noqa: E731  (stdout carries only answers)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, say):
+                return
+            continue
+        _answer(session, line, False, say)
+
+
+def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[str], None]) -> list[str]:
+    """Stream one answer to stdout, then its footer; return the pieces shown."""
+    pieces: list[str] = []
+
+    def show(piece: str) -> None:
+        pieces.append(piece)
+        draft = show_drafts and from_draft(piece)
+        click.echo(click.style(piece, fg="cyan") if draft else piece, nl=False)
+
+    try:
+        with _interrupt_cancels(session.engine):
+            result = session.ask(text, on_text=show)
+    except KeyboardInterrupt:
+        click.echo()
+        say(click.style("[interrupted]", dim=True))
+        return pieces
+    click.echo()
+    if result.finish_reason == "cancelled":
+        say(click.style("[interrupted]", dim=True))
+    say(click.style(footer(result.stats), dim=True))
+    return pieces
+
+
+def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> bool:
+    """Run one slash command; False means leave the chat."""
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("exit", "quit", "bye"):
+        return False
+    if name == "help":
+        say(CHAT_HELP)
+    elif name == "reset":
+        session.reset()
+        say("conversation cleared")
+    elif name == "stats":
+        if session.last is None:
+            say("no answer yet")
+        else:
+            say(f"last answer\n{_indent(report(session.last))}\nsession\n{_indent(report(session.total))}")
+    elif name == "system":
+        session.system = arg or None
+        say(f"system prompt set: {arg}" if arg else "system prompt removed")
+    elif name == "set":
+        key, _, value = arg.partition(" ")
+        if not key:
+            say(session.settings.describe())
+        elif not value.strip():
+            raise ValueError("usage: /set NAME VALUE, e.g. /set temperature 0.7")
+        else:
+            session.set(key, value.strip())
+            say(session.settings.describe())
+    else:
+        say(f"unknown command /{name}; /help lists the commands")
+    return True
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------- bench
+
+def _int_list(ctx, param, values) -> tuple[int, ...]:
+    """-k 2 -k 4 or -k 2,4."""
+    try:
+        return tuple(int(v) for value in values for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers like 2,4,8, got {' '.join(values)!r}") from None
+
+
+@cli.command()
+@_model_options
+@click.option("-w", "--workload", "names", multiple=True, type=click.Choice([*benchmark.WORKLOADS, "all"]),
+              help="Built-in workload (repeatable).  [default: all]")
+@click.option("--prompt-file", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Add a workload: the file's text as the user message (repeatable).")
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
+              help="Method to compare (repeatable; none always runs as the baseline).  "
+                   "[default: every method the models allow]")
+@click.option("-k", "--draft-max", "ks", multiple=True, callback=_int_list,
+              help=f"Draft length K (repeatable, or 2,4,8).  [default: {_SPEC.draft_max}]")
+@click.option("-r", "--repetitions", type=int, default=1, show_default=True, help="Runs of each cell.")
+@click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per run.")
+@_sampling_options(temperature=0.0)
+@click.option("--chat/--raw", default=True, show_default=True, help="Use the chat template or raw prompts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also draw tok/s and acceptance by position (needs matplotlib).")
+def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_json, plot, **opts) -> None:
+    """Compare methods and draft lengths.
+
+    Workloads: code (write a function), edit (add type hints to a 60-line module: the
+    answer copies most of its input), prose (an explanation), summary (summarise and
+    answer questions on a 400-word text). Every cell runs in this one process on the same
+    models; "x none" is the speed ratio to plain decoding measured in the same run.
+    """
+    if plot:
+        benchmark.pyplot()  # fail before the long run, not after
+    workloads = [benchmark.WORKLOADS[n] for n in
+                 (benchmark.WORKLOADS if not names or "all" in names else dict.fromkeys(names))]
+    workloads += [benchmark.workload_from_file(p) for p in prompt_file]
+    sampling = _sampling(opts)
+    with _open_engine(opts, SpecConfig("none")) as engine:
+        available = available_methods(engine)
+        missing = [m for m in methods if m not in available]
+        if missing:
+            raise GgspecError(f"method {missing[0]} is not available with these models; "
+                              f"available: {', '.join(available)}")
+        grid = benchmark.variants(methods or available, ks or (_SPEC.draft_max,))
+        done = [0]
+        total = len(workloads) * len(grid) * repetitions
+
+        def progress(workload, variant, rep, stats) -> None:
+            done[0] += 1
+            click.secho(f"[{done[0]}/{total}] {workload.name} {variant.label} rep {rep + 1}: "
+                        f"{stats.decode_tokens_per_second:.1f} tok/s", dim=True, err=True)
+
+        rows = benchmark.run_grid(engine, workloads, grid, repetitions=repetitions, max_tokens=max_tokens,
+                                  sampling=sampling, chat=chat, on_run=progress)
+        target, draft = _name(engine.target), _name(engine.draft)
+    params = {"max_tokens": max_tokens, "repetitions": repetitions, "chat": chat, **asdict(sampling)}
+    if as_json:
+        click.echo(json.dumps({"target": target, "draft": draft, "params": params,
+                               "rows": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        click.echo(f"target {Path(target).name}, draft {Path(draft).name if draft else '-'}; "
+                   f"{max_tokens} tokens x {repetitions}, temperature {sampling.temperature}")
+        click.echo(benchmark.table(rows))
+    if plot:
+        benchmark.plot(rows, plot)
+        click.echo(f"plot written to {plot}", err=True)
+
+
+# ---------------------------------------------------------------- pull, models, info
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--no-draft", is_flag=True, help="Do not also pull the model's paired draft.")
+def pull(name, no_draft) -> None:
+    """Download a registry model.
+
+    Downloads NAME and its paired draft into the cache, checking their sha256. NAME defaults to the registry's default model. `ggspec models` lists the names.
+    """
+    name = name or hub.default_model()
+    draft = None if no_draft else hub.default_draft(name)
+    for n in [name, *([draft] if draft else [])]:
+        click.echo(f"{n}  {hub.pull(n)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json) -> None:
+    """List registry models, pulled or not."""
+    default = hub.default_model()
+    entries = []
+    for entry in hub.registry().values():
+        path = hub.cached_path(entry.name)
+        entries.append({"name": entry.name, "default": entry.name == default, "description": entry.description,
+                        "size": entry.size, "draft": entry.draft, "path": str(path) if path else None})
+    if as_json:
+        click.echo(json.dumps({"cache": str(hub.cache_dir()), "models": entries}, indent=2))
+        return
+    rows = [("NAME", "SIZE", "DRAFT", "PULLED")]
+    for e in entries:
+        rows.append((e["name"] + (" *" if e["default"] else ""), _size(e["size"]), e["draft"] or "-",
+                     e["path"] or f"no (ggspec pull {e['name']})"))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[3])
+    click.secho(f"* default model. Cache: {hub.cache_dir()} (set GGSPEC_CACHE to move it)", dim=True)
+
+
+@cli.command()
+@click.argument("file", metavar="FILE|NAME")
+@click.option("-d", "--draft", metavar="FILE|NAME", help="Check whether this draft can pair with FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(file, draft, as_json) -> None:
+    """Summarise a GGUF model file.
+
+    FILE may also be the name of a pulled registry model. With --draft, says whether the
+    two models can pair (same tokenizer) and why not; exits with code 1 when the draft is not compatible.
+    """
+    cpu = BackendConfig(n_gpu_layers=0)
+    with Model(_local_model(file), cpu) as target:
+        summary = _summary(target)
+        if draft is not None:
+            with Model(_local_model(draft), cpu) as d:
+                summary["draft"] = str(d.path)
+                try:
+                    check_vocab_compatible(target, d)
+                    summary["compatible"], summary["reason"] = True, "same tokenizer"
+                except GgspecError as e:
+                    summary["compatible"], summary["reason"] = False, str(e)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        rows = [
+            ("file", f"{summary['file']} ({_size(summary['file_size'])})"),
+            ("name", summary["name"] or "-"),
+            ("architecture", summary["architecture"]),
+            ("parameters", f"{_count(summary['parameters'])} ({summary['parameters']:,})"),
+            ("quantization", summary["quantization"]),
+            ("context", f"{summary['context_length']} tokens (training)"),
+            ("vocabulary", f"{summary['vocab_size']} tokens ({summary['tokenizer']} tokenizer)"),
+            ("layers", f"{summary['layers']}, embedding size {summary['embedding_size']}"),
+            ("chat template", "yes" if summary["chat_template"] else "no"),
+        ]
+        if draft is not None:
+            rows += [("draft", summary["draft"]),
+                     ("compatible", ("yes: " if summary["compatible"] else "no: ") + summary["reason"])]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            click.echo(f"{k:<{width}}  {v}")
+    if draft is not None and not summary["compatible"]:
+        sys.exit(1)
+
+
+def _local_model(arg: str) -> Path:
+    """A GGUF path as given, or a registry name that has been pulled (never downloads)."""
+    if not Path(arg).expanduser().exists() and arg in hub.registry():
+        path = hub.cached_path(arg)
+        if path is None:
+            raise GgspecError(f"model {arg} is not pulled yet; run: ggspec pull {arg}")
+        return path
+    return Path(arg).expanduser()
+
+
+def _summary(m: Model) -> dict:
+    import gguf
+
+    arch = m.metadata("general.architecture") or "?"
+    file_type = m.metadata("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        quant = m.describe().split(" ", 2)[-1]  # "qwen2 1.5B Q4_K - Medium" -> "Q4_K - Medium"
+    layers = m.metadata(f"{arch}.block_count")
+    return {"file": str(m.path), "file_size": m.path.stat().st_size, "name": m.metadata("general.name"),
+            "architecture": arch, "parameters": m.n_params, "quantization": quant,
+            "context_length": m.n_ctx_train, "vocab_size": m.n_vocab,
+            "tokenizer": m.metadata("tokenizer.ggml.model") or "?",
+            "layers": int(layers) if layers else None, "embedding_size": m.n_embd,
+            "chat_template": m.chat_template is not None}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"
+
+
+def _count(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
 
 
 def main() -> None:
@@ -53,4 +565,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -44,12 +44,14 @@ class SamplingConfig:
 class SpecConfig:
     """Which speculation method runs and how much it drafts.
 
-    draft_max: most tokens drafted per round (K). draft_p_min: the draft model stops
+    method: "auto" (the controller picks drafter and length each round from measured
+    costs), "draft" (draft model), "lookup" (prompt lookup), "none" (plain decoding).
+    draft_max: most tokens drafted per round (K: fixed for draft / lookup, a cap for auto). draft_p_min: the draft model stops
     drafting when its most likely next token has probability below this.
     """
 
-    method: str = "draft"
-    draft_max: int = 4
+    method: str = "auto"
+    draft_max: int = 8
     draft_p_min: float = 0.0
 
     def __post_init__(self) -> None:

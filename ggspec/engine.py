@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
@@ -22,6 +22,7 @@ from .acceptance import Verdict, accept_greedy, accept_match, accept_speculative
 from .backend import Context, Model, check_vocab_compatible
 from .config import BackendConfig, SamplingConfig, SpecConfig
 from .drafters import Draft, Drafter
+from .drafters.auto import AutoDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter
 from .errors import BusyError, ContextOverflowError
@@ -70,7 +71,8 @@ class Engine:
             self.ctx = stack.enter_context(Context(self.target, target_config))
             self._contexts = [self.ctx]
             self.draft: Model | None = None
-            self.drafters: dict[str, Drafter] = {"lookup": LookupDrafter()}
+            lookup = LookupDrafter()
+            self.drafters: dict[str, Drafter] = {"lookup": lookup}
             if draft is not None:
                 draft_config = draft_config or target_config
                 self.draft = stack.enter_context(Model(hub.resolve(str(draft), progress=progress), draft_config))
@@ -78,9 +80,8 @@ class Engine:
                 draft_ctx = stack.enter_context(Context(self.draft, draft_config))
                 self._contexts.append(draft_ctx)
                 self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
+            self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max)
             self._resources = stack.pop_all()
-        if spec.method == "draft" and "draft" not in self.drafters:
-            self.spec = replace(spec, method="none")
 
     def close(self) -> None:
         """Free the contexts, then the models."""
@@ -153,7 +154,9 @@ class Engine:
              sampling: SamplingConfig, spec: SpecConfig) -> Iterator[str]:
         drafter = self.drafters.get(spec.method)
         stats = Stats(method=spec.method)
-        rng = np.random.default_rng(sampling.seed)
+        # separate streams: the target's draws then do not depend on what was drafted, so
+        # sample-and-match (lookup, auto with a seed) commits what plain sampling would
+        rng, draft_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(sampling.seed).spawn(2))
         text = TextStream(stop)
         out: list[str] = []
         emitted: list[str] = []
@@ -161,7 +164,6 @@ class Engine:
 
         # prefill everything but the last prompt token, which round one verifies
         t0 = time.perf_counter()
-        busy0 = self._busy()
         stats.cached_tokens = self.ctx.sync(prompt[:-1])
         self.ctx.eval(prompt[stats.cached_tokens:-1], logits="none")
         if drafter is not None:
@@ -180,7 +182,7 @@ class Engine:
             # propose
             budget = min(spec.draft_max, max_tokens - len(generated) - 1, self.n_ctx - len(committed))
             ta = time.perf_counter()
-            draft = drafter.propose(committed, budget, sampling, rng) if drafter and budget > 0 else Draft([])
+            draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter and budget > 0 else Draft([])
             tb = time.perf_counter()
             # verify: [pending, d_1 .. d_k] in one llama_decode, logits for every row
             rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
@@ -189,6 +191,8 @@ class Engine:
             stats.draft_seconds += tb - ta
             stats.verify_seconds += tc - tb
             stats.record_round(len(draft.tokens), verdict.n_accepted)
+            if drafter is not None:
+                drafter.accept(verdict.n_accepted, tc - tb)
             # commit: keep the pending token and the accepted drafts in the KV cache
             self.ctx.truncate(len(committed) + verdict.n_accepted)
             for token in [*draft.tokens[:verdict.n_accepted], verdict.token]:
@@ -209,6 +213,8 @@ class Engine:
         stats.llama_seconds = self._busy() - busy1
         stats.generated_tokens = len(generated)
         stats.finish_reason = finish
+        if isinstance(drafter, AutoDrafter):
+            stats.controller = drafter.report()
         return Result(text="".join(emitted), tokens=generated, finish_reason=finish, stats=stats)
 
     def _take(self, token: int, generated: list[int], text: TextStream, out: list[str],

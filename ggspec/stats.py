@@ -31,6 +31,7 @@ class Stats:
     accepted_length_histogram: list[int] = field(default_factory=list)  # [n] -> draft rounds accepting n
     position_proposed: list[int] = field(default_factory=list)          # [i] -> rounds drafting position i
     position_accepted: list[int] = field(default_factory=list)          # [i] -> rounds accepting position i
+    controller: dict | None = None   # method auto: the controller's estimates and choices
 
     def record_round(self, proposed: int, accepted: int) -> None:
         self.rounds += 1
@@ -91,6 +92,8 @@ class Stats:
             a, b = getattr(self, f.name), getattr(other, f.name)
             if isinstance(a, list):
                 setattr(total, f.name, [x + y for x, y in _zip_pad(a, b)])
+            elif f.name == "controller":
+                total.controller = b
             elif f.name not in ("method", "finish_reason"):
                 setattr(total, f.name, a + b)
         return total

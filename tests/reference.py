@@ -19,7 +19,7 @@ class Reference:
 
 
 def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 512,
-                     stop_at_eog: bool = True, forced: list[int] = ()) -> Reference:
+                     stop_at_eog: bool = True, forced: list[int] = (), n_threads: int = 1) -> Reference:
     """Greedy decoding one token per llama_decode (after a batched prompt). With `forced`,
     those tokens are fed one per decode first (teacher forcing), then n are generated."""
     mparams = llama_cpp.llama_model_default_params()
@@ -28,7 +28,7 @@ def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 51
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_ctx
-    cparams.n_threads = cparams.n_threads_batch = 1
+    cparams.n_threads = cparams.n_threads_batch = n_threads
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -56,16 +56,16 @@ def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 51
     return out
 
 
-def first_divergence(got: list[int], ref: Reference) -> str | None:
+def first_divergence(got: list[int], ref: Reference, near_tie: float = NEAR_TIE) -> str | None:
     """None when `got` equals the reference (up to a near-tie); else a description with the
     position and the target's top-2 logit gap there. A divergence at a near-tie is excused
     (everything after it may legitimately differ)."""
     for i, (a, b) in enumerate(zip(got, ref.tokens)):
         if a != b:
-            if ref.gaps[i] < NEAR_TIE:
+            if ref.gaps[i] < near_tie:
                 return None
             return f"position {i}: got {a}, reference {b}, target top-2 gap {ref.gaps[i]:.5f}"
     n = min(len(got), len(ref.tokens))
-    if len(got) != len(ref.tokens) and not (n < len(ref.gaps) and ref.gaps[n] < NEAR_TIE):
+    if len(got) != len(ref.tokens) and not (n < len(ref.gaps) and ref.gaps[n] < near_tie):
         return f"lengths differ: got {len(got)}, reference {len(ref.tokens)}"
     return None

@@ -47,14 +47,14 @@ def test_greedy_speculation_equals_plain_greedy_decoding(request, target_path, w
         assert problem is None, f"K={k} seed={seed}: {problem}"
 
 
-@pytest.mark.parametrize("method", ["none", "lookup"])
+@pytest.mark.parametrize("method", ["none", "lookup", "auto"])
 def test_other_methods_equal_plain_greedy_decoding(engine, target_path, method):
     # a repetitive prompt so that lookup finds matches
     prompt = [VOCAB.bos_id] + random_prompt(5, 12)[1:] * 4
     ref = greedy_reference(target_path, prompt, 60)
     got = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=6))
     assert first_divergence(got.tokens, ref) is None
-    if method == "lookup":
+    if method != "none":
         assert got.stats.draft_tokens > 0
 
 
@@ -138,14 +138,25 @@ def assert_frequencies_match(freq: np.ndarray, p: np.ndarray, n: int) -> None:
     assert z.max() < 6, f"{z.max():.1f} sigma off the exact target probability"
 
 
-def test_seeded_runs_are_reproducible(engine):
+@pytest.mark.parametrize("method", ["auto", "draft", "lookup", "none"])
+def test_seeded_runs_are_reproducible(engine, method):
     prompt = random_prompt(11)
 
     def run(seed):
-        return engine.generate(prompt, max_tokens=30, sampling=SamplingConfig(temperature=1.0, seed=seed)).tokens
+        return engine.generate(prompt, max_tokens=30, sampling=SamplingConfig(temperature=1.0, seed=seed),
+                               spec=SpecConfig(method, draft_max=4)).tokens
 
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+def test_with_a_seed_auto_and_lookup_commit_what_plain_sampling_does(engine):
+    prompt = [VOCAB.bos_id] + random_prompt(21, 10)[1:] * 3
+    sampling = SamplingConfig(temperature=0.8, seed=3)
+    plain = engine.generate(prompt, max_tokens=40, sampling=sampling, spec=SpecConfig("none"))
+    for method in ("auto", "lookup"):
+        got = engine.generate(prompt, max_tokens=40, sampling=sampling, spec=SpecConfig(method))
+        assert got.tokens == plain.tokens, method
 
 
 def test_end_of_generation_token_stops(tiny_dir, target_path):

@@ -1,8 +1,9 @@
 """Drafters propose tokens for the target to verify.
 
-A drafter has one verb, `propose(tokens, budget, sampling, rng) -> Draft`: given every
+A drafter has two verbs, `propose(tokens, budget, sampling, rng) -> Draft`: given every
 committed token so far (the prompt, then the output), propose at most `budget` next
-tokens. Drafters that keep state (a KV cache, an index) bring it in line with `tokens`
+tokens; and `accept(n_accepted, verify_seconds)`: how the target's verification of that
+draft went. Drafters that keep state (a KV cache, an index) bring it in line with `tokens`
 themselves, so a rejected draft or a new prompt needs no extra call.
 """
 
@@ -35,3 +36,7 @@ class Drafter(Protocol):
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
         """Propose up to `budget` tokens to follow `tokens`."""
+
+    def accept(self, n_accepted: int, verify_seconds: float) -> None:
+        """The target accepted the first n_accepted tokens of the last draft; verifying
+        them took verify_seconds."""

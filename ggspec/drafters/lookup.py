@@ -122,3 +122,6 @@ class LookupDrafter:
                 rng: np.random.Generator) -> Draft:
         self.index.sync(tokens)
         return Draft(self.index.propose(budget))
+
+    def accept(self, n_accepted: int, verify_seconds: float) -> None:
+        """Nothing to learn: the next propose() syncs to the committed tokens."""

@@ -58,3 +58,6 @@ class ModelDrafter:
                 break
             logits = self.ctx.eval([x], logits="last")[0]
         return Draft(out, np.stack(qs) if qs else None)
+
+    def accept(self, n_accepted: int, verify_seconds: float) -> None:
+        """Nothing to learn: the next propose() syncs to the committed tokens."""

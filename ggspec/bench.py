@@ -1,0 +1,299 @@
+"""Benchmarks: workloads x speculation variants, measured side by side in one process.
+
+`run_grid` returns data (one Row per workload and variant); `table` and `plot` present it.
+Every variant runs on the same Engine, interleaved within each repetition, so the ratio to
+plain decoding (`none`) compares runs taken under the same conditions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import SamplingConfig, SpecConfig
+from .engine import Engine
+from .errors import GgspecError
+from .stats import Stats
+
+_MODULE = '''\
+import json
+import os
+import time
+
+
+class Cache:
+    """A small JSON file cache with expiry."""
+
+    def __init__(self, path, ttl=3600):
+        self.path = path
+        self.ttl = ttl
+        self.data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def get(self, key, default=None):
+        entry = self.data.get(key)
+        if entry is None:
+            return default
+        if time.time() - entry["time"] > self.ttl:
+            del self.data[key]
+            return default
+        return entry["value"]
+
+    def set(self, key, value):
+        self.data[key] = {"value": value, "time": time.time()}
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f)
+        os.replace(tmp, self.path)
+
+    def prune(self):
+        now = time.time()
+        stale = [k for k, e in self.data.items() if now - e["time"] > self.ttl]
+        for key in stale:
+            del self.data[key]
+        return len(stale)
+
+
+def word_counts(lines):
+    counts = {}
+    for line in lines:
+        for word in line.split():
+            word = word.strip(".,;:!?").lower()
+            if word:
+                counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def top_words(counts, n=10):
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ranked[:n]
+
+
+def load_lines(path, encoding="utf-8"):
+    with open(path, encoding=encoding) as f:
+        return [line.rstrip("\\n") for line in f]
+'''
+
+_ARTICLE = """\
+The Lighthouse Keepers of the Northern Coast
+
+For almost two centuries, the lighthouses along the northern coast were tended by families
+who lived beside them all year round. A keeper's day began before dawn, when the lamp was
+extinguished, the lens was polished, and the wick was trimmed so that it would burn evenly
+the following night. Soot was the keeper's constant enemy: a thin film on the glass could
+cut the range of the light by several miles, and ships relied on seeing it from far out at
+sea. In the afternoon the keeper recorded the weather in a logbook, noting wind direction,
+visibility and the state of the sea every few hours.
+
+The work was lonely but rarely idle. Oil had to be carried up the tower in heavy cans, often
+more than a hundred steps, and the clockwork that turned the lens had to be wound by hand
+every few hours through the night. In fog, the keeper sounded a horn or rang a bell at fixed
+intervals until the air cleared, sometimes for two or three days without proper sleep.
+Supplies arrived by boat once a month when the weather allowed, and in winter storms the
+families could be cut off for weeks.
+
+Children of keepers learned to read the sea early. Many of them later became fishermen,
+pilots or keepers themselves, and some stations were run by the same family for three
+generations. Wives frequently kept the light when their husbands were ill or away, and in
+several cases they were officially appointed after a husband's death, which made
+lighthouse keeping one of the few government posts open to women in the nineteenth century.
+
+Change came gradually. Electric lamps replaced oil in the early twentieth century,
+reducing the daily labour but not the need for someone to watch the light. Radio beacons
+and later satellite navigation made the lights less essential for large ships, although
+small boats still depend on them. The last keepers on the northern coast left their posts
+in the 1980s, when automatic equipment was installed that could switch the lamp on at dusk,
+change a failed bulb by itself, and report faults to a control room on the mainland.
+
+Today most of the towers are still working, but their cottages stand empty or have been
+turned into museums and holiday homes. Visitors can climb the stairs, look at the great
+glass lenses, and read the old logbooks, in which generations of keepers wrote down the
+weather, the passing ships, and now and then a short note about a rescue or a birth.
+"""
+
+_EDIT_PROMPT = ("Add type hints to every function and method of this Python module. Change nothing "
+                "else and reply with the complete module in one code block.\n\n```python\n" + _MODULE + "```")
+_SUMMARY_PROMPT = ("Read the text below, summarise it in five sentences, then answer: why could the "
+                   "keepers' families be cut off in winter, and what replaced the keepers?\n\n" + _ARTICLE)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompt: str  # the user message
+
+
+WORKLOADS = {w.name: w for w in (
+    Workload("code", "Write a Python function that merges overlapping intervals in a list of "
+                     "(start, end) pairs, with a docstring and a few pytest tests."),
+    Workload("edit", _EDIT_PROMPT),
+    Workload("prose", "Explain to a curious twelve-year-old how a refrigerator keeps food cold, "
+                      "in a few short paragraphs."),
+    Workload("summary", _SUMMARY_PROMPT),
+)}
+
+
+def workload_from_file(path: str | Path) -> Workload:
+    """A user workload: the file's text is the user message, its stem the name."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"prompt file {path} is empty")
+    return Workload(path.stem, text)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One speculation setting: a method and, for speculative ones, K (draft_max)."""
+
+    method: str
+    draft_max: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.draft_max is None else f"{self.method} k={self.draft_max}"
+
+
+def variants(methods: Sequence[str], ks: Sequence[int]) -> list[Variant]:
+    """`none` first (the baseline), then every other method with every K."""
+    out = [Variant("none")]
+    for m in dict.fromkeys(methods):
+        if m != "none":
+            out += [Variant(m, k) for k in dict.fromkeys(ks)]
+    return out
+
+
+@dataclass
+class Row:
+    """One workload under one variant, summed over the repetitions."""
+
+    workload: str
+    variant: Variant
+    stats: Stats
+    speedup: float = 0.0  # decode tok/s over the `none` row of the same workload
+
+    def to_dict(self) -> dict:
+        s = self.stats
+        return {"workload": self.workload, "method": self.variant.method, "draft_max": self.variant.draft_max,
+                "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
+                "acceptance_rate": s.acceptance_rate, "mean_accepted_length": s.mean_accepted_length,
+                "position_acceptance": s.position_acceptance,
+                "overhead_ms_per_round": s.overhead_ms_per_round, "stats": s.to_dict()}
+
+
+OnRun = Callable[[Workload, Variant, int, Stats], None]
+
+
+def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Variant], *,
+             repetitions: int = 1, max_tokens: int = 128,
+             sampling: SamplingConfig = SamplingConfig(temperature=0.0), chat: bool = True,
+             on_run: OnRun | None = None) -> list[Row]:
+    """Generate every workload with every variant `repetitions` times; one Row per pair.
+
+    Repetition r uses seed sampling.seed + r (when a seed is set). A short warm-up
+    generation per variant runs first and is not counted.
+    """
+    if repetitions < 1:
+        raise ValueError(f"repetitions must be at least 1, got {repetitions}")
+    if not workloads:
+        raise ValueError("no workload to run")
+    prompts = [_prompt(engine, w, chat) for w in workloads]
+    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max,
+                        draft_p_min=engine.spec.draft_p_min) for v in grid]
+    for spec in specs:
+        engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
+    totals: dict[tuple[int, int], Stats] = {}
+    for r in range(repetitions):
+        seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + r)
+        for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
+            for j, (variant, spec) in enumerate(zip(grid, specs)):
+                stats = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=spec).stats
+                totals[i, j] = stats if r == 0 else totals[i, j] + stats
+                if on_run is not None:
+                    on_run(workload, variant, r, stats)
+    rows = []
+    for i, workload in enumerate(workloads):
+        base = totals[i, 0].decode_tokens_per_second if grid[0].method == "none" else 0.0
+        for j, variant in enumerate(grid):
+            s = totals[i, j]
+            rows.append(Row(workload.name, variant, s, s.decode_tokens_per_second / base if base else 0.0))
+    return rows
+
+
+def _prompt(engine: Engine, workload: Workload, chat: bool) -> list[int]:
+    if chat and engine.target.chat_template:
+        return engine.tokenize([{"role": "user", "content": workload.prompt}])
+    return engine.tokenize(workload.prompt)
+
+
+def table(rows: Sequence[Row]) -> str:
+    """Rows as an aligned text table."""
+    head = ("workload", "method", "tok/s", "x none", "accept", "acc/round", "by position", "ovh ms/rd")
+    body = []
+    for row in rows:
+        s = row.stats
+        spec = s.draft_tokens > 0
+        body.append((row.workload, row.variant.label, f"{s.decode_tokens_per_second:.1f}",
+                     f"{row.speedup:.2f}" if row.speedup else "-",
+                     f"{100 * s.acceptance_rate:.0f}%" if spec else "-",
+                     f"{s.mean_accepted_length:.2f}" if spec else "-",
+                     " ".join(f"{a:.2f}" for a in s.position_acceptance) or "-",
+                     f"{s.overhead_ms_per_round:.2f}"))
+    widths = [max(len(r[c]) for r in (head, *body)) for c in range(len(head))]
+    left = {0, 1, 6}
+    lines = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
+             for r in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot on a file-only backend; GgspecError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise GgspecError("plotting needs matplotlib: pip install 'ggspec[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(rows: Sequence[Row], path: str | Path) -> None:
+    """Save a PNG: decode tok/s by workload and variant, and acceptance by draft position."""
+    plt = pyplot()
+    names = list(dict.fromkeys(r.workload for r in rows))
+    labels = list(dict.fromkeys(r.variant.label for r in rows))
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        tps = {r.workload: r.stats.decode_tokens_per_second for r in rows if r.variant.label == label}
+        bars.bar([i + j * width for i in range(len(names))], [tps.get(n, 0.0) for n in names], width, label=label)
+        merged = _sum(r.stats for r in rows if r.variant.label == label)
+        if merged.position_acceptance:
+            pos = merged.position_acceptance
+            lines.plot(range(1, len(pos) + 1), pos, marker="o", label=label)
+    bars.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    bars.set_ylabel("decode tokens / s")
+    bars.set_title("Speed by workload")
+    bars.legend(fontsize="small")
+    lines.set_xlabel("draft position")
+    lines.set_ylabel("acceptance rate")
+    lines.set_ylim(0, 1.05)
+    lines.set_title("Acceptance by draft position (all workloads)")
+    if lines.has_data():
+        lines.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sum(stats) -> Stats:
+    total = None
+    for s in stats:
+        total = s if total is None else total + s
+    return total or Stats()

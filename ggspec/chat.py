@@ -1,0 +1,150 @@
+"""Chat sessions: the conversation, its settings, and multi-turn KV reuse.
+
+Each turn sends the whole conversation, rendered with the target's chat template. The
+engine keeps the longest token prefix that its KV caches (target and draft) already hold,
+so a turn prefills only what is new: the end of the last answer and the new user message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Generator
+
+from .config import SamplingConfig, SpecConfig
+from .engine import Engine, Result
+from .stats import Stats
+
+# /set names: short aliases of SamplingConfig / SpecConfig fields and max_tokens
+ALIASES = {"t": "temperature", "k": "draft_max", "n": "max_tokens", "temp": "temperature"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the next answer uses; `/set NAME VALUE` replaces one field."""
+
+    sampling: SamplingConfig
+    spec: SpecConfig
+    max_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+
+    def describe(self) -> str:
+        values = {**asdict(self.sampling), **asdict(self.spec), "max_tokens": self.max_tokens}
+        return ", ".join(f"{k} {'none' if v is None else v}" for k, v in values.items())
+
+    def with_value(self, name: str, text: str) -> Settings:
+        """A copy with `name` set from the user's `text`; ValueError names what is wrong."""
+        name = ALIASES.get(name, name).replace("-", "_")
+        if name == "max_tokens":
+            return replace(self, max_tokens=_parse(name, text, "int"))
+        for config, attr in ((self.sampling, "sampling"), (self.spec, "spec")):
+            types = {f.name: f.type for f in fields(config)}
+            if name in types:
+                value = _parse(name, text, types[name])
+                return replace(self, **{attr: replace(config, **{name: value})})
+        known = [*(f.name for f in fields(SamplingConfig)), *(f.name for f in fields(SpecConfig)), "max_tokens"]
+        raise ValueError(f"unknown setting {name!r}; settings: {', '.join(known)}")
+
+
+def _parse(name: str, text: str, kind: str) -> object:
+    """`text` as a value of the dataclass field type `kind` ("int", "float | None", ...)."""
+    if kind.endswith(" | None") and text.lower() == "none":
+        return None
+    kind = kind.removesuffix(" | None")
+    try:
+        if kind == "bool":
+            return {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}[text.lower()]
+        return {"int": int, "float": float}.get(kind, str)(text)
+    except (KeyError, ValueError):
+        raise ValueError(f"{name} needs a value like {_EXAMPLES.get(name, kind)}, got {text!r}") from None
+
+
+_EXAMPLES = {"temperature": "0.7", "top_k": "40", "top_p": "0.95", "min_p": "0.05", "seed": "42 or none",
+             "draft_max": "4", "max_tokens": "512", "draft_p_min": "0.5"}
+
+
+def available_methods(engine: Engine) -> list[str]:
+    """The speculation methods this engine can run now."""
+    return ["none", *engine.drafters]
+
+
+class ChatSession:
+    """A conversation with an engine: system prompt, messages, settings and stats.
+
+    Answers are kept when they are cut short (Ctrl-C, max_tokens): the next turn
+    continues the conversation as it was shown.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, *, system: str | None = None):
+        self.engine = engine
+        self.settings = settings
+        self.system = system
+        self.messages: list[dict] = []  # user and assistant turns, without the system prompt
+        self.last: Stats | None = None   # the last answer's stats
+        self.total: Stats | None = None  # summed over the session
+
+    def set(self, name: str, text: str) -> Settings:
+        """Change one setting (see Settings.with_value); refuse a method this engine lacks."""
+        settings = self.settings.with_value(name, text)
+        if settings.spec.method not in available_methods(self.engine):
+            raise ValueError(f"method {settings.spec.method!r} is not available here; "
+                             f"available: {', '.join(available_methods(self.engine))}")
+        self.settings = settings
+        return settings
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and the settings stay)."""
+        self.messages = []
+
+    def conversation(self, text: str) -> list[dict]:
+        """The messages sent for a new user message `text`."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *self.messages, {"role": "user", "content": text}]
+
+    def stream(self, text: str) -> Generator[str, None, Result]:
+        """Answer `text`: yield pieces of the answer as they are committed, return the
+        Result. What was generated joins the conversation even if the answer is cut short
+        (the caller closes the generator, or KeyboardInterrupt); a turn that fails before
+        its first piece (say, it does not fit in the context) is not kept."""
+        s = self.settings
+        gen = self.engine.stream(self.conversation(text), max_tokens=s.max_tokens,
+                                 sampling=s.sampling, spec=s.spec)
+        pieces: list[str] = []
+        result: Result | None = None
+        try:
+            while True:
+                try:
+                    piece = next(gen)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                pieces.append(piece)
+                yield piece
+        finally:
+            gen.close()
+            if result is not None or pieces:
+                answer = result.text if result is not None else "".join(pieces)
+                self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            if result is not None:
+                self.last = result.stats
+                self.total = result.stats if self.total is None else self.total + result.stats
+        return result
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Result:
+        """Answer `text` (see stream); on_text receives each piece."""
+        gen = self.stream(text)
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as done:
+                return done.value
+            if on_text is not None:
+                on_text(piece)
+
+
+def from_draft(piece: str) -> bool | None:
+    """Whether a streamed piece came from accepted draft tokens; None when the engine
+    does not say (pieces then are plain str)."""
+    return getattr(piece, "from_draft", None)

@@ -1,0 +1,120 @@
+"""`auto`: each round, choose the drafter and draft length with the most expected
+committed tokens per second (ggspec.controller), from costs measured on this machine and
+acceptance measured on this conversation."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from ..backend import Context
+from ..config import SamplingConfig
+from ..controller import EXPLORE_EVERY, AcceptanceModel, CostModel, Plan, best_plan
+from . import Draft
+from .lookup import LookupDrafter
+from .model import ModelDrafter
+
+LOOKUP_PRIOR = 0.6  # starting acceptance guesses, replaced by measurements within rounds
+MODEL_PRIOR = 0.7
+
+
+def measure_verify_costs(ctx: Context, rows: int) -> np.ndarray:
+    """Seconds for one decode of b = 1..rows tokens after the cached ones: (rows,),
+    measured at a few sizes and interpolated. Leaves the KV cache as it found it."""
+    n = len(ctx.tokens)
+    filler = ctx.tokens[-1:] or [0]
+    ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
+    ctx.truncate(n)
+    sizes = sorted({b for b in (1, 2, 3, 5, 8, rows) if b <= rows})
+    seconds = []
+    for b in sizes:
+        t0 = time.perf_counter()
+        ctx.eval(filler * b, logits="all")
+        seconds.append(time.perf_counter() - t0)
+        ctx.truncate(n)
+    curve = np.interp(np.arange(1, rows + 1), sizes, seconds)
+    return np.maximum.accumulate(curve)  # more rows never cost less
+
+
+class AutoDrafter:
+    """Combines prompt lookup and (when loaded) the draft model under the controller:
+    a round drafts nothing, a lookup chain, a draft-model chain, or a lookup chain that
+    the draft model extends."""
+
+    name = "auto"
+
+    def __init__(self, target: Context, lookup: LookupDrafter, model: ModelDrafter | None, k_max: int):
+        self.target = target
+        self.lookup = lookup
+        self.model = model
+        self.k_max = k_max
+        self.costs: CostModel | None = None
+        self.lookup_acceptance = AcceptanceModel(LOOKUP_PRIOR, k_max)
+        self.model_acceptance = AcceptanceModel(MODEL_PRIOR, k_max) if model else None
+        self.plans: Counter[Plan] = Counter()
+        self._plan = Plan()
+        self._idle = 0
+
+    def prepare(self, tokens: Sequence[int]) -> None:
+        self.lookup.prepare(tokens)
+        if self.model is not None:
+            self.model.prepare(tokens)
+        self.plans.clear()
+        if self.costs is None and len(self.target.tokens) + self.k_max + 2 <= self.target.n_ctx:
+            draft_token = float(measure_verify_costs(self.model.ctx, 1)[0]) if self.model else 0.0
+            self.costs = CostModel(measure_verify_costs(self.target, self.k_max + 1), draft_token)
+
+    def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Draft:
+        budget = min(budget, self.k_max)
+        chain = self.lookup.propose(tokens, budget, sampling, rng).tokens
+        plan = Plan()
+        if self.costs is not None:
+            plan, _ = best_plan(self.costs, self.lookup_acceptance, self.model_acceptance, len(chain), budget)
+        if plan.total == 0 and self._idle >= EXPLORE_EVERY and budget > 0:
+            # re-measure acceptance now and then: drafting one token costs little
+            plan = Plan(lookup=1) if chain else Plan(model=1) if self.model else plan
+        self._idle = 0 if plan.total else self._idle + 1
+        head = chain[:plan.lookup]
+        tail = Draft([])
+        if plan.model:
+            t0 = time.perf_counter()
+            # with a seed, draft greedily and verify by sample-and-match: the output is then
+            # what plain sampling gives for that seed, whatever the controller chose
+            how = replace(sampling, temperature=0) if sampling.seed is not None else sampling
+            tail = self.model.propose([*tokens, *head], plan.model, how, rng)
+            self.costs.observe_draft(len(tail.tokens), time.perf_counter() - t0)
+        self._plan = Plan(lookup=len(head), model=len(tail.tokens))
+        self.plans[self._plan] += 1
+        if tail.q is None:
+            return Draft(head + tail.tokens)
+        # a lookup token is a draft from a one-hot q: speculative sampling then equals
+        # sample-and-match there, and stays exact for the model's tokens after it
+        onehot = np.zeros((len(head), tail.q.shape[1]))
+        onehot[np.arange(len(head)), head] = 1.0
+        return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]))
+
+    def accept(self, n_accepted: int, verify_seconds: float) -> None:
+        plan = self._plan
+        if self.costs is not None:
+            self.costs.observe_verify(plan.total + 1, verify_seconds)
+        if plan.lookup:
+            self.lookup_acceptance.observe(plan.lookup, min(n_accepted, plan.lookup))
+        if plan.model and n_accepted >= plan.lookup:
+            self.model_acceptance.observe(plan.model, n_accepted - plan.lookup)
+
+    def report(self) -> dict:
+        """The controller's estimates and how often it chose each plan."""
+        return {
+            "plans": {f"lookup={p.lookup},model={p.model}": n for p, n in sorted(
+                self.plans.items(), key=lambda kv: -kv[1])},
+            "verify_ms": None if self.costs is None else [round(1000 * t, 3) for t in self.costs.verify],
+            "draft_token_ms": None if self.costs is None else round(1000 * self.costs.draft_token, 3),
+            "lookup_acceptance": [round(a, 3) for a in self.lookup_acceptance.alpha],
+            "model_acceptance": None if self.model_acceptance is None else
+            [round(a, 3) for a in self.model_acceptance.alpha],
+        }

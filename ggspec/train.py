@@ -1,0 +1,565 @@
+"""Training Medusa heads for any GGUF target, on CPU, in numpy.
+
+Two stages, each resumable:
+
+1. `collect` runs a text corpus through the target with llama.cpp (windows of `window`
+   tokens, one fresh KV cache each) and stores, per row, the final hidden state x_t
+   (float16), the corpus token and the target's greedy prediction argmax(logits_t)
+   (the same decode returns both).
+2. `train` fits the heads with Adam on cross-entropy over a reduced vocabulary (the most
+   frequent label tokens of the training rows), residual layers initialised to zero so
+   that each tied head starts as the target's own next-token predictor.
+
+Labels for head h at row t (it predicts token t+h+2, see heads.py):
+  "distill": pred[t+h+1], the target's own greedy prediction of that token given the
+             corpus up to t+h+1 (self-distillation; exactly the target's greedy
+             continuation wherever the corpus follows it);
+  "corpus":  the corpus token t+h+2.
+Rows whose label lies outside the window are not used. Accuracy on held-out files is
+reported over all rows ("top1", "top5") and over rows where the corpus follows the target's
+greedy chain up to the label ("chain_top1": the rate at which greedy speculation would
+accept the head's first guess, given the earlier heads were right).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .backend import Context, Model
+from .config import BackendConfig
+from .heads import MedusaHeads, TargetInfo, read_target, save_heads, silu
+
+LABELS = ("distill", "corpus")
+_STATE = "state.json"
+_CHECKPOINT = "checkpoint.npz"
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1: hidden states
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """What text to run through the target and how.
+
+    max_tokens: rows to collect in all; window: tokens per llama.cpp pass (one fresh
+    context each, so also the longest context seen); file_tokens: most tokens taken from
+    one file (variety over depth); pattern: glob for files under a corpus directory;
+    seed: the order in which files are taken.
+    """
+
+    max_tokens: int = 50_000
+    window: int = 512
+    file_tokens: int = 2048
+    pattern: str = "*"
+    seed: int = 0
+    n_threads: int | None = None
+    n_gpu_layers: int = -1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.window, int) and 16 <= self.window <= 8192):
+            raise ValueError(f"window must be an integer from 16 to 8192, got {self.window!r}")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= self.window):
+            raise ValueError(f"max_tokens must be an integer >= window ({self.window}), "
+                             f"got {self.max_tokens!r}")
+        if not (isinstance(self.file_tokens, int) and self.file_tokens >= 16):
+            raise ValueError(f"file_tokens must be an integer >= 16, got {self.file_tokens!r}")
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """Collected rows, memory-mapped from a work directory.
+
+    hidden (N, H) float16; tokens (N,) corpus tokens; preds (N,) target argmax at each row;
+    windows (W, 3): start row, length, file index of each window.
+    """
+
+    path: Path
+    hidden: np.ndarray
+    tokens: np.ndarray
+    preds: np.ndarray
+    windows: np.ndarray
+    target: TargetInfo
+    seconds: float  # time spent collecting (all sessions)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.windows[:, 1].sum())
+
+    @classmethod
+    def open(cls, work_dir: str | os.PathLike, target: TargetInfo) -> HiddenStates:
+        work = Path(work_dir)
+        state = json.loads((work / _STATE).read_text())
+        if state["fingerprint"] != dataclasses.asdict(target.fingerprint):
+            raise ValueError(f"{work} holds hidden states of another target "
+                             f"({state['fingerprint']['architecture']}); use another work dir")
+        if state["windows_done"] < state["n_windows"]:
+            raise ValueError(f"collection in {work} is not finished; run collect again")
+        return cls(work, np.load(work / "hidden.npy", mmap_mode="r"),
+                   np.load(work / "tokens.npy"), np.load(work / "preds.npy"),
+                   np.load(work / "windows.npy"), target, state["seconds"])
+
+
+def corpus_files(corpus: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The files of `corpus` (a file, or a directory searched recursively for `pattern`)."""
+    root = Path(corpus)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus not found: {root}")
+    files = sorted(p for p in root.rglob(pattern) if p.is_file())
+    if not files:
+        raise ValueError(f"no files matching {pattern!r} under {root}")
+    return files
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None for binary or non-UTF-8 files."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def plan_windows(model: Model, corpus: str | os.PathLike, cfg: CollectConfig
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize files (in a seeded random order) until max_tokens: returns the tokens
+    (N,) int32 and windows (W, 3) [start, length, file index]."""
+    files = corpus_files(corpus, cfg.pattern)
+    random.Random(cfg.seed).shuffle(files)
+    tokens: list[np.ndarray] = []
+    windows: list[tuple[int, int, int]] = []
+    n = 0
+    for i, f in enumerate(files):
+        text = _read_text(f)
+        if not text or not text.strip():
+            continue
+        ids = model.tokenize(text, add_special=True, parse_special=False)[:cfg.file_tokens]
+        ids = ids[:cfg.max_tokens - n]
+        for s in range(0, len(ids), cfg.window):
+            w = ids[s:s + cfg.window]
+            if len(w) < 16:  # too short to teach anything 2+ tokens ahead
+                break
+            windows.append((n, len(w), i))
+            tokens.append(np.asarray(w, dtype=np.int32))
+            n += len(w)
+        if n >= cfg.max_tokens:
+            break
+    if not windows:
+        raise ValueError(f"no text found in {corpus}")
+    return np.concatenate(tokens), np.asarray(windows, dtype=np.int64)
+
+
+def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
+            work_dir: str | os.PathLike, cfg: CollectConfig = CollectConfig(), *,
+            progress: bool = True) -> HiddenStates:
+    """Run `corpus` through the target and store hidden states in `work_dir` (resumable:
+    a finished work dir is reused, an interrupted one continues where it stopped)."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    target = read_target(target_path)
+    state_file = work / _STATE
+    state = json.loads(state_file.read_text()) if state_file.exists() else None
+    if state is not None and state["config"] != dataclasses.asdict(cfg):
+        raise ValueError(f"{work} was collected with other settings {state['config']}; "
+                         "use another work dir or the same settings")
+    if state is not None and state["windows_done"] == state["n_windows"]:
+        return HiddenStates.open(work, target)
+
+    with Model(target_path, BackendConfig(n_gpu_layers=cfg.n_gpu_layers)) as model:
+        if state is None:
+            tokens, windows = plan_windows(model, corpus, cfg)
+            np.save(work / "tokens.npy", tokens)
+            np.save(work / "windows.npy", windows)
+            n = len(tokens)
+            np.lib.format.open_memmap(work / "hidden.npy", "w+", np.float16, (n, model.n_embd)).flush()
+            np.save(work / "preds.npy", np.full(n, -1, dtype=np.int32))
+            state = dict(config=dataclasses.asdict(cfg), corpus=str(corpus),
+                         fingerprint=dataclasses.asdict(target.fingerprint),
+                         n_windows=len(windows), windows_done=0, seconds=0.0)
+            state_file.write_text(json.dumps(state, indent=1))
+        tokens, windows = np.load(work / "tokens.npy"), np.load(work / "windows.npy")
+        hidden = np.load(work / "hidden.npy", mmap_mode="r+")
+        preds = np.load(work / "preds.npy")
+        bcfg = BackendConfig(n_ctx=max(cfg.window, 64), n_batch=cfg.window,
+                             n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
+        with Context(model, bcfg, embeddings=True) as ctx, tqdm(
+                total=int(windows[:, 1].sum()), initial=int(windows[:state["windows_done"], 1].sum()),
+                unit="tok", desc="hidden states", disable=not progress) as bar:
+            for w in range(state["windows_done"], len(windows)):
+                t0 = time.perf_counter()
+                start, length, _ = (int(v) for v in windows[w])
+                ctx.clear()
+                logits = ctx.eval(tokens[start:start + length].tolist(), logits="all")
+                preds[start:start + length] = logits.argmax(axis=1)
+                hidden[start:start + length] = ctx.hidden(length)
+                state["windows_done"] = w + 1
+                state["seconds"] += time.perf_counter() - t0
+                if state["windows_done"] % 8 == 0 or state["windows_done"] == len(windows):
+                    hidden.flush()
+                    np.save(work / "preds.npy", preds)
+                    state_file.write_text(json.dumps(state, indent=1))
+                bar.update(length)
+        del hidden
+    return HiddenStates.open(work, target)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 2: the heads
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How heads are trained.
+
+    vocab_size: rows of the heads' output (the most frequent label tokens; 0 keeps the
+    target's whole vocabulary); tied: output = the target's output rows, frozen (else a
+    trained copy per head); labels: "distill" or "corpus" (module docstring); heldout:
+    fraction of the files kept for evaluation; lr: Adam step, decayed to 10% over the
+    run (cosine); weight_decay: decoupled (AdamW) decay of the residual weights.
+    """
+
+    n_heads: int = 4
+    n_layers: int = 1
+    vocab_size: int = 4096
+    tied: bool = True
+    labels: str = "distill"
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    heldout: float = 0.1
+    seed: int = 0
+    dtype: str = "f16"
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("n_heads", "n_layers", "epochs", "batch_size", "checkpoint_every"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.vocab_size, int) and self.vocab_size >= 0):
+            raise ValueError(f"vocab_size must be an integer >= 0 (0: all), got {self.vocab_size!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {self.labels!r}")
+        if not 0 < self.heldout < 1:
+            raise ValueError(f"heldout must be in (0, 1), got {self.heldout!r}")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+
+
+@dataclass(frozen=True)
+class HeadAccuracy:
+    """Held-out accuracy of one head (its label is token t+head+2)."""
+
+    head: int
+    top1: float
+    top5: float
+    chain_top1: float  # on rows where the corpus follows the target's greedy chain
+    loss: float        # mean cross-entropy over rows whose label is in the vocabulary
+    n: int
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    path: Path
+    n_train: int
+    n_heldout: int
+    vocab_coverage: float  # share of held-out labels inside the reduced vocabulary
+    before: list[HeadAccuracy]
+    after: list[HeadAccuracy]
+    steps: int
+    seconds: float
+
+
+@dataclass
+class _Split:
+    rows: np.ndarray    # (n,) row indices into the hidden states
+    labels: np.ndarray  # (n, n_heads) target ids to learn, -1 where outside the window
+    greedy: np.ndarray  # (n, n_heads) the target's greedy continuation where the corpus
+                        # follows it from the row up to the label, else -1
+
+
+def _labels(data: HiddenStates, n_heads: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and head: the label (target ids, -1 past the window end) and the target's
+    greedy continuation where the corpus follows the greedy chain up to it (else -1)."""
+    n = data.n_rows
+    labels = np.full((n, n_heads), -1, dtype=np.int64)
+    greedy = np.full((n, n_heads), -1, dtype=np.int64)
+    match = np.zeros(n, dtype=bool)  # corpus token t+1 is the target's argmax at t
+    match[:-1] = data.tokens[1:] == data.preds[:-1]
+    source = data.preds if kind == "distill" else data.tokens
+    for start, length, _ in data.windows:
+        end = start + length
+        t = np.arange(start, end)
+        on_chain = np.ones(length, dtype=bool)
+        for h in range(n_heads):
+            src = t + h + 1 if kind == "distill" else t + h + 2
+            inside = src < end
+            labels[t[inside], h] = source[src[inside]]
+            # greedy label pred[t+h+1] is the greedy continuation iff match[t..t+h]
+            on_chain &= np.concatenate([match[start + h:end], np.zeros(h, bool)]) & (t + h + 1 < end)
+            greedy[t[on_chain], h] = data.preds[t[on_chain] + h + 1]
+    return labels, greedy
+
+
+def _split(data: HiddenStates, cfg: TrainConfig) -> tuple[_Split, _Split]:
+    """Training and held-out rows: the last `heldout` share of the files is held out."""
+    labels, greedy = _labels(data, cfg.n_heads, cfg.labels)
+    files = np.unique(data.windows[:, 2])
+    n_held = max(1, int(round(len(files) * cfg.heldout)))
+    held_files = set(files[-n_held:].tolist()) if len(files) > 1 else set()
+    parts: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for i, (start, length, f) in enumerate(data.windows):
+        is_held = (f in held_files) if held_files else (i == len(data.windows) - 1)
+        parts[is_held].append(np.arange(start, start + length))
+    if not parts[False] or not parts[True]:
+        raise ValueError("need at least two windows to keep some for evaluation")
+    out = []
+    for held in (False, True):
+        rows = np.concatenate(parts[held])
+        rows = rows[(labels[rows] >= 0).any(axis=1)]
+        out.append(_Split(rows, labels[rows], greedy[rows]))
+    return out[0], out[1]
+
+
+def reduced_vocab(labels: np.ndarray, size: int, n_vocab: int) -> np.ndarray | None:
+    """The `size` most frequent label ids, ascending (None: the whole vocabulary)."""
+    if size == 0 or size >= n_vocab:
+        return None
+    counts = np.bincount(labels[labels >= 0], minlength=n_vocab)
+    top = np.argsort(-counts, kind="stable")[:size]
+    return np.sort(top).astype(np.int32)
+
+
+def _to_rows(labels: np.ndarray, token_ids: np.ndarray | None, n_vocab: int) -> np.ndarray:
+    """Target ids -> output rows (-1: no label, or outside the reduced vocabulary)."""
+    if token_ids is None:
+        return labels
+    index = np.full(n_vocab, -1, dtype=np.int64)
+    index[token_ids] = np.arange(len(token_ids))
+    return np.where(labels >= 0, index[np.maximum(labels, 0)], -1)
+
+
+class _Params:
+    """Trainable arrays with AdamW moments; out is None when the output is tied."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray, out: np.ndarray | None):
+        self.arrays = {"w": w, "b": b} if out is None else {"w": w, "b": b, "out": out}
+        self.m = {k: np.zeros_like(v) for k, v in self.arrays.items()}
+        self.v = {k: np.zeros_like(v) for k, v in self.arrays.items()}
+        self.step = 0
+
+    def update(self, grads: dict[str, np.ndarray], lr: float, wd: float,
+               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+        self.step += 1
+        c1, c2 = 1 - b1 ** self.step, 1 - b2 ** self.step
+        for k, g in grads.items():
+            p, m, v = self.arrays[k], self.m[k], self.v[k]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            if wd and k == "w":
+                p *= 1 - lr * wd
+            p -= lr * (m / c1) / (np.sqrt(v / c2) + eps)
+
+
+def _forward_backward(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray,
+                      out: np.ndarray, tied: bool, grad: bool
+                      ) -> tuple[float, int, dict[str, np.ndarray], np.ndarray]:
+    """Cross-entropy of the heads on a batch. x (B, H); y (B, nh) output rows or -1;
+    w (nh, L, H, H); b (nh, L, H); out (V, H) tied or (nh, V, H).
+    Returns (summed loss, labelled count, gradients of the summed loss, logits (nh, B, V))."""
+    nh, n_layers, d, _ = w.shape
+    bsz = x.shape[0]
+    rs, zs = [np.broadcast_to(x, (nh, bsz, d))], []                  # (nh, B, H) each
+    for l in range(n_layers):
+        if l == 0:  # every head reads x: one (B, H) @ (H, nh*H) product
+            z = (x @ w[:, 0].reshape(nh * d, d).T).reshape(bsz, nh, d).transpose(1, 0, 2)
+        else:
+            z = np.matmul(rs[-1], w[:, l].transpose(0, 2, 1))
+        z = z + b[:, l][:, None, :]
+        zs.append(z)
+        rs.append(rs[-1] + silu(z))
+    r = rs[-1]
+    logits = r @ out.T if tied else np.matmul(r, out.transpose(0, 2, 1))  # (nh, B, V)
+    yt = y.T                                                             # (nh, B)
+    valid = yt >= 0
+    m = logits.max(axis=2, keepdims=True)
+    e = np.exp(logits - m)
+    s = e.sum(axis=2, keepdims=True)
+    picked = np.take_along_axis(logits, np.maximum(yt, 0)[:, :, None], axis=2)[:, :, 0]
+    nll = (np.log(s[:, :, 0]) + m[:, :, 0] - picked) * valid
+    loss, count = float(nll.sum()), int(valid.sum())
+    if not grad:
+        return loss, count, {}, logits
+    dlog = e / s                                                         # softmax
+    np.put_along_axis(dlog, np.maximum(yt, 0)[:, :, None],
+                      np.take_along_axis(dlog, np.maximum(yt, 0)[:, :, None], axis=2) - 1, axis=2)
+    dlog *= valid[:, :, None]                                            # d(sum nll)/dlogits
+    grads: dict[str, np.ndarray] = {}
+    if tied:
+        dr = dlog @ out                                                  # (nh, B, H)
+    else:
+        dr = np.matmul(dlog, out)
+        grads["out"] = np.matmul(dlog.transpose(0, 2, 1), r)             # (nh, V, H)
+    gw, gb = np.zeros_like(w), np.zeros_like(b)
+    for l in reversed(range(n_layers)):
+        z = zs[l]
+        sig = 1.0 / (1.0 + np.exp(-z))
+        dz = dr * sig * (1 + z * (1 - sig))                              # SiLU'(z)
+        gw[:, l] = np.matmul(dz.transpose(0, 2, 1), rs[l])               # (nh, H, H)
+        gb[:, l] = dz.sum(axis=1)
+        if l:
+            dr = dr + np.matmul(dz, w[:, l])
+    grads["w"], grads["b"] = gw, gb
+    return loss, count, grads, logits
+
+
+def evaluate(heads: MedusaHeads, data: HiddenStates, split: _Split,
+             batch_size: int = 512) -> list[HeadAccuracy]:
+    """Per-head top-1 / top-5 accuracy and loss of `heads` on the rows of `split`."""
+    nh, n_vocab = heads.n_heads, data.target.n_vocab
+    y = _to_rows(split.labels, heads.token_ids, n_vocab)
+    g = _to_rows(split.greedy, heads.token_ids, n_vocab)
+    hit1, hit5, chain_hit = np.zeros(nh), np.zeros(nh), np.zeros(nh)
+    loss, n_loss = np.zeros(nh), np.zeros(nh)
+    for s in range(0, len(split.rows), batch_size):
+        x = np.asarray(data.hidden[split.rows[s:s + batch_size]], dtype=np.float32)
+        yb, gb = y[s:s + batch_size], g[s:s + batch_size]
+        z = heads.logits(x)                                              # (B, nh, V)
+        k = min(5, z.shape[2])
+        top5 = np.argpartition(z, -k, axis=2)[:, :, -k:]
+        top1 = z.argmax(axis=2)
+        hit1 += ((top1 == yb) & (yb >= 0)).sum(axis=0)
+        hit5 += ((top5 == yb[:, :, None]).any(axis=2) & (yb >= 0)).sum(axis=0)
+        chain_hit += ((top1 == gb) & (gb >= 0)).sum(axis=0)
+        m = z.max(axis=2, keepdims=True)
+        lse = np.log(np.exp(z - m).sum(axis=2)) + m[:, :, 0]
+        picked = np.take_along_axis(z, np.maximum(yb, 0)[:, :, None], axis=2)[:, :, 0]
+        loss += ((lse - picked) * (yb >= 0)).sum(axis=0)
+        n_loss += (yb >= 0).sum(axis=0)
+    n = (split.labels >= 0).sum(axis=0)          # labels outside the vocabulary are misses
+    n_chain = (split.greedy >= 0).sum(axis=0)
+    return [HeadAccuracy(h, float(hit1[h] / max(n[h], 1)), float(hit5[h] / max(n[h], 1)),
+                         float(chain_hit[h] / max(n_chain[h], 1)),
+                         float(loss[h] / max(n_loss[h], 1)), int(n[h])) for h in range(nh)]
+
+
+def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
+          *, checkpoint: str | os.PathLike | None = None, progress: bool = True,
+          log: Callable[[str], None] | None = None) -> TrainReport:
+    """Train heads on collected hidden states and write the head GGUF to `out_path`.
+    With `checkpoint` (a file), training state is saved there every
+    cfg.checkpoint_every steps and a run with the same settings resumes from it."""
+    t_start = time.perf_counter()
+    target = data.target
+    train_split, held = _split(data, cfg)
+    token_ids = reduced_vocab(train_split.labels, cfg.vocab_size, target.n_vocab)
+    out_rows = target.output_rows(token_ids)                             # (V, H) float32
+    vocab, d, nh = out_rows.shape[0], out_rows.shape[1], cfg.n_heads
+    y_train = _to_rows(train_split.labels, token_ids, target.n_vocab)
+    y_held = _to_rows(held.labels, token_ids, target.n_vocab)
+    coverage = float((y_held >= 0).sum() / max((held.labels >= 0).sum(), 1))
+
+    params = _Params(np.zeros((nh, cfg.n_layers, d, d), np.float32),
+                     np.zeros((nh, cfg.n_layers, d), np.float32),
+                     None if cfg.tied else np.repeat(out_rows[None], nh, axis=0))
+
+    def heads_now() -> MedusaHeads:
+        out = out_rows if cfg.tied else params.arrays["out"]
+        return MedusaHeads(params.arrays["w"], params.arrays["b"], out, token_ids=token_ids,
+                           tied=cfg.tied, target=target.fingerprint)
+
+    before = evaluate(heads_now(), data, held)
+    steps_per_epoch = -(-len(train_split.rows) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    key = json.dumps(dict(config=dataclasses.asdict(cfg), n_rows=data.n_rows,
+                          fingerprint=dataclasses.asdict(target.fingerprint)), sort_keys=True)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        with np.load(ckpt) as f:
+            if str(f["key"]) == key:
+                for k in params.arrays:
+                    params.arrays[k][...] = f[k]
+                    params.m[k][...] = f["m_" + k]
+                    params.v[k][...] = f["v_" + k]
+                params.step = int(f["step"])
+            elif log:
+                log(f"ignoring checkpoint {ckpt}: it was made with other settings or data")
+
+    def save_checkpoint() -> None:
+        arrays = {k: v for k, v in params.arrays.items()}
+        arrays.update({"m_" + k: v for k, v in params.m.items()})
+        arrays.update({"v_" + k: v for k, v in params.v.items()})
+        tmp = ckpt.with_name(ckpt.name + ".tmp.npz")
+        np.savez(tmp, key=np.array(key), step=np.array(params.step), **arrays)
+        os.replace(tmp, ckpt)
+
+    out_frozen = out_rows if cfg.tied else None
+    with tqdm(total=total, initial=params.step, unit="step", desc="training heads",
+              disable=not progress) as bar:
+        while params.step < total:
+            epoch, i = divmod(params.step, steps_per_epoch)
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_split.rows))
+            idx = np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            x = np.asarray(data.hidden[train_split.rows[idx]], dtype=np.float32)
+            out = out_frozen if cfg.tied else params.arrays["out"]
+            loss, count, grads, _ = _forward_backward(x, y_train[idx], params.arrays["w"],
+                                                      params.arrays["b"], out, cfg.tied, True)
+            scale = 1.0 / max(count, 1)
+            lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * params.step / total)))
+            params.update({k: g * scale for k, g in grads.items()}, lr, cfg.weight_decay)
+            bar.set_postfix(loss=f"{loss * scale:.3f}", refresh=False)
+            bar.update(1)
+            if ckpt is not None and (params.step % cfg.checkpoint_every == 0 or params.step == total):
+                save_checkpoint()
+
+    heads = heads_now()
+    after = evaluate(heads, data, held)
+    path = save_heads(out_path, heads, dtype=cfg.dtype,
+                      name=f"medusa-{nh}x{cfg.n_layers}-{target.fingerprint.architecture}")
+    return TrainReport(Path(path), len(train_split.rows), len(held.rows), coverage, before, after,
+                       total, time.perf_counter() - t_start)
+
+
+def train_medusa(target_path: str | os.PathLike, corpus: str | os.PathLike,
+                 out_path: str | os.PathLike, work_dir: str | os.PathLike,
+                 collect_cfg: CollectConfig = CollectConfig(),
+                 train_cfg: TrainConfig = TrainConfig(), *, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> TrainReport:
+    """Collect hidden states of `corpus` (cached in `work_dir`), train heads, write the GGUF."""
+    data = collect(target_path, corpus, work_dir, collect_cfg, progress=progress)
+    return train(data, out_path, train_cfg, checkpoint=Path(work_dir) / _CHECKPOINT,
+                 progress=progress, log=log)
+
+
+def format_report(report: TrainReport) -> str:
+    """The report as a few lines of text."""
+    lines = [f"wrote {report.path}: {report.steps} steps in {report.seconds:.0f} s, "
+             f"{report.n_train:,} training rows, {report.n_heldout:,} held-out rows, "
+             f"vocabulary covers {report.vocab_coverage:.1%} of held-out labels",
+             "head  top-1 (start)  top-5 (start)  chain top-1  loss (start)"]
+    for a, b in zip(report.before, report.after):
+        lines.append(f"{b.head:>4}  {b.top1:6.1%} ({a.top1:5.1%})  {b.top5:6.1%} ({a.top5:5.1%})"
+                     f"  {b.chain_top1:10.1%}  {b.loss:5.2f} ({a.loss:5.2f})")
+    return "\n".join(lines)
