@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import BackendConfig
 from .errors import DecodeError, ModelFileError, VocabMismatchError
+from .tokens import common_prefix
 
 GGUF_MAGIC = b"GGUF"
 ALL_LAYERS = 0x7FFFFFFF
@@ -329,11 +330,7 @@ class Context:
 
     def sync(self, tokens: Sequence[int]) -> int:
         """Keep the longest cached prefix shared with `tokens`; return its length."""
-        n = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            n += 1
+        n = common_prefix(self.tokens, tokens)
         self.truncate(n)
         return n
 

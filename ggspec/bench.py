@@ -203,8 +203,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
     if not workloads:
         raise ValueError("no workload to run")
     prompts = [_prompt(engine, w, chat) for w in workloads]
-    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max,
-                        draft_p_min=engine.spec.draft_p_min) for v in grid]
+    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max) for v in grid]
     for spec in specs:
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
     totals: dict[tuple[int, int], Stats] = {}

@@ -25,10 +25,6 @@ from .engine import DEFAULT_DRAFT, Engine, Result
 from .errors import GgspecError
 from .stats import footer, report
 
-# The method used when --method is not given. The engine runs "none" instead of "draft"
-# when no draft model is loaded.
-DEFAULT_METHOD = "draft"
-
 _SAMPLING = SamplingConfig()
 _SPEC = SpecConfig()
 
@@ -84,7 +80,7 @@ _model_options = _options(
 
 _spec_options = _options(
     click.option("--method", type=click.Choice(METHODS), help="Speculation method.  "
-                 f"[default: {DEFAULT_METHOD} when a draft model is loaded, else none]"),
+                 f"[default: {_SPEC.method}, or none when that cannot run with these models]"),
     click.option("-k", "--draft-max", type=int, default=_SPEC.draft_max, show_default=True,
                  help="Most tokens drafted per round."),
 )
@@ -106,22 +102,30 @@ def _sampling(opts: dict) -> SamplingConfig:
                           top_p=opts.pop("top_p"), min_p=opts.pop("min_p"), seed=opts.pop("seed"))
 
 
-def _open_engine(opts: dict, spec: SpecConfig | None = None) -> Engine:
-    """An Engine from the model and spec options (popped from opts)."""
+def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
+    """An Engine from the model options (popped from opts)."""
     if opts.pop("verbose"):
         set_verbose(True)
-    explicit = opts.pop("method", None)
-    spec = spec or SpecConfig(explicit or DEFAULT_METHOD, draft_max=opts.pop("draft_max"))
     target_config = BackendConfig(n_ctx=opts.pop("ctx_size"), n_gpu_layers=opts.pop("gpu_layers"),
                                   n_threads=opts.pop("threads"))
     layers = opts.pop("gpu_layers_draft")
     draft_config = target_config if layers is None else replace(target_config, n_gpu_layers=layers)
     draft = None if opts.pop("no_draft") else opts.pop("draft")
-    engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config, spec=spec)
-    if explicit == "draft" and engine.draft is None:
-        engine.close()
-        raise GgspecError("--method draft needs a draft model: pass -d/--draft NAME|FILE")
-    return engine
+    return Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
+                  spec=SpecConfig(draft_max=draft_max))
+
+
+def _spec(engine: Engine, method: str | None, draft_max: int) -> SpecConfig:
+    """--method and -k for this engine. Without --method, the configuration's default
+    method, or none when it cannot run here (draft without a draft model)."""
+    available = available_methods(engine)
+    if method is None:
+        method = _SPEC.method if _SPEC.method in available else "none"
+    elif method not in available:
+        hint = "; pass a draft model with -d/--draft" if method == "draft" else ""
+        raise GgspecError(f"method {method} is not available with these models "
+                          f"(available: {', '.join(available)}){hint}")
+    return SpecConfig(method, draft_max=draft_max)
 
 
 @contextmanager
@@ -162,7 +166,7 @@ def _name(model) -> str | None:
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stop", multiple=True, help="End the text at this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(prompt, prompt_file, max_tokens, chat, system, stop, as_json, **opts) -> None:
+def run(prompt, prompt_file, method, draft_max, max_tokens, chat, system, stop, as_json, **opts) -> None:
     """Generate one answer.
 
     The prompt is PROMPT, or -f FILE, or stdin (PROMPT '-', or none and stdin piped).
@@ -173,17 +177,19 @@ def run(prompt, prompt_file, max_tokens, chat, system, stop, as_json, **opts) ->
     if system and not chat:
         raise click.UsageError("--system needs --chat")
     sampling = _sampling(opts)
-    with _open_engine(opts) as engine:
+    with _open_engine(opts, draft_max) as engine:
+        spec = _spec(engine, method, draft_max)
         if chat and not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use --raw")
         messages = [{"role": "system", "content": system}] if system else []
         request = [*messages, {"role": "user", "content": text}] if chat else text
         echo = None if as_json else (lambda piece: click.echo(piece, nl=False))
         with _interrupt_cancels(engine):
-            result = engine.generate(request, max_tokens=max_tokens, stop=stop, sampling=sampling, on_text=echo)
+            result = engine.generate(request, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec,
+                                     on_text=echo)
         if as_json:
             params = {"max_tokens": max_tokens, "stop": list(stop), "chat": chat, "system": system,
-                      **asdict(sampling), "draft_max": engine.spec.draft_max, "ctx_size": engine.n_ctx}
+                      **asdict(sampling), "draft_max": spec.draft_max, "ctx_size": engine.n_ctx}
             click.echo(json.dumps(_run_json(engine, result, params), ensure_ascii=False))
             return
     click.echo()
@@ -234,7 +240,7 @@ Ctrl-C during an answer stops it and keeps what was written."""
 @click.option("-n", "--max-tokens", type=int, default=1024, show_default=True, help="Most tokens per answer.")
 @click.option("--system", help="System prompt.")
 @click.option("--show-drafts", is_flag=True, help="Colour the text that came from accepted draft tokens.")
-def chat(max_tokens, system, show_drafts, **opts) -> None:
+def chat(method, draft_max, max_tokens, system, show_drafts, **opts) -> None:
     """Chat interactively, several turns.
 
     Each turn prefills only the new tokens: the KV caches keep the conversation. Type /help for the commands. When stdin is not a terminal, each line is one user
@@ -242,10 +248,11 @@ def chat(max_tokens, system, show_drafts, **opts) -> None:
     """
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
-    with _open_engine(opts) as engine:
+    with _open_engine(opts, draft_max) as engine:
+        spec = _spec(engine, method, draft_max)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
-        session = ChatSession(engine, Settings(sampling, engine.spec, max_tokens), system=system)
+        session = ChatSession(engine, Settings(sampling, spec, max_tokens), system=system)
         if interactive:
             _repl(session, show_drafts)
         else:
@@ -402,13 +409,11 @@ def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_jso
                  (benchmark.WORKLOADS if not names or "all" in names else dict.fromkeys(names))]
     workloads += [benchmark.workload_from_file(p) for p in prompt_file]
     sampling = _sampling(opts)
-    with _open_engine(opts, SpecConfig("none")) as engine:
-        available = available_methods(engine)
-        missing = [m for m in methods if m not in available]
-        if missing:
-            raise GgspecError(f"method {missing[0]} is not available with these models; "
-                              f"available: {', '.join(available)}")
-        grid = benchmark.variants(methods or available, ks or (_SPEC.draft_max,))
+    ks = ks or (_SPEC.draft_max,)
+    with _open_engine(opts, max(ks)) as engine:
+        for m in methods:
+            _spec(engine, m, max(ks))  # refuses a method these models cannot run
+        grid = benchmark.variants(methods or available_methods(engine), ks)
         done = [0]
         total = len(workloads) * len(grid) * repetitions
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from ..config import SamplingConfig
+from ..tokens import common_prefix
 from . import Draft
 
 DEFAULT_NGRAM_SIZES = (5, 4, 3, 2)
@@ -72,11 +73,8 @@ class NgramIndex:
 
     def sync(self, tokens: Sequence[int]) -> None:
         """Make the history equal ``tokens``, keeping the longest common prefix indexed."""
-        h = self._history
-        n = len(h)
-        if n > len(tokens) or h != list(tokens[:n]):
-            n = next((i for i, (a, b) in enumerate(zip(h, tokens)) if a != b), min(n, len(tokens)))
-            self.truncate(n)
+        n = common_prefix(self._history, tokens)
+        self.truncate(n)
         self.extend(tokens[n:])
 
     def propose(self, max_tokens: int) -> list[int]:

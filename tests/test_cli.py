@@ -1,0 +1,194 @@
+"""The command line through click's CliRunner: `run`, errors, `info`, `models`, `pull`.
+
+Tiny generated models for everything but the one test marked `real`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, hub
+from ggspec.cli import cli
+from tinymodels import VOCAB, write_mismatched_vocab_llama
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--threads", "1", "-c", "512"]
+GREEDY = SamplingConfig(temperature=0)
+STATS_FIELDS = {"prefill_tokens", "prefill_seconds", "generated_tokens", "rounds", "draft_tokens",
+                "accepted_tokens", "acceptance_rate", "mean_accepted_length", "decode_seconds",
+                "decode_tokens_per_second", "position_acceptance", "cached_tokens", "method"}
+
+
+def invoke(*args, input: str | None = None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A user mistake: exit code != 0, no traceback, exactly one `Error:` line."""
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def greedy_tokens(target: str, prompt, n: int) -> list[int]:
+    """Plain greedy decoding through the API, for comparison."""
+    with Engine(target, None, target_config=BackendConfig(n_ctx=512, n_threads=1)) as engine:
+        return engine.generate(prompt, max_tokens=n, sampling=GREEDY, spec=SpecConfig("none")).tokens
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory) -> str:
+    return str(write_mismatched_vocab_llama(tmp_path_factory.mktemp("mismatch") / "mismatch.gguf"))
+
+
+def test_run_json_has_every_field_and_the_lossless_greedy_answer(target_path, draft_path):
+    got = invoke("run", "-m", target_path, "-d", draft_path, *TINY, "--method", "draft", "-k", 3,
+                 "-t", 0, "-n", 12, "--json", "hello world")
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.stdout)
+    assert set(data) == {"text", "tokens", "finish_reason", "stats", "target", "draft", "method", "params"}
+    assert data["tokens"] == greedy_tokens(target_path, [{"role": "user", "content": "hello world"}], 12)
+    assert data["finish_reason"] == "length"  # tiny models never end by themselves
+    assert (data["target"], data["draft"], data["method"]) == (target_path, draft_path, "draft")
+    stats = data["stats"]
+    assert STATS_FIELDS <= set(stats)
+    assert stats["generated_tokens"] == 12 and stats["method"] == "draft"
+    assert stats["draft_tokens"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    assert stats["prefill_tokens"] > 0 and stats["cached_tokens"] == 0
+    assert data["params"]["temperature"] == 0 and data["params"]["draft_max"] == 3
+    assert data["params"]["max_tokens"] == 12 and data["params"]["chat"] is True
+
+
+def test_run_streams_the_text_to_stdout_and_the_footer_to_stderr(target_path, draft_path):
+    got = invoke("run", "-m", target_path, "-d", draft_path, *TINY, "-t", 0, "-n", 10, "--json", "hi")
+    text = json.loads(got.stdout)["text"]
+    got = invoke("run", "-m", target_path, "-d", draft_path, *TINY, "-t", 0, "-n", 10, "hi")
+    assert got.exit_code == 0
+    assert got.stdout == text + "\n"
+    assert got.stderr.startswith("10 tokens, ") and "tok/s" in got.stderr
+
+
+def test_raw_prompt_from_argument_file_and_stdin_give_the_same_answer(tmp_path, target_path):
+    prompt = "the cat and the dog"
+    expected = greedy_tokens(target_path, prompt, 8)
+    path = tmp_path / "prompt.txt"
+    path.write_text(prompt)
+    base = ["run", "-m", target_path, *TINY, "--raw", "-t", 0, "-n", 8, "--json"]
+    for extra, stdin in [([prompt], None), (["-f", path], None), (["-"], prompt), ([], prompt)]:
+        got = invoke(*base, *extra, input=stdin)
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.stdout)["tokens"] == expected, extra
+
+
+def test_stop_string_and_system_message(target_path):
+    base = ["run", "-m", target_path, *TINY, "-t", 0, "-n", 20, "--json"]
+    full = json.loads(invoke(*base, "hello").stdout)["text"]
+    stop = full[5:8]
+    got = json.loads(invoke(*base, "--stop", stop, "hello").stdout)
+    assert got["finish_reason"] == "stop" and got["text"] == full[:full.index(stop)]
+    with_system = json.loads(invoke(*base, "--system", "be brief", "hello").stdout)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert with_system["tokens"] == greedy_tokens(target_path, messages, 20)
+
+
+@pytest.mark.parametrize("case", ["missing file", "incompatible draft", "bad option", "bad value",
+                                  "unknown model", "draft method without draft", "empty prompt"])
+def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, target_path, mismatched):
+    args, fragments = {
+        "missing file": (["-m", tmp_path / "nope.gguf"], ["nope.gguf", "does not exist"]),
+        "incompatible draft": (["-m", target_path, "-d", mismatched], ["do not share a tokenizer", "token"]),
+        "bad option": (["-m", target_path, "--method", "magic"], ["--method", "magic"]),
+        "bad value": (["-m", target_path, "--top-p", "0"], ["top_p"]),
+        "unknown model": (["-m", "no-such-model"], ["unknown model 'no-such-model'", "known models"]),
+        "draft method without draft": (["-m", target_path, "--method", "draft"], ["draft", "-d/--draft"]),
+        "empty prompt": (["-m", target_path, "-f", os.devnull], ["empty"]),
+    }[case]
+    prompt = [] if case == "empty prompt" else ["hello"]
+    assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(target_path):
+    got = invoke("run", "-m", target_path, "--threads", 1, "-c", 256, "--raw", "hello " * 400)
+    assert_one_line_error(got, "context", "--ctx-size")
+
+
+def test_info_summarises_a_gguf_file(target_path):
+    got = invoke("info", target_path)
+    assert got.exit_code == 0, got.output
+    lines = dict(line.split(None, 1) for line in got.stdout.replace("chat template", "chat_template").splitlines())
+    assert lines["architecture"] == "llama"
+    assert lines["quantization"] == "F32"
+    assert lines["vocabulary"].startswith(f"{VOCAB.n_vocab} tokens (llama tokenizer)")
+    assert lines["context"].startswith("512 tokens")
+    assert lines["chat_template"] == "yes"
+    data = json.loads(invoke("info", target_path, "--json").stdout)
+    assert data["parameters"] > 0 and data["layers"] == 2 and data["embedding_size"] == 64
+
+
+def test_info_says_whether_a_draft_is_compatible_and_why_not(target_path, draft_path, mismatched):
+    ok = invoke("info", target_path, "--draft", draft_path)
+    assert ok.exit_code == 0
+    assert ok.stdout.splitlines()[-1].split() == ["compatible", "yes:", "same", "tokenizer"]
+    bad = invoke("info", target_path, "--draft", mismatched, "--json")
+    assert bad.exit_code == 1
+    data = json.loads(bad.stdout)
+    assert data["compatible"] is False and f"token {VOCAB.token_to_id['▁world']}" in data["reason"]
+
+
+def test_info_on_a_missing_file_or_unpulled_model_is_one_line(tmp_path, monkeypatch):
+    assert_one_line_error(invoke("info", tmp_path / "gone.gguf"), "gone.gguf")
+    monkeypatch.setenv("GGSPEC_CACHE", str(tmp_path))
+    name = hub.default_model()
+    assert_one_line_error(invoke("info", name), f"ggspec pull {name}")
+
+
+def test_models_lists_the_registry_and_what_is_pulled(tmp_path, monkeypatch):
+    monkeypatch.setenv("GGSPEC_CACHE", str(tmp_path))
+    got = invoke("models")
+    assert got.exit_code == 0
+    for name, entry in hub.registry().items():
+        line = next(line for line in got.stdout.splitlines() if line.startswith(name))
+        assert f"no (ggspec pull {name})" in line
+        assert (entry.draft or "-") in line
+    assert str(tmp_path) in got.stdout
+    data = json.loads(invoke("models", "--json").stdout)
+    assert {m["name"] for m in data["models"]} == set(hub.registry())
+    assert all(m["path"] is None for m in data["models"])
+
+
+def test_pull_of_an_unknown_model_is_one_line():
+    assert_one_line_error(invoke("pull", "no-such-model"), "unknown model", "known models")
+
+
+def test_version_and_help_with_examples_through_python_m_ggspec():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    got = subprocess.run([sys.executable, "-m", "ggspec", "--help"], capture_output=True, text=True, env=env)
+    assert got.returncode == 0
+    assert "Examples:" in got.stdout
+    for verb in ("chat", "run", "bench", "pull", "models", "info"):
+        assert f"  {verb} " in got.stdout
+    assert invoke("--version").stdout.startswith("ggspec, version ")
+
+
+@pytest.mark.real
+def test_real_pair_run_json_greedy_draft_equals_plain_decoding():
+    target = str(hub.pull("qwen2.5-coder-1.5b"))
+    draft = str(hub.pull("qwen2.5-coder-0.5b"))
+    base = ["run", "-m", target, "-d", draft, "-c", 1024, "-t", 0, "-n", 16, "--json",
+            "Write a Python function that returns the square of a number."]
+    spec = json.loads(invoke(*base, "--method", "draft", "-k", 4).stdout)
+    plain = json.loads(invoke(*base, "--method", "none").stdout)
+    assert spec["tokens"] == plain["tokens"] and len(spec["tokens"]) == 16
+    assert "def" in spec["text"]
+    assert spec["stats"]["draft_tokens"] > 0 and spec["stats"]["accepted_tokens"] > 0
