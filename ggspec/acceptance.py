@@ -1,4 +1,6 @@
-"""Verifying a chain of draft tokens against the target's logits. Pure numpy.
+"""Verifying draft tokens against the target's logits. Pure numpy.
+
+Chains (with or without a draft distribution q) first, then trees.
 
 A chain d_0..d_{K-1} comes with the target's rows L_0..L_K: row i predicts the position of
 d_i, row K the bonus position after a full accept. Each rule returns a Verdict: how many
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ggspec.config import SamplingConfig
-from ggspec.sampling import sample, warp
+from ggspec.sampling import sample, softmax, warp
+from ggspec.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,74 @@ def _chain_length(target_logits: np.ndarray, draft: Sequence[int] | np.ndarray) 
     if target_logits.shape[0] != k + 1:
         raise ValueError(f"need {k + 1} target rows for {k} draft tokens, got {target_logits.shape[0]}")
     return k
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """The accepted nodes (a root path of the tree, in order) and the token committed after them."""
+
+    nodes: tuple[int, ...]
+    token: int
+
+
+def accept_tree_greedy(target_logits: np.ndarray, tokens: Sequence[int], tree: Tree) -> TreeVerdict:
+    """Follow the child whose token is the target's argmax while there is one.
+
+    target_logits (n + 1, n_vocab): row 0 the pending token, row i + 1 node i."""
+    top = np.argmax(target_logits, axis=-1)  # (n + 1,)
+    nodes: list[int] = []
+    row = 0
+    while (child := _child_with(tree, tokens, row, top[row])) is not None:
+        nodes.append(child)
+        row = child + 1
+    return TreeVerdict(tuple(nodes), int(top[row]))
+
+
+def accept_tree_match(target_logits: np.ndarray, tokens: Sequence[int], tree: Tree,
+                      cfg: SamplingConfig, rng: np.random.Generator) -> TreeVerdict:
+    """Exact multi-candidate verification for drafts without q (top-k candidates of heads):
+    y ~ p at the current node; move to the child drafting y, else commit y.
+
+    This is SpecInfer's recursive rejection over siblings with one-hot q: trying siblings
+    in turn, each accepted with its residual probability, selects child c with probability
+    p(c) and otherwise samples p without the siblings -- the same law as y ~ p, with one
+    draw per committed token."""
+    if cfg.greedy:
+        return accept_tree_greedy(target_logits, tokens, tree)
+    nodes: list[int] = []
+    row = 0
+    while True:
+        y = sample(warp(target_logits[row], cfg), rng)  # y ~ p at this node
+        child = _child_with(tree, tokens, row, y)
+        if child is None:
+            return TreeVerdict(tuple(nodes), y)
+        nodes.append(child)
+        row = child + 1
+
+
+def accept_tree_typical(target_logits: np.ndarray, tokens: Sequence[int], tree: Tree,
+                        cfg: SamplingConfig, rng: np.random.Generator,
+                        epsilon: float = 0.3, delta: float = 0.09) -> TreeVerdict:
+    """Medusa's typical acceptance -- LOSSY: the output no longer follows the target's
+    distribution. A child is acceptable when p(x) > min(epsilon, delta * exp(-H(p))) with
+    p at temperature cfg.temperature (1 when greedy); the most probable acceptable child
+    is followed. The token after the accepted path is sampled from p (argmax when greedy)."""
+    temperature = cfg.temperature or 1.0
+    nodes: list[int] = []
+    row = 0
+    while True:
+        p = softmax(target_logits[row] / temperature)  # (n_vocab,)
+        entropy = -np.sum(p * np.log(np.maximum(p, 1e-30)))
+        threshold = min(epsilon, delta * np.exp(-entropy))
+        ok = [c for c in tree.children[row] if p[tokens[c]] > threshold]
+        if not ok:
+            last = target_logits[row]
+            token = int(np.argmax(last)) if cfg.greedy else sample(warp(last, cfg), rng)
+            return TreeVerdict(tuple(nodes), token)
+        child = max(ok, key=lambda c: p[tokens[c]])
+        nodes.append(child)
+        row = child + 1
+
+
+def _child_with(tree: Tree, tokens: Sequence[int], row: int, token: int) -> int | None:
+    return next((c for c in tree.children[row] if tokens[c] == token), None)

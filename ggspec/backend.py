@@ -21,6 +21,7 @@ import numpy as np
 from .config import BackendConfig
 from .errors import DecodeError, ModelFileError, VocabMismatchError
 from .tokens import common_prefix
+from .tree import Tree
 
 GGUF_MAGIC = b"GGUF"
 ALL_LAYERS = 0x7FFFFFFF
@@ -321,6 +322,36 @@ class Context:
             out = self.decode(chunk, range(p0, p0 + len(chunk)), None, want)
             self.tokens.extend(chunk)
         return out
+
+    def eval_tree(self, tokens: Sequence[int], tree: Tree) -> np.ndarray:
+        """ONE llama_decode of [pending, *nodes]: the pending token extends sequence 0 and
+        node i sits at depth tree.depths[i] after it, on the sequences of the paths through
+        it; every other path first shares the cached prefix (seq_cp). Logits for every row:
+        (len(tokens), n_vocab)."""
+        n = len(self.tokens)
+        n_paths = len(tree.paths)
+        if n_paths > self.n_seq_max:
+            raise ValueError(f"a tree of {n_paths} paths needs a context with n_seq_max >= {n_paths}")
+        if n + len(tokens) > self.n_ctx:
+            raise DecodeError(f"{n + len(tokens)} tokens do not fit in the context of {self.n_ctx}")
+        for s in range(1, n_paths):
+            self.seq_cp(0, s, 0, n)
+        positions = [n, *(n + tree.depths)]
+        rows = self.decode(tokens, positions, tree.seq_ids(), np.ones(len(tokens), dtype=np.int8))
+        self.tokens.append(tokens[0])
+        return rows
+
+    def keep_path(self, path: int, tokens: Sequence[int]) -> None:
+        """After eval_tree: keep in sequence 0 the first len(tokens) nodes of path `path`
+        (their tokens) and drop every other cell the tree added."""
+        n, m = len(self.tokens), len(tokens)
+        if path == 0:
+            self.seq_rm(0, n + m, -1)
+        else:
+            self.seq_rm(0, n, -1)
+            self.seq_cp(path, 0, n, n + m)
+        self.seq_keep(0)
+        self.tokens.extend(tokens)
 
     def truncate(self, n: int) -> None:
         """Drop every cached position >= n, in every sequence (also cells a failed or

@@ -271,16 +271,18 @@ def plot(rows: Sequence[Row], path: str | Path) -> None:
     width = 0.8 / len(labels)
     for j, label in enumerate(labels):
         tps = {r.workload: r.stats.decode_tokens_per_second for r in rows if r.variant.label == label}
-        bars.bar([i + j * width for i in range(len(names))], [tps.get(n, 0.0) for n in names], width, label=label)
-        merged = _sum(r.stats for r in rows if r.variant.label == label)
-        if merged.position_acceptance:
-            pos = merged.position_acceptance
-            lines.plot(range(1, len(pos) + 1), pos, marker="o", label=label)
+        colour = f"C{j}"  # one colour per variant in both panels
+        bars.bar([i + j * width for i in range(len(names))], [tps.get(n, 0.0) for n in names], width,
+                 label=label, color=colour)
+        pos = _sum(r.stats for r in rows if r.variant.label == label).position_acceptance
+        if pos:
+            lines.plot(range(1, len(pos) + 1), pos, marker="o", label=label, color=colour)
     bars.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
     bars.set_ylabel("decode tokens / s")
     bars.set_title("Speed by workload")
     bars.legend(fontsize="small")
     lines.set_xlabel("draft position")
+    lines.xaxis.get_major_locator().set_params(integer=True)
     lines.set_ylabel("acceptance rate")
     lines.set_ylim(0, 1.05)
     lines.set_title("Acceptance by draft position (all workloads)")

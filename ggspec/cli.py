@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import click
+from tqdm import tqdm
 
 from . import __version__, bench as benchmark, hub
 from .backend import Model, check_vocab_compatible, set_verbose
@@ -71,7 +72,7 @@ _model_options = _options(
     click.option("--no-draft", is_flag=True, help="Load no draft model."),
     click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
                  help="Context size in tokens."),
-    click.option("-ngl", "--gpu-layers", type=int, default=-1, show_default=True,
+    click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,
                  help="Target layers to offload to the GPU (-1: all)."),
     click.option("--gpu-layers-draft", type=int, help="Draft layers to offload.  [default: as --gpu-layers]"),
     click.option("--threads", type=int, help="CPU threads.  [default: all available]"),
@@ -110,7 +111,9 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
                                   n_threads=opts.pop("threads"))
     layers = opts.pop("gpu_layers_draft")
     draft_config = target_config if layers is None else replace(target_config, n_gpu_layers=layers)
-    draft = None if opts.pop("no_draft") else opts.pop("draft")
+    draft = opts.pop("draft")
+    if opts.pop("no_draft"):
+        draft = None
     return Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
                   spec=SpecConfig(draft_max=draft_max))
 
@@ -222,7 +225,7 @@ def _read_prompt(prompt: str | None, prompt_file) -> str:
 
 # ---------------------------------------------------------------- chat
 
-CHAT_HELP = """\
+CHAT_HELP = '''\
 /help              this list
 /reset             forget the conversation (the system prompt and settings stay)
 /stats             full stats of the last answer and of the session
@@ -230,7 +233,8 @@ CHAT_HELP = """\
 /set [NAME VALUE]  change a setting; without NAME, show them. Names: temperature (t),
                    top_k, top_p, min_p, seed, max_tokens (n), method, draft_max (k)
 /exit              leave (also Ctrl-D, or Ctrl-C at the prompt)
-Ctrl-C during an answer stops it and keeps what was written."""
+""" ... """        a message of several lines
+Ctrl-C during an answer stops it and keeps what was written.'''
 
 
 @cli.command()
@@ -243,8 +247,9 @@ Ctrl-C during an answer stops it and keeps what was written."""
 def chat(method, draft_max, max_tokens, system, show_drafts, **opts) -> None:
     """Chat interactively, several turns.
 
-    Each turn prefills only the new tokens: the KV caches keep the conversation. Type /help for the commands. When stdin is not a terminal, each line is one user
-    message (or a /command) and the answers are printed plainly, one per line.
+    Each turn prefills only the new tokens: the KV caches keep the conversation. Type
+    /help for the commands. When stdin is not a terminal, each line is one user message
+    (or a /command), and only the answers go to stdout, each ending with a newline.
     """
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
@@ -274,7 +279,7 @@ def _repl(session: ChatSession, show_drafts: bool) -> None:
     unmarked = show_drafts
     while True:
         try:
-            line = input(">>> ").strip()
+            line = _read_message()
         except (EOFError, KeyboardInterrupt):
             click.echo()
             return
@@ -294,8 +299,21 @@ def _repl(session: ChatSession, show_drafts: bool) -> None:
             unmarked = False
 
 
+def _read_message() -> str:
+    """One line, or several between triple quotes."""
+    line = input(">>> ").strip()
+    if not line.startswith('"""'):
+        return line
+    text = line[3:]
+    while not text.endswith('"""'):
+        text += "\n" + input("... ")
+    return text[:-3].strip()
+
+
 def _piped(session: ChatSession) -> None:
-    say = lambda text: click.echo(text, err=True)  # noqa: E731  (stdout carries only answers)
+    def say(text: str) -> None:  # stdout carries only the answers
+        click.echo(text, err=True)
+
     for line in sys.stdin:
         line = line.strip()
         if not line:
@@ -414,16 +432,15 @@ def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_jso
         for m in methods:
             _spec(engine, m, max(ks))  # refuses a method these models cannot run
         grid = benchmark.variants(methods or available_methods(engine), ks)
-        done = [0]
-        total = len(workloads) * len(grid) * repetitions
+        with tqdm(total=len(workloads) * len(grid) * repetitions, desc="bench", unit="run",
+                  leave=False, disable=None) as bar:
 
-        def progress(workload, variant, rep, stats) -> None:
-            done[0] += 1
-            click.secho(f"[{done[0]}/{total}] {workload.name} {variant.label} rep {rep + 1}: "
-                        f"{stats.decode_tokens_per_second:.1f} tok/s", dim=True, err=True)
+            def progress(workload, variant, rep, stats) -> None:
+                bar.set_postfix_str(f"{workload.name} {variant.label}: {stats.decode_tokens_per_second:.1f} tok/s")
+                bar.update()
 
-        rows = benchmark.run_grid(engine, workloads, grid, repetitions=repetitions, max_tokens=max_tokens,
-                                  sampling=sampling, chat=chat, on_run=progress)
+            rows = benchmark.run_grid(engine, workloads, grid, repetitions=repetitions, max_tokens=max_tokens,
+                                      sampling=sampling, chat=chat, on_run=progress)
         target, draft = _name(engine.target), _name(engine.draft)
     params = {"max_tokens": max_tokens, "repetitions": repetitions, "chat": chat, **asdict(sampling)}
     if as_json:
@@ -446,7 +463,8 @@ def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_jso
 def pull(name, no_draft) -> None:
     """Download a registry model.
 
-    Downloads NAME and its paired draft into the cache, checking their sha256. NAME defaults to the registry's default model. `ggspec models` lists the names.
+    Downloads NAME and its paired draft into the cache, checking their sha256. NAME
+    defaults to the registry's default model; `ggspec models` lists the names.
     """
     name = name or hub.default_model()
     draft = None if no_draft else hub.default_draft(name)
@@ -495,7 +513,8 @@ def info(file, draft, as_json) -> None:
                 summary["draft"] = str(d.path)
                 try:
                     check_vocab_compatible(target, d)
-                    summary["compatible"], summary["reason"] = True, "same tokenizer"
+                    summary["compatible"] = True
+                    summary["reason"] = f"same tokenizer ({summary['tokenizer']}, {d.n_vocab} tokens)"
                 except GgspecError as e:
                     summary["compatible"], summary["reason"] = False, str(e)
     if as_json:

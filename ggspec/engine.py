@@ -18,7 +18,8 @@ from typing import Callable, Generator, Iterator, Sequence
 import numpy as np
 
 from . import hub
-from .acceptance import Verdict, accept_greedy, accept_match, accept_speculative
+from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_speculative, accept_tree_match,
+                         accept_tree_typical)
 from .backend import Context, Model, check_vocab_compatible
 from .config import BackendConfig, SamplingConfig, SpecConfig
 from .drafters import Draft, Drafter
@@ -48,6 +49,9 @@ class Engine:
     "default" takes the registry's paired draft for a registry target, and no draft for
     a path; None means no draft model.
 
+    max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
+    llama.cpp sequence of the target's context); 1 means chains only.
+
     One generation runs at a time. generate() and stream() called from another thread
     while one runs wait for it to finish (or raise BusyError with wait=False).
     """
@@ -58,6 +62,7 @@ class Engine:
                  draft_config: BackendConfig | None = None,
                  spec: SpecConfig = SpecConfig(),
                  sampling: SamplingConfig = SamplingConfig(),
+                 max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
         if draft == DEFAULT_DRAFT:
@@ -68,7 +73,7 @@ class Engine:
         self._cancel = threading.Event()
         with ExitStack() as stack:
             self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
-            self.ctx = stack.enter_context(Context(self.target, target_config))
+            self.ctx = stack.enter_context(Context(self.target, target_config, n_seq_max=max_tree_paths))
             self._contexts = [self.ctx]
             self.draft: Model | None = None
             lookup = LookupDrafter()
@@ -184,18 +189,26 @@ class Engine:
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter and budget > 0 else Draft([])
             tb = time.perf_counter()
-            # verify: [pending, d_1 .. d_k] in one llama_decode, logits for every row
-            rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
+            # verify: [pending, *draft] in one llama_decode, logits for every row
+            if draft.tree is None:
+                rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
+            else:
+                rows = self.ctx.eval_tree([committed[-1], *draft.tokens], draft.tree)
             verdict = self._accept(rows, draft, sampling, rng)
             tc = time.perf_counter()
             stats.draft_seconds += tb - ta
             stats.verify_seconds += tc - tb
-            stats.record_round(len(draft.tokens), verdict.n_accepted)
+            accepted = [draft.tokens[i] for i in verdict.nodes]
+            depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
+            stats.record_round(len(draft.tokens), len(accepted), depth)
             if drafter is not None:
-                drafter.accept(verdict.n_accepted, tc - tb)
+                drafter.accept(verdict.nodes, tc - tb)
             # commit: keep the pending token and the accepted drafts in the KV cache
-            self.ctx.truncate(len(committed) + verdict.n_accepted)
-            for token in [*draft.tokens[:verdict.n_accepted], verdict.token]:
+            if draft.tree is None:
+                self.ctx.truncate(len(committed) + len(accepted))
+            else:
+                self.ctx.keep_path(draft.tree.path_with(list(verdict.nodes)), accepted)
+            for token in [*accepted, verdict.token]:
                 committed.append(token)
                 finish = self._take(token, generated, text, out, max_tokens)
                 if finish:
@@ -231,12 +244,19 @@ class Engine:
         return "length" if len(generated) >= max_tokens else ""
 
     def _accept(self, rows: np.ndarray, draft: Draft, sampling: SamplingConfig,
-                rng: np.random.Generator) -> Verdict:
+                rng: np.random.Generator) -> TreeVerdict:
+        """The accepted nodes (for a chain: its first n tokens) and the next token."""
+        if draft.tree is not None:
+            if draft.typical:
+                return accept_tree_typical(rows, draft.tokens, draft.tree, sampling, rng)
+            return accept_tree_match(rows, draft.tokens, draft.tree, sampling, rng)
         if sampling.greedy:
-            return accept_greedy(rows, draft.tokens)
-        if draft.q is not None:
-            return accept_speculative(rows, draft.tokens, draft.q, sampling, rng)
-        return accept_match(rows, draft.tokens, sampling, rng)
+            v = accept_greedy(rows, draft.tokens)
+        elif draft.q is not None:
+            v = accept_speculative(rows, draft.tokens, draft.q, sampling, rng)
+        else:
+            v = accept_match(rows, draft.tokens, sampling, rng)
+        return TreeVerdict(tuple(range(v.n_accepted)), v.token)
 
     def _busy(self) -> float:
         return sum(c.busy_seconds for c in self._contexts)

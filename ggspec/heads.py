@@ -348,7 +348,7 @@ def save_heads(path: str | os.PathLike, heads: MedusaHeads, *, dtype: str = "f16
     w.add_uint32(KEY_EMBD, heads.hidden)
     w.add_uint32(KEY_VOCAB, heads.vocab_size)
     if heads.token_ids is not None:
-        w.add_array(KEY_TOKEN_IDS, heads.token_ids.astype(np.int32))
+        w.add_array(KEY_TOKEN_IDS, heads.token_ids.astype(np.int32).tolist())  # INT32
     w.add_bool(KEY_TIED, heads.tied)
     w.add_string(KEY_TARGET_ARCH, heads.target.architecture)
     w.add_uint32(KEY_TARGET_EMBD, heads.target.embedding_length)

@@ -35,7 +35,7 @@ def warp(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     cand = logits[ids].astype(np.float64)  # (k,)
     cand[~np.isfinite(cand)] = -np.inf
     kept = _top_p_min_p(cand, cfg.top_p, cfg.min_p)
-    probs[ids] = _softmax(kept / cfg.temperature)  # p ∝ exp(l / T) over the kept tokens
+    probs[ids] = softmax(kept / cfg.temperature)  # p ∝ exp(l / T) over the kept tokens
     return probs
 
 
@@ -69,7 +69,7 @@ def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:
     """Set to -inf the logits that top-p or min-p drop, both judged on the softmax at T = 1."""
     if top_p == 1.0 and min_p == 0.0:
         return logits
-    p = _softmax(logits)
+    p = softmax(logits)
     keep = p >= min_p * p.max()  # min-p: at least min_p times the most likely (which stays)
     if top_p < 1.0:  # both keep a prefix of the sorted order: sort only the min-p survivors
         survivors = keep.nonzero()[0]
@@ -79,7 +79,7 @@ def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:
     return np.where(keep, logits, -np.inf)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     """exp(l - max) / sum; -inf entries get probability 0."""
     top = logits.max()
     if top == -np.inf:

@@ -33,7 +33,9 @@ class Stats:
     position_accepted: list[int] = field(default_factory=list)          # [i] -> rounds accepting position i
     controller: dict | None = None   # method auto: the controller's estimates and choices
 
-    def record_round(self, proposed: int, accepted: int) -> None:
+    def record_round(self, proposed: int, accepted: int, depth: int) -> None:
+        """A round drafted `proposed` tokens reaching `depth` positions ahead (a chain:
+        depth == proposed; a tree: its height) and the target accepted `accepted`."""
         self.rounds += 1
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
@@ -41,7 +43,7 @@ class Stats:
             return
         self.draft_rounds += 1
         _bump(self.accepted_length_histogram, accepted)
-        for i in range(proposed):
+        for i in range(depth):
             _bump(self.position_proposed, i)
             if i < accepted:
                 _bump(self.position_accepted, i)

@@ -139,7 +139,8 @@ def test_info_summarises_a_gguf_file(target_path):
 def test_info_says_whether_a_draft_is_compatible_and_why_not(target_path, draft_path, mismatched):
     ok = invoke("info", target_path, "--draft", draft_path)
     assert ok.exit_code == 0
-    assert ok.stdout.splitlines()[-1].split() == ["compatible", "yes:", "same", "tokenizer"]
+    assert ok.stdout.splitlines()[-1].split() == ["compatible", "yes:", "same", "tokenizer", "(llama,",
+                                                   str(VOCAB.n_vocab), "tokens)"]
     bad = invoke("info", target_path, "--draft", mismatched, "--json")
     assert bad.exit_code == 1
     data = json.loads(bad.stdout)

@@ -2,8 +2,8 @@
 
 A drafter has two verbs, `propose(tokens, budget, sampling, rng) -> Draft`: given every
 committed token so far (the prompt, then the output), propose at most `budget` next
-tokens; and `accept(n_accepted, verify_seconds)`: how the target's verification of that
-draft went. Drafters that keep state (a KV cache, an index) bring it in line with `tokens`
+tokens; and `accept(nodes, verify_seconds)`: how the target's verification of that draft
+went. Drafters that keep state (a KV cache, an index) bring it in line with `tokens`
 themselves, so a rejected draft or a new prompt needs no extra call.
 """
 
@@ -15,16 +15,21 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..config import SamplingConfig
+from ..tree import Tree
 
 
 @dataclass(frozen=True)
 class Draft:
-    """A chain of proposed tokens and, when the drafter has one, the warped draft
-    distribution each was sampled from: q has shape (len(tokens), n_vocab), or is None
-    (prompt lookup: verified by sample-and-match)."""
+    """Proposed tokens: a chain, or with `tree` a token tree (tokens[i] is node i).
+
+    q, for chains only: the warped draft distribution each token was sampled from, shape
+    (len(tokens), n_vocab); None when the drafter has none (prompt lookup, heads' top-k):
+    such drafts are verified by sample-and-match."""
 
     tokens: list[int]
     q: np.ndarray | None = None
+    tree: Tree | None = None
+    typical: bool = False  # verify with Medusa's typical acceptance (lossy; trees only)
 
 
 class Drafter(Protocol):
@@ -37,6 +42,6 @@ class Drafter(Protocol):
                 rng: np.random.Generator) -> Draft:
         """Propose up to `budget` tokens to follow `tokens`."""
 
-    def accept(self, n_accepted: int, verify_seconds: float) -> None:
-        """The target accepted the first n_accepted tokens of the last draft; verifying
-        them took verify_seconds."""
+    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
+        """The target accepted these nodes of the last draft (for a chain: its first
+        len(nodes) tokens); verifying the draft took verify_seconds."""

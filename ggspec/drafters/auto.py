@@ -98,7 +98,8 @@ class AutoDrafter:
         onehot[np.arange(len(head)), head] = 1.0
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]))
 
-    def accept(self, n_accepted: int, verify_seconds: float) -> None:
+    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
+        n_accepted = len(nodes)
         plan = self._plan
         if self.costs is not None:
             self.costs.observe_verify(plan.total + 1, verify_seconds)

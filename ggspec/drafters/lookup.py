@@ -121,5 +121,5 @@ class LookupDrafter:
         self.index.sync(tokens)
         return Draft(self.index.propose(budget))
 
-    def accept(self, n_accepted: int, verify_seconds: float) -> None:
+    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
         """Nothing to learn: the next propose() syncs to the committed tokens."""

@@ -1,0 +1,116 @@
+"""Benchmarks: the grid runner, its table and plot, and `ggspec bench` (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ggspec import BackendConfig, Engine, SpecConfig
+from ggspec.bench import WORKLOADS, Variant, plot, run_grid, table, variants, workload_from_file
+from ggspec.cli import cli
+
+
+@pytest.fixture(scope="module")
+def engine(target_path, draft_path):
+    with Engine(target_path, draft_path, target_config=BackendConfig(n_ctx=2048, n_threads=1),
+                spec=SpecConfig(draft_max=4)) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def rows(engine):
+    calls = []
+    grid = variants(["draft", "lookup"], [2, 4])
+    got = run_grid(engine, [WORKLOADS["code"], WORKLOADS["edit"]], grid, repetitions=2, max_tokens=12,
+                   on_run=lambda *args: calls.append(args))
+    assert len(calls) == 2 * len(grid) * 2
+    return got
+
+
+def test_builtin_workloads_are_the_documented_sizes():
+    assert set(WORKLOADS) == {"code", "edit", "prose", "summary"}
+    module = WORKLOADS["edit"].prompt.split("```python\n")[1]
+    assert 55 <= len(module.splitlines()) <= 70
+    assert 350 <= len(WORKLOADS["summary"].prompt.split()) <= 500
+
+
+def test_variants_put_the_baseline_first_and_pair_methods_with_every_k():
+    assert variants(["draft", "none", "draft"], [2, 4, 2]) == [
+        Variant("none"), Variant("draft", 2), Variant("draft", 4)]
+    assert [v.label for v in variants(["lookup"], [3])] == ["none", "lookup k=3"]
+
+
+def test_grid_rows_sum_the_repetitions_and_compare_with_plain_decoding(rows):
+    assert [(r.workload, r.variant.label) for r in rows[:5]] == [
+        ("code", "none"), ("code", "draft k=2"), ("code", "draft k=4"), ("code", "lookup k=2"), ("code", "lookup k=4")]
+    assert len(rows) == 10
+    for row in rows:
+        s = row.stats
+        assert s.generated_tokens == 24 and s.method == row.variant.method  # 2 x 12: tiny models never stop
+        assert row.speedup > 0
+        assert 0 <= s.acceptance_rate <= 1
+        assert len(s.position_acceptance) <= (row.variant.draft_max or 0)
+    assert all(r.speedup == 1.0 for r in rows if r.variant.method == "none")
+    assert all(r.stats.draft_tokens > 0 for r in rows if r.variant.method == "draft")
+    data = rows[1].to_dict()
+    assert data["method"] == "draft" and data["draft_max"] == 2
+    assert data["stats"]["generated_tokens"] == 24
+
+
+def test_table_has_a_line_per_row(rows):
+    lines = table(rows).splitlines()
+    assert lines[0].split()[:3] == ["workload", "method", "tok/s"]
+    assert len(lines) == 2 + len(rows)
+    assert lines[2].split()[:2] == ["code", "none"] and "1.00" in lines[2]
+
+
+def test_plot_writes_a_png(rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    plot(rows, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prompt_file_becomes_a_workload(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("  Say hello.\n")
+    assert workload_from_file(path).name == "mine" and workload_from_file(path).prompt == "Say hello."
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        workload_from_file(path)
+
+
+def test_bench_command_json(target_path, draft_path, tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("hello world")
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "-d", draft_path, "--threads", "1", "-w", "code",
+                                   "--prompt-file", str(extra), "--method", "draft", "-k", "2,3", "-n", "6",
+                                   "--json"])
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.stdout)
+    assert (data["target"], data["draft"]) == (target_path, draft_path)
+    assert data["params"]["temperature"] == 0.0 and data["params"]["max_tokens"] == 6
+    cells = [(r["workload"], r["method"], r["draft_max"]) for r in data["rows"]]
+    assert cells == [(w, m, k) for w in ("code", "extra") for m, k in (("none", None), ("draft", 2), ("draft", 3))]
+
+
+def test_bench_command_table(target_path):
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--threads", "1", "-w", "prose", "-n", "4"])
+    assert got.exit_code == 0, got.output
+    methods = [line.split()[1] for line in got.stdout.splitlines()[3:]]
+    assert methods[0] == "none" and "lookup" in methods  # every method these models allow
+
+
+def test_bench_refuses_a_method_these_models_cannot_run(target_path):
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--method", "draft"])
+    assert got.exit_code == 1 and "Error: method draft is not available" in got.stderr
+
+
+def test_plot_without_matplotlib_is_one_line_before_the_run(target_path, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--plot", str(tmp_path / "x.png")])
+    assert got.exit_code == 1
+    assert got.stderr.strip() == "Error: plotting needs matplotlib: pip install 'ggspec[plot]'"

@@ -1,0 +1,229 @@
+"""Chat sessions: settings, multi-turn KV reuse, interrupted answers; `ggspec chat` driven
+through a pseudo-terminal (pexpect) and through a pipe."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, hub
+from ggspec.chat import ChatSession, Settings, from_draft
+from ggspec.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = BackendConfig(n_ctx=1024, n_threads=1)
+GREEDY = SamplingConfig(temperature=0)
+
+
+def settings(method: str = "draft", max_tokens: int = 16) -> Settings:
+    return Settings(GREEDY, SpecConfig(method, draft_max=4), max_tokens)
+
+
+@pytest.fixture(scope="module")
+def engine(target_path, draft_path):
+    with Engine(target_path, draft_path, target_config=CFG) as e:
+        yield e
+
+
+def test_settings_parse_values_by_field_type():
+    s = settings()
+    assert s.with_value("temperature", "0.7").sampling.temperature == 0.7
+    assert s.with_value("t", "1").sampling.temperature == 1.0
+    assert s.with_value("top-k", "5").sampling.top_k == 5
+    assert s.with_value("seed", "42").sampling.seed == 42
+    assert s.with_value("seed", "none").sampling.seed is None
+    assert s.with_value("k", "6").spec.draft_max == 6
+    assert s.with_value("method", "lookup").spec.method == "lookup"
+    assert s.with_value("n", "99").max_tokens == 99
+    assert "temperature 0," in s.describe() and "max_tokens 16" in s.describe()
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("temperature", "hot", "temperature needs a value like 0.7"),
+    ("temperature", "-1", "temperature must be"),
+    ("top_k", "2.5", "top_k needs a value like 40"),
+    ("method", "magic", "method must be one of"),
+    ("max_tokens", "0", "max_tokens must be a positive integer"),
+    ("colour", "red", "unknown setting 'colour'"),
+])
+def test_settings_refuse_bad_values_with_a_readable_message(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        settings().with_value(name, value)
+
+
+def test_session_refuses_a_method_the_engine_cannot_run(target_path):
+    with Engine(target_path, None, target_config=CFG) as eng:
+        session = ChatSession(eng, settings("none"))
+        with pytest.raises(ValueError, match="method 'draft' is not available"):
+            session.set("method", "draft")
+        assert session.settings.spec.method == "none"
+
+
+def test_second_turn_prefills_only_the_new_tokens_and_matches_a_fresh_session(engine, target_path, draft_path):
+    engine.ctx.clear()
+    session = ChatSession(engine, settings(), system="you are brief")
+    first_prompt = engine.tokenize(session.conversation("hello world"))
+    first = session.ask("hello world")
+    assert first.stats.cached_tokens == 0
+    prompt = engine.tokenize(session.conversation("and the cat"))  # the whole conversation
+    second = session.ask("and the cat")
+    # the KV cache still held turn one: its prompt and every answer token but the last,
+    # which was sampled from the last verification and never decoded
+    held = len(first_prompt) + len(first.tokens) - 1
+    assert prompt[:held + 1] == first_prompt + first.tokens  # the answer re-tokenizes to itself
+    assert second.stats.cached_tokens == held
+    assert second.stats.prefill_tokens == len(prompt) - held
+    with Engine(target_path, draft_path, target_config=CFG) as fresh_engine:
+        fresh = ChatSession(fresh_engine, settings(), system="you are brief")
+        fresh.messages = session.messages[:2]
+        again = fresh.ask("and the cat")
+    assert again.stats.cached_tokens == 0
+    assert again.tokens == second.tokens
+    assert session.total.generated_tokens == 32 and session.last is second.stats
+
+
+def test_a_cancelled_answer_is_kept_and_the_session_goes_on(engine):
+    session = ChatSession(engine, settings(max_tokens=200))
+    seen = []
+
+    def stop_after_three(piece):
+        seen.append(piece)
+        if len(seen) == 3:
+            engine.cancel()
+
+    cut = session.ask("tell me a long story", on_text=stop_after_three)
+    assert cut.finish_reason == "cancelled" and 3 <= len(cut.tokens) < 200
+    assert session.messages[-1] == {"role": "assistant", "content": cut.text}
+    assert session.ask("go on").finish_reason == "length"
+    assert len(session.messages) == 4
+
+
+def test_an_interrupt_keeps_what_was_shown_and_frees_the_engine(engine):
+    session = ChatSession(engine, settings(max_tokens=200))
+    seen = []
+
+    def interrupt(piece):
+        seen.append(piece)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("hello", on_text=interrupt)
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(seen)}
+    assert engine.generate("again", max_tokens=2, wait=False).tokens  # the lock was released
+
+
+def test_a_turn_that_fails_is_not_kept(target_path):
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1)) as eng:
+        session = ChatSession(eng, settings("none"))
+        with pytest.raises(ValueError, match="context"):
+            session.ask("hello " * 400)
+        assert session.messages == []
+
+
+def test_pieces_say_whether_they_came_from_the_draft():
+    class Piece(str):
+        from_draft = True
+
+    assert from_draft(Piece("x")) is True
+    assert from_draft("x") is None
+
+
+def test_piped_chat_prints_one_answer_per_line_and_runs_commands(target_path, draft_path):
+    script = "hello world\n\n/set temperature 0\n/set n 5\nand the cat\n/stats\n/exit\nnever asked\n"
+    got = CliRunner().invoke(cli, ["chat", "-m", target_path, "-d", draft_path, "--threads", "1",
+                                   "-n", "8", "-s", "1"], input=script)
+    assert got.exit_code == 0, got.output
+    answers = got.stdout.splitlines()
+    assert len(answers) == 2 and all(answers)
+    footers = [line for line in got.stderr.splitlines() if "tok/s" in line and "tokens," in line]
+    assert [f.split()[0] for f in footers] == ["8", "5"]
+    assert "temperature 0.0" in got.stderr and "prefill" in got.stderr  # /set and /stats
+
+
+def spawn_chat(*args: str, target: str, draft: str) -> pexpect.spawn:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "ggspec", "chat", "-m", target, "-d", draft,
+                                           "--threads", "1", *args],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child.expect(r"/help for commands")
+    return child
+
+
+FOOTER = r"(\d+) tokens, [\d.]+ tok/s.*(draft|none|lookup|auto)"
+
+
+def test_chat_in_a_terminal_as_a_person_uses_it(target_path, draft_path):
+    child = spawn_chat("-c", "4096", "-n", "12", "-t", "0.8", target=target_path, draft=draft_path)
+    child.expect_exact(">>> ")
+    child.sendline("hello world")
+    child.expect(FOOTER)
+    assert child.match.group(1) == "12"
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect("last answer")
+    child.expect(r"generated\s+12 tokens")
+    child.expect("session")
+    child.expect_exact(">>> ")
+    child.sendline("/set temperature 0")
+    child.expect(r"temperature 0\.0,")
+    child.expect_exact(">>> ")
+    # a long answer, stopped with Ctrl-C as soon as it starts
+    child.sendline("/set max_tokens 3000")
+    child.expect_exact(">>> ")
+    child.sendline("tell me everything")
+    child.expect(r"\S")
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect(FOOTER)
+    assert int(child.match.group(1)) < 3000
+    child.expect_exact(">>> ")
+    # the session goes on: another question, then the conversation so far in the stats
+    child.sendline("/set n 6")
+    child.expect_exact(">>> ")
+    child.sendline("and then")
+    child.expect(FOOTER)
+    assert child.match.group(1) == "6"
+    child.expect_exact(">>> ")
+    child.sendline('"""first line')
+    child.expect_exact("... ")
+    child.sendline('second line"""')
+    child.expect(FOOTER)
+    child.expect_exact(">>> ")
+    child.sendline("/bogus")
+    child.expect("unknown command /bogus")
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("key", ["ctrl-d", "ctrl-c"])
+def test_ctrl_d_or_ctrl_c_at_the_prompt_exits(target_path, draft_path, key):
+    child = spawn_chat(target=target_path, draft=draft_path)
+    child.expect_exact(">>> ")
+    if key == "ctrl-d":
+        child.sendeof()
+    else:
+        child.sendintr()
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.real
+def test_real_pair_second_turn_reuses_the_kv_cache():
+    with Engine(str(hub.pull("qwen2.5-coder-1.5b")), str(hub.pull("qwen2.5-coder-0.5b")),
+                target_config=BackendConfig(n_ctx=1024)) as eng:
+        session = ChatSession(eng, settings(max_tokens=8))
+        first_prompt = eng.tokenize(session.conversation("Name one sorting algorithm."))
+        first = session.ask("Name one sorting algorithm.")
+        second = session.ask("And another one?")
+        assert second.stats.cached_tokens >= len(first_prompt) + len(first.tokens) - 1
+        assert second.stats.prefill_tokens <= 16

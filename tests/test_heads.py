@@ -1,0 +1,285 @@
+"""Medusa head files (format, validation, fingerprint) and their numpy evaluation."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from ggspec.backend import Context, Model
+from ggspec.config import BackendConfig
+from ggspec.errors import ModelFileError
+from ggspec.heads import (MedusaHeads, load_heads, out_weight_name, read_target, res_bias_name,
+                          res_weight_name, save_heads, silu, vocab_hash)
+from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
+
+H = 64  # the tiny models' hidden size
+
+
+def random_heads(target_path, *, n_heads=3, n_layers=2, vocab=40, tied=False, seed=0,
+                 reduced=True) -> MedusaHeads:
+    info = read_target(target_path)
+    rng = np.random.default_rng(seed)
+    token_ids = np.sort(rng.choice(info.n_vocab, vocab, replace=False)).astype(np.int32) if reduced else None
+    v = vocab if reduced else info.n_vocab
+    w = rng.standard_normal((n_heads, n_layers, H, H)).astype(np.float32) / np.sqrt(H)
+    b = rng.standard_normal((n_heads, n_layers, H)).astype(np.float32) * 0.1
+    out = info.output_rows(token_ids) if tied else rng.standard_normal((n_heads, v, H)).astype(np.float32)
+    return MedusaHeads(w, b, out, token_ids=token_ids, tied=tied, target=info.fingerprint)
+
+
+def reference_logits(heads: MedusaHeads, x: np.ndarray) -> np.ndarray:
+    """Straightforward per-head evaluation in float64: (n_heads, V)."""
+    x = x.astype(np.float64)
+    rows = []
+    for h in range(heads.n_heads):
+        r = x
+        for l in range(heads.n_layers):
+            r = r + silu(heads.res_weight[h, l].astype(np.float64) @ r + heads.res_bias[h, l])
+        out = heads.out_weight if heads.tied else heads.out_weight[h]
+        rows.append(out.astype(np.float64) @ r)
+    return np.stack(rows)
+
+
+# --- format ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_f32_is_exact(tmp_path, target_path, tied):
+    heads = random_heads(target_path, tied=tied)
+    path = save_heads(tmp_path / "h.gguf", heads, dtype="f32")
+    back = load_heads(path, target_path)
+    assert (back.n_heads, back.n_layers, back.hidden, back.vocab_size, back.tied) == (3, 2, H, 40, tied)
+    np.testing.assert_array_equal(back.token_ids, heads.token_ids)
+    np.testing.assert_array_equal(back.res_weight, heads.res_weight)
+    np.testing.assert_array_equal(back.res_bias, heads.res_bias)
+    np.testing.assert_array_equal(back.out_weight, heads.out_weight)
+    assert back.target == heads.target
+    if tied:  # no output matrix on disk: rows of the target's output.weight
+        names = {t.name for t in gguf.GGUFReader(path).tensors}
+        assert not any(".out." in n for n in names)
+        np.testing.assert_array_equal(back.out_weight, read_target(target_path).output_rows(heads.token_ids))
+
+
+@pytest.mark.parametrize("dtype, tol", [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_round_trip_low_precision(tmp_path, target_path, dtype, tol):
+    heads = random_heads(target_path)
+    back = load_heads(save_heads(tmp_path / "h.gguf", heads, dtype=dtype), target_path)
+    for a, b in ((back.res_weight, heads.res_weight), (back.out_weight, heads.out_weight)):
+        assert a.dtype == np.float32
+        assert np.abs(a - b).max() <= tol * np.abs(b).max()
+    np.testing.assert_array_equal(back.res_bias, heads.res_bias)  # biases stay F32
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "h.gguf").tensors}
+    assert types[res_weight_name(0, 0)].name == dtype.upper()
+    assert types[res_bias_name(0, 0)] == gguf.GGMLQuantizationType.F32
+
+
+def test_full_vocabulary_needs_no_token_ids(tmp_path, target_path):
+    heads = random_heads(target_path, reduced=False, n_layers=1)
+    path = save_heads(tmp_path / "h.gguf", heads, dtype="f32")
+    assert gguf.GGUFReader(path).get_field("medusa.token_ids") is None
+    back = load_heads(path, target_path)
+    assert back.token_ids is None and back.vocab_size == VOCAB.n_vocab
+    ids, _ = back.propose(np.ones(H, np.float32), 4)
+    assert ids.max() < VOCAB.n_vocab
+
+
+def test_vocab_hash_is_the_token_texts(target_path):
+    """The fingerprint's hash of the GGUF array equals the hash of llama.cpp's token texts."""
+    fp = read_target(target_path).fingerprint
+    with Model(target_path) as m:
+        assert fp.vocab_hash == vocab_hash(m.token_text(i) for i in range(m.n_vocab))
+        assert (fp.architecture, fp.embedding_length) == ("llama", m.n_embd)
+    assert fp.vocab_hash == vocab_hash(t.encode() for t in VOCAB.tokens)
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path, target_path):
+    path = save_heads(tmp_path / "h.gguf", random_heads(target_path), dtype="f32")
+    other_vocab = write_mismatched_vocab_llama(tmp_path / "mismatch.gguf")
+    with pytest.raises(ModelFileError, match="another target.*vocabulary hash") as e:
+        load_heads(path, other_vocab)
+    theirs = read_target(other_vocab).fingerprint.vocab_hash
+    mine = read_target(target_path).fingerprint.vocab_hash
+    assert theirs in str(e.value) and mine in str(e.value) and str(path) in str(e.value)
+    wider = write_tiny_llama(tmp_path / "wide.gguf", n_embd=128, n_head=4)
+    with pytest.raises(ModelFileError, match="embedding length is 64 but .* has 128"):
+        load_heads(path, wider)
+
+
+# --- malformed files -------------------------------------------------------------------
+
+def write_raw(path, tensors: dict, *, arch="medusa", n_heads=1, n_layers=1, vocab=8,
+              tied=False, drop_key=None, target_path=None):
+    """A head file written by hand: any tensors (name -> array, or (raw, qtype))."""
+    fp = read_target(target_path).fingerprint
+    w = gguf.GGUFWriter(path, arch)
+    kv = {"medusa.head_count": n_heads, "medusa.residual_layer_count": n_layers,
+          "medusa.embedding_length": H, "medusa.vocab_size": vocab}
+    for k, v in kv.items():
+        if k != drop_key:
+            w.add_uint32(k, v)
+    w.add_array("medusa.token_ids", list(range(10, 10 + vocab)))
+    w.add_bool("medusa.tied", tied)
+    w.add_string("medusa.target.architecture", fp.architecture)
+    w.add_uint32("medusa.target.embedding_length", fp.embedding_length)
+    w.add_string("medusa.target.vocab_hash", fp.vocab_hash)
+    for name, a in tensors.items():
+        if isinstance(a, tuple):
+            w.add_tensor(name, a[0], raw_dtype=a[1])
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def good_tensors(vocab=8):
+    return {res_weight_name(0, 0): np.zeros((H, H), np.float32),
+            res_bias_name(0, 0): np.zeros(H, np.float32),
+            out_weight_name(0): np.ones((vocab, H), np.float32)}
+
+
+def test_hand_written_file_loads(tmp_path, target_path):
+    heads = load_heads(write_raw(tmp_path / "ok.gguf", good_tensors(), target_path=target_path), target_path)
+    np.testing.assert_array_equal(heads.token_ids, np.arange(10, 18))
+
+
+def test_truncated_file(tmp_path, target_path):
+    path = save_heads(tmp_path / "h.gguf", random_heads(target_path), dtype="f32")
+    data = path.read_bytes()
+    for keep in (len(data) - 100, len(data) // 2, 30, 3):
+        bad = tmp_path / f"cut{keep}.gguf"
+        bad.write_bytes(data[:keep])
+        with pytest.raises(ModelFileError, match=r"truncated|not a GGUF") as e:
+            load_heads(bad, target_path)
+        assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("name, array, pattern", [
+    (res_weight_name(0, 0), np.zeros((H, H + 1), np.float32), r"shape \(64, 65\), expected \(64, 64\)"),
+    (res_bias_name(0, 0), np.zeros(H - 1, np.float32), r"shape \(63,\), expected \(64,\)"),
+    (out_weight_name(0), np.zeros((9, H), np.float32), r"shape \(9, 64\), expected \(8, 64\)"),
+])
+def test_wrong_shape(tmp_path, target_path, name, array, pattern):
+    tensors = good_tensors() | {name: array}
+    path = write_raw(tmp_path / "bad.gguf", tensors, target_path=target_path)
+    with pytest.raises(ModelFileError, match=pattern) as e:
+        load_heads(path, target_path)
+    assert str(path) in str(e.value) and name in str(e.value)
+
+
+def test_wrong_dtype(tmp_path, target_path):
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    raw = gguf.quants.quantize(np.zeros((H, H), np.float32), q4)
+    cases = {res_weight_name(0, 0): (raw, q4),
+             res_bias_name(0, 0): (gguf.quants.quantize(np.zeros(H, np.float32),
+                                                        gguf.GGMLQuantizationType.Q8_0),
+                                   gguf.GGMLQuantizationType.Q8_0),
+             out_weight_name(0): np.zeros((8, H), np.int32)}
+    for name, a in cases.items():
+        path = write_raw(tmp_path / "bad.gguf", good_tensors() | {name: a}, target_path=target_path)
+        with pytest.raises(ModelFileError, match=f"{name} has type .*, expected one of"):
+            load_heads(path, target_path)
+
+
+def test_missing_tensor_key_and_extra_tensor(tmp_path, target_path):
+    tensors = good_tensors()
+    del tensors[res_bias_name(0, 0)]
+    path = write_raw(tmp_path / "a.gguf", tensors, target_path=target_path)
+    with pytest.raises(ModelFileError, match="missing tensor medusa.0.res.0.bias"):
+        load_heads(path, target_path)
+    path = write_raw(tmp_path / "b.gguf", good_tensors(), tied=True, target_path=target_path)
+    with pytest.raises(ModelFileError, match="unexpected tensor medusa.0.out.weight"):
+        load_heads(path, target_path)
+    path = write_raw(tmp_path / "c.gguf", good_tensors(), drop_key="medusa.vocab_size",
+                     target_path=target_path)
+    with pytest.raises(ModelFileError, match="missing metadata key medusa.vocab_size"):
+        load_heads(path, target_path)
+    path = write_raw(tmp_path / "d.gguf", good_tensors(), n_heads=2, target_path=target_path)
+    with pytest.raises(ModelFileError, match="missing tensor medusa.1.res.0.weight"):
+        load_heads(path, target_path)
+
+
+def test_not_a_head_file(tmp_path, target_path):
+    with pytest.raises(ModelFileError, match="architecture is 'llama', expected 'medusa'"):
+        load_heads(target_path, target_path)
+    with pytest.raises(ModelFileError, match="head file not found"):
+        load_heads(tmp_path / "nope.gguf", target_path)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        load_heads(junk, target_path)
+    path = save_heads(tmp_path / "h.gguf", random_heads(target_path), dtype="f32")
+    with pytest.raises(ModelFileError, match="target model file not found"):
+        load_heads(path, tmp_path / "missing-target.gguf")
+
+
+def test_token_ids_out_of_range(tmp_path, target_path):
+    info = read_target(target_path)
+    heads = random_heads(target_path)
+    bad = MedusaHeads(heads.res_weight, heads.res_bias, heads.out_weight,
+                      token_ids=heads.token_ids + info.n_vocab, tied=False, target=heads.target)
+    path = save_heads(tmp_path / "h.gguf", bad, dtype="f32")
+    with pytest.raises(ModelFileError, match="ids outside the target vocabulary"):
+        load_heads(path, target_path)
+
+
+# --- evaluation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied, n_layers", [(False, 1), (False, 2), (True, 1), (True, 3)])
+def test_propose_equals_per_head_reference(target_path, tied, n_layers):
+    heads = random_heads(target_path, tied=tied, n_layers=n_layers, seed=n_layers)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x = rng.standard_normal(H).astype(np.float32) * 3
+        ref = reference_logits(heads, x)                                   # (nh, V)
+        np.testing.assert_allclose(heads.logits(x[None])[0], ref, rtol=1e-4, atol=1e-4)
+        ids, logprobs = heads.propose(x, 5)
+        assert ids.shape == logprobs.shape == (heads.n_heads, 5)
+        ref_rows = np.argsort(-ref, axis=1)[:, :5]
+        np.testing.assert_array_equal(ids, heads.token_ids[ref_rows])
+        ref_lp = ref - np.log(np.exp(ref - ref.max(1, keepdims=True)).sum(1, keepdims=True)) - ref.max(1, keepdims=True)
+        np.testing.assert_allclose(logprobs, np.take_along_axis(ref_lp, ref_rows, 1), atol=1e-4)
+        assert (np.diff(logprobs, axis=1) <= 0).all()
+
+
+def test_zero_tied_heads_are_the_target_next_token_predictor(target_path):
+    """With zero residual weights a tied head is the target's output layer on x."""
+    info = read_target(target_path)
+    z = np.zeros((2, 1, H, H), np.float32)
+    heads = MedusaHeads(z, z[..., 0], info.output_rows(), token_ids=None, tied=True,
+                        target=info.fingerprint)
+    x = np.random.default_rng(0).standard_normal(H).astype(np.float32)
+    ids, _ = heads.propose(x, 3)
+    want = np.argsort(-(info.output_rows() @ x))[:3]
+    np.testing.assert_array_equal(ids, [want, want])
+
+
+def test_bad_arguments(target_path):
+    heads = random_heads(target_path)
+    with pytest.raises(ValueError, match="top_k"):
+        heads.propose(np.zeros(H), 0)
+    with pytest.raises(ValueError, match="res_bias"):
+        MedusaHeads(heads.res_weight, heads.res_bias[:, :1], heads.out_weight,
+                    token_ids=heads.token_ids, tied=False, target=heads.target)
+    with pytest.raises(ValueError, match="token_ids"):
+        MedusaHeads(heads.res_weight, heads.res_bias, heads.out_weight,
+                    token_ids=heads.token_ids[:3], tied=False, target=heads.target)
+    with pytest.raises(ValueError, match="dtype"):
+        save_heads("x.gguf", heads, dtype="q4_0")
+
+
+# --- hidden states from llama.cpp ------------------------------------------------------
+
+def test_hidden_state_times_output_weight_is_the_logits(target_path):
+    """The embeddings of a pooling-NONE context are the input of the output layer."""
+    info = read_target(target_path)
+    with Model(target_path) as m, Context(m, BackendConfig(n_ctx=64, n_batch=64, n_threads=1),
+                                          embeddings=True) as ctx:
+        tokens = m.tokenize("def hello world(): return the cat and the dog", add_special=True)
+        logits = ctx.eval(tokens, logits="all").copy()
+        hidden = ctx.hidden(len(tokens)).copy()
+    recon = hidden @ info.output_rows().T
+    np.testing.assert_allclose(recon, logits, atol=1e-3 * np.abs(logits).max())
+    np.testing.assert_array_equal(recon.argmax(1), logits.argmax(1))

@@ -1,0 +1,154 @@
+"""Training Medusa heads: labels, gradients, hidden-state collection, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ggspec.heads import load_heads, read_target
+from ggspec.train import (CollectConfig, HiddenStates, TrainConfig, _forward_backward, _labels,
+                          collect, format_report, reduced_vocab, train)
+
+
+def test_labels_and_greedy_chain():
+    """Head h at row t learns pred[t+h+1] ("distill") or token[t+h+2] ("corpus"), never
+    across a window end; the greedy label exists only while the corpus follows the chain."""
+    tokens = np.array([10, 11, 12, 13, 14, 15, 20, 21, 22, 23])
+    preds = np.array([11, 12, 99, 14, 15, 16, 21, 22, 23, 24])  # corpus leaves the chain at 3
+    windows = np.array([[0, 6, 0], [6, 4, 1]])
+    data = HiddenStates(Path("."), np.zeros((10, 4), np.float16), tokens, preds, windows, None, 0.0)
+    labels, greedy = _labels(data, 2, "distill")
+    np.testing.assert_array_equal(labels[:, 0], [12, 99, 14, 15, 16, -1, 22, 23, 24, -1])
+    np.testing.assert_array_equal(labels[:, 1], [99, 14, 15, 16, -1, -1, 23, 24, -1, -1])
+    # match[t] = (token t+1 == pred t): True True False True True | True True True
+    np.testing.assert_array_equal(greedy[:, 0], [12, 99, -1, 15, 16, -1, 22, 23, 24, -1])
+    np.testing.assert_array_equal(greedy[:, 1], [99, -1, -1, 16, -1, -1, 23, 24, -1, -1])
+    labels, _ = _labels(data, 2, "corpus")
+    np.testing.assert_array_equal(labels[:, 1], [13, 14, 15, -1, -1, -1, 23, -1, -1, -1])
+
+
+def test_reduced_vocab_keeps_the_most_frequent_labels():
+    labels = np.array([[5, 5], [5, 7], [7, 9], [-1, 3]])
+    np.testing.assert_array_equal(reduced_vocab(labels, 2, 20), [5, 7])
+    assert reduced_vocab(labels, 0, 20) is None
+
+
+@pytest.mark.parametrize("tied, n_layers", [(True, 1), (False, 2)])
+def test_gradients_match_finite_differences(tied, n_layers):
+    rng = np.random.default_rng(0)
+    nh, d, v, bsz = 2, 5, 7, 4
+    x = rng.standard_normal((bsz, d))
+    y = np.array([[0, 3], [6, -1], [2, 2], [-1, 5]])
+    w = rng.standard_normal((nh, n_layers, d, d)) * 0.5
+    b = rng.standard_normal((nh, n_layers, d)) * 0.5
+    out = rng.standard_normal((v, d) if tied else (nh, v, d))
+    loss, count, grads, _ = _forward_backward(x, y, w, b, out, tied, True)
+    assert count == 6
+    params = {"w": w, "b": b} | ({} if tied else {"out": out})
+    eps = 1e-6
+    for name, p in params.items():
+        num = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + eps
+            up = _forward_backward(x, y, w, b, out, tied, False)[0]
+            p[i] = old - eps
+            down = _forward_backward(x, y, w, b, out, tied, False)[0]
+            p[i] = old
+            num[i] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(grads[name], num, rtol=1e-5, atol=1e-7)
+
+
+PHRASES = ["def hello(self): return self.value", "the cat and the dog", "import data from time",
+           "class World: pass", "for i in range(n): print(i)", "yield little great people",
+           "x = list(dict(name=args))"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Files of a few phrases in random order: what follows a token 2+ ahead is learnable
+    (and held-out files hold the same phrases)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (root / f"f{i:02}.py").write_text("\n".join(rng.choice(PHRASES, 14)) + "\n")
+    (root / "binary.bin").write_bytes(b"\0\1\2")  # skipped
+    return root
+
+
+def test_training_reduces_heldout_loss(tmp_path, target_path, corpus):
+    work = tmp_path / "work"
+    ccfg = CollectConfig(max_tokens=1200, window=64, n_threads=1)
+    data = collect(target_path, corpus, work, ccfg, progress=False)
+    assert data.hidden.shape == (data.n_rows, 64) and data.n_rows <= 1200
+    assert len(np.unique(data.windows[:, 2])) >= 5  # several files, binary.bin skipped
+
+    cfg = TrainConfig(n_heads=2, vocab_size=200, epochs=6, batch_size=64, lr=1e-2,
+                      heldout=0.25, dtype="f32", checkpoint_every=5)
+    ckpt = tmp_path / "ckpt.npz"
+    report = train(data, tmp_path / "heads.gguf", cfg, checkpoint=ckpt, progress=False)
+    for before, after in zip(report.before, report.after):
+        assert after.loss < 0.8 * before.loss, format_report(report)
+    assert all(after.top5 > before.top5 for before, after in zip(report.before, report.after))
+    assert 0.5 < report.vocab_coverage <= 1.0
+
+    heads = load_heads(report.path, target_path)
+    assert (heads.n_heads, heads.vocab_size, heads.tied) == (2, 200, True)
+    ids, _ = heads.propose(np.asarray(data.hidden[0], np.float32), 3)
+    assert set(ids.ravel()) <= set(heads.token_ids)
+
+    # resumable: a finished checkpoint is picked up, no step is redone, same heads
+    again = train(data, tmp_path / "again.gguf", cfg, checkpoint=ckpt, progress=False)
+    np.testing.assert_array_equal(load_heads(again.path, target_path).res_weight, heads.res_weight)
+    assert [a.loss for a in again.after] == [a.loss for a in report.after]
+
+
+def test_collection_resumes(tmp_path, target_path, corpus):
+    work = tmp_path / "work"
+    cfg = CollectConfig(max_tokens=400, window=64, n_threads=1)
+    full = collect(target_path, corpus, work, cfg, progress=False)
+    hidden = np.array(full.hidden)
+    # pretend it stopped after two windows
+    state = json.loads((work / "state.json").read_text())
+    state["windows_done"] = 2
+    (work / "state.json").write_text(json.dumps(state))
+    start = int(full.windows[2, 0])
+    mm = np.load(work / "hidden.npy", mmap_mode="r+")
+    mm[start:] = 0
+    mm.flush()
+    del mm
+    with pytest.raises(ValueError, match="not finished"):
+        HiddenStates.open(work, read_target(target_path))
+    resumed = collect(target_path, corpus, work, cfg, progress=False)
+    np.testing.assert_allclose(np.array(resumed.hidden), hidden, atol=1e-2)
+    with pytest.raises(ValueError, match="other settings"):
+        collect(target_path, corpus, work, CollectConfig(max_tokens=400, window=32), progress=False)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="labels"):
+        TrainConfig(labels="teacher")
+    with pytest.raises(ValueError, match="window"):
+        CollectConfig(window=8)
+    with pytest.raises(ValueError, match="max_tokens"):
+        CollectConfig(max_tokens=10)
+
+
+def test_tool_script(tmp_path, target_path, corpus, capsys):
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "tools" / "train_medusa.py"
+    spec = importlib.util.spec_from_file_location("train_medusa", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "h.gguf"
+    rc = tool.main([target_path, str(corpus), str(out), "-n", "300", "--window", "64", "-t", "1",
+                    "--heads", "2", "--vocab-size", "50", "-e", "1", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert "head  top-1" in capsys.readouterr().out
+    assert load_heads(out, target_path).n_heads == 2
+    assert (tmp_path / "h.gguf.work" / "checkpoint.npz").exists()
+    assert tool.main([target_path, str(tmp_path / "nope"), str(out), "-q"]) == 1
+    assert "corpus not found" in capsys.readouterr().err
