@@ -177,8 +177,12 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
     target = read_target(target_path)
     state_file = work / _STATE
     state = json.loads(state_file.read_text()) if state_file.exists() else None
-    if state is not None and state["config"] != dataclasses.asdict(cfg):
-        raise ValueError(f"{work} was collected with other settings {state['config']}; "
+    # what the rows depend on (threads and offloading do not change them)
+    data_key = dict(corpus=str(Path(corpus).resolve()), max_tokens=cfg.max_tokens,
+                    window=cfg.window, file_tokens=cfg.file_tokens, pattern=cfg.pattern,
+                    seed=cfg.seed)
+    if state is not None and state["data"] != data_key:
+        raise ValueError(f"{work} was collected with other settings {state['data']}; "
                          "use another work dir or the same settings")
     if state is not None and state["windows_done"] == state["n_windows"]:
         return HiddenStates.open(work, target)
@@ -191,8 +195,7 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
             n = len(tokens)
             np.lib.format.open_memmap(work / "hidden.npy", "w+", np.float16, (n, model.n_embd)).flush()
             np.save(work / "preds.npy", np.full(n, -1, dtype=np.int32))
-            state = dict(config=dataclasses.asdict(cfg), corpus=str(corpus),
-                         fingerprint=dataclasses.asdict(target.fingerprint),
+            state = dict(data=data_key, fingerprint=dataclasses.asdict(target.fingerprint),
                          n_windows=len(windows), windows_done=0, seconds=0.0)
             state_file.write_text(json.dumps(state, indent=1))
         tokens, windows = np.load(work / "tokens.npy"), np.load(work / "windows.npy")

@@ -150,5 +150,5 @@ def test_tool_script(tmp_path, target_path, corpus, capsys):
     assert "head  top-1" in capsys.readouterr().out
     assert load_heads(out, target_path).n_heads == 2
     assert (tmp_path / "h.gguf.work" / "checkpoint.npz").exists()
-    assert tool.main([target_path, str(tmp_path / "nope"), str(out), "-q"]) == 1
+    assert tool.main([target_path, str(tmp_path / "nope"), str(tmp_path / "x.gguf"), "-q"]) == 1
     assert "corpus not found" in capsys.readouterr().err
