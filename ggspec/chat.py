@@ -14,8 +14,9 @@ from .config import SamplingConfig, SpecConfig
 from .engine import Engine, Result
 from .stats import Stats
 
-# /set names: short aliases of SamplingConfig / SpecConfig fields and max_tokens
-ALIASES = {"t": "temperature", "k": "draft_max", "n": "max_tokens", "temp": "temperature"}
+# what /set changes: SamplingConfig and SpecConfig fields that apply per answer, and max_tokens
+NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "method", "draft_max", "max_tokens")
+ALIASES = {"t": "temperature", "temp": "temperature", "k": "draft_max", "n": "max_tokens"}
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,13 @@ class Settings:
 
     def describe(self) -> str:
         values = {**asdict(self.sampling), **asdict(self.spec), "max_tokens": self.max_tokens}
-        return ", ".join(f"{k} {'none' if v is None else v}" for k, v in values.items())
+        return ", ".join(f"{k} {'none' if values[k] is None else values[k]}" for k in NAMES)
 
     def with_value(self, name: str, text: str) -> Settings:
         """A copy with `name` set from the user's `text`; ValueError names what is wrong."""
         name = ALIASES.get(name, name).replace("-", "_")
+        if name not in NAMES:
+            raise ValueError(f"unknown setting {name!r}; settings: {', '.join(NAMES)}")
         if name == "max_tokens":
             return replace(self, max_tokens=_parse(name, text, "int"))
         for config, attr in ((self.sampling, "sampling"), (self.spec, "spec")):
@@ -44,8 +47,7 @@ class Settings:
             if name in types:
                 value = _parse(name, text, types[name])
                 return replace(self, **{attr: replace(config, **{name: value})})
-        known = [*(f.name for f in fields(SamplingConfig)), *(f.name for f in fields(SpecConfig)), "max_tokens"]
-        raise ValueError(f"unknown setting {name!r}; settings: {', '.join(known)}")
+        raise AssertionError(f"{name} is in NAMES but in no config")
 
 
 def _parse(name: str, text: str, kind: str) -> object:
@@ -54,15 +56,13 @@ def _parse(name: str, text: str, kind: str) -> object:
         return None
     kind = kind.removesuffix(" | None")
     try:
-        if kind == "bool":
-            return {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}[text.lower()]
         return {"int": int, "float": float}.get(kind, str)(text)
-    except (KeyError, ValueError):
+    except ValueError:
         raise ValueError(f"{name} needs a value like {_EXAMPLES.get(name, kind)}, got {text!r}") from None
 
 
 _EXAMPLES = {"temperature": "0.7", "top_k": "40", "top_p": "0.95", "min_p": "0.05", "seed": "42 or none",
-             "draft_max": "4", "max_tokens": "512", "draft_p_min": "0.5"}
+             "draft_max": "4", "max_tokens": "512"}
 
 
 def available_methods(engine: Engine) -> list[str]:

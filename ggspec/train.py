@@ -42,6 +42,7 @@ from .heads import MedusaHeads, TargetInfo, read_target, save_heads, silu
 LABELS = ("distill", "corpus")
 _STATE = "state.json"
 _CHECKPOINT = "checkpoint.npz"
+_MIN_WINDOW = 16
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,13 +56,15 @@ class CollectConfig:
 
     max_tokens: rows to collect in all; window: tokens per llama.cpp pass (one fresh
     context each, so also the longest context seen); file_tokens: most tokens taken from
-    one file (variety over depth); pattern: glob for files under a corpus directory;
-    seed: the order in which files are taken.
+    one file (variety over depth); count_tokens: corpus tokens counted (tokenized only) to
+    choose the heads' reduced vocabulary; pattern: glob for files under a corpus
+    directory; seed: the order in which files are taken.
     """
 
     max_tokens: int = 50_000
     window: int = 512
     file_tokens: int = 2048
+    count_tokens: int = 500_000
     pattern: str = "*"
     seed: int = 0
     n_threads: int | None = None
@@ -82,7 +85,8 @@ class HiddenStates:
     """Collected rows, memory-mapped from a work directory.
 
     hidden (N, H) float16; tokens (N,) corpus tokens; preds (N,) target argmax at each row;
-    windows (W, 3): start row, length, file index of each window.
+    windows (W, 3): start row, length, file index of each window; counts (n_vocab,)
+    token counts of corpus files that were tokenized but not collected.
     """
 
     path: Path
@@ -92,6 +96,7 @@ class HiddenStates:
     windows: np.ndarray
     target: TargetInfo
     seconds: float  # time spent collecting (all sessions)
+    counts: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -106,9 +111,10 @@ class HiddenStates:
                              f"({state['fingerprint']['architecture']}); use another work dir")
         if state["windows_done"] < state["n_windows"]:
             raise ValueError(f"collection in {work} is not finished; run collect again")
+        counts = np.load(work / "counts.npy") if (work / "counts.npy").exists() else None
         return cls(work, np.load(work / "hidden.npy", mmap_mode="r"),
                    np.load(work / "tokens.npy"), np.load(work / "preds.npy"),
-                   np.load(work / "windows.npy"), target, state["seconds"])
+                   np.load(work / "windows.npy"), target, state["seconds"], counts)
 
 
 def corpus_files(corpus: str | os.PathLike, pattern: str = "*") -> list[Path]:
@@ -139,32 +145,41 @@ def _read_text(path: Path) -> str | None:
 
 
 def plan_windows(model: Model, corpus: str | os.PathLike, cfg: CollectConfig
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize files (in a seeded random order) until max_tokens: returns the tokens
-    (N,) int32 and windows (W, 3) [start, length, file index]."""
+    (N,) int32, windows (W, 3) [start, length, file index], and token counts (n_vocab,)
+    of further files, up to count_tokens, which are not run through the target (they
+    help choose the reduced vocabulary: tokenizing is cheap, running the target is not;
+    the collected files are counted at training time, without the held-out ones)."""
     files = corpus_files(corpus, cfg.pattern)
     random.Random(cfg.seed).shuffle(files)
     tokens: list[np.ndarray] = []
     windows: list[tuple[int, int, int]] = []
-    n = 0
+    counts = np.zeros(model.n_vocab, dtype=np.int64)
+    n = n_counted = 0
     for i, f in enumerate(files):
+        full = cfg.max_tokens - n < _MIN_WINDOW
+        if full and n_counted >= cfg.count_tokens:
+            break
         text = _read_text(f)
         if not text or not text.strip():
             continue
         ids = model.tokenize(text, add_special=True, parse_special=False)[:cfg.file_tokens]
+        if full:
+            counts += np.bincount(ids, minlength=model.n_vocab)
+            n_counted += len(ids)
+            continue
         ids = ids[:cfg.max_tokens - n]
         for s in range(0, len(ids), cfg.window):
             w = ids[s:s + cfg.window]
-            if len(w) < 16:  # too short to teach anything 2+ tokens ahead
+            if len(w) < _MIN_WINDOW:  # too short to teach anything 2+ tokens ahead
                 break
             windows.append((n, len(w), i))
             tokens.append(np.asarray(w, dtype=np.int32))
             n += len(w)
-        if n >= cfg.max_tokens:
-            break
     if not windows:
         raise ValueError(f"no text found in {corpus}")
-    return np.concatenate(tokens), np.asarray(windows, dtype=np.int64)
+    return np.concatenate(tokens), np.asarray(windows, dtype=np.int64), counts
 
 
 def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
@@ -180,7 +195,7 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
     # what the rows depend on (threads and offloading do not change them)
     data_key = dict(corpus=str(Path(corpus).resolve()), max_tokens=cfg.max_tokens,
                     window=cfg.window, file_tokens=cfg.file_tokens, pattern=cfg.pattern,
-                    seed=cfg.seed)
+                    seed=cfg.seed, count_tokens=cfg.count_tokens)
     if state is not None and state["data"] != data_key:
         raise ValueError(f"{work} was collected with other settings {state['data']}; "
                          "use another work dir or the same settings")
@@ -189,7 +204,8 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
 
     with Model(target_path, BackendConfig(n_gpu_layers=cfg.n_gpu_layers)) as model:
         if state is None:
-            tokens, windows = plan_windows(model, corpus, cfg)
+            tokens, windows, counts = plan_windows(model, corpus, cfg)
+            np.save(work / "counts.npy", counts)
             np.save(work / "tokens.npy", tokens)
             np.save(work / "windows.npy", windows)
             n = len(tokens)
@@ -213,12 +229,11 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
                 logits = ctx.eval(tokens[start:start + length].tolist(), logits="all")
                 preds[start:start + length] = logits.argmax(axis=1)
                 hidden[start:start + length] = ctx.hidden(length)
-                state["windows_done"] = w + 1
+                hidden.flush()
+                np.save(work / "preds.npy", preds)
+                state["windows_done"] = w + 1  # only once the rows are on disk
                 state["seconds"] += time.perf_counter() - t0
-                if state["windows_done"] % 8 == 0 or state["windows_done"] == len(windows):
-                    hidden.flush()
-                    np.save(work / "preds.npy", preds)
-                    state_file.write_text(json.dumps(state, indent=1))
+                state_file.write_text(json.dumps(state, indent=1))
                 bar.update(length)
         del hidden
     return HiddenStates.open(work, target)
@@ -344,11 +359,11 @@ def _split(data: HiddenStates, cfg: TrainConfig) -> tuple[_Split, _Split]:
     return out[0], out[1]
 
 
-def reduced_vocab(labels: np.ndarray, size: int, n_vocab: int) -> np.ndarray | None:
-    """The `size` most frequent label ids, ascending (None: the whole vocabulary)."""
-    if size == 0 or size >= n_vocab:
+def reduced_vocab(counts: np.ndarray, size: int) -> np.ndarray | None:
+    """The `size` most frequent token ids of `counts` (n_vocab,), ascending (None: the
+    whole vocabulary)."""
+    if size == 0 or size >= len(counts):
         return None
-    counts = np.bincount(labels[labels >= 0], minlength=n_vocab)
     top = np.argsort(-counts, kind="stable")[:size]
     return np.sort(top).astype(np.int32)
 
@@ -477,7 +492,13 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
     t_start = time.perf_counter()
     target = data.target
     train_split, held = _split(data, cfg)
-    token_ids = reduced_vocab(train_split.labels, cfg.vocab_size, target.n_vocab)
+    # the vocabulary: frequent tokens of the training rows, their labels and uncollected files
+    n_vocab = target.n_vocab
+    counts = (np.bincount(data.tokens[train_split.rows], minlength=n_vocab)
+              + np.bincount(train_split.labels[train_split.labels >= 0], minlength=n_vocab))
+    if data.counts is not None:
+        counts = counts + data.counts
+    token_ids = reduced_vocab(counts, cfg.vocab_size)
     out_rows = target.output_rows(token_ids)                             # (V, H) float32
     vocab, d, nh = out_rows.shape[0], out_rows.shape[1], cfg.n_heads
     y_train = _to_rows(train_split.labels, token_ids, target.n_vocab)
