@@ -34,6 +34,18 @@ Prompt = str | Sequence[int] | Sequence[dict]
 DEFAULT_DRAFT = "default"
 
 
+class Piece(str):
+    """A piece of streamed text; from_draft tells that it came from an accepted draft token
+    (the target verified it) rather than from the target's own choice."""
+
+    from_draft: bool
+
+    def __new__(cls, text: str, from_draft: bool = False) -> Piece:
+        piece = super().__new__(cls, text)
+        piece.from_draft = from_draft
+        return piece
+
+
 @dataclass
 class Result:
     text: str
@@ -208,9 +220,9 @@ class Engine:
                 self.ctx.truncate(len(committed) + len(accepted))
             else:
                 self.ctx.keep_path(draft.tree.path_with(list(verdict.nodes)), accepted)
-            for token in [*accepted, verdict.token]:
+            for i, token in enumerate([*accepted, verdict.token]):
                 committed.append(token)
-                finish = self._take(token, generated, text, out, max_tokens)
+                finish = self._take(token, i < len(accepted), generated, text, out, max_tokens)
                 if finish:
                     break
             while out:
@@ -230,15 +242,15 @@ class Engine:
             stats.controller = drafter.report()
         return Result(text="".join(emitted), tokens=generated, finish_reason=finish, stats=stats)
 
-    def _take(self, token: int, generated: list[int], text: TextStream, out: list[str],
-              max_tokens: int) -> str:
+    def _take(self, token: int, from_draft: bool, generated: list[int], text: TextStream,
+              out: list[str], max_tokens: int) -> str:
         """Add one committed token to the output; return a finish reason or ""."""
         if token in self.target.eog:
             return "stop"
         generated.append(token)
         piece = text.push(self.target.token_bytes(token))
         if piece:
-            out.append(piece)
+            out.append(Piece(piece, from_draft))
         if text.stopped:
             return "stop"
         return "length" if len(generated) >= max_tokens else ""
