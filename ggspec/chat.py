@@ -142,9 +142,3 @@ class ChatSession:
                 return done.value
             if on_text is not None:
                 on_text(piece)
-
-
-def from_draft(piece: str) -> bool | None:
-    """Whether a streamed piece came from accepted draft tokens; None when the engine
-    does not say (pieces then are plain str)."""
-    return getattr(piece, "from_draft", None)

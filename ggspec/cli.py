@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from . import __version__, bench as benchmark, hub
 from .backend import Model, check_vocab_compatible, set_verbose
-from .chat import ChatSession, Settings, available_methods, from_draft
+from .chat import ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
-from .engine import DEFAULT_DRAFT, Engine, Result
+from .engine import DEFAULT_DRAFT, Engine, Piece, Result
 from .errors import GgspecError
 from .stats import footer, report
 
@@ -276,7 +276,6 @@ def _repl(session: ChatSession, show_drafts: bool) -> None:
     k = f", k={spec.draft_max}" if spec.method != "none" else ""
     click.secho(f"ggspec chat: {engine.target.path.name}{draft} ({spec.method}{k}). "
                 "/help for commands, Ctrl-D to exit.", dim=True)
-    unmarked = show_drafts
     while True:
         try:
             line = _read_message()
@@ -290,13 +289,10 @@ def _repl(session: ChatSession, show_drafts: bool) -> None:
                 if not _command(session, line, click.echo):
                     return
                 continue
-            pieces = _answer(session, line, show_drafts, click.echo)
+            _answer(session, line, show_drafts, click.echo)
         except (GgspecError, ValueError) as e:
             click.secho(f"Error: {e}", fg="red")
             continue
-        if unmarked and pieces and all(from_draft(p) is None for p in pieces):
-            click.secho("(--show-drafts: this engine does not mark draft tokens; text is not coloured)", dim=True)
-            unmarked = False
 
 
 def _read_message() -> str:
@@ -325,13 +321,11 @@ def _piped(session: ChatSession) -> None:
         _answer(session, line, False, say)
 
 
-def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[str], None]) -> list[str]:
-    """Stream one answer to stdout, then its footer; return the pieces shown."""
-    pieces: list[str] = []
+def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[str], None]) -> None:
+    """Stream one answer to stdout (accepted draft tokens in cyan with show_drafts), then its footer."""
 
-    def show(piece: str) -> None:
-        pieces.append(piece)
-        draft = show_drafts and from_draft(piece)
+    def show(piece: Piece) -> None:
+        draft = show_drafts and piece.from_draft
         click.echo(click.style(piece, fg="cyan") if draft else piece, nl=False)
 
     try:
@@ -340,12 +334,11 @@ def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[s
     except KeyboardInterrupt:
         click.echo()
         say(click.style("[interrupted]", dim=True))
-        return pieces
+        return
     click.echo()
     if result.finish_reason == "cancelled":
         say(click.style("[interrupted]", dim=True))
     say(click.style(footer(result.stats), dim=True))
-    return pieces
 
 
 def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> bool:

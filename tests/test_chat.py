@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, hub
-from ggspec.chat import ChatSession, Settings, from_draft
+from ggspec.chat import ChatSession, Settings
 from ggspec.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,12 +127,14 @@ def test_a_turn_that_fails_is_not_kept(target_path):
         assert session.messages == []
 
 
-def test_pieces_say_whether_they_came_from_the_draft():
-    class Piece(str):
-        from_draft = True
-
-    assert from_draft(Piece("x")) is True
-    assert from_draft("x") is None
+def test_pieces_say_whether_they_came_from_the_draft(target_path):
+    with Engine(target_path, target_path, target_config=CFG) as engine:  # every draft token accepted
+        pieces = []
+        result = engine.generate([1, 300, 301], max_tokens=30, sampling=GREEDY,
+                                 spec=SpecConfig("draft", draft_max=4), on_text=pieces.append)
+    assert "".join(pieces) == result.text
+    drafted = [p.from_draft for p in pieces]
+    assert any(drafted) and not all(drafted)  # the target's own token closes each round
 
 
 def test_piped_chat_prints_one_answer_per_line_and_runs_commands(target_path, draft_path):
