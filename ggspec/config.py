@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-METHODS = ("auto", "draft", "lookup", "none")
+METHODS = ("auto", "draft", "lookup", "medusa", "none")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class SpecConfig:
     method: str = "auto"
     draft_max: int = 8
     draft_p_min: float = 0.0
+    typical: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -25,13 +25,16 @@ from .config import BackendConfig, SamplingConfig, SpecConfig
 from .drafters import Draft, Drafter
 from .drafters.auto import AutoDrafter
 from .drafters.lookup import LookupDrafter
+from .drafters.medusa import MedusaDrafter
 from .drafters.model import ModelDrafter
 from .errors import BusyError, ContextOverflowError
+from .heads import load_heads
 from .stats import Stats
 from .text import TextStream
 
 Prompt = str | Sequence[int] | Sequence[dict]
 DEFAULT_DRAFT = "default"
+MEDUSA_MAX_NODES = 32  # largest head tree; the controller usually picks far fewer on a CPU
 
 
 class Piece(str):
@@ -61,6 +64,8 @@ class Engine:
     "default" takes the registry's paired draft for a registry target, and no draft for
     a path; None means no draft model.
 
+    heads: a Medusa heads GGUF for the target (enables method "medusa"; the target's
+    context then also returns hidden states and holds up to MEDUSA_MAX_NODES sequences).
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -74,6 +79,7 @@ class Engine:
                  draft_config: BackendConfig | None = None,
                  spec: SpecConfig = SpecConfig(),
                  sampling: SamplingConfig = SamplingConfig(),
+                 heads: str | os.PathLike | None = None,
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
@@ -85,7 +91,10 @@ class Engine:
         self._cancel = threading.Event()
         with ExitStack() as stack:
             self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
-            self.ctx = stack.enter_context(Context(self.target, target_config, n_seq_max=max_tree_paths))
+            if heads is not None:
+                max_tree_paths = max(max_tree_paths, MEDUSA_MAX_NODES)
+            self.ctx = stack.enter_context(Context(self.target, target_config, n_seq_max=max_tree_paths,
+                                                   embeddings=heads is not None))
             self._contexts = [self.ctx]
             self.draft: Model | None = None
             lookup = LookupDrafter()
@@ -97,6 +106,9 @@ class Engine:
                 draft_ctx = stack.enter_context(Context(self.draft, draft_config))
                 self._contexts.append(draft_ctx)
                 self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
+            if heads is not None:
+                self.drafters["medusa"] = MedusaDrafter(self.ctx, load_heads(heads, self.target.path),
+                                                        MEDUSA_MAX_NODES)
             self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max)
             self._resources = stack.pop_all()
 
@@ -199,14 +211,14 @@ class Engine:
             # propose
             budget = min(spec.draft_max, max_tokens - len(generated) - 1, self.n_ctx - len(committed))
             ta = time.perf_counter()
-            draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter and budget > 0 else Draft([])
+            draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
             tb = time.perf_counter()
             # verify: [pending, *draft] in one llama_decode, logits for every row
             if draft.tree is None:
                 rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
             else:
                 rows = self.ctx.eval_tree([committed[-1], *draft.tokens], draft.tree)
-            verdict = self._accept(rows, draft, sampling, rng)
+            verdict = self._accept(rows, draft, sampling, spec.typical, rng)
             tc = time.perf_counter()
             stats.draft_seconds += tb - ta
             stats.verify_seconds += tc - tb
@@ -255,11 +267,11 @@ class Engine:
             return "stop"
         return "length" if len(generated) >= max_tokens else ""
 
-    def _accept(self, rows: np.ndarray, draft: Draft, sampling: SamplingConfig,
+    def _accept(self, rows: np.ndarray, draft: Draft, sampling: SamplingConfig, typical: bool,
                 rng: np.random.Generator) -> TreeVerdict:
         """The accepted nodes (for a chain: its first n tokens) and the next token."""
         if draft.tree is not None:
-            if draft.typical:
+            if typical:
                 return accept_tree_typical(rows, draft.tokens, draft.tree, sampling, rng)
             return accept_tree_match(rows, draft.tokens, draft.tree, sampling, rng)
         if sampling.greedy:

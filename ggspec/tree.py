@@ -13,6 +13,7 @@ ancestors, the pending token and the committed prefix.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -81,3 +82,63 @@ class Tree:
         if not nodes:
             return 0
         return next(s for s, path in enumerate(self.paths) if path[:len(nodes)] == nodes)
+
+
+# Tree shapes as Medusa writes them: each node is the tuple of candidate ranks along its
+# path (node (0, 1) is head 1's second-best token after head 0's best). A shape is
+# prefix-closed; nodes are listed parents first.
+Choices = list[tuple[int, ...]]
+
+# Medusa's sparse tree: the first 24 nodes of mc_sim_7b_63 in the Medusa repository
+MEDUSA_SPARSE: Choices = [
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4),
+    (2, 0), (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8),
+    (0, 0, 2),
+]
+
+
+def chain_choices(n: int) -> Choices:
+    return [(0,) * d for d in range(1, n + 1)]
+
+
+def cartesian_choices(k: int, depth: int) -> Choices:
+    """Every path of the top-k candidates of each head, down to `depth`."""
+    out: Choices = []
+    level: Choices = [()]
+    for _ in range(depth):
+        level = [path + (r,) for path in level for r in range(k)]
+        out += level
+    return out
+
+
+def grown_choices(acceptance: np.ndarray, budget: int) -> tuple[Choices, np.ndarray]:
+    """The `budget` nodes with the highest chance of being accepted, and those chances.
+
+    acceptance (n_heads, top_k): the chance that head d's rank-r candidate is accepted
+    given its parent was. A node's chance is the product along its path, which never grows
+    with depth, so taking nodes best-first keeps every parent before its children and
+    maximises the expected accepted length sum(chances) for the node budget."""
+    n_heads, top_k = acceptance.shape
+    frontier = [(-acceptance[0, r], (r,)) for r in range(top_k)]
+    heapq.heapify(frontier)
+    out: Choices = []
+    chances = []
+    while frontier and len(out) < budget:
+        neg, path = heapq.heappop(frontier)
+        out.append(path)
+        chances.append(-neg)
+        if len(path) < n_heads:
+            for r in range(top_k):
+                heapq.heappush(frontier, (neg * acceptance[len(path), r], path + (r,)))
+    return out, np.array(chances)
+
+
+def tree_from_choices(choices: Choices) -> tuple[Tree, np.ndarray]:
+    """The Tree of a shape and each node's rank at its depth: (tree, ranks (n,))."""
+    index = {path: i for i, path in enumerate(choices)}
+    parents = []
+    for path in choices:
+        if len(path) > 1 and path[:-1] not in index:
+            raise ValueError(f"tree shape lists {path} without its parent {path[:-1]}")
+        parents.append(index[path[:-1]] if len(path) > 1 else -1)
+    return Tree(tuple(parents)), np.array([path[-1] for path in choices], dtype=np.int64)

@@ -29,7 +29,6 @@ class Draft:
     tokens: list[int]
     q: np.ndarray | None = None
     tree: Tree | None = None
-    typical: bool = False  # verify with Medusa's typical acceptance (lossy; trees only)
 
 
 class Drafter(Protocol):

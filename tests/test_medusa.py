@@ -1,0 +1,85 @@
+"""Method `medusa` in the engine: heads from a GGUF file propose trees that the target
+verifies in one batch; exact unless typical acceptance is asked for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ggspec.engine
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
+from ggspec.heads import MedusaHeads, read_target, save_heads
+from reference import first_divergence, greedy_reference
+from test_engine import random_prompt
+
+CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def heads_path(tmp_path_factory, target_path):
+    """Three tied heads with small random residual layers over the full vocabulary."""
+    info = read_target(target_path)
+    rng = np.random.default_rng(0)
+    h = info.fingerprint.embedding_length
+    w = rng.standard_normal((3, 1, h, h)).astype(np.float32) * 0.05
+    heads = MedusaHeads(w, np.zeros((3, 1, h), np.float32), info.output_rows(None), token_ids=None, tied=True,
+                        target=info.fingerprint)
+    return save_heads(tmp_path_factory.mktemp("heads") / "heads.gguf", heads, dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def medusa_engine(target_path, heads_path):
+    with Engine(target_path, None, target_config=CFG, heads=heads_path) as e:
+        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("medusa"))  # calibrates
+        yield e
+
+
+@pytest.fixture
+def free_trees(medusa_engine):
+    """Make verification look free, so that every round drafts a full tree."""
+    from ggspec.controller import CostModel
+    medusa = medusa_engine.drafters["medusa"]
+    saved = medusa.costs
+    medusa.costs = CostModel(np.full(33, 1.0))
+    medusa.acceptance[:] = 0.9
+    yield medusa
+    medusa.costs = saved
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_medusa_equals_plain_greedy_decoding(medusa_engine, free_trees, target_path, seed):
+    prompt = random_prompt(70 + seed)
+    ref = greedy_reference(target_path, prompt, 40)
+    got = medusa_engine.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
+                                 spec=SpecConfig("medusa", draft_max=12))
+    assert first_divergence(got.tokens, ref) is None
+    assert got.stats.draft_rounds >= got.stats.rounds // 2  # (random heads: trees shrink as they miss)
+
+
+def test_medusa_trees_shrink_to_nothing_when_verification_is_expensive(medusa_engine):
+    from ggspec.controller import CostModel
+    medusa = medusa_engine.drafters["medusa"]
+    saved = medusa.costs
+    medusa.costs = CostModel(np.array([1.0] + [1e3] * 32))
+    try:
+        got = medusa_engine.generate(random_prompt(81), max_tokens=20, spec=SpecConfig("medusa"))
+    finally:
+        medusa.costs = saved
+    assert got.stats.draft_rounds == 0
+
+
+def test_typical_acceptance_runs_only_when_asked(medusa_engine, free_trees, monkeypatch):
+    calls = []
+    real = ggspec.engine.accept_tree_typical
+    monkeypatch.setattr(ggspec.engine, "accept_tree_typical", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = random_prompt(82)
+    medusa_engine.generate(prompt, max_tokens=20, spec=SpecConfig("medusa"))
+    assert not calls
+    got = medusa_engine.generate(prompt, max_tokens=20, spec=SpecConfig("medusa", typical=True))
+    assert calls and len(got.tokens) == 20
+
+
+def test_medusa_is_refused_without_heads(target_path):
+    with Engine(target_path, None, target_config=CFG) as eng:
+        with pytest.raises(ValueError, match="medusa"):
+            eng.generate(random_prompt(83), spec=SpecConfig("medusa"))
