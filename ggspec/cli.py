@@ -70,6 +70,8 @@ _model_options = _options(
     click.option("-d", "--draft", metavar="NAME|FILE", default=DEFAULT_DRAFT,
                  help="Draft model: GGUF path or registry name.  [default: a registry target's paired draft]"),
     click.option("--no-draft", is_flag=True, help="Load no draft model."),
+    click.option("--heads", metavar="FILE", type=click.Path(dir_okay=False),
+                 help="Medusa heads GGUF for the target (enables --method medusa)."),
     click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
                  help="Context size in tokens."),
     click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,
@@ -83,7 +85,9 @@ _spec_options = _options(
     click.option("--method", type=click.Choice(METHODS), help="Speculation method.  "
                  f"[default: {_SPEC.method}, or none when that cannot run with these models]"),
     click.option("-k", "--draft-max", type=int, default=_SPEC.draft_max, show_default=True,
-                 help="Most tokens drafted per round."),
+                 help="Most tokens drafted per round (medusa: tree nodes)."),
+    click.option("--typical", is_flag=True,
+                 help="Verify medusa trees with typical acceptance: LOSSY, output may differ."),
 )
 
 
@@ -115,20 +119,21 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     if opts.pop("no_draft"):
         draft = None
     return Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
-                  spec=SpecConfig(draft_max=draft_max))
+                  spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"))
 
 
-def _spec(engine: Engine, method: str | None, draft_max: int) -> SpecConfig:
+def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False) -> SpecConfig:
     """--method and -k for this engine. Without --method, the configuration's default
     method, or none when it cannot run here (draft without a draft model)."""
     available = available_methods(engine)
     if method is None:
         method = _SPEC.method if _SPEC.method in available else "none"
     elif method not in available:
-        hint = "; pass a draft model with -d/--draft" if method == "draft" else ""
+        hint = {"draft": "; pass a draft model with -d/--draft",
+                "medusa": "; pass Medusa heads with --heads"}.get(method, "")
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
-    return SpecConfig(method, draft_max=draft_max)
+    return SpecConfig(method, draft_max=draft_max, typical=typical)
 
 
 @contextmanager
@@ -169,7 +174,7 @@ def _name(model) -> str | None:
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stop", multiple=True, help="End the text at this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(prompt, prompt_file, method, draft_max, max_tokens, chat, system, stop, as_json, **opts) -> None:
+def run(prompt, prompt_file, method, draft_max, typical, max_tokens, chat, system, stop, as_json, **opts) -> None:
     """Generate one answer.
 
     The prompt is PROMPT, or -f FILE, or stdin (PROMPT '-', or none and stdin piped).
@@ -181,7 +186,7 @@ def run(prompt, prompt_file, method, draft_max, max_tokens, chat, system, stop, 
         raise click.UsageError("--system needs --chat")
     sampling = _sampling(opts)
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max)
+        spec = _spec(engine, method, draft_max, typical)
         if chat and not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use --raw")
         messages = [{"role": "system", "content": system}] if system else []
@@ -244,7 +249,7 @@ Ctrl-C during an answer stops it and keeps what was written.'''
 @click.option("-n", "--max-tokens", type=int, default=1024, show_default=True, help="Most tokens per answer.")
 @click.option("--system", help="System prompt.")
 @click.option("--show-drafts", is_flag=True, help="Colour the text that came from accepted draft tokens.")
-def chat(method, draft_max, max_tokens, system, show_drafts, **opts) -> None:
+def chat(method, draft_max, typical, max_tokens, system, show_drafts, **opts) -> None:
     """Chat interactively, several turns.
 
     Each turn prefills only the new tokens: the KV caches keep the conversation. Type
@@ -254,7 +259,7 @@ def chat(method, draft_max, max_tokens, system, show_drafts, **opts) -> None:
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max)
+        spec = _spec(engine, method, draft_max, typical)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
         session = ChatSession(engine, Settings(sampling, spec, max_tokens), system=system)
