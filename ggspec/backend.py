@@ -71,11 +71,39 @@ def check_gguf_file(path: Path) -> None:
         raise ModelFileError(f"not a GGUF file (starts with {magic!r}, expected b'GGUF'): {path}")
 
 
-class Model:
+class _Owner:
+    """Owns one C handle and frees it exactly once: close(), `with`, or garbage collection."""
+
+    _handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        return self._handle
+
+    def _free(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._free()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Model(_Owner):
     """A loaded GGUF model: weights, vocabulary and metadata."""
 
     def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig()):
-        self._handle = None
         self.path = Path(path)
         check_gguf_file(self.path)
         params = llama_cpp.llama_model_default_params()
@@ -100,25 +128,8 @@ class Model:
         self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._piece = ctypes.create_string_buffer(256)
 
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise RuntimeError(f"model {self.path.name} is closed")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            llama_cpp.llama_model_free(self._handle)
-            self._handle = None
-
-    def __enter__(self) -> Model:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
+    def _free(self) -> None:
+        llama_cpp.llama_model_free(self._handle)
 
     def describe(self) -> str:
         buf = ctypes.create_string_buffer(256)
@@ -186,7 +197,7 @@ class Model:
         raise RuntimeError("chat template output kept growing")
 
 
-class Context:
+class Context(_Owner):
     """An inference context over a Model: KV cache, batch, logits (and hidden states).
 
     `tokens` mirrors what sequence 0 of the KV cache holds; `eval`/`truncate` keep it true.
@@ -194,7 +205,6 @@ class Context:
 
     def __init__(self, model: Model, cfg: BackendConfig = BackendConfig(), *,
                  n_seq_max: int = 1, embeddings: bool = False):
-        self._handle = None
         self.model = model
         self.cfg = cfg
         params = llama_cpp.llama_context_default_params()
@@ -234,25 +244,8 @@ class Context:
         self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
         self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
 
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise RuntimeError("context is closed")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._cleanup.close()
-            self._handle = None
-
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
+    def _free(self) -> None:
+        self._cleanup.close()  # the batch, then the context
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int],
                seq_ids: Sequence[Sequence[int]] | None, want: np.ndarray) -> np.ndarray:

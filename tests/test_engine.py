@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ggspec import (BackendConfig, BusyError, ContextOverflowError, Engine, ModelFileError,
-                    SamplingConfig, SpecConfig, VocabMismatchError)
+                    SamplingConfig, SpecConfig, Stats, VocabMismatchError)
 from reference import first_divergence, greedy_reference
 from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
 
@@ -111,19 +111,25 @@ def test_sampled_tokens_follow_the_target_distribution(engine, target_path, meth
     prompt = base + base[1:] if method == "lookup" else base
     sampling = dict(temperature=0.9, top_k=top_k, top_p=1.0, min_p=0.0)
     p1, p2 = exact_first_two(target_path, prompt, 0.9, top_k)
+    stats = sample_first_two(engine, prompt, n, sampling, SpecConfig(method, draft_max=3), (p1, p2))
+    assert stats.draft_tokens > n / 2
+
+
+def sample_first_two(engine, prompt, n, sampling: dict, spec, exact) -> Stats:
+    """Generate two tokens n times (seeds 0..n-1); check both outcomes' frequencies
+    against the exact marginals; return the summed stats."""
     counts = np.zeros((2, END + 1))
-    drafted = 0
+    total = Stats()
     for seed in range(n):
-        got = engine.generate(prompt, max_tokens=2, sampling=SamplingConfig(**sampling, seed=seed),
-                              spec=SpecConfig(method, draft_max=3))
+        got = engine.generate(prompt, max_tokens=2, sampling=SamplingConfig(**sampling, seed=seed), spec=spec)
         outcomes = (got.tokens + [END, END])[:2]
         counts[0, outcomes[0]] += 1
         counts[1, outcomes[1]] += 1
-        drafted += got.stats.draft_tokens
-    assert drafted > n / 2
-    for row, p in zip(counts / n, (p1, p2)):
+        total = total + got.stats
+    for row, p in zip(counts / n, exact):
         assert np.all(row[p == 0] == 0), "a sample fell outside the target's support"
         assert_frequencies_match(row, p, n)
+    return total
 
 
 def assert_frequencies_match(freq: np.ndarray, p: np.ndarray, n: int) -> None:
