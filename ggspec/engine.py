@@ -109,7 +109,8 @@ class Engine:
             if heads is not None:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES)
-            self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max)
+            self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max,
+                                                self.drafters.get("medusa"))
             self._resources = stack.pop_all()
 
     def close(self) -> None:

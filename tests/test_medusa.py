@@ -40,7 +40,7 @@ def free_trees(medusa_engine):
     from ggspec.controller import CostModel
     medusa = medusa_engine.drafters["medusa"]
     saved = medusa.costs
-    medusa.costs = CostModel(np.full(33, 1.0))
+    medusa.costs = CostModel(np.full(33, saved.verify[0]))  # any tree costs one token
     medusa.acceptance[:] = 0.9
     yield medusa
     medusa.costs = saved
@@ -53,7 +53,7 @@ def test_greedy_medusa_equals_plain_greedy_decoding(medusa_engine, free_trees, t
     got = medusa_engine.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
                                  spec=SpecConfig("medusa", draft_max=12))
     assert first_divergence(got.tokens, ref) is None
-    assert got.stats.draft_rounds >= got.stats.rounds // 2  # (random heads: trees shrink as they miss)
+    assert got.stats.draft_rounds >= 5  # (random heads: the trees shrink as they miss)
 
 
 def test_medusa_trees_shrink_to_nothing_when_verification_is_expensive(medusa_engine):
@@ -83,3 +83,13 @@ def test_medusa_is_refused_without_heads(target_path):
     with Engine(target_path, None, target_config=CFG) as eng:
         with pytest.raises(ValueError, match="medusa"):
             eng.generate(random_prompt(83), spec=SpecConfig("medusa"))
+
+
+def test_auto_takes_head_trees_when_they_pay_and_stays_exact(medusa_engine, free_trees, target_path):
+    free_trees.head_seconds = 0.0
+    prompt = random_prompt(90)
+    ref = greedy_reference(target_path, prompt, 30)
+    got = medusa_engine.generate(prompt, max_tokens=30, sampling=SamplingConfig(temperature=0),
+                                 spec=SpecConfig("auto"))
+    assert first_divergence(got.tokens, ref) is None
+    assert got.stats.controller["plans"].get("medusa", 0) > 0

@@ -1,13 +1,14 @@
 """`auto`: each round, choose the drafter and draft length with the most expected
 committed tokens per second (ggspec.controller), from costs measured on this machine and
-acceptance measured on this conversation."""
+acceptance measured on this conversation. With Medusa heads loaded, a head tree is one
+more candidate, taken when its expected rate is the best."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from ..controller import EXPLORE_EVERY, AcceptanceModel, CostModel, Plan, best_p
 from . import Draft
 from .lookup import LookupDrafter
 from .model import ModelDrafter
+
+if TYPE_CHECKING:
+    from .medusa import MedusaDrafter
 
 LOOKUP_PRIOR = 0.6  # starting acceptance guesses, replaced by measurements within rounds
 MODEL_PRIOR = 0.7
@@ -47,15 +51,17 @@ class AutoDrafter:
 
     name = "auto"
 
-    def __init__(self, target: Context, lookup: LookupDrafter, model: ModelDrafter | None, k_max: int):
+    def __init__(self, target: Context, lookup: LookupDrafter, model: ModelDrafter | None, k_max: int,
+                 medusa: MedusaDrafter | None = None):
         self.target = target
         self.lookup = lookup
         self.model = model
+        self.medusa = medusa
         self.k_max = k_max
         self.costs: CostModel | None = None
         self.lookup_acceptance = AcceptanceModel(LOOKUP_PRIOR, k_max)
         self.model_acceptance = AcceptanceModel(MODEL_PRIOR, k_max) if model else None
-        self.plans: Counter[Plan] = Counter()
+        self.plans: Counter[Plan | str] = Counter()
         self._plan = Plan()
         self._idle = 0
 
@@ -63,6 +69,8 @@ class AutoDrafter:
         self.lookup.prepare(tokens)
         if self.model is not None:
             self.model.prepare(tokens)
+        if self.medusa is not None:
+            self.medusa.prepare(tokens)
         self.plans.clear()
         if self.costs is None and len(self.target.tokens) + self.k_max + 2 <= self.target.n_ctx:
             draft_token = float(measure_verify_costs(self.model.ctx, 1)[0]) if self.model else 0.0
@@ -72,9 +80,13 @@ class AutoDrafter:
                 rng: np.random.Generator) -> Draft:
         budget = min(budget, self.k_max)
         chain = self.lookup.propose(tokens, budget, sampling, rng).tokens
-        plan = Plan()
+        plan, rate = Plan(), 0.0
         if self.costs is not None:
-            plan, _ = best_plan(self.costs, self.lookup_acceptance, self.model_acceptance, len(chain), budget)
+            plan, rate = best_plan(self.costs, self.lookup_acceptance, self.model_acceptance, len(chain), budget)
+        if self.medusa is not None and self.medusa.plan(budget)[1] > rate:
+            self._plan = Plan()
+            self.plans["medusa"] += 1
+            return self.medusa.propose(tokens, budget, sampling, rng)
         if plan.total == 0 and self._idle >= EXPLORE_EVERY and budget > 0:
             # re-measure acceptance now and then: drafting one token costs little
             plan = Plan(lookup=1) if chain else Plan(model=1) if self.model else plan
@@ -90,6 +102,8 @@ class AutoDrafter:
             self.costs.observe_draft(len(tail.tokens), time.perf_counter() - t0)
         self._plan = Plan(lookup=len(head), model=len(tail.tokens))
         self.plans[self._plan] += 1
+        if self.medusa is not None:
+            self.medusa.passed(self._plan.total + 1)
         if tail.q is None:
             return Draft(head + tail.tokens)
         # a lookup token is a draft from a one-hot q: speculative sampling then equals
@@ -99,6 +113,8 @@ class AutoDrafter:
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]))
 
     def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
+        if self.medusa is not None:
+            self.medusa.accept(nodes, verify_seconds)  # keeps the heads' hidden state current
         n_accepted = len(nodes)
         plan = self._plan
         if self.costs is not None:
@@ -111,8 +127,8 @@ class AutoDrafter:
     def report(self) -> dict:
         """The controller's estimates and how often it chose each plan."""
         return {
-            "plans": {f"lookup={p.lookup},model={p.model}": n for p, n in sorted(
-                self.plans.items(), key=lambda kv: -kv[1])},
+            "plans": {p if isinstance(p, str) else f"lookup={p.lookup},model={p.model}": n
+                      for p, n in sorted(self.plans.items(), key=lambda kv: -kv[1])},
             "verify_ms": None if self.costs is None else [round(1000 * t, 3) for t in self.costs.verify],
             "draft_token_ms": None if self.costs is None else round(1000 * self.costs.draft_token, 3),
             "lookup_acceptance": [round(a, 3) for a in self.lookup_acceptance.alpha],

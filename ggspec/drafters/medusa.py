@@ -37,7 +37,7 @@ class MedusaDrafter:
         ranks = np.arange(1, self.top_k + 1)
         self.acceptance = 0.5 ** np.arange(1, heads.n_heads + 1)[:, None] / ranks[None, :]
         self.costs: CostModel | None = None
-        self.head_seconds = 0.0
+        self.head_seconds = 0.0  # evaluating the heads, an EMA
         self._hidden: np.ndarray | None = None
         self._rows = 1
         self._ranks = np.zeros(0, dtype=np.int64)
@@ -48,29 +48,35 @@ class MedusaDrafter:
         if self.costs is None and len(self.target.tokens) + self.max_nodes + 2 <= self.target.n_ctx:
             self.costs = CostModel(measure_verify_costs(self.target, self.max_nodes + 1))
 
-    def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
-                rng: np.random.Generator) -> Draft:
-        self._tree = None
-        self._rows = 1
+    def plan(self, budget: int) -> tuple[int, float]:
+        """The tree size to draft now (0: none) and its expected committed tokens per second."""
         if self._hidden is None or self.costs is None:
-            return Draft([])
-        t0 = time.perf_counter()
-        ids, _ = self.heads.propose(self._hidden, self.top_k)  # (n_heads, top_k)
-        choices, chances = grown_choices(self.acceptance, min(budget, self.max_nodes))
-        n = self._best_size(chances)
-        self.head_seconds += EMA * (time.perf_counter() - t0 - self.head_seconds)
-        if n == 0:
-            return Draft([])
-        tree, ranks = tree_from_choices(choices[:n])
-        self._tree, self._ranks, self._rows = tree, ranks, n + 1
-        return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree)
-
-    def _best_size(self, chances: np.ndarray) -> int:
-        """Node count with the most expected committed tokens per second (0: none)."""
+            return 0, 0.0
+        _, chances = grown_choices(self.acceptance, min(budget, self.max_nodes))
         gain = 1 + np.concatenate([[0.0], np.cumsum(chances)])  # (n + 1,)
         seconds = np.array([self.costs.t_verify(k + 1) for k in range(len(gain))]) + self.head_seconds
         seconds[0] -= self.head_seconds  # a plain round evaluates no heads
-        return int(np.argmax(gain / seconds))
+        rate = gain / seconds
+        n = int(np.argmax(rate))
+        return n, float(rate[n])
+
+    def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Draft:
+        n, _ = self.plan(budget)
+        if n == 0:
+            self.passed(1)
+            return Draft([])
+        t0 = time.perf_counter()
+        ids, _ = self.heads.propose(self._hidden, self.top_k)  # (n_heads, top_k)
+        self.head_seconds += EMA * (time.perf_counter() - t0 - self.head_seconds)
+        choices, _ = grown_choices(self.acceptance, n)
+        tree, ranks = tree_from_choices(choices)
+        self._tree, self._ranks, self._rows = tree, ranks, n + 1
+        return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree)
+
+    def passed(self, rows: int) -> None:
+        """This round verifies `rows` rows that are not a tree of these heads."""
+        self._tree, self._rows = None, rows
 
     def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
         # the hidden state of the row whose logits gave the committed token
