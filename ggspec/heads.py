@@ -7,9 +7,10 @@ target's output layer, whose own prediction is token t+1) and predicts token t+h
     logits_h = W_out,h r_L                                    # (vocab_size,)
 
 Row j of the output is target token token_ids[j] (a reduced vocabulary; no token_ids means
-row j is token j). With `tied`, W_out is the same for every head: the rows token_ids of the
-target's own output.weight (token_embd.weight when the target ties its embeddings), read
-from the target GGUF at load. With zero residual weights a tied head is exactly the target's
+row j is token j; ggspec's trainer orders the rows most frequent first, so that a prefix of
+them is a smaller reduced vocabulary: MedusaHeads.restrict). With `tied`, W_out is the
+same for every head: the rows token_ids of the target's own output.weight (token_embd.weight
+when the target ties its embeddings), read from the target GGUF at load. With zero residual weights a tied head is exactly the target's
 own next-token predictor restricted to token_ids.
 
 File format (general.architecture = "medusa"):
@@ -225,9 +226,13 @@ def _scan_target(path: Path, mm) -> TargetInfo:
     if name not in tensors:
         raise ModelFileError(f"{path} has neither output.weight nor token_embd.weight")
     shape, qtype, offset = tensors[name]
+    qtype = Q(qtype)
+    row_bytes = gguf.quants.quant_shape_to_byte_shape(shape[-1:], qtype)[0]
+    if data_start + offset + shape[0] * row_bytes > len(mm):
+        raise ModelFileError(f"{path} is truncated: its {name} ends past the end of the file")
     fp = TargetFingerprint(arch, int(n_embd), hashlib.sha256(mm[slice(*tokens_span)]).hexdigest())
     return TargetInfo(path=path, fingerprint=fp, n_vocab=int(kv["tokenizer.ggml.tokens"]),
-                      output=TensorInfo(shape, Q(qtype), data_start + offset))
+                      output=TensorInfo(shape, qtype, data_start + offset))
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,8 +240,12 @@ def _scan_target(path: Path, mm) -> TargetInfo:
 # ---------------------------------------------------------------------------------------
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * z)  # = 1 / (1 + exp(-z)), without overflow
+
+
 def silu(z: np.ndarray) -> np.ndarray:
-    return z / (1.0 + np.exp(-z))
+    return z * sigmoid(z)
 
 
 class MedusaHeads:
@@ -285,6 +294,20 @@ class MedusaHeads:
     @property
     def out_weight(self) -> np.ndarray:
         return np.swapaxes(self._out_t, -1, -2)
+
+    def restrict(self, n_heads: int | None = None, vocab_size: int | None = None) -> MedusaHeads:
+        """The first `n_heads` heads over the first `vocab_size` output rows: a cheaper
+        proposer (ggspec's trainer orders rows most frequent first)."""
+        nh = self.n_heads if n_heads is None else n_heads
+        v = self.vocab_size if vocab_size is None else vocab_size
+        if not (1 <= nh <= self.n_heads and 1 <= v <= self.vocab_size):
+            raise ValueError(f"can restrict to 1..{self.n_heads} heads and 1..{self.vocab_size} "
+                             f"rows, got {n_heads} and {vocab_size}")
+        ids = np.arange(v, dtype=np.int32) if self.token_ids is None else self.token_ids[:v]
+        out = self.out_weight[:v] if self.tied else self.out_weight[:nh, :v]
+        return MedusaHeads(self.res_weight[:nh], self.res_bias[:nh], out,
+                           token_ids=None if v == self.vocab_size and self.token_ids is None else ids,
+                           tied=self.tied, target=self.target)
 
     def residual(self, x: np.ndarray) -> np.ndarray:
         """Final residual states: x (n, H) -> (n, n_heads, H)."""

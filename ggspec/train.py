@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .backend import Context, Model
 from .config import BackendConfig
-from .heads import MedusaHeads, TargetInfo, read_target, save_heads, silu
+from .heads import MedusaHeads, TargetInfo, read_target, save_heads, sigmoid, silu
 
 LABELS = ("distill", "corpus")
 _STATE = "state.json"
@@ -360,12 +360,12 @@ def _split(data: HiddenStates, cfg: TrainConfig) -> tuple[_Split, _Split]:
 
 
 def reduced_vocab(counts: np.ndarray, size: int) -> np.ndarray | None:
-    """The `size` most frequent token ids of `counts` (n_vocab,), ascending (None: the
-    whole vocabulary)."""
+    """The `size` most frequent token ids of `counts` (n_vocab,), most frequent first, so
+    that every prefix is the best reduced vocabulary of its size (MedusaHeads.restrict);
+    None: the whole vocabulary."""
     if size == 0 or size >= len(counts):
         return None
-    top = np.argsort(-counts, kind="stable")[:size]
-    return np.sort(top).astype(np.int32)
+    return np.argsort(-counts, kind="stable")[:size].astype(np.int32)
 
 
 def _to_rows(labels: np.ndarray, token_ids: np.ndarray | None, n_vocab: int) -> np.ndarray:
@@ -443,7 +443,7 @@ def _forward_backward(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray
     gw, gb = np.zeros_like(w), np.zeros_like(b)
     for l in reversed(range(n_layers)):
         z = zs[l]
-        sig = 1.0 / (1.0 + np.exp(-z))
+        sig = sigmoid(z)
         dz = dr * sig * (1 + z * (1 - sig))                              # SiLU'(z)
         gw[:, l] = np.matmul(dz.transpose(0, 2, 1), rs[l])               # (nh, H, H)
         gb[:, l] = dz.sum(axis=1)
@@ -517,7 +517,8 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
     before = evaluate(heads_now(), data, held)
     steps_per_epoch = -(-len(train_split.rows) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    key = json.dumps(dict(config=dataclasses.asdict(cfg), n_rows=data.n_rows,
+    learnt = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dtype", "checkpoint_every")}
+    key = json.dumps(dict(config=learnt, n_rows=data.n_rows,
                           fingerprint=dataclasses.asdict(target.fingerprint)), sort_keys=True)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -283,3 +285,60 @@ def test_hidden_state_times_output_weight_is_the_logits(target_path):
     recon = hidden @ info.output_rows().T
     np.testing.assert_allclose(recon, logits, atol=1e-3 * np.abs(logits).max())
     np.testing.assert_array_equal(recon.argmax(1), logits.argmax(1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_restrict_keeps_the_first_heads_and_rows(target_path, tied):
+    heads = random_heads(target_path, tied=tied, n_heads=3, vocab=40)
+    small = heads.restrict(n_heads=2, vocab_size=10)
+    assert (small.n_heads, small.vocab_size) == (2, 10)
+    np.testing.assert_array_equal(small.token_ids, heads.token_ids[:10])
+    x = np.random.default_rng(3).standard_normal(H).astype(np.float32)
+    np.testing.assert_allclose(small.logits(x[None])[0], heads.logits(x[None])[0, :2, :10], rtol=1e-5)
+    with pytest.raises(ValueError, match="restrict"):
+        heads.restrict(n_heads=4)
+
+
+# --- the real default target (marked `real`: pulled through the registry) ---------------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "heads" / "qwen2.5-coder-1.5b-medusa.gguf"
+REAL_NEAR_TIE = 0.5  # llama.cpp quantizes activations for Q4_K/Q6_K products
+
+
+@pytest.mark.real
+def test_real_hidden_state_times_output_weight_is_the_logits():
+    from ggspec import hub
+    target = hub.pull("qwen2.5-coder-1.5b")
+    info = read_target(target)
+    with Model(target) as m, Context(m, BackendConfig(n_ctx=128, n_batch=128, n_threads=2),
+                                     embeddings=True) as ctx:
+        tokens = m.tokenize("import os\nimport sys\n\n\ndef main(argv):\n    for arg in argv:\n"
+                            "        print(arg)\n    return 0\n", add_special=True)
+        logits = ctx.eval(tokens, logits="all").copy()
+        hidden = ctx.hidden(len(tokens)).copy()
+    recon = hidden @ info.output_rows().T                                  # (n, 151936)
+    # measured: max |difference| 0.38 on logits up to 24; one of 25 argmaxes a near-tie
+    assert np.abs(recon - logits).max() < 1.0
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > REAL_NEAR_TIE
+    np.testing.assert_array_equal(recon.argmax(1)[clear], logits.argmax(1)[clear])
+
+
+@pytest.mark.real
+def test_shipped_heads_load_for_the_default_target():
+    from ggspec import hub
+    heads = load_heads(SHIPPED, hub.pull("qwen2.5-coder-1.5b"))
+    assert heads.tied and heads.hidden == 1536 and heads.n_heads >= 3
+    ids, logprobs = heads.propose(np.ones(1536, np.float32), 4)
+    assert ids.shape == (heads.n_heads, 4) and (logprobs <= 0).all()
+
+
+def test_truncated_target_is_refused(tmp_path, target_path):
+    data = Path(target_path).read_bytes()
+    cut = tmp_path / "cut-target.gguf"
+    cut.write_bytes(data[:len(data) - 1000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        read_target(cut)
+    cut.write_bytes(data[:5000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        read_target(cut)
