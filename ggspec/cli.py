@@ -22,7 +22,7 @@ from . import __version__, bench as benchmark, hub
 from .backend import Model, check_vocab_compatible, set_verbose
 from .chat import ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
-from .engine import DEFAULT_DRAFT, Engine, Piece, Result
+from .engine import DEFAULT, Engine, Piece, Result
 from .errors import GgspecError
 from .stats import footer, report
 
@@ -67,11 +67,12 @@ def _options(*options) -> Callable:
 _model_options = _options(
     click.option("-m", "--model", metavar="NAME|FILE", help="Target: registry name or GGUF path.  "
                  "[default: the registry's default]"),
-    click.option("-d", "--draft", metavar="NAME|FILE", default=DEFAULT_DRAFT,
+    click.option("-d", "--draft", metavar="NAME|FILE", default=DEFAULT,
                  help="Draft model: GGUF path or registry name.  [default: a registry target's paired draft]"),
     click.option("--no-draft", is_flag=True, help="Load no draft model."),
-    click.option("--heads", metavar="FILE", type=click.Path(dir_okay=False),
-                 help="Medusa heads GGUF for the target (enables --method medusa)."),
+    click.option("--heads", metavar="FILE|default",
+                 help="Medusa heads GGUF for the target, or 'default' for the shipped ones "
+                 "(enables --method medusa)."),
     click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
                  help="Context size in tokens."),
     click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,

@@ -33,7 +33,7 @@ from .stats import Stats
 from .text import TextStream
 
 Prompt = str | Sequence[int] | Sequence[dict]
-DEFAULT_DRAFT = "default"
+DEFAULT = "default"  # draft / heads: whatever the registry pairs with the target
 MEDUSA_MAX_NODES = 32  # largest head tree; the controller usually picks far fewer on a CPU
 
 
@@ -64,8 +64,9 @@ class Engine:
     "default" takes the registry's paired draft for a registry target, and no draft for
     a path; None means no draft model.
 
-    heads: a Medusa heads GGUF for the target (enables method "medusa"; the target's
-    context then also returns hidden states and holds up to MEDUSA_MAX_NODES sequences).
+    heads: a Medusa heads GGUF for the target, or "default" for the heads shipped for a
+    registry target (enables method "medusa"; the target's context then also returns
+    hidden states and holds up to MEDUSA_MAX_NODES sequences).
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -74,7 +75,7 @@ class Engine:
     """
 
     def __init__(self, target: str | os.PathLike | None = None,
-                 draft: str | os.PathLike | None = DEFAULT_DRAFT, *,
+                 draft: str | os.PathLike | None = DEFAULT, *,
                  target_config: BackendConfig = BackendConfig(),
                  draft_config: BackendConfig | None = None,
                  spec: SpecConfig = SpecConfig(),
@@ -83,8 +84,12 @@ class Engine:
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
-        if draft == DEFAULT_DRAFT:
+        if draft == DEFAULT:
             draft = hub.default_draft(str(target)) if not Path(target).exists() else None
+        if heads == DEFAULT:
+            heads = hub.default_heads(str(target))
+            if heads is None:
+                raise ValueError(f"no Medusa heads are shipped for {target}; give a heads file")
         self.spec = spec
         self.sampling = sampling
         self._lock = threading.Lock()

@@ -46,6 +46,7 @@ class ModelEntry:
     pypi_packages: tuple[str, ...]
     draft: str | None
     description: str
+    heads: str | None = None  # Medusa heads shipped with ggspec, relative to models/
 
 
 def _load() -> dict:
@@ -65,6 +66,7 @@ def registry() -> dict[str, ModelEntry]:
             pypi_packages=tuple(t.get("pypi_packages", ())),
             draft=t.get("draft"),
             description=t.get("description", ""),
+            heads=t.get("heads"),
         )
         for name, t in _load()["models"].items()
     }
@@ -79,6 +81,12 @@ def default_draft(name: str) -> str | None:
     """Registry name of `name`'s default draft model; None if it has none or is not a registry name."""
     entry = registry().get(name)
     return entry.draft if entry else None
+
+
+def default_heads(name: str) -> Path | None:
+    """The Medusa heads file shipped for registry model `name`, if any."""
+    entry = registry().get(name)
+    return REGISTRY_PATH.parent / entry.heads if entry and entry.heads else None
 
 
 def cache_dir() -> Path:
