@@ -25,6 +25,7 @@ from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
 from .engine import DEFAULT, Engine, Piece, Result
 from .errors import GgspecError
 from .stats import footer, report
+from .tree import TREE_SHAPES
 
 _SAMPLING = SamplingConfig()
 _SPEC = SpecConfig()
@@ -73,6 +74,8 @@ _model_options = _options(
     click.option("--heads", metavar="FILE|default",
                  help="Medusa heads GGUF for the target, or 'default' for the shipped ones "
                  "(enables --method medusa)."),
+    click.option("--tree", "tree_shape", type=click.Choice(list(TREE_SHAPES)), default="grown",
+                 show_default=True, help="Shape of medusa trees."),
     click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
                  help="Context size in tokens."),
     click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,
@@ -120,7 +123,7 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     if opts.pop("no_draft"):
         draft = None
     return Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
-                  spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"))
+                  spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"), tree_shape=opts.pop("tree_shape"))
 
 
 def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False) -> SpecConfig:

@@ -66,7 +66,8 @@ class Engine:
 
     heads: a Medusa heads GGUF for the target, or "default" for the heads shipped for a
     registry target (enables method "medusa"; the target's context then also returns
-    hidden states and holds up to MEDUSA_MAX_NODES sequences).
+    hidden states and holds up to MEDUSA_MAX_NODES sequences). tree_shape: how head trees
+    are shaped: "grown" from measured acceptance, or "chain", "cartesian", "sparse".
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -81,6 +82,7 @@ class Engine:
                  spec: SpecConfig = SpecConfig(),
                  sampling: SamplingConfig = SamplingConfig(),
                  heads: str | os.PathLike | None = None,
+                 tree_shape: str = "grown",
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
@@ -113,7 +115,7 @@ class Engine:
                 self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
             if heads is not None:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, load_heads(heads, self.target.path),
-                                                        MEDUSA_MAX_NODES)
+                                                        MEDUSA_MAX_NODES, tree_shape)
             self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max,
                                                 self.drafters.get("medusa"))
             self._resources = stack.pop_all()

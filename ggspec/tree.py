@@ -111,6 +111,14 @@ def cartesian_choices(k: int, depth: int) -> Choices:
     return out
 
 
+def fixed_choices(shape: Choices, acceptance: np.ndarray, budget: int) -> tuple[Choices, np.ndarray]:
+    """The first `budget` nodes of a fixed shape that these heads can fill (depth at most
+    n_heads, rank below top_k), and each node's chance: the product along its path."""
+    n_heads, top_k = acceptance.shape
+    nodes = [c for c in shape if len(c) <= n_heads and max(c) < top_k][:budget]
+    return nodes, np.array([np.prod(acceptance[np.arange(len(c)), list(c)]) for c in nodes])
+
+
 def grown_choices(acceptance: np.ndarray, budget: int) -> tuple[Choices, np.ndarray]:
     """The `budget` nodes with the highest chance of being accepted, and those chances.
 
@@ -142,3 +150,12 @@ def tree_from_choices(choices: Choices) -> tuple[Tree, np.ndarray]:
             raise ValueError(f"tree shape lists {path} without its parent {path[:-1]}")
         parents.append(index[path[:-1]] if len(path) > 1 else -1)
     return Tree(tuple(parents)), np.array([path[-1] for path in choices], dtype=np.int64)
+
+
+# the shapes a Medusa drafter can use: None grows the tree from measured acceptance
+TREE_SHAPES: dict[str, Choices | None] = {
+    "grown": None,
+    "chain": chain_choices(8),
+    "cartesian": cartesian_choices(2, 4),
+    "sparse": MEDUSA_SPARSE,
+}

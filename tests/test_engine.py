@@ -115,13 +115,15 @@ def test_sampled_tokens_follow_the_target_distribution(engine, target_path, meth
     assert stats.draft_tokens > n / 2
 
 
-def sample_first_two(engine, prompt, n, sampling: dict, spec, exact) -> Stats:
-    """Generate two tokens n times (seeds 0..n-1); check both outcomes' frequencies
-    against the exact marginals; return the summed stats."""
+def sample_first_two(engine, prompt, n, sampling: dict, spec, exact, *, seeded: bool = True,
+                     max_tokens: int = 2) -> Stats:
+    """Generate n times (seeds 0..n-1, or unseeded); check the first two outcomes'
+    frequencies against the exact marginals; return the summed stats."""
     counts = np.zeros((2, END + 1))
     total = Stats()
     for seed in range(n):
-        got = engine.generate(prompt, max_tokens=2, sampling=SamplingConfig(**sampling, seed=seed), spec=spec)
+        got = engine.generate(prompt, max_tokens=max_tokens, spec=spec,
+                              sampling=SamplingConfig(**sampling, seed=seed if seeded else None))
         outcomes = (got.tokens + [END, END])[:2]
         counts[0, outcomes[0]] += 1
         counts[1, outcomes[1]] += 1
@@ -289,3 +291,26 @@ def test_chat_messages_use_the_models_template(engine):
     expected = engine.target.tokenize("<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n")
     assert tokens == expected
     assert VOCAB.im_start_id in tokens
+
+
+def test_auto_without_a_seed_samples_the_target_distribution(engine, target_path):
+    """Unseeded auto drafts with speculative sampling: lookup tokens as one-hot q, then the
+    draft model's own q. Force plans that draft every round and check the law."""
+    from ggspec.controller import AcceptanceModel, CostModel
+    auto = engine.drafters["auto"]
+    base = random_prompt(22, 6)
+    prompt = base + base[1:]
+    engine.generate(prompt, max_tokens=2, spec=SpecConfig("auto"))  # calibrates
+    saved = auto.costs, auto.lookup_acceptance, auto.model_acceptance
+    auto.costs = CostModel(np.full(9, saved[0].verify[0]))  # any draft costs one token
+    auto.lookup_acceptance, auto.model_acceptance = AcceptanceModel(0.9, 8), AcceptanceModel(0.9, 8)
+    try:
+        exact = exact_first_two(target_path, prompt, 0.9, 0)
+        sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+        stats = sample_first_two(engine, prompt, 20_000, sampling, SpecConfig("auto", draft_max=3), exact,
+                                 seeded=False, max_tokens=3)
+    finally:
+        auto.costs, auto.lookup_acceptance, auto.model_acceptance = saved
+    assert stats.draft_tokens > 20_000
+    assert any(plan.startswith("lookup=1,model=") and not plan.endswith("=0")
+               for plan in stats.controller["plans"])  # mixed chains ran too

@@ -93,3 +93,15 @@ def test_auto_takes_head_trees_when_they_pay_and_stays_exact(medusa_engine, free
                                  spec=SpecConfig("auto"))
     assert first_divergence(got.tokens, ref) is None
     assert got.stats.controller["plans"].get("medusa", 0) > 0
+
+
+def test_sampled_medusa_follows_the_target_distribution(medusa_engine, free_trees, target_path, monkeypatch):
+    from test_engine import exact_first_two, sample_first_two
+    prompt = random_prompt(91, 6)
+    exact = exact_first_two(target_path, prompt, 0.9, 0)
+    monkeypatch.setattr(free_trees, "_learn", lambda nodes: None)  # keep drafting full trees
+    free_trees.head_seconds = 0.0
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    # round one is plain (it yields the hidden state); round two verifies a tree for token two
+    stats = sample_first_two(medusa_engine, prompt, 20_000, sampling, SpecConfig("medusa"), exact, max_tokens=4)
+    assert stats.draft_rounds >= 20_000

@@ -167,3 +167,20 @@ def test_typical_acceptance_is_lossy_and_only_used_when_asked(tree_engine, monke
     monkeypatch.setitem(tree_engine.drafters, "lookup", TreeDrafter([], len(prompt), hit=0.0))
     tree_engine.generate(prompt, max_tokens=5, spec=SpecConfig("lookup"))
     assert not called
+
+
+def test_tree_shapes():
+    from ggspec.tree import TREE_SHAPES, fixed_choices, grown_choices, tree_from_choices
+    acceptance = np.array([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1]])
+    grown, chances = grown_choices(acceptance, 6)
+    assert grown == [(0,), (0, 0), (1,), (0, 0, 0), (0, 1), (1, 0)]
+    np.testing.assert_allclose(chances, [0.6, 0.3, 0.2, 0.12, 0.12, 0.1])
+    for name, shape in TREE_SHAPES.items():
+        if shape is None:
+            continue
+        nodes, chances = fixed_choices(shape, acceptance, 20)
+        tree, ranks = tree_from_choices(nodes)  # parents first, heads and ranks in range
+        assert len(tree) == len(nodes) and tree.depths.max() <= 3 and ranks.max() < 3, name
+        assert np.all(chances <= 0.6)
+    with pytest.raises(ValueError, match="parent"):
+        tree_from_choices([(0, 1)])

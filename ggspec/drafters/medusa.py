@@ -2,7 +2,8 @@
 
 Head d reads the hidden state of the row that produced the last committed token and
 predicts the token d + 1 positions after it. Each round grows the tree with the highest
-expected accepted length from the measured acceptance of every (head, rank), and sizes it
+expected accepted length from the measured acceptance of every (head, rank) (or takes a
+fixed shape: chain, cartesian, Medusa's sparse tree), and sizes it
 by the target's measured verification cost: the node count n maximises
 (1 + expected accepted) / (t_verify(n + 1) + t_heads). Zero nodes means a plain round.
 """
@@ -18,7 +19,7 @@ from ..backend import Context
 from ..config import SamplingConfig
 from ..controller import EMA, CostModel
 from ..heads import MedusaHeads
-from ..tree import Tree, grown_choices, tree_from_choices
+from ..tree import TREE_SHAPES, Tree, fixed_choices, grown_choices, tree_from_choices
 from . import Draft
 from .auto import measure_verify_costs
 
@@ -28,10 +29,13 @@ TOP_K = 8  # candidates per head
 class MedusaDrafter:
     name = "medusa"
 
-    def __init__(self, target: Context, heads: MedusaHeads, max_nodes: int):
+    def __init__(self, target: Context, heads: MedusaHeads, max_nodes: int, shape: str = "grown"):
+        if shape not in TREE_SHAPES:
+            raise ValueError(f"tree shape must be one of {', '.join(TREE_SHAPES)}, got {shape!r}")
         self.target = target
         self.heads = heads
         self.max_nodes = max_nodes
+        self.shape = TREE_SHAPES[shape]
         self.top_k = min(TOP_K, heads.vocab_size)
         # chance that head d's rank-r candidate is accepted given its parent was: (n_heads, top_k)
         ranks = np.arange(1, self.top_k + 1)
@@ -52,7 +56,7 @@ class MedusaDrafter:
         """The tree size to draft now (0: none) and its expected committed tokens per second."""
         if self._hidden is None or self.costs is None:
             return 0, 0.0
-        _, chances = grown_choices(self.acceptance, min(budget, self.max_nodes))
+        _, chances = self._choices(min(budget, self.max_nodes))
         gain = 1 + np.concatenate([[0.0], np.cumsum(chances)])  # (n + 1,)
         seconds = np.array([self.costs.t_verify(k + 1) for k in range(len(gain))]) + self.head_seconds
         seconds[0] -= self.head_seconds  # a plain round evaluates no heads
@@ -69,10 +73,15 @@ class MedusaDrafter:
         t0 = time.perf_counter()
         ids, _ = self.heads.propose(self._hidden, self.top_k)  # (n_heads, top_k)
         self.head_seconds += EMA * (time.perf_counter() - t0 - self.head_seconds)
-        choices, _ = grown_choices(self.acceptance, n)
+        choices, _ = self._choices(n)
         tree, ranks = tree_from_choices(choices)
         self._tree, self._ranks, self._rows = tree, ranks, n + 1
         return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree)
+
+    def _choices(self, budget: int):
+        if self.shape is None:
+            return grown_choices(self.acceptance, budget)
+        return fixed_choices(self.shape, self.acceptance, budget)
 
     def passed(self, rows: int) -> None:
         """This round verifies `rows` rows that are not a tree of these heads."""
