@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EMA = 0.1          # weight of a new observation
-EXPLORE_EVERY = 16  # plain rounds in a row before trying one cheap draft again
+EMA = 0.1           # weight of a new observation
+EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before trying the other
+MARGIN = 1.1        # a draft must promise this much more than plain decoding: estimates are
+                    # noisy, and a draft that does not pay costs more than one not taken
 
 
 class CostModel:
@@ -67,15 +69,17 @@ class Plan:
 
 def best_plan(costs: CostModel, lookup: AcceptanceModel, model: AcceptanceModel | None,
               lookup_len: int, budget: int) -> tuple[Plan, float]:
-    """The plan with the most expected committed tokens per second, and that rate."""
-    best, rate = Plan(), 1.0 / costs.t_verify(1)
+    """The plan with the most expected committed tokens per second, and that rate. A
+    drafting plan is only taken when it beats plain decoding by MARGIN."""
+    best, plain = Plan(), 1.0 / costs.t_verify(1)
+    rate = plain * MARGIN
     n_lookup = min(lookup_len, budget)
     for n in range(1, n_lookup + 1):
         r = (1 + lookup.expected(n)[-1]) / costs.t_verify(n + 1)
         if r > rate:
             best, rate = Plan(lookup=n), r
     if model is None:
-        return best, rate
+        return best, rate if best.total else plain
     # the draft model continues after the whole lookup chain (or drafts alone)
     for prefix in sorted({0, n_lookup}):
         base = lookup.expected(prefix)[-1] if prefix else 0.0
@@ -86,4 +90,4 @@ def best_plan(costs: CostModel, lookup: AcceptanceModel, model: AcceptanceModel 
             r = (1 + gain) / seconds
             if r > rate:
                 best, rate = Plan(lookup=prefix, model=m), r
-    return best, rate
+    return best, rate if best.total else plain

@@ -64,7 +64,8 @@ def main() -> None:
             prompt = engine.tokenize([{"role": "user", "content": workload.prompt}])
             threads = default_threads()  # as ggspec uses (Llama's default is half the CPUs)
             plain = Llama(target, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
-            pld = Llama(target, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+            # logits_all=True: 0.3.36 sizes its score buffer by this argument, not by draft_model
+            pld = Llama(target, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=True,
                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=args.pld_tokens))
             tps_plain = llama_cpp_python_tps(plain, prompt, args.max_tokens)
             tps_pld = llama_cpp_python_tps(pld, prompt, args.max_tokens)

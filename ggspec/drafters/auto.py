@@ -33,14 +33,14 @@ def measure_verify_costs(ctx: Context, rows: int) -> np.ndarray:
     filler = ctx.tokens[-1:] or [0]
     ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
     ctx.truncate(n)
-    sizes = sorted({b for b in (1, 2, 3, 5, 8, rows) if b <= rows})
-    seconds = []
-    for b in sizes:
+    sizes = sorted({b for b in (1, 2, 4, rows) if b <= rows})
+    seconds = dict.fromkeys(sizes, np.inf)
+    for b in (1, *sizes):  # t(1), the baseline every plan is compared with, twice
         t0 = time.perf_counter()
         ctx.eval(filler * b, logits="all")
-        seconds.append(time.perf_counter() - t0)
+        seconds[b] = min(seconds[b], time.perf_counter() - t0)
         ctx.truncate(n)
-    curve = np.interp(np.arange(1, rows + 1), sizes, seconds)
+    curve = np.interp(np.arange(1, rows + 1), sizes, [seconds[b] for b in sizes])
     return np.maximum.accumulate(curve)  # more rows never cost less
 
 
@@ -63,12 +63,12 @@ class AutoDrafter:
         self.model_acceptance = AcceptanceModel(MODEL_PRIOR, k_max) if model else None
         self.plans: Counter[Plan | str] = Counter()
         self._plan = Plan()
-        self._idle = 0
+        self._streak = 0  # > 0: plain rounds in a row; < 0: drafting rounds in a row
 
     def prepare(self, tokens: Sequence[int]) -> None:
+        # the draft model is not prefilled here: it catches up when a round first uses it,
+        # and that cost is part of what the controller measures
         self.lookup.prepare(tokens)
-        if self.model is not None:
-            self.model.prepare(tokens)
         if self.medusa is not None:
             self.medusa.prepare(tokens)
         self.plans.clear()
@@ -87,10 +87,11 @@ class AutoDrafter:
             self._plan = Plan()
             self.plans["medusa"] += 1
             return self.medusa.propose(tokens, budget, sampling, rng)
-        if plan.total == 0 and self._idle >= EXPLORE_EVERY and budget > 0:
-            # re-measure acceptance now and then: drafting one token costs little
-            plan = Plan(lookup=1) if chain else Plan(model=1) if self.model else plan
-        self._idle = 0 if plan.total else self._idle + 1
+        if plan.total == 0 and self._streak >= EXPLORE_EVERY and budget > 0:
+            plan = self._explore(chain)
+        elif plan.total and self._streak <= -EXPLORE_EVERY:
+            plan = Plan()  # and re-measure the cost of a plain round
+        self._streak = max(self._streak, 0) + 1 if plan.total == 0 else min(self._streak, 0) - 1
         head = chain[:plan.lookup]
         tail = Draft([])
         if plan.model:
@@ -111,6 +112,18 @@ class AutoDrafter:
         onehot = np.zeros((len(head), tail.q.shape[1]))
         onehot[np.arange(len(head)), head] = 1.0
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]))
+
+    def _explore(self, chain: list[int]) -> Plan:
+        """After many plain rounds, draft one token to re-measure acceptance -- if a
+        perfectly accepted token could pay at the measured costs at all."""
+        if self.costs is None:
+            return Plan()
+        plain = 1.0 / self.costs.t_verify(1)
+        if chain and 2.0 / self.costs.t_verify(2) > plain:
+            return Plan(lookup=1)
+        if self.model is not None and 2.0 / (self.costs.draft_token + self.costs.t_verify(2)) > plain:
+            return Plan(model=1)
+        return Plan()
 
     def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
         if self.medusa is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import Context
 from ..config import SamplingConfig
-from ..controller import EMA, CostModel
+from ..controller import EMA, MARGIN, CostModel
 from ..heads import MedusaHeads
 from ..tree import TREE_SHAPES, Tree, fixed_choices, grown_choices, tree_from_choices
 from . import Draft
@@ -62,6 +62,8 @@ class MedusaDrafter:
         seconds[0] -= self.head_seconds  # a plain round evaluates no heads
         rate = gain / seconds
         n = int(np.argmax(rate))
+        if rate[n] < MARGIN * rate[0]:
+            n = 0  # too little to gain for the risk
         return n, float(rate[n])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
