@@ -243,6 +243,13 @@ class Context(_Owner):
         self._pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
         self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
         self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
+        self._single_sequence()
+
+    def _single_sequence(self) -> None:
+        """Every batch row in sequence 0 (set once; a tree batch sets its own ids)."""
+        for i in range(self.n_batch):
+            self._batch.seq_id[i][0] = 0
+        self._tree_ids = False
 
     def _free(self) -> None:
         self._cleanup.close()  # the batch, then the context
@@ -265,9 +272,10 @@ class Context(_Owner):
         self._out[:n] = want
         if seq_ids is None:
             self._nseq[:n] = 1
-            for i in range(n):
-                b.seq_id[i][0] = 0
+            if self._tree_ids:  # a tree batch left other first ids: back to sequence 0
+                self._single_sequence()
         else:
+            self._tree_ids = True
             for i, ids in enumerate(seq_ids):
                 self._nseq[i] = len(ids)
                 for j, s in enumerate(ids):
