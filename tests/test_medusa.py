@@ -99,8 +99,10 @@ def test_sampled_medusa_follows_the_target_distribution(medusa_engine, free_tree
     from test_engine import exact_first_two, sample_first_two
     prompt = random_prompt(91, 6)
     exact = exact_first_two(target_path, prompt, 0.9, 0)
+    from ggspec.controller import CostModel
     monkeypatch.setattr(free_trees, "_learn", lambda nodes: None)  # keep drafting full trees
-    free_trees.head_seconds = 0.0
+    free_trees.costs = CostModel(np.full(33, 1.0))  # a second per verification: heads are free
+    monkeypatch.setattr(free_trees.costs, "observe_verify", lambda *args: None)
     sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
     # round one is plain (it yields the hidden state); round two verifies a tree for token two
     stats = sample_first_two(medusa_engine, prompt, 20_000, sampling, SpecConfig("medusa"), exact, max_tokens=4)
