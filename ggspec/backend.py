@@ -204,7 +204,7 @@ class Context(_Owner):
     """
 
     def __init__(self, model: Model, cfg: BackendConfig = BackendConfig(), *,
-                 n_seq_max: int = 1, embeddings: bool = False):
+                 n_seq_max: int = 1, embeddings: bool = False, shared_cache: bool | None = None):
         self.model = model
         self.cfg = cfg
         params = llama_cpp.llama_context_default_params()
@@ -212,7 +212,9 @@ class Context(_Owner):
         params.n_batch = cfg.n_batch
         params.n_ubatch = cfg.n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = n_seq_max > 1
+        # one cache that sequences share cells of (trees, seq_cp) or, with
+        # shared_cache=False, a cache of n_ctx / n_seq_max cells per independent sequence
+        params.kv_unified = n_seq_max > 1 if shared_cache is None else shared_cache
         params.n_threads = params.n_threads_batch = cfg.n_threads or default_threads()
         params.embeddings = embeddings
         if embeddings:

@@ -2,10 +2,13 @@
 
 Two stages, each resumable:
 
-1. `collect` runs a text corpus through the target with llama.cpp (windows of `window`
-   tokens, one fresh KV cache each) and stores, per row, the final hidden state x_t
-   (float16), the corpus token and the target's greedy prediction argmax(logits_t)
-   (the same decode returns both).
+1. `collect` runs text through the target with llama.cpp and stores, per row, the final
+   hidden state x_t (float16), the token and the target's greedy prediction
+   argmax(logits_t) (the same decode returns both). The text is either a corpus, in
+   windows of `window` tokens (one fresh KV cache each), or, with `answers`, the target's
+   own greedy answers to prompts (one prompt per line, in its chat template): the rows
+   the heads see at generation time, decoded `parallel` answers at a time (one
+   llama_decode of `parallel` rows per step, which on a CPU costs less per row).
 2. `train` fits the heads with Adam on cross-entropy over a reduced vocabulary (the most
    frequent label tokens of the training rows), residual layers initialised to zero so
    that each tied head starts as the target's own next-token predictor.
@@ -28,7 +31,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +61,10 @@ class CollectConfig:
     context each, so also the longest context seen); file_tokens: most tokens taken from
     one file (variety over depth); count_tokens: corpus tokens counted (tokenized only) to
     choose the heads' reduced vocabulary; pattern: glob for files under a corpus
-    directory; seed: the order in which files are taken.
+    directory; seed: the order in which files (or prompts) are taken.
+    answers: the corpus holds prompts, one per line, and the rows are the target's greedy
+    answers (at most answer_tokens each; prompt and answer fit in `window`), decoded
+    `parallel` at a time.
     """
 
     max_tokens: int = 50_000
@@ -69,6 +75,9 @@ class CollectConfig:
     seed: int = 0
     n_threads: int | None = None
     n_gpu_layers: int = -1
+    answers: bool = False
+    answer_tokens: int = 256
+    parallel: int = 32
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window, int) and 16 <= self.window <= 8192):
@@ -78,6 +87,12 @@ class CollectConfig:
                              f"got {self.max_tokens!r}")
         if not (isinstance(self.file_tokens, int) and self.file_tokens >= 16):
             raise ValueError(f"file_tokens must be an integer >= 16, got {self.file_tokens!r}")
+        if self.answers and not (isinstance(self.answer_tokens, int)
+                                 and 2 <= self.answer_tokens < self.window):
+            raise ValueError(f"answer_tokens must be an integer from 2 to window - 1 "
+                             f"({self.window - 1}), got {self.answer_tokens!r}")
+        if not (isinstance(self.parallel, int) and 1 <= self.parallel <= 256):
+            raise ValueError(f"parallel must be an integer from 1 to 256, got {self.parallel!r}")
 
 
 @dataclass(frozen=True)
@@ -112,9 +127,11 @@ class HiddenStates:
         if state["windows_done"] < state["n_windows"]:
             raise ValueError(f"collection in {work} is not finished; run collect again")
         counts = np.load(work / "counts.npy") if (work / "counts.npy").exists() else None
-        return cls(work, np.load(work / "hidden.npy", mmap_mode="r"),
-                   np.load(work / "tokens.npy"), np.load(work / "preds.npy"),
-                   np.load(work / "windows.npy"), target, state["seconds"], counts)
+        windows = np.load(work / "windows.npy")
+        n = int(windows[:, 1].sum())  # rows lie packed from 0; the files may hold spare rows
+        return cls(work, np.load(work / "hidden.npy", mmap_mode="r")[:n],
+                   np.load(work / "tokens.npy")[:n], np.load(work / "preds.npy")[:n],
+                   windows, target, state["seconds"], counts)
 
 
 def corpus_files(corpus: str | os.PathLike, pattern: str = "*") -> list[Path]:
@@ -182,20 +199,53 @@ def plan_windows(model: Model, corpus: str | os.PathLike, cfg: CollectConfig
     return np.concatenate(tokens), np.asarray(windows, dtype=np.int64), counts
 
 
+def read_prompts(corpus: str | os.PathLike, pattern: str = "*") -> list[str]:
+    """The prompts of `corpus`: every non-empty line of its text files."""
+    prompts = []
+    for f in corpus_files(corpus, pattern):
+        text = _read_text(f)
+        prompts += [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts found in {corpus}")
+    return prompts
+
+
+def plan_prompts(model: Model, corpus: str | os.PathLike, cfg: CollectConfig) -> list[list[int]]:
+    """Prompts (in the target's chat template, tokenized, in a seeded random order) whose
+    rows, with full answers, reach max_tokens; prompts too long for the window are skipped."""
+    prompts = read_prompts(corpus, cfg.pattern)
+    random.Random(cfg.seed).shuffle(prompts)
+    planned, n = [], 0
+    for text in prompts:
+        if n >= cfg.max_tokens:
+            break
+        ids = model.tokenize(model.apply_chat_template([{"role": "user", "content": text}]))
+        if len(ids) + cfg.answer_tokens <= cfg.window:
+            planned.append(ids)
+            n += len(ids) + cfg.answer_tokens
+    if not planned:
+        raise ValueError(f"no prompt in {corpus} fits a window of {cfg.window} tokens with "
+                         f"{cfg.answer_tokens} answer tokens; raise --window")
+    return planned
+
+
 def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
             work_dir: str | os.PathLike, cfg: CollectConfig = CollectConfig(), *,
             progress: bool = True) -> HiddenStates:
-    """Run `corpus` through the target and store hidden states in `work_dir` (resumable:
-    a finished work dir is reused, an interrupted one continues where it stopped)."""
+    """Run `corpus` (or, with cfg.answers, the target's answers to its prompts) through the
+    target and store hidden states in `work_dir` (resumable: a finished work dir is reused,
+    an interrupted one continues where it stopped)."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     target = read_target(target_path)
     state_file = work / _STATE
     state = json.loads(state_file.read_text()) if state_file.exists() else None
-    # what the rows depend on (threads and offloading do not change them)
+    # what the rows depend on (threads, offloading and parallel answers do not change them)
     data_key = dict(corpus=str(Path(corpus).resolve()), max_tokens=cfg.max_tokens,
                     window=cfg.window, file_tokens=cfg.file_tokens, pattern=cfg.pattern,
                     seed=cfg.seed, count_tokens=cfg.count_tokens)
+    if cfg.answers:
+        data_key.update(answers=True, answer_tokens=cfg.answer_tokens)
     if state is not None and state["data"] != data_key:
         raise ValueError(f"{work} was collected with other settings {state['data']}; "
                          "use another work dir or the same settings")
@@ -203,40 +253,137 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
         return HiddenStates.open(work, target)
 
     with Model(target_path, BackendConfig(n_gpu_layers=cfg.n_gpu_layers)) as model:
+        prompts = plan_prompts(model, corpus, cfg) if cfg.answers else []
         if state is None:
-            tokens, windows, counts = plan_windows(model, corpus, cfg)
+            if cfg.answers:  # windows are added as answers finish
+                capacity = sum(len(p) + cfg.answer_tokens for p in prompts)
+                tokens, windows = np.zeros(capacity, np.int32), np.zeros((0, 3), np.int64)
+                counts = np.zeros(model.n_vocab, dtype=np.int64)
+            else:
+                tokens, windows, counts = plan_windows(model, corpus, cfg)
+                capacity = len(tokens)
             np.save(work / "counts.npy", counts)
             np.save(work / "tokens.npy", tokens)
             np.save(work / "windows.npy", windows)
-            n = len(tokens)
-            np.lib.format.open_memmap(work / "hidden.npy", "w+", np.float16, (n, model.n_embd)).flush()
-            np.save(work / "preds.npy", np.full(n, -1, dtype=np.int32))
+            np.lib.format.open_memmap(work / "hidden.npy", "w+", np.float16,
+                                      (capacity, model.n_embd)).flush()
+            np.save(work / "preds.npy", np.full(capacity, -1, dtype=np.int32))
             state = dict(data=data_key, fingerprint=dataclasses.asdict(target.fingerprint),
-                         n_windows=len(windows), windows_done=0, seconds=0.0)
+                         n_windows=len(prompts) if cfg.answers else len(windows),
+                         windows_done=0, seconds=0.0)
             state_file.write_text(json.dumps(state, indent=1))
-        tokens, windows = np.load(work / "tokens.npy"), np.load(work / "windows.npy")
-        hidden = np.load(work / "hidden.npy", mmap_mode="r+")
-        preds = np.load(work / "preds.npy")
-        bcfg = BackendConfig(n_ctx=max(cfg.window, 64), n_batch=cfg.window,
-                             n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
-        with Context(model, bcfg, embeddings=True) as ctx, tqdm(
-                total=int(windows[:, 1].sum()), initial=int(windows[:state["windows_done"], 1].sum()),
-                unit="tok", desc="hidden states", disable=not progress) as bar:
-            for w in range(state["windows_done"], len(windows)):
-                t0 = time.perf_counter()
-                start, length, _ = (int(v) for v in windows[w])
-                ctx.clear()
-                logits = ctx.eval(tokens[start:start + length].tolist(), logits="all")
-                preds[start:start + length] = logits.argmax(axis=1)
-                hidden[start:start + length] = ctx.hidden(length)
-                hidden.flush()
-                np.save(work / "preds.npy", preds)
-                state["windows_done"] = w + 1  # only once the rows are on disk
-                state["seconds"] += time.perf_counter() - t0
-                state_file.write_text(json.dumps(state, indent=1))
-                bar.update(length)
-        del hidden
+        store = _Store(work, state)
+        if cfg.answers:
+            _collect_answers(model, prompts, store, cfg, progress)
+        else:
+            _collect_corpus(model, store, cfg, progress)
+        store.close()
     return HiddenStates.open(work, target)
+
+
+class _Store:
+    """The rows of a work dir being collected: each finished window goes to disk, then the
+    state file records it (so an interrupted collection loses at most windows in flight)."""
+
+    def __init__(self, work: Path, state: dict):
+        self.work, self.state = work, state
+        self.tokens = np.load(work / "tokens.npy")
+        self.preds = np.load(work / "preds.npy")
+        self.windows = np.load(work / "windows.npy")
+        self.hidden = np.load(work / "hidden.npy", mmap_mode="r+")
+
+    def write(self, start: int, tokens: Sequence[int], preds: Sequence[int],
+              hidden: np.ndarray, window: tuple[int, int, int] | None, seconds: float) -> None:
+        end = start + len(tokens)
+        self.tokens[start:end], self.preds[start:end] = tokens, preds
+        self.hidden[start:end] = hidden
+        self.hidden.flush()
+        np.save(self.work / "preds.npy", self.preds)
+        if window is not None:  # a window that was not planned ahead
+            self.windows = np.concatenate([self.windows, [window]])
+            np.save(self.work / "tokens.npy", self.tokens)
+            np.save(self.work / "windows.npy", self.windows)
+        self.state["windows_done"] += 1
+        self.state["seconds"] += seconds
+        (self.work / _STATE).write_text(json.dumps(self.state, indent=1))
+
+    def close(self) -> None:
+        del self.hidden
+
+
+def _collect_corpus(model: Model, store: _Store, cfg: CollectConfig, progress: bool) -> None:
+    windows, state = store.windows, store.state
+    bcfg = BackendConfig(n_ctx=max(cfg.window, 64), n_batch=cfg.window,
+                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
+    with Context(model, bcfg, embeddings=True) as ctx, tqdm(
+            total=int(windows[:, 1].sum()), initial=int(windows[:state["windows_done"], 1].sum()),
+            unit="tok", desc="hidden states", disable=not progress) as bar:
+        for w in range(state["windows_done"], len(windows)):
+            t0 = time.perf_counter()
+            start, length, _ = (int(v) for v in windows[w])
+            ids = store.tokens[start:start + length].tolist()
+            ctx.clear()
+            logits = ctx.eval(ids, logits="all")
+            store.write(start, ids, logits.argmax(axis=1), ctx.hidden(length), None,
+                        time.perf_counter() - t0)
+            bar.update(length)
+
+
+@dataclass
+class _Answer:
+    """One prompt being answered in a sequence of the batch."""
+
+    index: int
+    tokens: list[int]
+    preds: list[int]
+    hidden: list[np.ndarray]
+    n_prompt: int
+
+
+def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
+                     cfg: CollectConfig, progress: bool) -> None:
+    """Greedy answers, `parallel` sequences at a time: each step decodes one row per
+    sequence; a finished sequence's window is written and the next prompt takes its place."""
+    done = set(store.windows[:, 2].tolist())
+    todo = iter([i for i in range(len(prompts)) if i not in done])
+    n_rows = int(store.windows[:, 1].sum())
+    n_seq = min(cfg.parallel, len(prompts) - len(done))
+    bcfg = BackendConfig(n_ctx=n_seq * cfg.window, n_batch=max(cfg.window, n_seq),
+                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
+    slots: list[_Answer | None] = [None] * n_seq
+    planned = [len(p) + cfg.answer_tokens for p in prompts]  # rows, if no answer ends early
+    with Context(model, bcfg, n_seq_max=n_seq, embeddings=True, shared_cache=False) as ctx, tqdm(
+            total=sum(planned), initial=sum(planned[i] for i in done), unit="tok",
+            desc="answers", disable=not progress) as bar:
+        t0 = time.perf_counter()
+        while True:
+            for s, slot in enumerate(slots):
+                if slot is None and (i := next(todo, None)) is not None:
+                    ids = prompts[i]
+                    ctx.seq_rm(s)
+                    logits = ctx.decode(ids, range(len(ids)), [[s]] * len(ids),
+                                        np.ones(len(ids), np.int8))
+                    slots[s] = _Answer(i, list(ids), logits.argmax(axis=1).tolist(),
+                                       list(ctx.hidden(len(ids)).astype(np.float16)), len(ids))
+            live = [s for s, slot in enumerate(slots) if slot is not None]
+            if not live:
+                break
+            rows = [slots[s] for s in live]
+            logits = ctx.decode([a.preds[-1] for a in rows], [len(a.tokens) for a in rows],
+                                [[s] for s in live], np.ones(len(live), np.int8))
+            preds, hidden = logits.argmax(axis=1), ctx.hidden(len(live)).astype(np.float16)
+            for j, (s, a) in enumerate(zip(live, rows)):
+                a.tokens.append(a.preds[-1])
+                a.preds.append(int(preds[j]))
+                a.hidden.append(hidden[j])
+                if int(preds[j]) in model.eog or len(a.tokens) - a.n_prompt >= cfg.answer_tokens:
+                    n = len(a.tokens)
+                    store.write(n_rows, a.tokens, a.preds, np.stack(a.hidden), (n_rows, n, a.index),
+                                time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    n_rows += n
+                    bar.update(planned[a.index])
+                    slots[s] = None
 
 
 # ---------------------------------------------------------------------------------------

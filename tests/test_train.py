@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from ggspec.heads import load_heads, read_target
+from ggspec.backend import Context, Model
+from ggspec.config import BackendConfig
 from ggspec.train import (CollectConfig, HiddenStates, TrainConfig, _forward_backward, _labels,
-                          collect, format_report, reduced_vocab, train)
+                          collect, format_report, plan_prompts, reduced_vocab, train)
+from reference import first_divergence, greedy_reference
 
 
 def test_labels_and_greedy_chain():
@@ -129,11 +132,67 @@ def test_collection_resumes(tmp_path, target_path, corpus):
         collect(target_path, corpus, work, CollectConfig(max_tokens=400, window=32), progress=False)
 
 
+def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path):
+    """With answers=True the rows are prompt + the target's greedy answer, decoded several
+    sequences per llama_decode: each answer equals plain one-sequence greedy decoding, and
+    each row's hidden state equals that of the same tokens evaluated alone."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n\nthe cat\nprint hello\ndef lambda\nyes no\n")
+    cfg = CollectConfig(max_tokens=1000, window=96, answers=True, answer_tokens=20, parallel=3,
+                        n_threads=1)
+    data = collect(target_path, prompts, tmp_path / "work", cfg, progress=False)
+    assert sorted(data.windows[:, 2].tolist()) == list(range(5))  # every prompt, each in one window
+    assert data.n_rows == int(data.windows[:, 1].sum()) == len(data.tokens) == len(data.hidden)
+    with Model(target_path) as model, Context(model, BackendConfig(n_ctx=64), embeddings=True) as ctx:
+        planned = plan_prompts(model, prompts, cfg)
+        for start, length, i in data.windows:
+            tokens, prompt = data.tokens[start:start + length].tolist(), planned[i]
+            assert tokens[:len(prompt)] == prompt
+            answer, last = tokens[len(prompt):], int(data.preds[start + length - 1])
+            assert len(answer) == 20 or last in model.eog
+            got = answer if last in model.eog else answer + [last]
+            ref = greedy_reference(target_path, prompt, 21)
+            assert first_divergence(got, ref) is None
+            ctx.clear()
+            ctx.eval(tokens, logits="all")
+            np.testing.assert_allclose(data.hidden[start:start + length], ctx.hidden(length),
+                                       atol=2e-2, rtol=1e-2)
+
+
+def test_answer_collection_resumes(tmp_path, target_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nthe cat\nprint hello\ndef lambda\n")
+    cfg = CollectConfig(max_tokens=1000, window=96, answers=True, answer_tokens=12, parallel=2,
+                        n_threads=1)
+    work = tmp_path / "work"
+    full = collect(target_path, prompts, work, cfg, progress=False)
+    hidden, tokens = np.array(full.hidden), full.tokens.copy()  # the files get rewritten
+    # pretend it stopped once two answers were on disk
+    state = json.loads((work / "state.json").read_text())
+    state["windows_done"] = 2
+    (work / "state.json").write_text(json.dumps(state))
+    np.save(work / "windows.npy", full.windows[:2])
+    with pytest.raises(ValueError, match="not finished"):
+        HiddenStates.open(work, read_target(target_path))
+    resumed = collect(target_path, prompts, work, cfg, progress=False)
+    assert sorted(resumed.windows[:, 2].tolist()) == sorted(full.windows[:, 2].tolist())
+    for start, length, i in full.windows:
+        (s2, l2, _), = resumed.windows[resumed.windows[:, 2] == i]
+        assert l2 == length
+        np.testing.assert_array_equal(resumed.tokens[s2:s2 + l2], tokens[start:start + length])
+        np.testing.assert_allclose(resumed.hidden[s2:s2 + l2], hidden[start:start + length],
+                                   atol=2e-2)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="labels"):
         TrainConfig(labels="teacher")
     with pytest.raises(ValueError, match="window"):
         CollectConfig(window=8)
+    with pytest.raises(ValueError, match="answer_tokens"):
+        CollectConfig(window=64, answers=True, answer_tokens=64)
+    with pytest.raises(ValueError, match="parallel"):
+        CollectConfig(answers=True, parallel=0)
     with pytest.raises(ValueError, match="max_tokens"):
         CollectConfig(max_tokens=10)
 

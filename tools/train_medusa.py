@@ -3,6 +3,8 @@
 
     python tools/train_medusa.py qwen2.5-coder-1.5b /usr/lib/python3.11 heads.gguf \\
         --pattern '*.py' --max-tokens 20000
+    python tools/code_prompts.py prompts.txt
+    python tools/train_medusa.py qwen2.5-coder-1.5b prompts.txt heads.gguf --answers
 
 Hidden states are cached in --work-dir and training checkpoints there too: run the same
 command again to resume. See ggspec/train.py for what is learnt.
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--window", type=int, default=d.window, help="tokens per llama.cpp pass")
     g.add_argument("--file-tokens", type=int, default=d.file_tokens, help="most tokens per file")
     g.add_argument("--pattern", default=d.pattern, help="file glob inside a corpus directory")
+    g.add_argument("--answers", action="store_true",
+                   help="the corpus holds prompts, one per line: learn from the target's own "
+                   "greedy answers to them (self-distillation; see tools/code_prompts.py)")
+    g.add_argument("--answer-tokens", type=int, default=d.answer_tokens,
+                   help="with --answers: most tokens per answer")
+    g.add_argument("--parallel", type=int, default=d.parallel,
+                   help="with --answers: answers decoded together")
     g.add_argument("-t", "--threads", type=int, default=None, help="llama.cpp threads")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=d.n_gpu_layers,
                    help="layers to offload (-1: all)")
@@ -68,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         target = resolve(a.target, progress=not a.quiet)
         collect_cfg = CollectConfig(max_tokens=a.max_tokens, window=a.window,
                                     file_tokens=a.file_tokens, pattern=a.pattern, seed=a.seed,
-                                    n_threads=a.threads, n_gpu_layers=a.n_gpu_layers)
+                                    n_threads=a.threads, n_gpu_layers=a.n_gpu_layers,
+                                    answers=a.answers, answer_tokens=a.answer_tokens,
+                                    parallel=a.parallel)
         train_cfg = TrainConfig(n_heads=a.heads, n_layers=a.layers, vocab_size=a.vocab_size,
                                 tied=not a.untied, labels=a.labels, epochs=a.epochs,
                                 batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
