@@ -41,6 +41,7 @@ from tqdm import tqdm
 from .backend import Context, Model
 from .config import BackendConfig
 from .heads import MedusaHeads, TargetInfo, read_target, save_heads, sigmoid, silu
+from .tree import grown_choices
 
 LABELS = ("distill", "corpus")
 _STATE = "state.json"
@@ -451,6 +452,7 @@ class TrainReport:
     vocab_coverage: float  # share of held-out labels inside the reduced vocabulary
     before: list[HeadAccuracy]
     after: list[HeadAccuracy]
+    trees: dict[int, float]  # tree nodes -> mean accepted drafts per round (tree_acceptance)
     steps: int
     seconds: float
 
@@ -630,6 +632,42 @@ def evaluate(heads: MedusaHeads, data: HiddenStates, split: _Split,
                          float(loss[h] / max(n_loss[h], 1)), int(n[h])) for h in range(nh)]
 
 
+TREE_SIZES = (1, 4, 8, 16, 32)
+
+
+def tree_acceptance(heads: MedusaHeads, data: HiddenStates, split: _Split,
+                    sizes: Sequence[int] = TREE_SIZES, top_k: int = 8,
+                    batch_size: int = 512) -> dict[int, float]:
+    """Mean draft tokens greedy verification would accept per round with a grown tree of
+    each size, simulated on the rows of `split` whose continuation follows the target's
+    greedy chain (there the tree's root is the target's own next token, as when
+    generating). The tree is grown from the per-(head, rank) acceptance of these rows."""
+    nh, k = heads.n_heads, min(top_k, heads.vocab_size)
+    rows = np.flatnonzero(split.greedy[:, 0] >= 0)
+    ranks = np.full((len(rows), nh), k, dtype=np.int64)  # k: not among the top k
+    for s in range(0, len(rows), batch_size):
+        b = rows[s:s + batch_size]
+        z = heads.logits(np.asarray(data.hidden[split.rows[b]], dtype=np.float32))  # (B, nh, V)
+        top = np.argsort(-z, axis=2)[:, :, :k]
+        ids = top if heads.token_ids is None else heads.token_ids[top]
+        hit = ids == split.greedy[b][:, :, None]                                    # (B, nh, k)
+        ranks[s:s + len(b)] = np.where(hit.any(axis=2), hit.argmax(axis=2), k)
+    acceptance = np.zeros((nh, k))
+    reached = np.ones(len(rows), dtype=bool)  # every earlier head's label is in its top k
+    for d in range(nh):
+        if reached.any():
+            acceptance[d] = np.bincount(ranks[reached, d], minlength=k + 1)[:k] / reached.sum()
+        reached &= ranks[:, d] < k
+    out = {}
+    for n in sizes:
+        tree = set(grown_choices(acceptance, n)[0])
+        accepted = np.zeros(len(rows))
+        for d in range(1, nh + 1):
+            accepted += [tuple(r) in tree for r in ranks[:, :d].tolist()]
+        out[n] = float(accepted.mean()) if len(rows) else 0.0
+    return out
+
+
 def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
           *, checkpoint: str | os.PathLike | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None) -> TrainReport:
@@ -711,7 +749,7 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
     path = save_heads(out_path, heads, dtype=cfg.dtype,
                       name=f"medusa-{nh}x{cfg.n_layers}-{target.fingerprint.architecture}")
     return TrainReport(Path(path), len(train_split.rows), len(held.rows), coverage, before, after,
-                       total, time.perf_counter() - t_start)
+                       tree_acceptance(heads, data, held), total, time.perf_counter() - t_start)
 
 
 def train_medusa(target_path: str | os.PathLike, corpus: str | os.PathLike,
@@ -734,4 +772,6 @@ def format_report(report: TrainReport) -> str:
     for a, b in zip(report.before, report.after):
         lines.append(f"{b.head:>4}  {b.top1:6.1%} ({a.top1:5.1%})  {b.top5:6.1%} ({a.top5:5.1%})"
                      f"  {b.chain_top1:10.1%}  {b.loss:5.2f} ({a.loss:5.2f})")
+    lines.append("greedy trees on held-out rows: " + ", ".join(
+        f"{n} nodes -> {1 + a:.2f} tokens/round" for n, a in report.trees.items()))
     return "\n".join(lines)

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ggspec.heads import load_heads, read_target
+from ggspec.heads import MedusaHeads, TargetFingerprint, load_heads, read_target
 from ggspec.backend import Context, Model
 from ggspec.config import BackendConfig
-from ggspec.train import (CollectConfig, HiddenStates, TrainConfig, _forward_backward, _labels,
-                          collect, format_report, plan_prompts, reduced_vocab, train)
+from ggspec.train import (CollectConfig, HiddenStates, TrainConfig, _forward_backward, _labels, _Split,
+                          collect, format_report, plan_prompts, reduced_vocab, train,
+                          tree_acceptance)
 from reference import first_divergence, greedy_reference
 
 
@@ -31,6 +32,21 @@ def test_labels_and_greedy_chain():
     np.testing.assert_array_equal(greedy[:, 1], [99, -1, -1, 16, -1, -1, 23, 24, -1, -1])
     labels, _ = _labels(data, 2, "corpus")
     np.testing.assert_array_equal(labels[:, 1], [13, 14, 15, -1, -1, -1, 23, -1, -1, -1])
+
+
+def test_tree_acceptance_counts_the_longest_path_in_the_tree():
+    """Zero-residual tied heads over an identity output rank tokens by x itself; the
+    labels sit at chosen ranks: rows A (0, 0), B (1, 0), C (0, miss) with top_k = 2.
+    acceptance = [[2/3, 1/3], [2/3, 0]] grows (0,), (0, 0), (1,), (1, 0) in that order."""
+    h = 8
+    x = np.tile(np.arange(h, 0, -1, dtype=np.float16), (3, 1))  # token j has rank j
+    greedy = np.array([[0, 0], [1, 0], [0, 5]])
+    heads = MedusaHeads(np.zeros((2, 1, h, h)), np.zeros((2, 1, h)), np.eye(h), token_ids=None,
+                        tied=True, target=TargetFingerprint("t", h, "v"))
+    data = HiddenStates(Path("."), x, np.zeros(3), np.zeros(3), np.array([[0, 3, 0]]), None, 0.0)
+    split = _Split(np.arange(3), greedy, greedy)
+    got = tree_acceptance(heads, data, split, sizes=(1, 2, 3, 4), top_k=2)
+    np.testing.assert_allclose([got[n] for n in (1, 2, 3, 4)], [2 / 3, 1, 4 / 3, 5 / 3])
 
 
 def test_reduced_vocab_keeps_the_most_frequent_labels():
@@ -98,6 +114,9 @@ def test_training_reduces_heldout_loss(tmp_path, target_path, corpus):
         assert after.loss < 0.8 * before.loss, format_report(report)
     assert all(after.top5 > before.top5 for before, after in zip(report.before, report.after))
     assert 0.5 < report.vocab_coverage <= 1.0
+    accepted = list(report.trees.values())  # a larger tree never accepts less
+    assert accepted == sorted(accepted) and 0 <= accepted[0] <= 1 and accepted[-1] <= 2
+    assert "tokens/round" in format_report(report)
 
     heads = load_heads(report.path, target_path)
     assert (heads.n_heads, heads.vocab_size, heads.tied) == (2, 200, True)
