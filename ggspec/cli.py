@@ -22,7 +22,7 @@ from . import __version__, bench as benchmark, hub
 from .backend import Model, check_vocab_compatible, set_verbose
 from .chat import ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
-from .engine import DEFAULT, Engine, Piece, Result
+from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Piece, Result
 from .errors import GgspecError
 from .stats import footer, report
 from .tree import TREE_SHAPES
@@ -76,6 +76,8 @@ _model_options = _options(
                  "(enables --method medusa)."),
     click.option("--tree", "tree_shape", type=click.Choice(list(TREE_SHAPES)), default="grown",
                  show_default=True, help="Shape of medusa trees."),
+    click.option("--tree-nodes", type=click.IntRange(0, MEDUSA_MAX_NODES), default=0, show_default=True,
+                 help="Fixed medusa tree size, at most --draft-max (0: sized by measured cost)."),
     click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
                  help="Context size in tokens."),
     click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,
@@ -123,7 +125,8 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     if opts.pop("no_draft"):
         draft = None
     return Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
-                  spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"), tree_shape=opts.pop("tree_shape"))
+                  spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"), tree_shape=opts.pop("tree_shape"),
+                  tree_nodes=opts.pop("tree_nodes"))
 
 
 def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False) -> SpecConfig:

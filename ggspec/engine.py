@@ -68,6 +68,9 @@ class Engine:
     registry target (enables method "medusa"; the target's context then also returns
     hidden states and holds up to MEDUSA_MAX_NODES sequences). tree_shape: how head trees
     are shaped: "grown" from measured acceptance, or "chain", "cartesian", "sparse".
+    tree_nodes: a fixed number of tree nodes per medusa round (at most MEDUSA_MAX_NODES,
+    and spec.draft_max); 0 sizes each tree by the measured verification cost (no tree
+    where none pays).
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -83,6 +86,7 @@ class Engine:
                  sampling: SamplingConfig = SamplingConfig(),
                  heads: str | os.PathLike | None = None,
                  tree_shape: str = "grown",
+                 tree_nodes: int = 0,
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
@@ -115,7 +119,7 @@ class Engine:
                 self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
             if heads is not None:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, load_heads(heads, self.target.path),
-                                                        MEDUSA_MAX_NODES, tree_shape)
+                                                        MEDUSA_MAX_NODES, tree_shape, tree_nodes)
             self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max,
                                                 self.drafters.get("medusa"))
             self._resources = stack.pop_all()

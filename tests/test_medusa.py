@@ -107,3 +107,26 @@ def test_sampled_medusa_follows_the_target_distribution(medusa_engine, free_tree
     # round one is plain (it yields the hidden state); round two verifies a tree for token two
     stats = sample_first_two(medusa_engine, prompt, 20_000, sampling, SpecConfig("medusa"), exact, max_tokens=4)
     assert stats.draft_rounds >= 20_000
+
+
+def test_fixed_tree_nodes_draft_that_many_whatever_the_cost(target_path, heads_path, monkeypatch):
+    from ggspec.controller import CostModel
+    with Engine(target_path, None, target_config=CFG, heads=heads_path, tree_nodes=6) as eng:
+        prompt = random_prompt(95)
+        eng.generate(prompt, max_tokens=2, spec=SpecConfig("medusa"))  # calibrates
+        medusa = eng.drafters["medusa"]
+        medusa.costs = CostModel(np.array([1.0] + [1e3] * 32))
+        sizes, propose = [], medusa.propose
+
+        def spy(tokens, budget, *args):
+            draft = propose(tokens, budget, *args)
+            sizes.append((len(draft.tokens), budget))
+            return draft
+
+        monkeypatch.setattr(medusa, "propose", spy)
+        got = eng.generate(prompt, max_tokens=30, sampling=SamplingConfig(temperature=0),
+                           spec=SpecConfig("medusa", draft_max=16))
+    assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 30)) is None
+    assert len(sizes) > 5 and all(n == min(6, budget) for n, budget in sizes[1:])  # round 1: no hidden state yet
+    with pytest.raises(ValueError, match="tree nodes"):
+        Engine(target_path, None, target_config=CFG, heads=heads_path, tree_nodes=33)

@@ -6,6 +6,7 @@ expected accepted length from the measured acceptance of every (head, rank) (or 
 fixed shape: chain, cartesian, Medusa's sparse tree), and sizes it
 by the target's measured verification cost: the node count n maximises
 (1 + expected accepted) / (t_verify(n + 1) + t_heads). Zero nodes means a plain round.
+A fixed node count (`nodes`) skips that choice.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ TOP_K = 8  # candidates per head
 class MedusaDrafter:
     name = "medusa"
 
-    def __init__(self, target: Context, heads: MedusaHeads, max_nodes: int, shape: str = "grown"):
+    def __init__(self, target: Context, heads: MedusaHeads, max_nodes: int, shape: str = "grown",
+                 nodes: int = 0):
         if shape not in TREE_SHAPES:
             raise ValueError(f"tree shape must be one of {', '.join(TREE_SHAPES)}, got {shape!r}")
+        if not (isinstance(nodes, int) and 0 <= nodes <= max_nodes):
+            raise ValueError(f"tree nodes must be an integer from 0 (sized by cost) to "
+                             f"{max_nodes}, got {nodes!r}")
+        self.nodes = nodes
         self.target = target
         self.heads = heads
         self.max_nodes = max_nodes
@@ -61,9 +67,12 @@ class MedusaDrafter:
         seconds = np.array([self.costs.t_verify(k + 1) for k in range(len(gain))]) + self.head_seconds
         seconds[0] -= self.head_seconds  # a plain round evaluates no heads
         rate = gain / seconds
-        n = int(np.argmax(rate))
-        if rate[n] < MARGIN * rate[0]:
-            n = 0  # too little to gain for the risk
+        if self.nodes:
+            n = min(self.nodes, len(rate) - 1)
+        else:
+            n = int(np.argmax(rate))
+            if rate[n] < MARGIN * rate[0]:
+                n = 0  # too little to gain for the risk
         return n, float(rate[n])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
