@@ -237,6 +237,7 @@ class Context(_Owner):
         self.n_ctx = llama_cpp.llama_n_ctx(handle)      # llama.cpp may round the request up
         self.n_batch = llama_cpp.llama_n_batch(handle)  # and clamp the batch to the context
         self.n_seq_max = n_seq_max
+        self.embeddings = embeddings
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []
         self.busy_seconds = 0.0  # time spent inside llama_decode
@@ -291,11 +292,15 @@ class Context(_Owner):
         n_out = int(np.count_nonzero(want))
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
+        if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
+            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.handle), shape=(n, self.n_vocab))
+            return rows[np.asarray(want) != 0]
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.handle), shape=(n_out, self.n_vocab))
 
     def hidden(self, n_rows: int) -> np.ndarray:
         """Zero-copy (n_rows, n_embd) view of the last decode's output embeddings
-        (the input of the output layer); needs a context made with embeddings=True."""
+        (the input of the output layer) of its first n_rows rows: with embeddings=True
+        llama.cpp outputs every row of a batch, whatever rows asked for logits."""
         ptr = llama_cpp.llama_get_embeddings(self.handle)
         if not ptr:
             raise RuntimeError("this context was created without embeddings=True")

@@ -7,8 +7,9 @@ Two stages, each resumable:
    argmax(logits_t) (the same decode returns both). The text is either a corpus, in
    windows of `window` tokens (one fresh KV cache each), or, with `answers`, the target's
    own greedy answers to prompts (one prompt per line, in its chat template): the rows
-   the heads see at generation time, decoded `parallel` answers at a time (one
-   llama_decode of `parallel` rows per step, which on a CPU costs less per row).
+   the heads see at generation time (a window is the prompt's last token and the answer),
+   decoded `parallel` answers at a time (one llama_decode of `parallel` rows per step,
+   which on a CPU costs less per row).
 2. `train` fits the heads with Adam on cross-entropy over a reduced vocabulary (the most
    frequent label tokens of the training rows), residual layers initialised to zero so
    that each tied head starts as the target's own next-token predictor.
@@ -64,8 +65,8 @@ class CollectConfig:
     choose the heads' reduced vocabulary; pattern: glob for files under a corpus
     directory; seed: the order in which files (or prompts) are taken.
     answers: the corpus holds prompts, one per line, and the rows are the target's greedy
-    answers (at most answer_tokens each; prompt and answer fit in `window`), decoded
-    `parallel` at a time.
+    answers (at most answer_tokens each, after the prompt's last token; prompt and answer
+    fit in `window`), decoded `parallel` at a time.
     """
 
     max_tokens: int = 50_000
@@ -214,6 +215,7 @@ def read_prompts(corpus: str | os.PathLike, pattern: str = "*") -> list[str]:
 def plan_prompts(model: Model, corpus: str | os.PathLike, cfg: CollectConfig) -> list[list[int]]:
     """Prompts (in the target's chat template, tokenized, in a seeded random order) whose
     rows, with full answers, reach max_tokens; prompts too long for the window are skipped."""
+    rows = 1 + cfg.answer_tokens  # the prompt's last row predicts the answer's first token
     prompts = read_prompts(corpus, cfg.pattern)
     random.Random(cfg.seed).shuffle(prompts)
     planned, n = [], 0
@@ -223,7 +225,7 @@ def plan_prompts(model: Model, corpus: str | os.PathLike, cfg: CollectConfig) ->
         ids = model.tokenize(model.apply_chat_template([{"role": "user", "content": text}]))
         if len(ids) + cfg.answer_tokens <= cfg.window:
             planned.append(ids)
-            n += len(ids) + cfg.answer_tokens
+            n += rows
     if not planned:
         raise ValueError(f"no prompt in {corpus} fits a window of {cfg.window} tokens with "
                          f"{cfg.answer_tokens} answer tokens; raise --window")
@@ -257,7 +259,7 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
         prompts = plan_prompts(model, corpus, cfg) if cfg.answers else []
         if state is None:
             if cfg.answers:  # windows are added as answers finish
-                capacity = sum(len(p) + cfg.answer_tokens for p in prompts)
+                capacity = len(prompts) * (1 + cfg.answer_tokens)
                 tokens, windows = np.zeros(capacity, np.int32), np.zeros((0, 3), np.int64)
                 counts = np.zeros(model.n_vocab, dtype=np.int64)
             else:
@@ -332,13 +334,14 @@ def _collect_corpus(model: Model, store: _Store, cfg: CollectConfig, progress: b
 
 @dataclass
 class _Answer:
-    """One prompt being answered in a sequence of the batch."""
+    """One prompt being answered in a sequence of the batch: its rows from the prompt's
+    last token on."""
 
     index: int
+    position: int  # of the last row
     tokens: list[int]
     preds: list[int]
     hidden: list[np.ndarray]
-    n_prompt: int
 
 
 def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
@@ -352,38 +355,40 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
     bcfg = BackendConfig(n_ctx=n_seq * cfg.window, n_batch=max(cfg.window, n_seq),
                          n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
     slots: list[_Answer | None] = [None] * n_seq
-    planned = [len(p) + cfg.answer_tokens for p in prompts]  # rows, if no answer ends early
+    rows = 1 + cfg.answer_tokens  # per window, if the answer does not end early
     with Context(model, bcfg, n_seq_max=n_seq, embeddings=True, shared_cache=False) as ctx, tqdm(
-            total=sum(planned), initial=sum(planned[i] for i in done), unit="tok",
-            desc="answers", disable=not progress) as bar:
+            total=rows * len(prompts), initial=rows * len(done), unit="tok", desc="answers",
+            disable=not progress) as bar:
         t0 = time.perf_counter()
         while True:
             for s, slot in enumerate(slots):
                 if slot is None and (i := next(todo, None)) is not None:
                     ids = prompts[i]
                     ctx.seq_rm(s)
-                    logits = ctx.decode(ids, range(len(ids)), [[s]] * len(ids),
-                                        np.ones(len(ids), np.int8))
-                    slots[s] = _Answer(i, list(ids), logits.argmax(axis=1).tolist(),
-                                       list(ctx.hidden(len(ids)).astype(np.float16)), len(ids))
+                    want = np.zeros(len(ids), np.int8)
+                    want[-1] = 1
+                    logits = ctx.decode(ids, range(len(ids)), [[s]] * len(ids), want)
+                    slots[s] = _Answer(i, len(ids) - 1, [ids[-1]], [int(logits[0].argmax())],
+                                       [ctx.hidden(len(ids))[-1].astype(np.float16)])
             live = [s for s, slot in enumerate(slots) if slot is not None]
             if not live:
                 break
-            rows = [slots[s] for s in live]
-            logits = ctx.decode([a.preds[-1] for a in rows], [len(a.tokens) for a in rows],
+            answers = [slots[s] for s in live]
+            logits = ctx.decode([a.preds[-1] for a in answers], [a.position + 1 for a in answers],
                                 [[s] for s in live], np.ones(len(live), np.int8))
             preds, hidden = logits.argmax(axis=1), ctx.hidden(len(live)).astype(np.float16)
-            for j, (s, a) in enumerate(zip(live, rows)):
+            for j, (s, a) in enumerate(zip(live, answers)):
                 a.tokens.append(a.preds[-1])
                 a.preds.append(int(preds[j]))
                 a.hidden.append(hidden[j])
-                if int(preds[j]) in model.eog or len(a.tokens) - a.n_prompt >= cfg.answer_tokens:
+                a.position += 1
+                if int(preds[j]) in model.eog or len(a.tokens) == rows:
                     n = len(a.tokens)
                     store.write(n_rows, a.tokens, a.preds, np.stack(a.hidden), (n_rows, n, a.index),
                                 time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     n_rows += n
-                    bar.update(planned[a.index])
+                    bar.update(rows)
                     slots[s] = None
 
 

@@ -287,6 +287,25 @@ def test_hidden_state_times_output_weight_is_the_logits(target_path):
     np.testing.assert_array_equal(recon.argmax(1), logits.argmax(1))
 
 
+def test_embeddings_context_returns_the_rows_asked_for(target_path):
+    """llama.cpp outputs every row of an embeddings context; decode still returns the
+    logits of the rows that asked, like a context without embeddings."""
+    cfg = BackendConfig(n_ctx=64, n_batch=64, n_threads=1)
+    with Model(target_path) as m:
+        tokens = m.tokenize("def hello world(): return the cat", add_special=True)
+        want = np.zeros(len(tokens), np.int8)
+        want[[2, -1]] = 1
+        got = {}
+        for emb in (False, True):
+            with Context(m, cfg, embeddings=emb) as ctx:
+                got[emb] = ctx.decode(tokens, range(len(tokens)), None, want).copy()
+                ctx.clear()
+                last = ctx.eval(tokens, logits="last")
+                np.testing.assert_allclose(last[0], got[emb][1], atol=1e-4)
+    assert got[True].shape == (2, m.n_vocab)
+    np.testing.assert_allclose(got[True], got[False], atol=1e-4)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_restrict_keeps_the_first_heads_and_rows(target_path, tied):
     heads = random_heads(target_path, tied=tied, n_heads=3, vocab=40)

@@ -166,15 +166,15 @@ def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path):
         planned = plan_prompts(model, prompts, cfg)
         for start, length, i in data.windows:
             tokens, prompt = data.tokens[start:start + length].tolist(), planned[i]
-            assert tokens[:len(prompt)] == prompt
-            answer, last = tokens[len(prompt):], int(data.preds[start + length - 1])
+            assert tokens[0] == prompt[-1]  # the prompt's last row, then the answer
+            answer, last = tokens[1:], int(data.preds[start + length - 1])
             assert len(answer) == 20 or last in model.eog
             got = answer if last in model.eog else answer + [last]
             ref = greedy_reference(target_path, prompt, 21)
             assert first_divergence(got, ref) is None
             ctx.clear()
-            ctx.eval(tokens, logits="all")
-            np.testing.assert_allclose(data.hidden[start:start + length], ctx.hidden(length),
+            ctx.eval(prompt[:-1] + tokens, logits="all")
+            np.testing.assert_allclose(data.hidden[start:start + length], ctx.hidden(len(prompt) + length - 1)[-length:],
                                        atol=2e-2, rtol=1e-2)
 
 
