@@ -76,7 +76,7 @@ def test_typical_acceptance_runs_only_when_asked(medusa_engine, free_trees, monk
     medusa_engine.generate(prompt, max_tokens=20, spec=SpecConfig("medusa"))
     assert not calls
     got = medusa_engine.generate(prompt, max_tokens=20, spec=SpecConfig("medusa", typical=True))
-    assert calls and len(got.tokens) == 20
+    assert calls and got.tokens  # (sampled: it may stop early at an end-of-generation token)
 
 
 def test_medusa_is_refused_without_heads(target_path):

@@ -83,10 +83,12 @@ class AutoDrafter:
         plan, rate = Plan(), 0.0
         if self.costs is not None:
             plan, rate = best_plan(self.costs, self.lookup_acceptance, self.model_acceptance, len(chain), budget)
-        if self.medusa is not None and self.medusa.plan(budget)[1] > rate:
-            self._plan = Plan()
-            self.plans["medusa"] += 1
-            return self.medusa.propose(tokens, budget, sampling, rng)
+        if self.medusa is not None:
+            nodes, medusa_rate = self.medusa.plan(budget)
+            if nodes and medusa_rate > rate:
+                self._plan = Plan()
+                self.plans["medusa"] += 1
+                return self.medusa.draft(nodes)
         if plan.total == 0 and self._streak >= EXPLORE_EVERY and budget > 0:
             plan = self._explore(chain)
         elif plan.total and self._streak <= -EXPLORE_EVERY:

@@ -52,6 +52,7 @@ class MedusaDrafter:
         self._rows = 1
         self._ranks = np.zeros(0, dtype=np.int64)
         self._tree: Tree | None = None
+        self._planned: list[tuple[int, ...]] = []
 
     def prepare(self, tokens: Sequence[int]) -> None:
         self._hidden = None  # a new prompt: the first round runs plain and yields one
@@ -62,7 +63,8 @@ class MedusaDrafter:
         """The tree size to draft now (0: none) and its expected committed tokens per second."""
         if self._hidden is None or self.costs is None:
             return 0, 0.0
-        _, chances = self._choices(min(budget, self.max_nodes))
+        # best-first: the first n of these nodes are the tree of n nodes
+        self._planned, chances = self._choices(min(budget, self.max_nodes))
         gain = 1 + np.concatenate([[0.0], np.cumsum(chances)])  # (n + 1,)
         seconds = np.array([self.costs.t_verify(k + 1) for k in range(len(gain))]) + self.head_seconds
         seconds[0] -= self.head_seconds  # a plain round evaluates no heads
@@ -77,15 +79,17 @@ class MedusaDrafter:
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
-        n, _ = self.plan(budget)
+        return self.draft(self.plan(budget)[0])
+
+    def draft(self, n: int) -> Draft:
+        """A tree of n nodes from the heads (0: none, a plain round), after plan()."""
         if n == 0:
             self.passed(1)
             return Draft([])
         t0 = time.perf_counter()
         ids, _ = self.heads.propose(self._hidden, self.top_k)  # (n_heads, top_k)
         self.head_seconds += EMA * (time.perf_counter() - t0 - self.head_seconds)
-        choices, _ = self._choices(n)
-        tree, ranks = tree_from_choices(choices)
+        tree, ranks = tree_from_choices(self._planned[:n])
         self._tree, self._ranks, self._rows = tree, ranks, n + 1
         return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree)
 
