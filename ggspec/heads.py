@@ -24,6 +24,9 @@ File format (general.architecture = "medusa"):
     medusa.target.architecture       str    the target's general.architecture
     medusa.target.embedding_length   u32    the target's {arch}.embedding_length
     medusa.target.vocab_hash         str    vocab_hash() of the target's tokenizer.ggml.tokens
+    medusa.acceptance                f32[]  optional: (head_count, ranks) row-major, the
+                                            measured chance that head h's rank-r token is
+                                            accepted given its parent was (first trees)
 
     medusa.{h}.res.{l}.weight        (hidden, hidden)      F32 / F16 / Q8_0
     medusa.{h}.res.{l}.bias          (hidden,)             F32 / F16
@@ -58,6 +61,8 @@ KEY_TIED = "medusa.tied"
 KEY_TARGET_ARCH = "medusa.target.architecture"
 KEY_TARGET_EMBD = "medusa.target.embedding_length"
 KEY_TARGET_VOCAB_HASH = "medusa.target.vocab_hash"
+KEY_ACCEPTANCE = "medusa.acceptance"
+TOP_K = 8  # candidates per head in a tree
 
 Q = gguf.GGMLQuantizationType
 WEIGHT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
@@ -254,10 +259,13 @@ class MedusaHeads:
     res_weight (n_heads, n_layers, H, H), res_bias (n_heads, n_layers, H);
     out_weight (V, H) when tied (shared by all heads), else (n_heads, V, H);
     token_ids (V,) target ids of the output rows, or None for the identity.
+    acceptance (n_heads, ranks): measured chance that head h's rank-r candidate is accepted
+    given its parent was (None: unknown), what a drafter grows its first trees from.
     """
 
     def __init__(self, res_weight: np.ndarray, res_bias: np.ndarray, out_weight: np.ndarray, *,
-                 token_ids: np.ndarray | None, tied: bool, target: TargetFingerprint):
+                 token_ids: np.ndarray | None, tied: bool, target: TargetFingerprint,
+                 acceptance: np.ndarray | None = None):
         res_weight = np.asarray(res_weight, dtype=np.float32)
         res_bias = np.asarray(res_bias, dtype=np.float32)
         out_weight = np.asarray(out_weight, dtype=np.float32)
@@ -282,6 +290,13 @@ class MedusaHeads:
         if hidden != target.embedding_length:
             raise ValueError(f"hidden size {hidden} differs from the target's "
                              f"{target.embedding_length}")
+        if acceptance is not None:
+            acceptance = np.asarray(acceptance, dtype=np.float64)
+            if acceptance.ndim != 2 or acceptance.shape[0] != n_heads or not (
+                    (0 <= acceptance) & (acceptance <= 1)).all():
+                raise ValueError(f"acceptance must be ({n_heads}, ranks) chances in [0, 1], "
+                                 f"got shape {acceptance.shape}")
+        self.acceptance = acceptance
         self.n_heads, self.n_layers, self.hidden, self.vocab_size = n_heads, n_layers, hidden, vocab
         self.res_weight, self.res_bias = res_weight, res_bias
         self.token_ids, self.tied, self.target = token_ids, tied, target
@@ -307,7 +322,8 @@ class MedusaHeads:
         out = self.out_weight[:v] if self.tied else self.out_weight[:nh, :v]
         return MedusaHeads(self.res_weight[:nh], self.res_bias[:nh], out,
                            token_ids=None if v == self.vocab_size and self.token_ids is None else ids,
-                           tied=self.tied, target=self.target)
+                           tied=self.tied, target=self.target,
+                           acceptance=None if self.acceptance is None else self.acceptance[:nh])
 
     def residual(self, x: np.ndarray) -> np.ndarray:
         """Final residual states: x (n, H) -> (n, n_heads, H)."""
@@ -376,6 +392,8 @@ def save_heads(path: str | os.PathLike, heads: MedusaHeads, *, dtype: str = "f16
     w.add_string(KEY_TARGET_ARCH, heads.target.architecture)
     w.add_uint32(KEY_TARGET_EMBD, heads.target.embedding_length)
     w.add_string(KEY_TARGET_VOCAB_HASH, heads.target.vocab_hash)
+    if heads.acceptance is not None:
+        w.add_array(KEY_ACCEPTANCE, heads.acceptance.astype(np.float32).ravel().tolist())
 
     def matrix(tname: str, a: np.ndarray) -> None:
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -463,6 +481,15 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
         raise bad(f"vocab_size {vocab} differs from the target's {info.n_vocab} "
                   f"and there is no {KEY_TOKEN_IDS}")
 
+    acceptance = field(KEY_ACCEPTANCE, required=False)
+    if acceptance is not None:
+        acceptance = np.asarray(acceptance, dtype=np.float64)
+        if acceptance.size == 0 or acceptance.size % n_heads or not (
+                (0 <= acceptance) & (acceptance <= 1)).all():
+            raise bad(f"{KEY_ACCEPTANCE} must hold head_count x ranks chances in [0, 1], "
+                      f"got {acceptance.size} values")
+        acceptance = acceptance.reshape(n_heads, -1)
+
     size = path.stat().st_size
     tensors = {t.name: t for t in reader.tensors}
     expected = {}
@@ -509,4 +536,5 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
                                  f"columns, expected {hidden}")
     else:
         out_w = np.stack([load(out_weight_name(h)) for h in range(n_heads)])
-    return MedusaHeads(res_w, res_b, out_w, token_ids=token_ids, tied=tied, target=fp)
+    return MedusaHeads(res_w, res_b, out_w, token_ids=token_ids, tied=tied, target=fp,
+                       acceptance=acceptance)

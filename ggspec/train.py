@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from .backend import Context, Model
 from .config import BackendConfig
-from .heads import MedusaHeads, TargetInfo, read_target, save_heads, sigmoid, silu
+from .heads import TOP_K, MedusaHeads, TargetInfo, read_target, save_heads, sigmoid, silu
 from .tree import grown_choices
 
 LABELS = ("distill", "corpus")
@@ -641,12 +641,12 @@ TREE_SIZES = (1, 4, 8, 16, 32)
 
 
 def tree_acceptance(heads: MedusaHeads, data: HiddenStates, split: _Split,
-                    sizes: Sequence[int] = TREE_SIZES, top_k: int = 8,
-                    batch_size: int = 512) -> dict[int, float]:
-    """Mean draft tokens greedy verification would accept per round with a grown tree of
-    each size, simulated on the rows of `split` whose continuation follows the target's
-    greedy chain (there the tree's root is the target's own next token, as when
-    generating). The tree is grown from the per-(head, rank) acceptance of these rows."""
+                    sizes: Sequence[int] = TREE_SIZES, top_k: int = TOP_K,
+                    batch_size: int = 512) -> tuple[np.ndarray, dict[int, float]]:
+    """The per-(head, rank) acceptance (n_heads, top_k) measured on the rows of `split`
+    whose continuation follows the target's greedy chain (there the tree's root is the
+    target's own next token, as when generating), and, for a tree of each size grown from
+    it, the mean draft tokens greedy verification would accept per round on those rows."""
     nh, k = heads.n_heads, min(top_k, heads.vocab_size)
     rows = np.flatnonzero(split.greedy[:, 0] >= 0)
     ranks = np.full((len(rows), nh), k, dtype=np.int64)  # k: not among the top k
@@ -670,7 +670,7 @@ def tree_acceptance(heads: MedusaHeads, data: HiddenStates, split: _Split,
         for d in range(1, nh + 1):
             accepted += [tuple(r) in tree for r in ranks[:, :d].tolist()]
         out[n] = float(accepted.mean()) if len(rows) else 0.0
-    return out
+    return acceptance, out
 
 
 def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
@@ -751,10 +751,11 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
 
     heads = heads_now()
     after = evaluate(heads, data, held)
+    heads.acceptance, trees = tree_acceptance(heads, data, held)  # the drafter's first trees
     path = save_heads(out_path, heads, dtype=cfg.dtype,
                       name=f"medusa-{nh}x{cfg.n_layers}-{target.fingerprint.architecture}")
     return TrainReport(Path(path), len(train_split.rows), len(held.rows), coverage, before, after,
-                       tree_acceptance(heads, data, held), total, time.perf_counter() - t_start)
+                       trees, total, time.perf_counter() - t_start)
 
 
 def train_medusa(target_path: str | os.PathLike, corpus: str | os.PathLike,

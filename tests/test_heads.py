@@ -110,7 +110,7 @@ def test_fingerprint_mismatch_is_refused(tmp_path, target_path):
 # --- malformed files -------------------------------------------------------------------
 
 def write_raw(path, tensors: dict, *, arch="medusa", n_heads=1, n_layers=1, vocab=8,
-              tied=False, drop_key=None, target_path=None):
+              tied=False, drop_key=None, target_path=None, extra_arrays=None):
     """A head file written by hand: any tensors (name -> array, or (raw, qtype))."""
     fp = read_target(target_path).fingerprint
     w = gguf.GGUFWriter(path, arch)
@@ -124,6 +124,8 @@ def write_raw(path, tensors: dict, *, arch="medusa", n_heads=1, n_layers=1, voca
     w.add_string("medusa.target.architecture", fp.architecture)
     w.add_uint32("medusa.target.embedding_length", fp.embedding_length)
     w.add_string("medusa.target.vocab_hash", fp.vocab_hash)
+    for key, values in (extra_arrays or {}).items():
+        w.add_array(key, values)
     for name, a in tensors.items():
         if isinstance(a, tuple):
             w.add_tensor(name, a[0], raw_dtype=a[1])
@@ -215,6 +217,29 @@ def test_not_a_head_file(tmp_path, target_path):
     path = save_heads(tmp_path / "h.gguf", random_heads(target_path), dtype="f32")
     with pytest.raises(ModelFileError, match="target model file not found"):
         load_heads(path, tmp_path / "missing-target.gguf")
+
+
+def test_measured_acceptance_round_trips_and_is_validated(tmp_path, target_path):
+    heads = random_heads(target_path)
+    acc = np.random.default_rng(5).uniform(size=(3, 8))
+    path = save_heads(tmp_path / "h.gguf", MedusaHeads(
+        heads.res_weight, heads.res_bias, heads.out_weight, token_ids=heads.token_ids,
+        tied=False, target=heads.target, acceptance=acc), dtype="f32")
+    back = load_heads(path, target_path)
+    np.testing.assert_allclose(back.acceptance, acc, rtol=1e-6)
+    np.testing.assert_allclose(back.restrict(n_heads=2).acceptance, acc[:2], rtol=1e-6)
+    assert load_heads(save_heads(tmp_path / "none.gguf", heads, dtype="f32"), target_path).acceptance is None
+    with pytest.raises(ValueError, match="acceptance"):
+        MedusaHeads(heads.res_weight, heads.res_bias, heads.out_weight, token_ids=heads.token_ids,
+                    tied=False, target=heads.target, acceptance=acc * 2)
+    for values, ok in (([0.5, 0.25, 0.1], True), ([1.5], False), ([0.5, -0.1], False)):
+        path = write_raw(tmp_path / "acc.gguf", good_tensors(), target_path=target_path,
+                         extra_arrays={"medusa.acceptance": values})
+        if ok:
+            np.testing.assert_allclose(load_heads(path, target_path).acceptance, [values])
+        else:
+            with pytest.raises(ModelFileError, match="medusa.acceptance"):
+                load_heads(path, target_path)
 
 
 def test_token_ids_out_of_range(tmp_path, target_path):

@@ -45,7 +45,8 @@ def test_tree_acceptance_counts_the_longest_path_in_the_tree():
                         tied=True, target=TargetFingerprint("t", h, "v"))
     data = HiddenStates(Path("."), x, np.zeros(3), np.zeros(3), np.array([[0, 3, 0]]), None, 0.0)
     split = _Split(np.arange(3), greedy, greedy)
-    got = tree_acceptance(heads, data, split, sizes=(1, 2, 3, 4), top_k=2)
+    acceptance, got = tree_acceptance(heads, data, split, sizes=(1, 2, 3, 4), top_k=2)
+    np.testing.assert_allclose(acceptance, [[2 / 3, 1 / 3], [2 / 3, 0]])
     np.testing.assert_allclose([got[n] for n in (1, 2, 3, 4)], [2 / 3, 1, 4 / 3, 5 / 3])
 
 
@@ -120,6 +121,7 @@ def test_training_reduces_heldout_loss(tmp_path, target_path, corpus):
 
     heads = load_heads(report.path, target_path)
     assert (heads.n_heads, heads.vocab_size, heads.tied) == (2, 200, True)
+    assert heads.acceptance.shape == (2, 8)  # measured on held-out rows, for the first trees
     ids, _ = heads.propose(np.asarray(data.hidden[0], np.float32), 3)
     assert set(ids.ravel()) <= set(heads.token_ids)
 

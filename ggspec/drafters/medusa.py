@@ -19,12 +19,10 @@ import numpy as np
 from ..backend import Context
 from ..config import SamplingConfig
 from ..controller import EMA, MARGIN, CostModel
-from ..heads import MedusaHeads
+from ..heads import TOP_K, MedusaHeads
 from ..tree import TREE_SHAPES, Tree, fixed_choices, grown_choices, tree_from_choices
 from . import Draft
 from .auto import measure_verify_costs
-
-TOP_K = 8  # candidates per head
 
 
 class MedusaDrafter:
@@ -43,9 +41,13 @@ class MedusaDrafter:
         self.max_nodes = max_nodes
         self.shape = TREE_SHAPES[shape]
         self.top_k = min(TOP_K, heads.vocab_size)
-        # chance that head d's rank-r candidate is accepted given its parent was: (n_heads, top_k)
+        # chance that head d's rank-r candidate is accepted given its parent was: (n_heads,
+        # top_k), from the head file's measurement where it has one, else a guess
         ranks = np.arange(1, self.top_k + 1)
         self.acceptance = 0.5 ** np.arange(1, heads.n_heads + 1)[:, None] / ranks[None, :]
+        if heads.acceptance is not None:
+            k = min(self.top_k, heads.acceptance.shape[1])
+            self.acceptance[:, :k] = heads.acceptance[:, :k]
         self.costs: CostModel | None = None
         self.head_seconds = 0.0  # evaluating the heads, an EMA
         self._hidden: np.ndarray | None = None
