@@ -64,3 +64,27 @@ def test_engine_follows_the_controller(target_path, draft_path):
     assert set(expensive.stats.controller["plans"]) >= {"lookup=0,model=0"}
     assert free.stats.draft_rounds >= free.stats.rounds - 1  # the last round may have no budget left
     assert free.stats.draft_tokens / free.stats.draft_rounds > 4
+
+
+def test_exploring_the_draft_model_weighs_its_catch_up():
+    """After many plain rounds the draft model is tried again only when a perfectly
+    accepted draft over EXPLORE_EVERY tokens would repay catching it up on what it missed."""
+    from types import SimpleNamespace
+
+    from ggspec.controller import EXPLORE_EVERY
+    from ggspec.drafters.auto import AutoDrafter
+    from ggspec.drafters.lookup import LookupDrafter
+
+    tokens = list(range(200))
+    model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]))  # 50 tokens behind
+    auto = AutoDrafter(None, LookupDrafter(), model, 8)
+    # a CPU: t(1) 100 ms, t(2) 140 ms, a draft token 40 ms -> 10 ms saved a token at best
+    auto.costs = CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040)
+    assert auto._explore([], tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
+    model.ctx.tokens = tokens[:198]                # 2 behind: 80 ms to catch up
+    assert auto._explore([], tokens) == Plan(model=1)
+    # a GPU: t(1) 20 ms, t(2) 21 ms, a draft token 2 ms -> 8.5 ms saved a token
+    auto.costs = CostModel(np.array([0.020, 0.021, 0.022]), draft_token=0.002)
+    model.ctx.tokens = tokens[:150]
+    assert EXPLORE_EVERY * 0.0085 > 50 * 0.002 and auto._explore([], tokens) == Plan(model=1)
+    assert auto._explore([7], tokens) == Plan(lookup=1)  # lookup needs no catching up

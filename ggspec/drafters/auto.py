@@ -15,6 +15,7 @@ import numpy as np
 from ..backend import Context
 from ..config import SamplingConfig
 from ..controller import EXPLORE_EVERY, AcceptanceModel, CostModel, Plan, best_plan
+from ..tokens import common_prefix
 from . import Draft
 from .lookup import LookupDrafter
 from .model import ModelDrafter
@@ -90,7 +91,7 @@ class AutoDrafter:
                 self.plans["medusa"] += 1
                 return self.medusa.draft(nodes)
         if plan.total == 0 and self._streak >= EXPLORE_EVERY and budget > 0:
-            plan = self._explore(chain)
+            plan = self._explore(chain, tokens)
         elif plan.total and self._streak <= -EXPLORE_EVERY:
             plan = Plan()  # and re-measure the cost of a plain round
         self._streak = max(self._streak, 0) + 1 if plan.total == 0 else min(self._streak, 0) - 1
@@ -115,16 +116,22 @@ class AutoDrafter:
         onehot[np.arange(len(head)), head] = 1.0
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]))
 
-    def _explore(self, chain: list[int]) -> Plan:
+    def _explore(self, chain: list[int], tokens: Sequence[int]) -> Plan:
         """After many plain rounds, draft one token to re-measure acceptance -- if a
-        perfectly accepted token could pay at the measured costs at all."""
+        perfectly accepted token could pay at the measured costs at all. The draft model
+        must first catch up on every token committed since it last ran: it is explored
+        only when drafting perfectly for EXPLORE_EVERY tokens would repay that."""
         if self.costs is None:
             return Plan()
-        plain = 1.0 / self.costs.t_verify(1)
-        if chain and 2.0 / self.costs.t_verify(2) > plain:
+        t1 = self.costs.t_verify(1)
+        if chain and 2.0 / self.costs.t_verify(2) > 1.0 / t1:
             return Plan(lookup=1)
-        if self.model is not None and 2.0 / (self.costs.draft_token + self.costs.t_verify(2)) > plain:
-            return Plan(model=1)
+        if self.model is not None:
+            saved = t1 - (self.costs.draft_token + self.costs.t_verify(2)) / 2  # per token
+            behind = len(tokens) - common_prefix(self.model.ctx.tokens, tokens)
+            # a one-row decode per token bounds the catch-up (a batch costs less per row)
+            if saved > 0 and EXPLORE_EVERY * saved > behind * self.costs.draft_token:
+                return Plan(model=1)
         return Plan()
 
     def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
