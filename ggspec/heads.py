@@ -294,8 +294,8 @@ class MedusaHeads:
             acceptance = np.asarray(acceptance, dtype=np.float64)
             if acceptance.ndim != 2 or acceptance.shape[0] != n_heads or not (
                     (0 <= acceptance) & (acceptance <= 1)).all():
-                raise ValueError(f"acceptance must be ({n_heads}, ranks) chances in [0, 1], "
-                                 f"got shape {acceptance.shape}")
+                raise ValueError(f"acceptance ({KEY_ACCEPTANCE}) must be ({n_heads}, ranks) "
+                                 f"chances in [0, 1], got shape {acceptance.shape}")
         self.acceptance = acceptance
         self.n_heads, self.n_layers, self.hidden, self.vocab_size = n_heads, n_layers, hidden, vocab
         self.res_weight, self.res_bias = res_weight, res_bias
@@ -483,12 +483,9 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
 
     acceptance = field(KEY_ACCEPTANCE, required=False)
     if acceptance is not None:
-        acceptance = np.asarray(acceptance, dtype=np.float64)
-        if acceptance.size == 0 or acceptance.size % n_heads or not (
-                (0 <= acceptance) & (acceptance <= 1)).all():
-            raise bad(f"{KEY_ACCEPTANCE} must hold head_count x ranks chances in [0, 1], "
-                      f"got {acceptance.size} values")
-        acceptance = acceptance.reshape(n_heads, -1)
+        if len(acceptance) % n_heads:
+            raise bad(f"{KEY_ACCEPTANCE} must hold head_count x ranks values, got {len(acceptance)}")
+        acceptance = np.reshape(acceptance, (n_heads, -1))  # its values: checked by MedusaHeads
 
     size = path.stat().st_size
     tensors = {t.name: t for t in reader.tensors}
@@ -536,5 +533,8 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
                                  f"columns, expected {hidden}")
     else:
         out_w = np.stack([load(out_weight_name(h)) for h in range(n_heads)])
-    return MedusaHeads(res_w, res_b, out_w, token_ids=token_ids, tied=tied, target=fp,
-                       acceptance=acceptance)
+    try:
+        return MedusaHeads(res_w, res_b, out_w, token_ids=token_ids, tied=tied, target=fp,
+                           acceptance=acceptance)
+    except ValueError as e:
+        raise bad(str(e)) from None

@@ -338,7 +338,7 @@ class _Answer:
     last token on."""
 
     index: int
-    position: int  # of the last row
+    start: int  # position of the prompt's last token, the first row
     tokens: list[int]
     preds: list[int]
     hidden: list[np.ndarray]
@@ -374,14 +374,13 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
             if not live:
                 break
             answers = [slots[s] for s in live]
-            logits = ctx.decode([a.preds[-1] for a in answers], [a.position + 1 for a in answers],
+            logits = ctx.decode([a.preds[-1] for a in answers], [a.start + len(a.tokens) for a in answers],
                                 [[s] for s in live], np.ones(len(live), np.int8))
             preds, hidden = logits.argmax(axis=1), ctx.hidden(len(live)).astype(np.float16)
             for j, (s, a) in enumerate(zip(live, answers)):
                 a.tokens.append(a.preds[-1])
                 a.preds.append(int(preds[j]))
                 a.hidden.append(hidden[j])
-                a.position += 1
                 if int(preds[j]) in model.eog or len(a.tokens) == rows:
                     n = len(a.tokens)
                     store.write(n_rows, a.tokens, a.preds, np.stack(a.hidden), (n_rows, n, a.index),
