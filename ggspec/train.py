@@ -689,7 +689,7 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
         counts = counts + data.counts
     token_ids = reduced_vocab(counts, cfg.vocab_size)
     out_rows = target.output_rows(token_ids)                             # (V, H) float32
-    vocab, d, nh = out_rows.shape[0], out_rows.shape[1], cfg.n_heads
+    d, nh = out_rows.shape[1], cfg.n_heads
     y_train = _to_rows(train_split.labels, token_ids, target.n_vocab)
     y_held = _to_rows(held.labels, token_ids, target.n_vocab)
     coverage = float((y_held >= 0).sum() / max((held.labels >= 0).sum(), 1))

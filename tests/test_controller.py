@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
+from ggspec import BackendConfig, Engine, SamplingConfig
 from ggspec.controller import AcceptanceModel, CostModel, Plan, best_plan
 from tinymodels import VOCAB
 
