@@ -237,6 +237,7 @@ class Context(_Owner):
         self.n_ctx = llama_cpp.llama_n_ctx(handle)      # llama.cpp may round the request up
         self.n_batch = llama_cpp.llama_n_batch(handle)  # and clamp the batch to the context
         self.n_seq_max = n_seq_max
+        self.n_threads = params.n_threads
         self.embeddings = embeddings
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 METHODS = ("auto", "draft", "lookup", "medusa", "none")
+MAX_DRAFT = 64  # the most tokens one round may draft
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not (isinstance(self.draft_max, int) and 1 <= self.draft_max <= 64):
-            raise ValueError(f"draft_max must be an integer from 1 to 64, got {self.draft_max!r}")
+        if not (isinstance(self.draft_max, int) and 1 <= self.draft_max <= MAX_DRAFT):
+            raise ValueError(f"draft_max must be an integer from 1 to {MAX_DRAFT}, got {self.draft_max!r}")
         if not (0 <= self.draft_p_min < 1):
             raise ValueError(f"draft_p_min must be in [0, 1), got {self.draft_p_min!r}")
 

@@ -1,10 +1,11 @@
-"""Cost-aware choice of how much to draft, from measured costs and acceptance.
+"""Cost-aware choice of what to draft, from measured costs and acceptance.
 
-Pure numpy: no llama.cpp here. A round that drafts k tokens costs draft time plus one
-verification of k + 1 rows, and commits 1 + E[accepted] tokens, where with conditional
-acceptance a_i (the chance position i is accepted given positions < i were)
-E[accepted | k] = sum_{j=1..k} prod_{i<=j} a_i. The controller picks the plan with the
-most expected tokens per second; drafting nothing (plain decoding) is always a candidate.
+Pure numpy: no llama.cpp here. A round that drafts k tokens costs its drafting time plus
+one verification of k + 1 rows, t(k + 1), and commits 1 + E[accepted] tokens. With c_i the
+chance that draft position i is accepted given positions < i were,
+E[accepted | k] = sum_{j=1..k} prod_{i<=j} c_i. Each round the controller takes the plan
+with the most expected committed tokens per second; drafting nothing (plain decoding,
+1 / t(1)) is always a candidate, so a draft is only taken where the estimates say it pays.
 """
 
 from __future__ import annotations
@@ -13,48 +14,117 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EMA = 0.1           # weight of a new observation
+EMA = 0.1           # weight of a new observation, once the prior has been outweighed
 EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before trying the other
-MARGIN = 1.1        # a draft must promise this much more than plain decoding: estimates are
-                    # noisy, and a draft that does not pay costs more than one not taken
 
 
 class CostModel:
-    """Seconds per target verification of b rows, and per draft-model token (EMA)."""
+    """Seconds per target verification of b rows and per draft-model token.
 
-    def __init__(self, verify: np.ndarray, draft_token: float = 0.0):
-        self.verify = np.asarray(verify, dtype=np.float64)  # (b_max,): verify[b - 1] = t(b)
+    The shape of the verification curve comes from a calibration (every row count
+    measured once, ggspec.calibration); its level follows the rounds actually run: each
+    verification of b rows moves `scale` toward observed / calibrated, so one
+    measurement at any size keeps the whole curve current (the KV cache deepens, the
+    machine warms up). t(b) = scale * curve[b - 1].
+    """
+
+    def __init__(self, curve: np.ndarray | None = None, draft_token: float = 0.0):
+        self.curve = None if curve is None else np.maximum.accumulate(np.asarray(curve, dtype=np.float64))
+        self.scale = 1.0
         self.draft_token = draft_token
 
-    def t_verify(self, rows: int) -> float:
-        b = min(rows, len(self.verify))
-        # beyond the calibrated range: grow linearly from the last point
-        return float(self.verify[b - 1] * rows / b)
+    @property
+    def calibrated(self) -> bool:
+        return self.curve is not None
+
+    def calibrate(self, curve: np.ndarray, draft_token: float = 0.0) -> None:
+        self.curve = np.maximum.accumulate(np.asarray(curve, dtype=np.float64))  # more rows never cost less
+        self.scale = 1.0
+        self.draft_token = draft_token
+
+    @property
+    def max_rows(self) -> int:
+        return len(self.curve)
+
+    def t_verify(self, rows: int | np.ndarray) -> np.ndarray | float:
+        """Seconds to verify `rows` rows (an int or an array of them); beyond the
+        calibrated range the cost grows linearly from the last point."""
+        b = np.minimum(rows, len(self.curve))
+        return self.scale * self.curve[b - 1] * rows / b
 
     def observe_verify(self, rows: int, seconds: float) -> None:
-        if rows <= len(self.verify):
-            self.verify[rows - 1] += EMA * (seconds - self.verify[rows - 1])
+        if self.curve is not None and rows <= len(self.curve):
+            self.scale += EMA * (seconds / self.curve[rows - 1] - self.scale)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
             self.draft_token += EMA * (seconds / tokens - self.draft_token)
 
 
+def expected_accepted(chances: np.ndarray) -> np.ndarray:
+    """E[accepted] for chains of length 1..k from conditional acceptance chances (k,)."""
+    return np.cumsum(np.cumprod(chances))
+
+
+def _learn(p: np.ndarray, n: np.ndarray, i: int, outcome: float, prior: float) -> None:
+    """Move estimate p[i] toward outcome: a mean over the first observations (the prior
+    counting as `prior` of them), an exponential moving average after that."""
+    n[i] += 1
+    p[i] += max(1.0 / (n[i] + prior), EMA) * (outcome - p[i])
+
+
 class AcceptanceModel:
-    """Conditional acceptance by draft position, an exponential moving average."""
+    """Conditional acceptance by draft position (the draft model's chains)."""
+
+    PRIOR_WEIGHT = 2.0
 
     def __init__(self, prior: float, n: int):
         self.alpha = np.full(n, prior)  # (n,)
+        self._seen = np.zeros(n)
 
     def observe(self, proposed: int, accepted: int) -> None:
         # positions 0..accepted-1 were accepted; position `accepted` (if drafted) was not
-        reached = min(proposed, accepted + 1)
-        outcome = (np.arange(reached) < accepted).astype(np.float64)
-        self.alpha[:reached] += EMA * (outcome - self.alpha[:reached])
+        for i in range(min(proposed, accepted + 1)):
+            _learn(self.alpha, self._seen, i, float(i < accepted), self.PRIOR_WEIGHT)
+
+    def chances(self, k: int) -> np.ndarray:
+        return self.alpha[:k]
 
     def expected(self, k: int) -> np.ndarray:
         """E[accepted] for chains of length 1..k: (k,)."""
-        return np.cumsum(np.cumprod(self.alpha[:k]))
+        return expected_accepted(self.alpha[:k])
+
+
+# A copied token's chance of acceptance grows with the length of the match behind it: the
+# match of the copy source with the text just before it (for the i-th token of a draft
+# from a match of length L, L + i: the draft tokens before it were accepted). Buckets of
+# match length: bucket j holds lengths MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1].
+MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
+# starting guesses per bucket, replaced by measurements on this engine's answers
+MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.85, 0.9, 0.9])
+
+
+class MatchAcceptance:
+    """Chance that a copied draft token is accepted, by the match length behind it."""
+
+    PRIOR_WEIGHT = 2.0
+
+    def __init__(self) -> None:
+        self.p = MATCH_PRIOR.astype(np.float64)
+        self._seen = np.zeros(len(MATCH_EDGES))
+
+    @staticmethod
+    def bucket(lengths: np.ndarray) -> np.ndarray:
+        return np.searchsorted(MATCH_EDGES, lengths, side="right") - 1
+
+    def chances(self, match_len: int, k: int) -> np.ndarray:
+        """(k,): for a draft of k tokens copied after a match of match_len tokens."""
+        return self.p[self.bucket(match_len + np.arange(k))]
+
+    def observe(self, match_len: int, proposed: int, accepted: int) -> None:
+        reached = min(proposed, accepted + 1)
+        for i, b in enumerate(self.bucket(match_len + np.arange(reached))):
+            _learn(self.p, self._seen, b, float(i < accepted), self.PRIOR_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -67,27 +137,35 @@ class Plan:
         return self.lookup + self.model
 
 
-def best_plan(costs: CostModel, lookup: AcceptanceModel, model: AcceptanceModel | None,
-              lookup_len: int, budget: int) -> tuple[Plan, float]:
-    """The plan with the most expected committed tokens per second, and that rate. A
-    drafting plan is only taken when it beats plain decoding by MARGIN."""
-    best, plain = Plan(), 1.0 / costs.t_verify(1)
-    rate = plain * MARGIN
-    n_lookup = min(lookup_len, budget)
-    for n in range(1, n_lookup + 1):
-        r = (1 + lookup.expected(n)[-1]) / costs.t_verify(n + 1)
-        if r > rate:
-            best, rate = Plan(lookup=n), r
+def best_length(chances: np.ndarray, seconds_per_token: float, costs: CostModel) -> tuple[int, float]:
+    """The chain length (0 = none) with the most expected committed tokens per second
+    when k drafted tokens cost k * seconds_per_token to draft; and that rate."""
+    k = np.arange(len(chances) + 1)
+    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])  # (k + 1,)
+    rate = gain / (costs.t_verify(k + 1) + k * seconds_per_token)
+    best = int(np.argmax(rate))
+    return best, float(rate[best])
+
+
+def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | None,
+              budget: int) -> tuple[Plan, float]:
+    """The plan with the most expected committed tokens per second, and that rate.
+
+    lookup: conditional chances of the copied chain's tokens (its length is what lookup
+    offers). The draft model may draft alone or continue after the whole copied chain."""
+    n, rate = best_length(lookup[:budget], 0.0, costs)
+    best = Plan(lookup=n)
     if model is None:
-        return best, rate if best.total else plain
-    # the draft model continues after the whole lookup chain (or drafts alone)
-    for prefix in sorted({0, n_lookup}):
-        base = lookup.expected(prefix)[-1] if prefix else 0.0
-        reach = np.prod(lookup.alpha[:prefix]) if prefix else 1.0
-        gains = base + reach * model.expected(budget - prefix)
-        for m, gain in enumerate(gains, start=1):
-            seconds = m * costs.draft_token + costs.t_verify(prefix + m + 1)
-            r = (1 + gain) / seconds
-            if r > rate:
-                best, rate = Plan(lookup=prefix, model=m), r
-    return best, rate if best.total else plain
+        return best, rate
+    for prefix in sorted({0, min(len(lookup), budget)}, reverse=True):  # ties: copy first
+        if prefix == budget:
+            continue
+        chances = np.concatenate([lookup[:prefix], model.chances(budget - prefix)])
+        # costs of the lookup prefix are zero; each model token costs draft_token
+        k = np.arange(prefix + 1, budget + 1)
+        gain = 1 + expected_accepted(chances)[prefix:]
+        r = gain / (costs.t_verify(k + 1) + (k - prefix) * costs.draft_token)
+        i = int(np.argmax(r))
+        if r[i] > rate:
+            best, rate = Plan(lookup=prefix, model=int(k[i]) - prefix), float(r[i])
+    return best, rate

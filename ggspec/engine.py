@@ -17,11 +17,12 @@ from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
-from . import hub
+from . import calibration, hub
 from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_speculative, accept_tree_match,
                          accept_tree_typical)
 from .backend import Context, Model, check_vocab_compatible
 from .config import BackendConfig, SamplingConfig, SpecConfig
+from .controller import CostModel
 from .drafters import Draft, Drafter
 from .drafters.auto import AutoDrafter
 from .drafters.lookup import LookupDrafter
@@ -110,6 +111,7 @@ class Engine:
             self.draft: Model | None = None
             lookup = LookupDrafter()
             self.drafters: dict[str, Drafter] = {"lookup": lookup}
+            self.costs = CostModel()  # the one cost model: auto and medusa choose by it
             if draft is not None:
                 draft_config = draft_config or target_config
                 self.draft = stack.enter_context(Model(hub.resolve(str(draft), progress=progress), draft_config))
@@ -118,10 +120,11 @@ class Engine:
                 self._contexts.append(draft_ctx)
                 self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
             if heads is not None:
-                self.drafters["medusa"] = MedusaDrafter(self.ctx, load_heads(heads, self.target.path),
+                self.drafters["medusa"] = MedusaDrafter(self.ctx, self.costs, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
-            self.drafters["auto"] = AutoDrafter(self.ctx, lookup, self.drafters.get("draft"), spec.draft_max,
+            self.drafters["auto"] = AutoDrafter(self.costs, lookup, self.drafters.get("draft"),
                                                 self.drafters.get("medusa"))
+            self._progress = progress
             self._resources = stack.pop_all()
 
     def close(self) -> None:
@@ -209,6 +212,8 @@ class Engine:
         self.ctx.eval(prompt[stats.cached_tokens:-1], logits="none")
         if drafter is not None:
             drafter.prepare(prompt)
+            if spec.method in ("auto", "medusa"):
+                self._calibrate(spec.draft_max + 1)
         stats.prefill_tokens = len(prompt) - stats.cached_tokens
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
@@ -237,8 +242,9 @@ class Engine:
             accepted = [draft.tokens[i] for i in verdict.nodes]
             depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
             stats.record_round(len(draft.tokens), len(accepted), depth)
+            self.costs.observe_verify(len(draft.tokens) + 1, tc - tb)
             if drafter is not None:
-                drafter.accept(verdict.nodes, tc - tb)
+                drafter.accept(draft, verdict.nodes)
             # commit: keep the pending token and the accepted drafts in the KV cache
             if draft.tree is None:
                 self.ctx.truncate(len(committed) + len(accepted))
@@ -265,6 +271,21 @@ class Engine:
         if isinstance(drafter, AutoDrafter):
             stats.controller = drafter.report()
         return Result(text="".join(emitted), tokens=generated, finish_reason=finish, stats=stats)
+
+    def _calibrate(self, rows: int) -> None:
+        """Give the cost model a verification curve covering `rows` rows (and the largest
+        tree with heads), from the calibration store or measured now."""
+        if "medusa" in self.drafters:
+            rows = max(rows, MEDUSA_MAX_NODES + 1)
+        if self.costs.calibrated and self.costs.max_rows >= rows:
+            return
+        if len(self.ctx.tokens) + rows + 1 > self.n_ctx:
+            return  # no room to measure: the controller drafts nothing until there is
+        draft = self.drafters.get("draft")
+        draft_token = 0.0
+        if draft is not None and len(draft.ctx.tokens) + 2 <= draft.ctx.n_ctx:
+            draft_token = float(calibration.verify_curve(draft.ctx, 1, progress=self._progress)[0])
+        self.costs.calibrate(calibration.verify_curve(self.ctx, rows, progress=self._progress), draft_token)
 
     def _take(self, token: int, from_draft: bool, generated: list[int], text: TextStream,
               out: list[str], max_tokens: int) -> str:

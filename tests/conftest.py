@@ -7,6 +7,16 @@ import pytest
 from tinymodels import write_tiny_llama
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_store(tmp_path_factory):
+    """Calibrations measured by tests go to a file of their own, not the user's cache."""
+    from ggspec import calibration
+    path = tmp_path_factory.mktemp("calibration") / calibration.FILE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibration, "_store", lambda: path)
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

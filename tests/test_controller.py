@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import AcceptanceModel, CostModel, Plan, best_plan
+from ggspec.controller import AcceptanceModel, CostModel, MatchAcceptance, Plan, best_plan
 from tinymodels import VOCAB
 
 CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_token=0.4)
@@ -25,39 +25,81 @@ def test_acceptance_model_learns_from_outcomes():
     assert acc.alpha[2] == acc.alpha[3] == 0.5  # never reached: unchanged
 
 
+def chances(p, k=8):
+    return np.full(k, p)
+
+
 def test_expensive_verification_means_plain_decoding():
     costs = CostModel(np.array([1.0] + [100.0] * 8), draft_token=0.0)
-    plan, _ = best_plan(costs, AcceptanceModel(0.99, 8), AcceptanceModel(0.99, 8), lookup_len=8, budget=8)
+    plan, _ = best_plan(costs, chances(0.99), AcceptanceModel(0.99, 8), budget=8)
     assert plan == Plan()
 
 
 def test_free_and_always_accepted_drafts_mean_the_longest_draft():
     costs = CostModel(np.ones(9), draft_token=0.0)
-    plan, rate = best_plan(costs, AcceptanceModel(1.0, 8), AcceptanceModel(1.0, 8), lookup_len=3, budget=8)
-    assert plan.total == 8 and rate == pytest.approx(9.0)
+    plan, rate = best_plan(costs, chances(1.0, 3), AcceptanceModel(1.0, 8), budget=8)
+    assert plan == Plan(lookup=3, model=5) and rate == pytest.approx(9.0)
 
 
 def test_on_a_cpu_cost_curve_a_mediocre_draft_model_does_not_pay():
-    plan, _ = best_plan(CPU, AcceptanceModel(0.0, 8), AcceptanceModel(0.7, 8), lookup_len=0, budget=8)
+    plan, _ = best_plan(CPU, chances(0.0, 0), AcceptanceModel(0.7, 8), budget=8)
     assert plan == Plan()
 
 
 def test_on_a_cpu_cost_curve_a_good_lookup_chain_pays_with_a_moderate_length():
-    plan, rate = best_plan(CPU, AcceptanceModel(0.95, 8), None, lookup_len=8, budget=8)
+    plan, rate = best_plan(CPU, chances(0.95), None, budget=8)
     assert 2 <= plan.lookup <= 5 and plan.model == 0
     assert rate > 1.5
 
 
-def test_engine_follows_the_controller(target_path, draft_path):
+def test_a_draft_is_taken_exactly_when_it_promises_more_than_plain_decoding():
+    costs = CostModel(np.array([1.0, 1.5]))
+    # one token accepted with chance c commits 1 + c tokens in 1.5 s: pays when c > 0.5
+    assert best_plan(costs, chances(0.49, 1), None, budget=1)[0] == Plan()
+    assert best_plan(costs, chances(0.51, 1), None, budget=1)[0] == Plan(lookup=1)
+
+
+def test_a_larger_budget_never_lowers_the_expected_rate():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        curve = np.cumsum(rng.uniform(0.05, 1.0, 17))
+        costs = CostModel(curve, draft_token=rng.uniform(0, 0.5))
+        copied = rng.uniform(0, 1, rng.integers(0, 17))
+        model = AcceptanceModel(rng.uniform(0, 1), 16)
+        rates = [best_plan(costs, copied, model, budget=k)[1] for k in range(1, 17)]
+        assert np.all(np.diff(rates) >= -1e-12)
+
+
+def test_copy_acceptance_grows_with_the_match_length_it_learns():
+    acc = MatchAcceptance()
+    for _ in range(100):
+        acc.observe(match_len=2, proposed=1, accepted=0)    # short matches: rejected
+        acc.observe(match_len=20, proposed=4, accepted=4)   # long matches: accepted
+    assert acc.chances(2, 1)[0] < 0.05
+    assert np.all(acc.chances(20, 4) > 0.95)
+    # a draft from a match of 2 whose first token is accepted continues from a match of 3
+    np.testing.assert_array_equal(acc.chances(2, 3), acc.p[acc.bucket(np.array([2, 3, 4]))])
+
+
+def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():
+    costs = CostModel(np.array([1.0, 1.5, 2.0, 3.0]))
+    for _ in range(200):
+        costs.observe_verify(1, 2.0)  # the machine (or the context depth) doubled t(1)
+    np.testing.assert_allclose(costs.t_verify(np.arange(1, 5)), [2.0, 3.0, 4.0, 6.0], rtol=1e-3)
+    assert costs.t_verify(8) == pytest.approx(12.0, rel=1e-3)  # linear beyond the curve
+
+
+def test_engine_follows_the_controller(target_path, draft_path, monkeypatch):
     prompt = [VOCAB.bos_id] + list(range(300, 320)) * 3
     with Engine(target_path, draft_path, target_config=BackendConfig(n_ctx=512, n_threads=1)) as eng:
         auto = eng.drafters["auto"]
         eng.generate(prompt, max_tokens=4, sampling=SamplingConfig(temperature=0))  # calibrates
-        auto.costs = CostModel(np.array([1.0] + [1e3] * 8))
+        monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
+        auto.costs.calibrate(np.array([1.0] + [1e3] * 8))
         expensive = eng.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0))
-        auto.costs = CostModel(np.full(9, 1.0))
-        auto.lookup_acceptance = AcceptanceModel(1.0, 8)
-        auto.model_acceptance = AcceptanceModel(1.0, 8)
+        auto.costs.calibrate(np.full(9, 1.0))
+        monkeypatch.setattr(auto.copy_acceptance, "p", np.ones_like(auto.copy_acceptance.p))
+        monkeypatch.setattr(auto.model_acceptance, "alpha", np.ones_like(auto.model_acceptance.alpha))
         free = eng.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0))
     # plain rounds, except one exploring draft every EXPLORE_EVERY rounds
     assert expensive.stats.draft_rounds <= 40 // 16 + 1
@@ -77,14 +119,13 @@ def test_exploring_the_draft_model_weighs_its_catch_up():
 
     tokens = list(range(200))
     model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]))  # 50 tokens behind
-    auto = AutoDrafter(None, LookupDrafter(), model, 8)
     # a CPU: t(1) 100 ms, t(2) 140 ms, a draft token 40 ms -> 10 ms saved a token at best
-    auto.costs = CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040)
+    auto = AutoDrafter(CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040), LookupDrafter(), model)
     assert auto._explore([], tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
     model.ctx.tokens = tokens[:198]                # 2 behind: 80 ms to catch up
     assert auto._explore([], tokens) == Plan(model=1)
     # a GPU: t(1) 20 ms, t(2) 21 ms, a draft token 2 ms -> 8.5 ms saved a token
-    auto.costs = CostModel(np.array([0.020, 0.021, 0.022]), draft_token=0.002)
+    auto.costs.calibrate(np.array([0.020, 0.021, 0.022]), draft_token=0.002)
     model.ctx.tokens = tokens[:150]
     assert EXPLORE_EVERY * 0.0085 > 50 * 0.002 and auto._explore([], tokens) == Plan(model=1)
     assert auto._explore([7], tokens) == Plan(lookup=1)  # lookup needs no catching up

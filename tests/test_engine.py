@@ -296,25 +296,24 @@ def test_chat_messages_use_the_models_template(engine):
 def test_auto_without_a_seed_samples_the_target_distribution(engine, target_path, monkeypatch):
     """Unseeded auto drafts with speculative sampling: lookup tokens as one-hot q, then the
     draft model's own q. Force plans that draft every round and check the law."""
-    from ggspec.controller import AcceptanceModel, CostModel
     auto = engine.drafters["auto"]
     # "t t t" at the end: lookup proposes one token ("t"), which the draft model extends
     prompt = random_prompt(22, 6) + [400, 400, 400]
     engine.generate(prompt, max_tokens=2, spec=SpecConfig("auto"))  # calibrates
-    saved = auto.costs, auto.lookup_acceptance, auto.model_acceptance
-    t1 = saved[0].verify[0]
-    auto.costs = CostModel(np.full(9, t1), draft_token=t1 / 10)  # verifying costs one token
-    auto.lookup_acceptance, auto.model_acceptance = AcceptanceModel(0.9, 8), AcceptanceModel(0.9, 8)
-    for model in (auto.costs, auto.lookup_acceptance, auto.model_acceptance):  # and stays so
+    costs = auto.costs
+    t1 = float(costs.t_verify(1))
+    monkeypatch.setattr(costs, "curve", np.full(costs.max_rows, t1))  # verifying costs one token
+    monkeypatch.setattr(costs, "scale", 1.0)
+    monkeypatch.setattr(costs, "draft_token", t1 / 10)
+    monkeypatch.setattr(auto.copy_acceptance, "p", np.full_like(auto.copy_acceptance.p, 0.9))
+    monkeypatch.setattr(auto.model_acceptance, "alpha", np.full_like(auto.model_acceptance.alpha, 0.9))
+    for model in (costs, auto.copy_acceptance, auto.model_acceptance):  # and stays so
         for name in ("observe", "observe_verify", "observe_draft"):
             if hasattr(model, name):
                 monkeypatch.setattr(model, name, lambda *args: None)
-    try:
-        exact = exact_first_two(target_path, prompt, 0.9, 0)
-        sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
-        stats = sample_first_two(engine, prompt, 20_000, sampling, SpecConfig("auto", draft_max=2), exact,
-                                 seeded=False, max_tokens=3)
-    finally:
-        auto.costs, auto.lookup_acceptance, auto.model_acceptance = saved
+    exact = exact_first_two(target_path, prompt, 0.9, 0)
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    stats = sample_first_two(engine, prompt, 20_000, sampling, SpecConfig("auto", draft_max=2), exact,
+                             seeded=False, max_tokens=3)
     assert stats.draft_tokens > 20_000
     assert stats.controller["plans"].get("lookup=1,model=1", 0) > 0  # the last run drafted a mixed chain

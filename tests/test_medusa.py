@@ -34,16 +34,20 @@ def medusa_engine(target_path, heads_path):
         yield e
 
 
+def fix_costs(costs, curve, monkeypatch):
+    """Make the engine's cost model report `curve` (seconds by rows) until the test ends."""
+    monkeypatch.setattr(costs, "curve", np.asarray(curve, dtype=np.float64))
+    monkeypatch.setattr(costs, "scale", 1.0)
+    monkeypatch.setattr(costs, "observe_verify", lambda *args: None)
+
+
 @pytest.fixture
-def free_trees(medusa_engine):
+def free_trees(medusa_engine, monkeypatch):
     """Make verification look free, so that every round drafts a full tree."""
-    from ggspec.controller import CostModel
     medusa = medusa_engine.drafters["medusa"]
-    saved = medusa.costs
-    medusa.costs = CostModel(np.full(33, saved.verify[0]))  # any tree costs one token
-    medusa.acceptance[:] = 0.9
-    yield medusa
-    medusa.costs = saved
+    fix_costs(medusa.costs, np.full(33, medusa.costs.t_verify(1)), monkeypatch)  # any tree costs one token
+    monkeypatch.setattr(medusa, "acceptance", np.full_like(medusa.acceptance, 0.9))
+    return medusa
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -56,15 +60,9 @@ def test_greedy_medusa_equals_plain_greedy_decoding(medusa_engine, free_trees, t
     assert got.stats.draft_rounds >= 5  # (random heads: the trees shrink as they miss)
 
 
-def test_medusa_trees_shrink_to_nothing_when_verification_is_expensive(medusa_engine):
-    from ggspec.controller import CostModel
-    medusa = medusa_engine.drafters["medusa"]
-    saved = medusa.costs
-    medusa.costs = CostModel(np.array([1.0] + [1e3] * 32))
-    try:
-        got = medusa_engine.generate(random_prompt(81), max_tokens=20, spec=SpecConfig("medusa"))
-    finally:
-        medusa.costs = saved
+def test_medusa_trees_shrink_to_nothing_when_verification_is_expensive(medusa_engine, monkeypatch):
+    fix_costs(medusa_engine.costs, [1.0] + [1e3] * 32, monkeypatch)
+    got = medusa_engine.generate(random_prompt(81), max_tokens=20, spec=SpecConfig("medusa"))
     assert got.stats.draft_rounds == 0
 
 
@@ -99,10 +97,8 @@ def test_sampled_medusa_follows_the_target_distribution(medusa_engine, free_tree
     from test_engine import exact_first_two, sample_first_two
     prompt = random_prompt(91, 6)
     exact = exact_first_two(target_path, prompt, 0.9, 0)
-    from ggspec.controller import CostModel
-    monkeypatch.setattr(free_trees, "_learn", lambda nodes: None)  # keep drafting full trees
-    free_trees.costs = CostModel(np.full(33, 1.0))  # a second per verification: heads are free
-    monkeypatch.setattr(free_trees.costs, "observe_verify", lambda *args: None)
+    monkeypatch.setattr(free_trees, "_learn", lambda *args: None)  # keep drafting full trees
+    fix_costs(free_trees.costs, np.full(33, 1.0), monkeypatch)  # a second per verification: heads are free
     sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
     # round one is plain (it yields the hidden state); round two verifies a tree for token two
     stats = sample_first_two(medusa_engine, prompt, 20_000, sampling, SpecConfig("medusa"), exact, max_tokens=4)
@@ -110,12 +106,11 @@ def test_sampled_medusa_follows_the_target_distribution(medusa_engine, free_tree
 
 
 def test_fixed_tree_nodes_draft_that_many_whatever_the_cost(target_path, heads_path, monkeypatch):
-    from ggspec.controller import CostModel
     with Engine(target_path, None, target_config=CFG, heads=heads_path, tree_nodes=6) as eng:
         prompt = random_prompt(95)
         eng.generate(prompt, max_tokens=2, spec=SpecConfig("medusa"))  # calibrates
         medusa = eng.drafters["medusa"]
-        medusa.costs = CostModel(np.array([1.0] + [1e3] * 32))
+        fix_costs(eng.costs, [1.0] + [1e3] * 32, monkeypatch)
         sizes, propose = [], medusa.propose
 
         def spy(tokens, budget, *args):

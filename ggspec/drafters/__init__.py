@@ -2,15 +2,17 @@
 
 A drafter has two verbs, `propose(tokens, budget, sampling, rng) -> Draft`: given every
 committed token so far (the prompt, then the output), propose at most `budget` next
-tokens; and `accept(nodes, verify_seconds)`: how the target's verification of that draft
-went. Drafters that keep state (a KV cache, an index) bring it in line with `tokens`
-themselves, so a rejected draft or a new prompt needs no extra call.
+tokens; and `accept(draft, nodes)`: the verdict on that draft (the draft carries the
+drafter's own plan, so a drafter need not remember what it proposed). Drafters that keep
+state (a KV cache, an index) bring it in line with `tokens` themselves, so a rejected
+draft or a new prompt needs no extra call. Costs are measured by the engine, which owns
+the one CostModel that drafters choose by.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -29,6 +31,7 @@ class Draft:
     tokens: list[int]
     q: np.ndarray | None = None
     tree: Tree | None = None
+    plan: Any = None  # the drafter's own record of how it drafted, handed back to accept()
 
 
 class Drafter(Protocol):
@@ -41,6 +44,6 @@ class Drafter(Protocol):
                 rng: np.random.Generator) -> Draft:
         """Propose up to `budget` tokens to follow `tokens`."""
 
-    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
-        """The target accepted these nodes of the last draft (for a chain: its first
-        len(nodes) tokens); verifying the draft took verify_seconds."""
+    def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
+        """The target accepted these nodes of `draft` (for a chain: its first len(nodes)
+        tokens)."""

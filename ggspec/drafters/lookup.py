@@ -1,125 +1,140 @@
-"""Prompt lookup: draft the tokens that followed the last time the current suffix occurred.
+"""Prompt lookup: copy what followed the longest earlier match of the text just written.
 
-The pure core of the prompt-lookup drafter (Saxena 2023; llama.cpp's lookup decoding):
-an incremental n-gram index over the token history (prompt + everything generated).
+The history (prompt, then output) lives in a growing int32 array. A *match* is the
+longest suffix h[n-L:n] that also ends at an earlier position e < n; its *source* is the
+most recent such e, and the draft is what followed it there, h[e:e+k]. The continuation
+may run into the suffix itself, which is how repetition loops are predicted: in
+``a b c a b c`` the suffix ``a b c`` last occurred at the start, followed by ``a b c``.
 
-Rule, kept simple on purpose:
-- the longest n-gram size that matches wins;
-- among occurrences of that n-gram, the most recent one that ends before the suffix wins;
-- the draft is what followed it, up to ``max_tokens`` and up to the end of the history.
-  The continuation may run into the suffix itself, which is how repetition loops are
-  predicted: in ``a b c a b c`` the suffix ``a b c`` last occurred at the start, followed
-  by ``a b c``.
+Search: the earlier positions whose token equals the last one, then, for all of them at
+once, how many tokens before agree with the suffix (one vectorised comparison of windows
+of up to SEARCH_MAX tokens): O(n) for the first step, then O(candidates x SEARCH_MAX).
 
-Default n-gram sizes are 5, 4, 3, 2. Up to 5 tokens of context tell apart the repeated
-identifiers and boilerplate that make lookup pay on code and edits; a single token
-(n = 1) matches almost everywhere in prose and mostly drafts noise, and on a CPU every
-rejected draft token still costs part of a target step (DESIGN.md §5).
+Following: once a source is found it is followed forward. When the tokens committed
+since are exactly what the source continued with, the source advances with them and the
+match grows by as many tokens: no search. Only a deviation searches again. The match
+length is the drafter's confidence: the controller estimates acceptance by it
+(ggspec.controller.MatchAcceptance), so a long, reliable copy gets a long draft.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import SamplingConfig
-from ..tokens import common_prefix
 from . import Draft
 
-DEFAULT_NGRAM_SIZES = (5, 4, 3, 2)
+SEARCH_MAX = 32  # longest match a search measures; following lets a match grow beyond it
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
-class NgramIndex:
-    """Most recent earlier occurrence of each n-gram in a growing token history.
+def longest_match(h: np.ndarray, max_len: int = SEARCH_MAX) -> tuple[int, np.ndarray]:
+    """(L, ends): the longest L <= max_len such that h[-L:] == h[e-L:e] for some e <
+    len(h), and every such e in ascending order; (0, empty) when the last token never
+    occurred before."""
+    n = len(h)
+    if n < 2:
+        return 0, _EMPTY
+    ends = np.flatnonzero(h[:n - 1] == h[n - 1]) + 1  # h[e - 1] == h[n - 1], e <= n - 1
+    if ends.size == 0:
+        return 0, _EMPTY
+    back = np.arange(min(max_len, n - 1))
+    at = ends[:, None] - 1 - back                           # (c, w) positions compared
+    same = (h[np.maximum(at, 0)] == h[n - 1 - back]) & (at >= 0)
+    lengths = np.cumprod(same, axis=1).sum(axis=1)         # (c,) agreeing tokens from the end
+    best = int(lengths.max())
+    return best, ends[lengths == best]
 
-    Invariant: for every size n, ``self._last[n]`` maps each n-gram
-    ``history[end - n:end]`` with ``n <= end <= len(history) - 1`` to its largest such
-    ``end``. The n-gram ending at the very end of the history (the current suffix) is
-    left out until a token follows it, so a lookup of the suffix never finds itself.
-    """
 
-    def __init__(self, ngram_sizes: Sequence[int] = DEFAULT_NGRAM_SIZES) -> None:
-        if not ngram_sizes or not all(isinstance(n, int) and n >= 1 for n in ngram_sizes):
-            raise ValueError(f"ngram_sizes must be non-empty positive integers, got {ngram_sizes!r}")
-        self.ngram_sizes: tuple[int, ...] = tuple(sorted(set(ngram_sizes), reverse=True))
-        self._history: list[int] = []
-        self._last: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.ngram_sizes}
+@dataclass(frozen=True)
+class Match:
+    """What lookup can copy now: `tokens` followed an earlier occurrence of the last
+    `length` tokens of the history."""
+
+    tokens: list[int]
+    length: int = 0
+
+
+class CopySource:
+    """The token history and the copy source being followed."""
+
+    def __init__(self) -> None:
+        self._h = np.zeros(1024, dtype=np.int32)
+        self._tokens: list[int] = []  # the same history as a list, to compare with callers'
+        self._end = 0     # source: h[end - length:end] == h[n - length:n], end < n
+        self._length = 0  # 0: no source
+        self._at = 0      # the history length the source was valid for
 
     def __len__(self) -> int:
-        return len(self._history)
+        return len(self._tokens)
 
     @property
-    def history(self) -> tuple[int, ...]:
-        """A copy of the token history (O(length): use ``len()`` for the length)."""
-        return tuple(self._history)
-
-    def extend(self, tokens: Iterable[int]) -> None:
-        """Append tokens; index only the n-grams that now have a follower."""
-        start = len(self._history)
-        self._history.extend(map(int, tokens))
-        self._index(start)
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` tokens; rebuild the index (O(length))."""
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length!r}")
-        if length >= len(self._history):
-            return
-        kept = self._history[:length]
-        self._history = []
-        self._last = {n: {} for n in self.ngram_sizes}
-        self.extend(kept)
+    def history(self) -> np.ndarray:
+        return self._h[:len(self._tokens)]
 
     def sync(self, tokens: Sequence[int]) -> None:
-        """Make the history equal ``tokens``, keeping the longest common prefix indexed."""
-        n = common_prefix(self._history, tokens)
-        self.truncate(n)
-        self.extend(tokens[n:])
+        """Make the history equal `tokens`, keeping the common prefix."""
+        h = self._tokens
+        n = len(h)
+        if not (len(tokens) >= n and (n == 0 or (tokens[n - 1] == h[-1] and list(tokens[:n]) == h))):
+            n = next((i for i, (a, b) in enumerate(zip(h, tokens)) if a != b), min(n, len(tokens)))
+            del h[n:]
+            if n < self._at:  # the text the source matched changed
+                self._length = 0
+        new = tokens[n:]
+        if new:
+            end = len(h) + len(new)
+            if end > len(self._h):
+                self._h = np.concatenate([self._h, np.zeros(max(end, len(self._h)), dtype=np.int32)])
+            self._h[len(h):end] = new
+            h.extend(new)
 
-    def propose(self, max_tokens: int) -> list[int]:
-        """Tokens that followed the most recent earlier occurrence of the longest matching suffix.
-
-        Returns at most ``max_tokens`` tokens, ``[]`` when no n-gram size matches.
-        """
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens!r}")
-        h = self._history
-        for n in self.ngram_sizes:
-            if len(h) <= n:
-                continue
-            end = self._last[n].get(tuple(h[-n:]))
-            if end is not None:
-                # end < len(h): the continuation is non-empty before the max_tokens cut
-                return h[end:end + max_tokens]
-        return []
-
-    def _index(self, start: int) -> None:
-        """Index the n-grams ending at ``start .. len(history) - 1`` (end exclusive)."""
-        h = self._history
-        for n, last in self._last.items():
-            # ascending ends: a later occurrence overwrites an earlier one
-            for end in range(max(n, start), len(h)):
-                last[tuple(h[end - n:end])] = end
+    def match(self, max_tokens: int) -> Match:
+        """Follow the source over the tokens added since the last call, or search anew."""
+        n = len(self._tokens)
+        h = self._h
+        m = n - self._at
+        if self._length and m >= 0 and np.array_equal(h[self._end:self._end + m], h[self._at:n]):
+            self._end += m
+            self._length += m
+        else:
+            self._length, ends = longest_match(h[:n])
+            self._end = int(ends[-1]) if self._length else 0
+        self._at = n
+        if not self._length:
+            return Match([])
+        return Match(h[self._end:min(self._end + max_tokens, n)].tolist(), self._length)
 
 
 class LookupDrafter:
     """Prompt lookup: drafts by copying what followed the last occurrence of the current
     suffix in the prompt and output. It has no draft distribution, so the target verifies
-    its drafts by sample-and-match (exact), or greedy prefix matching at temperature 0."""
+    its drafts by sample-and-match (exact), or greedy prefix matching at temperature 0.
+
+    As a method of its own it drafts `budget` tokens whenever a match of at least
+    `min_match` tokens exists; `auto` takes the match with its length and lets the
+    controller choose how much of it to draft."""
 
     name = "lookup"
 
-    def __init__(self, ngram_sizes: Sequence[int] = DEFAULT_NGRAM_SIZES) -> None:
-        self.index = NgramIndex(ngram_sizes)
+    def __init__(self, min_match: int = 2) -> None:
+        self.source = CopySource()
+        self.min_match = min_match
 
     def prepare(self, tokens: Sequence[int]) -> None:
-        self.index.sync(tokens)
+        self.source.sync(tokens)
+
+    def match(self, tokens: Sequence[int], budget: int) -> Match:
+        self.source.sync(tokens)
+        return self.source.match(budget)
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
-        self.index.sync(tokens)
-        return Draft(self.index.propose(budget))
+        found = self.match(tokens, budget)
+        return Draft(found.tokens if found.length >= self.min_match else [])
 
-    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
-        """Nothing to learn: the next propose() syncs to the committed tokens."""
+    def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
+        """Nothing to learn: the next propose() follows or searches from the committed tokens."""

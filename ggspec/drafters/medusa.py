@@ -18,18 +18,17 @@ import numpy as np
 
 from ..backend import Context
 from ..config import SamplingConfig
-from ..controller import EMA, MARGIN, CostModel
+from ..controller import EMA, CostModel
 from ..heads import TOP_K, MedusaHeads
 from ..tree import TREE_SHAPES, Tree, fixed_choices, grown_choices, tree_from_choices
 from . import Draft
-from .auto import measure_verify_costs
 
 
 class MedusaDrafter:
     name = "medusa"
 
-    def __init__(self, target: Context, heads: MedusaHeads, max_nodes: int, shape: str = "grown",
-                 nodes: int = 0):
+    def __init__(self, target: Context, costs: CostModel, heads: MedusaHeads, max_nodes: int,
+                 shape: str = "grown", nodes: int = 0):
         if shape not in TREE_SHAPES:
             raise ValueError(f"tree shape must be one of {', '.join(TREE_SHAPES)}, got {shape!r}")
         if not (isinstance(nodes, int) and 0 <= nodes <= max_nodes):
@@ -48,35 +47,25 @@ class MedusaDrafter:
         if heads.acceptance is not None:
             k = min(self.top_k, heads.acceptance.shape[1])
             self.acceptance[:, :k] = heads.acceptance[:, :k]
-        self.costs: CostModel | None = None
+        self.costs = costs
         self.head_seconds = 0.0  # evaluating the heads, an EMA
         self._hidden: np.ndarray | None = None
-        self._rows = 1
-        self._ranks = np.zeros(0, dtype=np.int64)
-        self._tree: Tree | None = None
         self._planned: list[tuple[int, ...]] = []
 
     def prepare(self, tokens: Sequence[int]) -> None:
         self._hidden = None  # a new prompt: the first round runs plain and yields one
-        if self.costs is None and len(self.target.tokens) + self.max_nodes + 2 <= self.target.n_ctx:
-            self.costs = CostModel(measure_verify_costs(self.target, self.max_nodes + 1))
 
     def plan(self, budget: int) -> tuple[int, float]:
         """The tree size to draft now (0: none) and its expected committed tokens per second."""
-        if self._hidden is None or self.costs is None:
+        if self._hidden is None or not self.costs.calibrated:
             return 0, 0.0
         # best-first: the first n of these nodes are the tree of n nodes
         self._planned, chances = self._choices(min(budget, self.max_nodes))
         gain = 1 + np.concatenate([[0.0], np.cumsum(chances)])  # (n + 1,)
-        seconds = np.array([self.costs.t_verify(k + 1) for k in range(len(gain))]) + self.head_seconds
-        seconds[0] -= self.head_seconds  # a plain round evaluates no heads
+        k = np.arange(len(gain))
+        seconds = self.costs.t_verify(k + 1) + np.where(k > 0, self.head_seconds, 0.0)  # plain: no heads
         rate = gain / seconds
-        if self.nodes:
-            n = min(self.nodes, len(rate) - 1)
-        else:
-            n = int(np.argmax(rate))
-            if rate[n] < MARGIN * rate[0]:
-                n = 0  # too little to gain for the risk
+        n = min(self.nodes, len(rate) - 1) if self.nodes else int(np.argmax(rate))
         return n, float(rate[n])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
@@ -86,36 +75,28 @@ class MedusaDrafter:
     def draft(self, n: int) -> Draft:
         """A tree of n nodes from the heads (0: none, a plain round), after plan()."""
         if n == 0:
-            self.passed(1)
             return Draft([])
         t0 = time.perf_counter()
         ids, _ = self.heads.propose(self._hidden, self.top_k)  # (n_heads, top_k)
         self.head_seconds += EMA * (time.perf_counter() - t0 - self.head_seconds)
         tree, ranks = tree_from_choices(self._planned[:n])
-        self._tree, self._ranks, self._rows = tree, ranks, n + 1
-        return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree)
+        return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree, plan=ranks)
 
     def _choices(self, budget: int):
         if self.shape is None:
             return grown_choices(self.acceptance, budget)
         return fixed_choices(self.shape, self.acceptance, budget)
 
-    def passed(self, rows: int) -> None:
-        """This round verifies `rows` rows that are not a tree of these heads."""
-        self._tree, self._rows = None, rows
-
-    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
-        # the hidden state of the row whose logits gave the committed token
+    def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
+        # the hidden state of the row whose logits gave the committed token; any draft
+        # (also another drafter's chain) was verified with one row per token after the pending one
         row = nodes[-1] + 1 if len(nodes) else 0
-        self._hidden = self.target.hidden(self._rows)[row].copy()
-        if self.costs is not None:
-            self.costs.observe_verify(self._rows, verify_seconds)
-        if self._tree is not None:
-            self._learn(list(nodes))
+        self._hidden = self.target.hidden(len(draft.tokens) + 1)[row].copy()
+        if draft.tree is not None and draft.plan is not None:
+            self._learn(draft.tree, draft.plan, list(nodes))
 
-    def _learn(self, nodes: list[int]) -> None:
+    def _learn(self, tree: Tree, ranks: np.ndarray, nodes: list[int]) -> None:
         """Update the (head, rank) acceptance from the levels the verification reached."""
-        tree = self._tree
         parent_row = 0
         for depth in range(1, len(nodes) + 2):
             children = tree.children[parent_row]
@@ -124,7 +105,7 @@ class MedusaDrafter:
             taken = nodes[depth - 1] if depth <= len(nodes) else None
             for c in children:
                 hit = 1.0 if c == taken else 0.0
-                r = self._ranks[c]
+                r = ranks[c]
                 self.acceptance[depth - 1, r] += EMA * (hit - self.acceptance[depth - 1, r])
             if taken is None:
                 return

@@ -59,5 +59,5 @@ class ModelDrafter:
             logits = self.ctx.eval([x], logits="last")[0]
         return Draft(out, np.stack(qs) if qs else None)
 
-    def accept(self, nodes: Sequence[int], verify_seconds: float) -> None:
+    def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
         """Nothing to learn: the next propose() syncs to the committed tokens."""

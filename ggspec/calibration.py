@@ -1,0 +1,131 @@
+"""Measure what a verification costs on this machine, once, and remember it on disk.
+
+A calibration times one llama_decode of b rows after the cached tokens for every b the
+controller may use (each size twice, the faster kept), and one draft-model token. It is
+stored in calibration.json in the cache directory under a key naming everything that
+changes the figures: the model file (path, size, modification time), the context's
+settings (threads, batch, GPU layers, flash attention, sequences, embeddings),
+llama.cpp's build and this machine's CPU. Any change of those measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from . import hub
+from .backend import Context
+
+DENSE_ROWS = 17   # every size up to here is measured; above it every STRIDE-th one
+STRIDE = 4
+REPEATS = 2
+FILE = "calibration.json"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform's guess)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def context_key(ctx: Context) -> str:
+    """A digest of everything that changes the costs measured on `ctx`."""
+    path = ctx.model.path.resolve()
+    st = path.stat()
+    cfg = ctx.cfg
+    facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
+             cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
+             llama_cpp.llama_print_system_info().decode(), cpu_name(), os.cpu_count()]
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
+
+
+def measured_sizes(rows: int) -> list[int]:
+    return sorted({*range(1, min(rows, DENSE_ROWS) + 1), *range(DENSE_ROWS, rows + 1, STRIDE), rows})
+
+
+def measure(ctx: Context, rows: int) -> np.ndarray:
+    """Seconds for one decode of b = 1..rows tokens after the cached ones: (rows,),
+    sizes between measured ones interpolated. Leaves the KV cache as it found it."""
+    n = len(ctx.tokens)
+    filler = ctx.tokens[-1:] or [0]
+    ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
+    ctx.truncate(n)
+    sizes = measured_sizes(rows)
+    seconds = dict.fromkeys(sizes, np.inf)
+    for _ in range(REPEATS):
+        for b in sizes:
+            t0 = time.perf_counter()
+            ctx.eval(filler * b, logits="all")
+            seconds[b] = min(seconds[b], time.perf_counter() - t0)
+            ctx.truncate(n)
+    curve = np.interp(np.arange(1, rows + 1), sizes, [seconds[b] for b in sizes])
+    return np.maximum.accumulate(curve)  # more rows never cost less
+
+
+def _store() -> Path:
+    return hub.cache_dir() / FILE
+
+
+def _read() -> dict:
+    try:
+        data = json.loads(_store().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cached_curve(ctx: Context, rows: int) -> np.ndarray | None:
+    """The stored curve for this context, when it covers `rows` rows."""
+    entry = _read().get(context_key(ctx))
+    try:
+        curve = np.asarray(entry["seconds"], dtype=np.float64)
+    except (TypeError, KeyError, ValueError):
+        return None
+    if curve.ndim != 1 or len(curve) < rows or not np.all(np.isfinite(curve) & (curve > 0)):
+        return None
+    return curve[:rows]
+
+
+def store_curve(ctx: Context, curve: np.ndarray) -> None:
+    """Add this context's curve to the store (written atomically; a failure to write is
+    only a lost cache)."""
+    data = _read()
+    data[context_key(ctx)] = {"model": ctx.model.path.name, "threads": ctx.n_threads,
+                              "depth": len(ctx.tokens), "measured": time.time(),
+                              "seconds": [float(s) for s in curve]}
+    path = _store()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"ggspec: could not save the calibration to {path}: {e}", file=sys.stderr)
+
+
+def verify_curve(ctx: Context, rows: int, *, progress: bool = True) -> np.ndarray:
+    """The verification cost curve of `ctx` for 1..rows rows: from the store, else measured
+    now (and stored)."""
+    curve = cached_curve(ctx, rows)
+    if curve is not None:
+        return curve
+    if progress:
+        print(f"ggspec: measuring {ctx.model.path.name}'s verification cost for 1-{rows} rows "
+              f"(once for this model, machine and settings)", file=sys.stderr)
+    curve = measure(ctx, rows)
+    store_curve(ctx, curve)
+    return curve
