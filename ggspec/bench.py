@@ -7,9 +7,11 @@ plain decoding (`none`) compares runs taken under the same conditions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 from .config import SamplingConfig, SpecConfig
 from .engine import Engine
@@ -116,25 +118,91 @@ glass lenses, and read the old logbooks, in which generations of keepers wrote d
 weather, the passing ships, and now and then a short note about a rescue or a birth.
 """
 
+_CALLBACKS = """\
+const fs = require("fs");
+const path = require("path");
+
+function loadConfig(dir, callback) {
+  fs.readFile(path.join(dir, "config.json"), "utf8", function (err, text) {
+    if (err) {
+      callback(err);
+      return;
+    }
+    let config;
+    try {
+      config = JSON.parse(text);
+    } catch (parseErr) {
+      callback(parseErr);
+      return;
+    }
+    fs.readdir(path.join(dir, config.dataDir), function (err, names) {
+      if (err) {
+        callback(err);
+        return;
+      }
+      const files = names.filter(function (name) { return name.endsWith(".csv"); });
+      let pending = files.length;
+      const sizes = {};
+      if (pending === 0) {
+        callback(null, { config: config, sizes: sizes });
+        return;
+      }
+      files.forEach(function (name) {
+        fs.stat(path.join(dir, config.dataDir, name), function (err, stat) {
+          if (err) {
+            callback(err);
+            return;
+          }
+          sizes[name] = stat.size;
+          pending -= 1;
+          if (pending === 0) {
+            callback(null, { config: config, sizes: sizes });
+          }
+        });
+      });
+    });
+  });
+}
+
+module.exports = { loadConfig };
+"""
+
 _EDIT_PROMPT = ("Add type hints to every function and method of this Python module. Change nothing "
                 "else and reply with the complete module in one code block.\n\n```python\n" + _MODULE + "```")
 _SUMMARY_PROMPT = ("Read the text below, summarise it in five sentences, then answer: why could the "
                    "keepers' families be cut off in winter, and what replaced the keepers?\n\n" + _ARTICLE)
 
 
+_REWRITE_PROMPT = ("Rewrite this Node.js module with async/await and the fs.promises API instead of "
+                   "callbacks. Keep the behaviour and the exported name; reply with the complete module "
+                   "in one code block.\n\n```javascript\n" + _CALLBACKS + "```")
+
+
 @dataclass(frozen=True)
 class Workload:
+    """A conversation: the user messages in order. Every turn but the last is answered
+    by the target with plain greedy decoding before timing starts; the last is timed."""
+
     name: str
-    prompt: str  # the user message
+    turns: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        return self.turns[-1]
 
 
 WORKLOADS = {w.name: w for w in (
-    Workload("code", "Write a Python function that merges overlapping intervals in a list of "
-                     "(start, end) pairs, with a docstring and a few pytest tests."),
-    Workload("edit", _EDIT_PROMPT),
-    Workload("prose", "Explain to a curious twelve-year-old how a refrigerator keeps food cold, "
-                      "in a few short paragraphs."),
-    Workload("summary", _SUMMARY_PROMPT),
+    Workload("code", ("Write a Python function that merges overlapping intervals in a list of "
+                      "(start, end) pairs, with a docstring and a few pytest tests.",)),
+    Workload("edit", (_EDIT_PROMPT,)),
+    Workload("rewrite", (_REWRITE_PROMPT,)),
+    Workload("qa", (_SUMMARY_PROMPT,)),
+    Workload("prose", ("Explain to a curious twelve-year-old how a refrigerator keeps food cold, "
+                       "in a few short paragraphs.",)),
+    Workload("revise", ("Write a Python class LRUCache with get and put methods and a fixed capacity, "
+                        "using OrderedDict.",
+                        "Revise your class: add type hints, a docstring for each method, and a "
+                        "__len__ method. Reply with the complete revised class.")),
 )}
 
 
@@ -144,7 +212,7 @@ def workload_from_file(path: str | Path) -> Workload:
     text = path.read_text(encoding="utf-8").strip()
     if not text:
         raise ValueError(f"prompt file {path} is empty")
-    return Workload(path.stem, text)
+    return Workload(path.stem, (text,))
 
 
 @dataclass(frozen=True)
@@ -159,30 +227,37 @@ class Variant:
         return self.method if self.draft_max is None else f"{self.method} k={self.draft_max}"
 
 
-def variants(methods: Sequence[str], ks: Sequence[int]) -> list[Variant]:
-    """`none` first (the baseline), then every other method with every K."""
+def variants(methods: Sequence[tuple[str, Sequence[int]]], ks: Sequence[int]) -> list[Variant]:
+    """`none` first (the baseline), then every other method with its own Ks, or else
+    every K of `ks`."""
     out = [Variant("none")]
-    for m in dict.fromkeys(methods):
+    for m, own in methods:
         if m != "none":
-            out += [Variant(m, k) for k in dict.fromkeys(ks)]
+            out += [Variant(m, k) for k in dict.fromkeys(own or ks) if Variant(m, k) not in out]
     return out
 
 
 @dataclass
 class Row:
-    """One workload under one variant, summed over the repetitions."""
+    """One workload under one variant: stats summed over the repetitions, and the speed
+    ratio to the `none` row of the same workload as the median of per-repetition ratios
+    (each repetition runs every variant back to back, so a ratio compares like with like)."""
 
     workload: str
     variant: Variant
     stats: Stats
-    speedup: float = 0.0  # decode tok/s over the `none` row of the same workload
+    ratios: list[float] = field(default_factory=list)  # decode tok/s over `none`, one per repetition
+
+    @property
+    def speedup(self) -> float:
+        return float(np.median(self.ratios)) if self.ratios else 0.0
 
     def to_dict(self) -> dict:
         s = self.stats
         return {"workload": self.workload, "method": self.variant.method, "draft_max": self.variant.draft_max,
                 "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
-                "acceptance_rate": s.acceptance_rate, "mean_accepted_length": s.mean_accepted_length,
-                "position_acceptance": s.position_acceptance,
+                "speedups": self.ratios, "acceptance_rate": s.acceptance_rate,
+                "mean_accepted_length": s.mean_accepted_length, "position_acceptance": s.position_acceptance,
                 "overhead_ms_per_round": s.overhead_ms_per_round, "stats": s.to_dict()}
 
 
@@ -202,32 +277,38 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
     if not workloads:
         raise ValueError("no workload to run")
-    prompts = [_prompt(engine, w, chat) for w in workloads]
+    prompts = [_prompt(engine, w, chat, max_tokens) for w in workloads]
     specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max) for v in grid]
     for spec in specs:
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
-    totals: dict[tuple[int, int], Stats] = {}
+    rows = [[Row(w.name, v, Stats(method=v.method)) for v in grid] for w in workloads]
     for r in range(repetitions):
         seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + r)
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
+            speeds = []
             for j, (variant, spec) in enumerate(zip(grid, specs)):
                 stats = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=spec).stats
-                totals[i, j] = stats if r == 0 else totals[i, j] + stats
+                rows[i][j].stats = stats if r == 0 else rows[i][j].stats + stats
+                speeds.append(stats.decode_tokens_per_second)
                 if on_run is not None:
                     on_run(workload, variant, r, stats)
-    rows = []
-    for i, workload in enumerate(workloads):
-        base = totals[i, 0].decode_tokens_per_second if grid[0].method == "none" else 0.0
-        for j, variant in enumerate(grid):
-            s = totals[i, j]
-            rows.append(Row(workload.name, variant, s, s.decode_tokens_per_second / base if base else 0.0))
-    return rows
+            if grid[0].method == "none" and speeds[0] > 0:
+                for j, speed in enumerate(speeds):
+                    rows[i][j].ratios.append(speed / speeds[0])
+    return [row for per_workload in rows for row in per_workload]
 
 
-def _prompt(engine: Engine, workload: Workload, chat: bool) -> list[int]:
-    if chat and engine.target.chat_template:
-        return engine.tokenize([{"role": "user", "content": workload.prompt}])
-    return engine.tokenize(workload.prompt)
+def _prompt(engine: Engine, workload: Workload, chat: bool, max_tokens: int) -> list[int]:
+    """The timed turn's prompt tokens, after the earlier turns are answered (plain greedy)."""
+    if not (chat and engine.target.chat_template):
+        return engine.tokenize("\n\n".join(workload.turns))
+    messages: list[dict] = []
+    for turn in workload.turns[:-1]:
+        messages.append({"role": "user", "content": turn})
+        answer = engine.generate(messages, max_tokens=max_tokens, sampling=SamplingConfig(temperature=0.0),
+                                 spec=SpecConfig("none"))
+        messages.append({"role": "assistant", "content": answer.text})
+    return engine.tokenize([*messages, {"role": "user", "content": workload.turns[-1]}])
 
 
 def table(rows: Sequence[Row]) -> str:

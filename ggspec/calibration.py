@@ -5,7 +5,8 @@ controller may use (each size twice, the faster kept), and one draft-model token
 stored in calibration.json in the cache directory under a key naming everything that
 changes the figures: the model file (path, size, modification time), the context's
 settings (threads, batch, GPU layers, flash attention, sequences, embeddings),
-llama.cpp's build and this machine's CPU. Any change of those measures again.
+llama.cpp's build and this machine's CPU. Any change of those measures again. A
+calibration taken while other processes were busy is used but not stored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,24 +21,13 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from . import hub
+from . import hub, machine
 from .backend import Context
 
 DENSE_ROWS = 17   # every size up to here is measured; above it every STRIDE-th one
 STRIDE = 4
 REPEATS = 2
 FILE = "calibration.json"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo, else platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def context_key(ctx: Context) -> str:
@@ -48,7 +37,7 @@ def context_key(ctx: Context) -> str:
     cfg = ctx.cfg
     facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
              cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
-             llama_cpp.llama_print_system_info().decode(), cpu_name(), os.cpu_count()]
+             llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count()]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
@@ -126,6 +115,12 @@ def verify_curve(ctx: Context, rows: int, *, progress: bool = True) -> np.ndarra
     if progress:
         print(f"ggspec: measuring {ctx.model.path.name}'s verification cost for 1-{rows} rows "
               f"(once for this model, machine and settings)", file=sys.stderr)
+    before = machine.snapshot()
     curve = measure(ctx, rows)
-    store_curve(ctx, curve)
+    busy = machine.busy_since(before)
+    if busy:  # the shape is distorted: use it now, measure again next time
+        print(f"ggspec: not saving the calibration: other processes were busy ({', '.join(busy)})",
+              file=sys.stderr)
+    else:
+        store_curve(ctx, curve)
     return curve

@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import click
 from tqdm import tqdm
 
-from . import __version__, bench as benchmark, hub
-from .backend import Model, check_vocab_compatible, set_verbose
+from . import __version__, bench as benchmark, hub, machine
+from .backend import Model, check_vocab_compatible, default_threads, set_verbose
 from .chat import ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Piece, Result
@@ -392,6 +392,17 @@ def _indent(text: str) -> str:
 
 # ---------------------------------------------------------------- bench
 
+def _method_list(ctx, param, values) -> list[tuple[str, tuple[int, ...]]]:
+    """--method lookup --method auto:8,16 -> [("lookup", ()), ("auto", (8, 16))]."""
+    out = []
+    for value in values:
+        method, _, ks = value.partition(":")
+        if method not in METHODS:
+            raise click.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        out.append((method, _int_list(ctx, param, [ks]) if ks else ()))
+    return out
+
+
 def _int_list(ctx, param, values) -> tuple[int, ...]:
     """-k 2 -k 4 or -k 2,4."""
     try:
@@ -406,11 +417,14 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
               help="Built-in workload (repeatable).  [default: all]")
 @click.option("--prompt-file", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Add a workload: the file's text as the user message (repeatable).")
-@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
-              help="Method to compare (repeatable; none always runs as the baseline).  "
+@click.option("--method", "methods", multiple=True, callback=_method_list, metavar="METHOD[:K,...]",
+              help=f"Method to compare ({'|'.join(METHODS)}; repeatable; none always runs as the baseline); "
+                   "METHOD:3,8 gives that method its own draft lengths.  "
                    "[default: every method the models allow]")
 @click.option("-k", "--draft-max", "ks", multiple=True, callback=_int_list,
-              help=f"Draft length K (repeatable, or 2,4,8).  [default: {_SPEC.draft_max}]")
+              help=f"Draft length K for methods without their own (repeatable, or 2,4,8).  "
+                   f"[default: {_SPEC.draft_max}]")
+@click.option("--allow-busy", is_flag=True, help="Run even while other processes use the CPU (timings are then wrong).")
 @click.option("-r", "--repetitions", type=int, default=1, show_default=True, help="Runs of each cell.")
 @click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per run.")
 @_sampling_options(temperature=0.0)
@@ -418,7 +432,8 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw tok/s and acceptance by position (needs matplotlib).")
-def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_json, plot, **opts) -> None:
+def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, chat, as_json, plot,
+          **opts) -> None:
     """Compare methods and draft lengths.
 
     Workloads: code (write a function), edit (add type hints to a 60-line module: the
@@ -433,10 +448,16 @@ def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_jso
     workloads += [benchmark.workload_from_file(p) for p in prompt_file]
     sampling = _sampling(opts)
     ks = ks or (_SPEC.draft_max,)
-    with _open_engine(opts, max(ks)) as engine:
-        for m in methods:
-            _spec(engine, m, max(ks))  # refuses a method these models cannot run
-        grid = benchmark.variants(methods or available_methods(engine), ks)
+    threads = opts["threads"] or default_threads()
+    try:
+        state = machine.check_idle(threads, allow_busy=allow_busy)
+    except RuntimeError as e:
+        raise GgspecError(str(e)) from None
+    k_max = max([*ks, *(k for _, own in methods for k in own)])
+    with _open_engine(opts, k_max) as engine:
+        for m, _ in methods:
+            _spec(engine, m, k_max)  # refuses a method these models cannot run
+        grid = benchmark.variants(methods or [(m, ()) for m in available_methods(engine)], ks)
         with tqdm(total=len(workloads) * len(grid) * repetitions, desc="bench", unit="run",
                   leave=False, disable=None) as bar:
 
@@ -448,12 +469,17 @@ def bench(names, prompt_file, methods, ks, repetitions, max_tokens, chat, as_jso
                                       sampling=sampling, chat=chat, on_run=progress)
         target, draft = _name(engine.target), _name(engine.draft)
     params = {"max_tokens": max_tokens, "repetitions": repetitions, "chat": chat, **asdict(sampling)}
+    after = machine.state(0.2)
     if as_json:
         click.echo(json.dumps({"target": target, "draft": draft, "params": params,
+                               "machine": {"cpu": state.cpu, "cpus": state.cpus, "threads": threads,
+                                           "load_before": state.load, "load_after": after.load},
                                "rows": [r.to_dict() for r in rows]}, indent=2))
     else:
         click.echo(f"target {Path(target).name}, draft {Path(draft).name if draft else '-'}; "
                    f"{max_tokens} tokens x {repetitions}, temperature {sampling.temperature}")
+        click.echo(f"machine: {state.describe(threads)} before, load {after.load:.2f} after; "
+                   "x none: median of per-repetition ratios")
         click.echo(benchmark.table(rows))
     if plot:
         benchmark.plot(rows, plot)

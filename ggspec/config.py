@@ -52,7 +52,7 @@ class SpecConfig:
     """
 
     method: str = "auto"
-    draft_max: int = 8
+    draft_max: int = 16
     draft_p_min: float = 0.0
     typical: bool = False
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ggspec import BackendConfig, Engine, SpecConfig
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
 from ggspec.bench import WORKLOADS, Variant, plot, run_grid, table, variants, workload_from_file
 from ggspec.cli import cli
 
@@ -23,7 +23,7 @@ def engine(target_path, draft_path):
 @pytest.fixture(scope="module")
 def rows(engine):
     calls = []
-    grid = variants(["draft", "lookup"], [2, 4])
+    grid = variants([("draft", ()), ("lookup", ())], [2, 4])
     got = run_grid(engine, [WORKLOADS["code"], WORKLOADS["edit"]], grid, repetitions=2, max_tokens=12,
                    on_run=lambda *args: calls.append(args))
     assert len(calls) == 2 * len(grid) * 2
@@ -31,19 +31,33 @@ def rows(engine):
 
 
 def test_builtin_workloads_are_the_documented_sizes():
-    assert set(WORKLOADS) == {"code", "edit", "prose", "summary"}
+    assert set(WORKLOADS) == {"code", "edit", "rewrite", "qa", "prose", "revise"}
     module = WORKLOADS["edit"].prompt.split("```python\n")[1]
     assert 55 <= len(module.splitlines()) <= 70
-    assert 350 <= len(WORKLOADS["summary"].prompt.split()) <= 500
+    assert 45 <= len(WORKLOADS["rewrite"].prompt.split("```javascript\n")[1].splitlines()) <= 60
+    assert 350 <= len(WORKLOADS["qa"].prompt.split()) <= 500
+    assert len(WORKLOADS["revise"].turns) == 2
 
 
-def test_variants_put_the_baseline_first_and_pair_methods_with_every_k():
-    assert variants(["draft", "none", "draft"], [2, 4, 2]) == [
+def test_variants_put_the_baseline_first_and_pair_methods_with_their_ks():
+    assert variants([("draft", ()), ("none", ()), ("draft", ())], [2, 4, 2]) == [
         Variant("none"), Variant("draft", 2), Variant("draft", 4)]
-    assert [v.label for v in variants(["lookup"], [3])] == ["none", "lookup k=3"]
+    assert [v.label for v in variants([("lookup", ()), ("auto", (8, 16))], [3])] == [
+        "none", "lookup k=3", "auto k=8", "auto k=16"]
+
+
+def test_a_two_turn_workload_answers_the_first_turn_before_timing(engine):
+    got = run_grid(engine, [WORKLOADS["revise"]], variants([], [2]), max_tokens=6)
+    first = engine.generate([{"role": "user", "content": WORKLOADS["revise"].turns[0]}], max_tokens=6,
+                            sampling=SamplingConfig(temperature=0), spec=SpecConfig("none")).text
+    prompt = engine.tokenize([{"role": "user", "content": WORKLOADS["revise"].turns[0]},
+                              {"role": "assistant", "content": first},
+                              {"role": "user", "content": WORKLOADS["revise"].turns[1]}])
+    assert got[0].stats.prefill_tokens + got[0].stats.cached_tokens == len(prompt)
 
 
 def test_grid_rows_sum_the_repetitions_and_compare_with_plain_decoding(rows):
+    assert all(len(r.ratios) == 2 for r in rows)
     assert [(r.workload, r.variant.label) for r in rows[:5]] == [
         ("code", "none"), ("code", "draft k=2"), ("code", "draft k=4"), ("code", "lookup k=2"), ("code", "lookup k=4")]
     assert len(rows) == 10
@@ -88,7 +102,7 @@ def test_bench_command_json(target_path, draft_path, tmp_path):
     extra.write_text("hello world")
     got = CliRunner().invoke(cli, ["bench", "-m", target_path, "-d", draft_path, "--threads", "1", "-w", "code",
                                    "--prompt-file", str(extra), "--method", "draft", "-k", "2,3", "-n", "6",
-                                   "--json"])
+                                   "--json", "--allow-busy"])
     assert got.exit_code == 0, got.output
     data = json.loads(got.stdout)
     assert (data["target"], data["draft"]) == (target_path, draft_path)
@@ -98,19 +112,40 @@ def test_bench_command_json(target_path, draft_path, tmp_path):
 
 
 def test_bench_command_table(target_path):
-    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--threads", "1", "-w", "prose", "-n", "4"])
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--threads", "1", "-w", "prose", "-n", "4",
+                                   "--allow-busy"])
     assert got.exit_code == 0, got.output
-    methods = [line.split()[1] for line in got.stdout.splitlines()[3:]]
+    assert got.stdout.splitlines()[1].startswith("machine: ")
+    methods = [line.split()[1] for line in got.stdout.splitlines()[4:]]
     assert methods[0] == "none" and "lookup" in methods  # every method these models allow
 
 
+def test_bench_refuses_a_busy_machine(target_path, monkeypatch):
+    from ggspec import machine
+    monkeypatch.setattr(machine, "busy_processes", lambda seconds=1.0: ["make (4242): 97%"])
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "-n", "4"])
+    assert got.exit_code == 1
+    assert "Error: the machine is busy" in got.stderr and "make (4242): 97%" in got.stderr
+    assert "--allow-busy" in got.stderr
+
+
+def test_bench_method_with_its_own_draft_lengths(target_path):
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--threads", "1", "-w", "prose", "-n", "4",
+                                   "--method", "lookup:2,5", "--json", "--allow-busy"])
+    assert got.exit_code == 0, got.output
+    rows = json.loads(got.stdout)["rows"]
+    assert [(r["method"], r["draft_max"]) for r in rows] == [("none", None), ("lookup", 2), ("lookup", 5)]
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--method", "fast:2", "--allow-busy"])
+    assert got.exit_code == 2 and "unknown method 'fast'" in got.stderr
+
+
 def test_bench_refuses_a_method_these_models_cannot_run(target_path):
-    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--method", "draft"])
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--method", "draft", "--allow-busy"])
     assert got.exit_code == 1 and "Error: method draft is not available" in got.stderr
 
 
 def test_plot_without_matplotlib_is_one_line_before_the_run(target_path, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--plot", str(tmp_path / "x.png")])
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--plot", str(tmp_path / "x.png"), "--allow-busy"])
     assert got.exit_code == 1
     assert got.stderr.strip() == "Error: plotting needs matplotlib: pip install 'ggspec[plot]'"

@@ -12,19 +12,25 @@ from __future__ import annotations
 import argparse
 import time
 
-from ggspec import BackendConfig, hub
-from ggspec.backend import Context, Model
+from ggspec import BackendConfig, hub, machine
+from ggspec.backend import Context, Model, default_threads
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default=None, help="registry name or GGUF path")
     ap.add_argument("--depth", type=int, default=700, help="tokens already in the KV cache")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8, 9, 12, 16])
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(range(1, 18)) + [20, 24, 28, 33])
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--allow-busy", action="store_true", help="measure even while the machine is busy")
     args = ap.parse_args()
     cfg = BackendConfig(n_ctx=args.depth + max(args.sizes) + 16, n_threads=args.threads)
+    try:
+        state = machine.check_idle(args.threads or default_threads(), allow_busy=args.allow_busy)
+    except RuntimeError as e:
+        raise SystemExit(f"Error: {e}") from None
+    print(state.describe(args.threads or default_threads()))
     with Model(hub.resolve(args.model or hub.default_model()), cfg) as model, Context(model, cfg) as ctx:
         ctx.eval([100] * args.depth, logits="none")
         best = {}
