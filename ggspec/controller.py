@@ -21,24 +21,32 @@ EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before tryi
 class CostModel:
     """Seconds per target verification of b rows and per draft-model token.
 
-    The shape of the verification curve comes from a calibration (every row count
-    measured once, ggspec.calibration); its level follows the rounds actually run: each
-    verification of b rows moves `scale` toward observed / calibrated, so one
-    measurement at any size keeps the whole curve current (the KV cache deepens, the
-    machine warms up). t(b) = scale * curve[b - 1].
+    The shape of the verification curve comes from a calibration (ggspec.calibration);
+    it need not grow monotonically (on a CPU, 16 rows can cost less than 15: the matrix
+    kernels work in tiles). Its level follows the rounds actually run: each verification
+    of b rows moves `scale` toward observed / calibrated, so a measurement at any size
+    keeps the whole curve current (the KV cache deepens, the machine warms up); and a
+    size's own correction follows, slowly, how its rounds compare with that level, so a
+    point the calibration got wrong is corrected where it is used.
+    t(b) = scale * curve[b - 1] * correction[b - 1].
     """
 
+    SHAPE_EMA = 0.05
+
     def __init__(self, curve: np.ndarray | None = None, draft_token: float = 0.0):
-        self.curve = None if curve is None else np.maximum.accumulate(np.asarray(curve, dtype=np.float64))
+        self.curve = self.correction = None
         self.scale = 1.0
         self.draft_token = draft_token
+        if curve is not None:
+            self.calibrate(curve, draft_token)
 
     @property
     def calibrated(self) -> bool:
         return self.curve is not None
 
     def calibrate(self, curve: np.ndarray, draft_token: float = 0.0) -> None:
-        self.curve = np.maximum.accumulate(np.asarray(curve, dtype=np.float64))  # more rows never cost less
+        self.curve = np.array(curve, dtype=np.float64)  # (b_max,): curve[b - 1] = t(b) when measured
+        self.correction = np.ones_like(self.curve)
         self.scale = 1.0
         self.draft_token = draft_token
 
@@ -50,11 +58,13 @@ class CostModel:
         """Seconds to verify `rows` rows (an int or an array of them); beyond the
         calibrated range the cost grows linearly from the last point."""
         b = np.minimum(rows, len(self.curve))
-        return self.scale * self.curve[b - 1] * rows / b
+        return self.scale * self.curve[b - 1] * self.correction[b - 1] * rows / b
 
     def observe_verify(self, rows: int, seconds: float) -> None:
         if self.curve is not None and rows <= len(self.curve):
-            self.scale += EMA * (seconds / self.curve[rows - 1] - self.scale)
+            ratio = seconds / self.curve[rows - 1]
+            self.scale += EMA * (ratio - self.scale)
+            self.correction[rows - 1] += self.SHAPE_EMA * (ratio / self.scale - self.correction[rows - 1])
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:

@@ -95,9 +95,9 @@ def test_engine_follows_the_controller(target_path, draft_path, monkeypatch):
         auto = eng.drafters["auto"]
         eng.generate(prompt, max_tokens=4, sampling=SamplingConfig(temperature=0))  # calibrates
         monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
-        auto.costs.calibrate(np.array([1.0] + [1e3] * 8))
+        auto.costs.calibrate(np.array([1.0] + [1e3] * 16))
         expensive = eng.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0))
-        auto.costs.calibrate(np.full(9, 1.0))
+        auto.costs.calibrate(np.full(17, 1.0))
         monkeypatch.setattr(auto.copy_acceptance, "p", np.ones_like(auto.copy_acceptance.p))
         monkeypatch.setattr(auto.model_acceptance, "alpha", np.ones_like(auto.model_acceptance.alpha))
         free = eng.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0))
