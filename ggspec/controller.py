@@ -131,10 +131,11 @@ class MatchAcceptance:
         """(k,): for a draft of k tokens copied after a match of match_len tokens."""
         return self.p[self.bucket(match_len + np.arange(k))]
 
-    def observe(self, match_len: int, proposed: int, accepted: int) -> None:
-        reached = min(proposed, accepted + 1)
-        for i, b in enumerate(self.bucket(match_len + np.arange(reached))):
-            _learn(self.p, self._seen, b, float(i < accepted), self.PRIOR_WEIGHT)
+    def observe(self, match_len: int, hits: int, miss: bool) -> None:
+        """The copy after a match of match_len tokens gave `hits` right tokens, then (when
+        `miss`) a wrong one."""
+        for i, b in enumerate(self.bucket(match_len + np.arange(hits + miss))):
+            _learn(self.p, self._seen, b, float(i < hits), self.PRIOR_WEIGHT)
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,8 @@ def test_a_larger_budget_never_lowers_the_expected_rate():
 def test_copy_acceptance_grows_with_the_match_length_it_learns():
     acc = MatchAcceptance()
     for _ in range(100):
-        acc.observe(match_len=2, proposed=1, accepted=0)    # short matches: rejected
-        acc.observe(match_len=20, proposed=4, accepted=4)   # long matches: accepted
+        acc.observe(match_len=2, hits=0, miss=True)     # short matches: wrong
+        acc.observe(match_len=20, hits=4, miss=False)   # long matches: right
     assert acc.chances(2, 1)[0] < 0.05
     assert np.all(acc.chances(20, 4) > 0.95)
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
@@ -121,11 +121,10 @@ def test_exploring_the_draft_model_weighs_its_catch_up():
     model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]))  # 50 tokens behind
     # a CPU: t(1) 100 ms, t(2) 140 ms, a draft token 40 ms -> 10 ms saved a token at best
     auto = AutoDrafter(CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040), LookupDrafter(), model)
-    assert auto._explore([], tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
+    assert auto._explore(tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
     model.ctx.tokens = tokens[:198]                # 2 behind: 80 ms to catch up
-    assert auto._explore([], tokens) == Plan(model=1)
+    assert auto._explore(tokens) == Plan(model=1)
     # a GPU: t(1) 20 ms, t(2) 21 ms, a draft token 2 ms -> 8.5 ms saved a token
     auto.costs.calibrate(np.array([0.020, 0.021, 0.022]), draft_token=0.002)
     model.ctx.tokens = tokens[:150]
-    assert EXPLORE_EVERY * 0.0085 > 50 * 0.002 and auto._explore([], tokens) == Plan(model=1)
-    assert auto._explore([7], tokens) == Plan(lookup=1)  # lookup needs no catching up
+    assert EXPLORE_EVERY * 0.0085 > 50 * 0.002 and auto._explore(tokens) == Plan(model=1)

@@ -116,3 +116,22 @@ def test_lookup_method_needs_a_minimum_match():
     drafter = LookupDrafter(min_match=2)
     assert drafter.propose([1, 9, 2, 1], 4, SamplingConfig(), rng).tokens == []
     assert drafter.propose([1, 9, 2, 1, 9], 4, SamplingConfig(), rng).tokens == [2, 1, 9]
+
+
+def test_following_reports_how_the_source_predicted_the_committed_tokens():
+    text = list(range(100, 140))
+    source = CopySource()
+    source.sync(text + [1] + text[:5])
+    assert source.match(4).followed is None  # a search, nothing followed yet
+    source.sync(text + [1] + text[:8])       # three tokens as the source continued
+    assert source.match(4).followed == lookup.Followed(length=5, hits=3, miss=False)
+    source.sync(text + [1] + text[:10] + [7, 8])  # two more right, then a wrong one
+    assert source.match(4).followed == lookup.Followed(length=8, hits=2, miss=True)
+
+
+def test_a_new_prompt_is_not_counted_as_predictions():
+    drafter = LookupDrafter()
+    drafter.prepare([1, 2, 3, 1, 2])
+    assert drafter.match([1, 2, 3, 1, 2], 4).followed is None
+    drafter.prepare([1, 2, 3, 1, 2, 3, 1, 2])  # the next prompt extends the last one
+    assert drafter.match([1, 2, 3, 1, 2, 3, 1, 2], 4).followed is None

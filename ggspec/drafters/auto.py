@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -24,12 +24,6 @@ from .model import ModelDrafter
 MODEL_PRIOR = 0.7  # starting acceptance guess for the draft model, replaced by measurements
 
 
-@dataclass(frozen=True)
-class AutoPlan:
-    """How a chain was drafted: the plan and the copy source's match length."""
-
-    plan: Plan
-    match_len: int
 
 
 class AutoDrafter:
@@ -61,6 +55,8 @@ class AutoDrafter:
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
         copy = self.lookup.match(tokens, budget)
+        if copy.followed is not None:  # every committed token tells how copying fares
+            self.copy_acceptance.observe(copy.followed.length, copy.followed.hits, copy.followed.miss)
         plan, rate = Plan(), 0.0
         if self.costs.calibrated and budget > 0:
             chances = self.copy_acceptance.chances(copy.length, len(copy.tokens))
@@ -72,7 +68,7 @@ class AutoDrafter:
                 self._streak = 0
                 return self.medusa.draft(nodes)
         if plan.total == 0 and self._streak >= EXPLORE_EVERY and budget > 0:
-            plan = self._explore(copy.tokens, tokens)
+            plan = self._explore(tokens)
         self._streak = self._streak + 1 if plan.total == 0 else 0
         head = copy.tokens[:plan.lookup]
         tail = Draft([])
@@ -83,8 +79,8 @@ class AutoDrafter:
             how = replace(sampling, temperature=0) if sampling.seed is not None else sampling
             tail = self.model.propose([*tokens, *head], plan.model, how, rng)
             self.costs.observe_draft(len(tail.tokens), time.perf_counter() - t0)
-        done = AutoPlan(Plan(lookup=len(head), model=len(tail.tokens)), copy.length)
-        self.plans[done.plan] += 1
+        done = Plan(lookup=len(head), model=len(tail.tokens))
+        self.plans[done] += 1
         if tail.q is None:
             return Draft(head + tail.tokens, plan=done)
         # a lookup token is a draft from a one-hot q: speculative sampling then equals
@@ -93,14 +89,14 @@ class AutoDrafter:
         onehot[np.arange(len(head)), head] = 1.0
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]), plan=done)
 
-    def _explore(self, chain: list[int], tokens: Sequence[int]) -> Plan:
-        """After many plain rounds, draft one token to re-measure acceptance -- if a
-        perfectly accepted token could pay at the measured costs at all. The draft model
-        must first catch up on every token committed since it last ran: it is explored
-        only when drafting perfectly for EXPLORE_EVERY tokens would repay that."""
+    def _explore(self, tokens: Sequence[int]) -> Plan:
+        """After many plain rounds, draft one draft-model token to re-measure its
+        acceptance -- if a perfectly accepted token could pay at the measured costs at all.
+        (Copying needs no exploring: every committed token tells how the copy source
+        fared.) The draft model must first catch up on every token committed since it
+        last ran: it is explored only when drafting perfectly for EXPLORE_EVERY tokens
+        would repay that."""
         t1 = self.costs.t_verify(1)
-        if chain and 2.0 / self.costs.t_verify(2) > 1.0 / t1:
-            return Plan(lookup=1)
         if self.model is not None:
             saved = t1 - (self.costs.draft_token + self.costs.t_verify(2)) / 2  # per token
             behind = len(tokens) - common_prefix(self.model.ctx.tokens, tokens)
@@ -112,14 +108,9 @@ class AutoDrafter:
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
         if self.medusa is not None:
             self.medusa.accept(draft, nodes)  # keeps the heads' hidden state current
-        if not isinstance(draft.plan, AutoPlan):
-            return
-        n_accepted = len(nodes)
-        plan = draft.plan.plan
-        if plan.lookup:
-            self.copy_acceptance.observe(draft.plan.match_len, plan.lookup, min(n_accepted, plan.lookup))
-        if plan.model and n_accepted >= plan.lookup:
-            self.model_acceptance.observe(plan.model, n_accepted - plan.lookup)
+        plan = draft.plan
+        if isinstance(plan, Plan) and plan.model and len(nodes) >= plan.lookup:
+            self.model_acceptance.observe(plan.model, len(nodes) - plan.lookup)
 
     def report(self) -> dict:
         """The controller's estimates and how often it chose each plan."""

@@ -50,12 +50,26 @@ def longest_match(h: np.ndarray, max_len: int = SEARCH_MAX) -> tuple[int, np.nda
 
 
 @dataclass(frozen=True)
+class Followed:
+    """How the source being followed predicted the tokens committed since the last
+    match: the first `hits` were what it continued with, from a match of `length`
+    tokens (so the i-th of them after a match of length + i); `miss`: the token after
+    those was not. A lookup draft is verified by matching tokens, so these are exactly
+    the outcomes its drafts had (or would have had, in rounds that drafted less)."""
+
+    length: int
+    hits: int
+    miss: bool
+
+
+@dataclass(frozen=True)
 class Match:
     """What lookup can copy now: `tokens` followed an earlier occurrence of the last
-    `length` tokens of the history."""
+    `length` tokens of the history. `followed`: how the previous source fared."""
 
     tokens: list[int]
     length: int = 0
+    followed: Followed | None = None
 
 
 class CopySource:
@@ -92,21 +106,32 @@ class CopySource:
             self._h[len(h):end] = new
             h.extend(new)
 
+    def forget(self) -> None:
+        """Drop the source (a new prompt: its tokens are not the target's to predict)."""
+        self._length = 0
+        self._at = len(self._tokens)
+
     def match(self, max_tokens: int) -> Match:
         """Follow the source over the tokens added since the last call, or search anew."""
         n = len(self._tokens)
         h = self._h
         m = n - self._at
-        if self._length and m >= 0 and np.array_equal(h[self._end:self._end + m], h[self._at:n]):
-            self._end += m
-            self._length += m
-        else:
+        followed = None
+        if self._length and m > 0:
+            same = h[self._end:self._end + m] == h[self._at:n]
+            hits = m if same.all() else int(np.argmin(same))
+            followed = Followed(self._length, hits, hits < m)
+            self._end += hits
+            self._length += hits
+            if hits < m:
+                self._length = 0
+        if not self._length:
             self._length, ends = longest_match(h[:n])
             self._end = int(ends[-1]) if self._length else 0
         self._at = n
         if not self._length:
-            return Match([])
-        return Match(h[self._end:min(self._end + max_tokens, n)].tolist(), self._length)
+            return Match([], followed=followed)
+        return Match(h[self._end:min(self._end + max_tokens, n)].tolist(), self._length, followed)
 
 
 class LookupDrafter:
@@ -126,6 +151,7 @@ class LookupDrafter:
 
     def prepare(self, tokens: Sequence[int]) -> None:
         self.source.sync(tokens)
+        self.source.forget()
 
     def match(self, tokens: Sequence[int], budget: int) -> Match:
         self.source.sync(tokens)
