@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import SamplingConfig, SpecConfig
+from .controller import oracle_speedup
+from .drafters.lookup import copyable
 from .engine import Engine
 from .errors import GgspecError
 from .stats import Stats
@@ -247,6 +249,7 @@ class Row:
     variant: Variant
     stats: Stats
     ratios: list[float] = field(default_factory=list)  # decode tok/s over `none`, one per repetition
+    oracle: float | None = None  # `none` rows: the copy oracle's bound on this answer
 
     @property
     def speedup(self) -> float:
@@ -256,7 +259,7 @@ class Row:
         s = self.stats
         return {"workload": self.workload, "method": self.variant.method, "draft_max": self.variant.draft_max,
                 "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
-                "speedups": self.ratios, "acceptance_rate": s.acceptance_rate,
+                "speedups": self.ratios, "copy_oracle": self.oracle, "acceptance_rate": s.acceptance_rate,
                 "mean_accepted_length": s.mean_accepted_length, "position_acceptance": s.position_acceptance,
                 "overhead_ms_per_round": s.overhead_ms_per_round, "stats": s.to_dict()}
 
@@ -271,7 +274,11 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
     """Generate every workload with every variant `repetitions` times; one Row per pair.
 
     Repetition r uses seed sampling.seed + r (when a seed is set). A short warm-up
-    generation per variant runs first and is not counted.
+    generation per variant runs first and is not counted. The `none` row of a workload
+    also gets the copy oracle's bound for its first answer (when the engine's cost model
+    is calibrated, which any auto or medusa variant does): the speed ratio a drafter
+    copying from the prompt and output with perfect foresight would reach at the largest
+    draft length of the grid.
     """
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
@@ -287,8 +294,11 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
             speeds = []
             for j, (variant, spec) in enumerate(zip(grid, specs)):
-                stats = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=spec).stats
+                result = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=spec)
+                stats = result.stats
                 rows[i][j].stats = stats if r == 0 else rows[i][j].stats + stats
+                if r == 0 and variant.method == "none":
+                    rows[i][j].oracle = _oracle(engine, prompt, result.tokens, max(s.draft_max for s in specs))
                 speeds.append(stats.decode_tokens_per_second)
                 if on_run is not None:
                     on_run(workload, variant, r, stats)
@@ -296,6 +306,12 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
                 for j, speed in enumerate(speeds):
                     rows[i][j].ratios.append(speed / speeds[0])
     return [row for per_workload in rows for row in per_workload]
+
+
+def _oracle(engine: Engine, prompt: list[int], output: list[int], k_max: int) -> float | None:
+    if not engine.costs.calibrated or engine.costs.max_rows < k_max + 1:
+        return None
+    return oracle_speedup(copyable(prompt, output), engine.costs, k_max)
 
 
 def _prompt(engine: Engine, workload: Workload, chat: bool, max_tokens: int) -> list[int]:
@@ -329,6 +345,10 @@ def table(rows: Sequence[Row]) -> str:
     lines = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
              for r in (head, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    bounds = [f"{r.workload} {r.oracle:.2f}x" for r in rows if r.oracle is not None]
+    if bounds:
+        lines.append("copy oracle (every copyable token drafted and accepted, at this machine's cost curve): "
+                     + ", ".join(bounds))
     return "\n".join(lines)
 
 

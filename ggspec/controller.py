@@ -180,3 +180,17 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
         if r[i] > rate:
             best, rate = Plan(lookup=prefix, model=int(k[i]) - prefix), float(r[i])
     return best, rate
+
+
+def oracle_speedup(copyable: np.ndarray, costs: CostModel, k_max: int) -> float:
+    """The best speed ratio to plain decoding that drafting with perfect foresight could
+    reach on one answer at these costs: before token i, up to copyable[i] tokens can be
+    drafted and are all accepted. Dynamic programming over the rounds; drafting time and
+    Python work are free."""
+    n = len(copyable)
+    t = costs.t_verify(np.arange(1, k_max + 2))  # (k_max + 1,): t[k] verifies k drafted tokens
+    best = np.zeros(n + 1)  # best[i]: least time to commit tokens i..n-1
+    for i in range(n - 1, -1, -1):
+        k = np.arange(min(int(copyable[i]), k_max, n - i - 1) + 1)
+        best[i] = np.min(t[k] + best[i + k + 1])
+    return float(n * t[0] / best[0]) if n else 0.0

@@ -128,3 +128,13 @@ def test_exploring_the_draft_model_weighs_its_catch_up():
     auto.costs.calibrate(np.array([0.020, 0.021, 0.022]), draft_token=0.002)
     model.ctx.tokens = tokens[:150]
     assert EXPLORE_EVERY * 0.0085 > 50 * 0.002 and auto._explore(tokens) == Plan(model=1)
+
+
+def test_oracle_drafts_every_copyable_run_at_the_cheapest_size():
+    from ggspec.controller import oracle_speedup
+    flat = CostModel(np.ones(5))                      # any batch costs one token's time
+    assert oracle_speedup(np.zeros(10, dtype=int), flat, 4) == pytest.approx(1.0)
+    # 10 tokens all copyable: rounds of 5 (4 drafted + 1) -> 2 rounds instead of 10
+    assert oracle_speedup(np.arange(10)[::-1], flat, 4) == pytest.approx(5.0)
+    linear = CostModel(np.arange(1.0, 6.0))           # b rows cost b: nothing can gain
+    assert oracle_speedup(np.arange(10)[::-1], linear, 4) == pytest.approx(1.0)

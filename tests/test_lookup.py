@@ -135,3 +135,23 @@ def test_a_new_prompt_is_not_counted_as_predictions():
     assert drafter.match([1, 2, 3, 1, 2], 4).followed is None
     drafter.prepare([1, 2, 3, 1, 2, 3, 1, 2])  # the next prompt extends the last one
     assert drafter.match([1, 2, 3, 1, 2, 3, 1, 2], 4).followed is None
+
+
+def reference_copyable(context, output):
+    out = []
+    for i in range(len(output)):
+        text = context + output[:i]
+        k = 0
+        while i + k < len(output) and any(text[j:j + k + 1] == output[i:i + k + 1]
+                                          for j in range(len(text) - k)):
+            k += 1
+        out.append(k)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_copyable_equals_brute_force(seed):
+    rng = random.Random(seed)
+    context = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
+    output = [rng.randrange(4) for _ in range(rng.randrange(0, 30))]
+    assert lookup.copyable(context, output).tolist() == reference_copyable(context, output)

@@ -49,6 +49,27 @@ def longest_match(h: np.ndarray, max_len: int = SEARCH_MAX) -> tuple[int, np.nda
     return best, ends[lengths == best]
 
 
+def copyable(context: Sequence[int], output: Sequence[int]) -> np.ndarray:
+    """For each output position i, the most tokens output[i:] starts with that occur
+    together in context + output[:i]: what a copying drafter with perfect foresight could
+    draft before token i. (n_output,)"""
+    h = np.asarray([*context, *output], dtype=np.int64)
+    start = len(context)
+    out = np.zeros(len(output), dtype=np.int64)
+    for i in range(len(output)):
+        end = start + i                                      # h[:end] is the text so far
+        at = np.flatnonzero(h[:end] == h[end])               # copies of output[i] start there
+        k = 0
+        while at.size:
+            k += 1                                           # h[j:j + k] == h[end:end + k] for j in at
+            if end + k == len(h):
+                break
+            at = at[at + k < end]                            # a copy lies in the text so far
+            at = at[h[at + k] == h[end + k]]
+        out[i] = k
+    return out
+
+
 @dataclass(frozen=True)
 class Followed:
     """How the source being followed predicted the tokens committed since the last
