@@ -107,35 +107,48 @@ class AcceptanceModel:
 
 # A copied token's chance of acceptance grows with the length of the match behind it: the
 # match of the copy source with the text just before it (for the i-th token of a draft
-# from a match of length L, L + i: the draft tokens before it were accepted). Buckets of
-# match length: bucket j holds lengths MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1].
+# from a match of length L, L + i: the draft tokens before it were accepted). And it
+# depends on what is being written: an answer that copies a document confirms long
+# matches, prose rarely does. So the estimate is kept by (how often copying was right
+# lately, match length). Buckets of match length: bucket j holds
+# MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of the recent hit rate: RECENT_EDGES likewise.
 MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
-# starting guesses per bucket, replaced by measurements on this engine's answers
+RECENT_EDGES = np.array([0.0, 0.25, 0.5, 0.75])
+RECENT_EMA = 1 / 8  # the recent hit rate weighs about the last eight outcomes
+# starting guesses by match length, replaced by measurements on this engine's answers
 MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.85, 0.9, 0.9])
 
 
 class MatchAcceptance:
-    """Chance that a copied draft token is accepted, by the match length behind it."""
+    """Chance that a copied draft token is accepted, by the recent hit rate of copying
+    and the match length behind the token."""
 
     PRIOR_WEIGHT = 2.0
 
     def __init__(self) -> None:
-        self.p = MATCH_PRIOR.astype(np.float64)
-        self._seen = np.zeros(len(MATCH_EDGES))
+        self.p = np.tile(MATCH_PRIOR, (len(RECENT_EDGES), 1))  # (recent buckets, length buckets)
+        self._seen = np.zeros_like(self.p)
+        self.recent = 0.5  # hit rate of the latest outcomes
 
     @staticmethod
     def bucket(lengths: np.ndarray) -> np.ndarray:
         return np.searchsorted(MATCH_EDGES, lengths, side="right") - 1
 
+    @property
+    def row(self) -> int:
+        return int(np.searchsorted(RECENT_EDGES, self.recent, side="right")) - 1
+
     def chances(self, match_len: int, k: int) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens."""
-        return self.p[self.bucket(match_len + np.arange(k))]
+        return self.p[self.row, self.bucket(match_len + np.arange(k))]
 
     def observe(self, match_len: int, hits: int, miss: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
         `miss`) a wrong one."""
         for i, b in enumerate(self.bucket(match_len + np.arange(hits + miss))):
-            _learn(self.p, self._seen, b, float(i < hits), self.PRIOR_WEIGHT)
+            hit = float(i < hits)
+            _learn(self.p[self.row], self._seen[self.row], b, hit, self.PRIOR_WEIGHT)
+            self.recent += RECENT_EMA * (hit - self.recent)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,22 @@ def test_copy_acceptance_grows_with_the_match_length_it_learns():
     assert acc.chances(2, 1)[0] < 0.05
     assert np.all(acc.chances(20, 4) > 0.95)
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
-    np.testing.assert_array_equal(acc.chances(2, 3), acc.p[acc.bucket(np.array([2, 3, 4]))])
+    np.testing.assert_array_equal(acc.chances(2, 3), acc.p[acc.row, acc.bucket(np.array([2, 3, 4]))])
+
+
+def test_copy_acceptance_is_kept_apart_for_answers_that_copy_and_those_that_do_not():
+    acc = MatchAcceptance()
+    for _ in range(50):  # a document being copied: long matches hold
+        acc.observe(match_len=10, hits=30, miss=True)
+    copying = acc.chances(10, 1)[0]
+    for _ in range(50):  # prose: matches are coincidences
+        acc.observe(match_len=1, hits=0, miss=True)
+        acc.observe(match_len=10, hits=0, miss=True)
+    assert acc.recent < 0.25 and acc.chances(10, 1)[0] < 0.1
+    assert copying > 0.9
+    for _ in range(10):  # back to copying: the estimates learnt there come back (less the
+        acc.observe(match_len=10, hits=1, miss=False)  # misses of the switch to prose)
+    assert acc.row == len(acc.p) - 1 and acc.chances(10, 1)[0] > 0.75
 
 
 def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():

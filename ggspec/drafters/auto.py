@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import MAX_DRAFT, SamplingConfig
-from ..controller import (EXPLORE_EVERY, MATCH_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
+from ..controller import (EXPLORE_EVERY, MATCH_EDGES, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
                           best_plan)
 from ..tokens import common_prefix
 from . import Draft
@@ -120,8 +120,9 @@ class AutoDrafter:
             "verify_ms": None if not self.costs.calibrated else
             [round(1000 * t, 3) for t in self.costs.t_verify(np.arange(1, self.costs.max_rows + 1))],
             "draft_token_ms": round(1000 * self.costs.draft_token, 3),
-            "copy_acceptance_by_match_length": {
-                f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, self.copy_acceptance.p)},
+            "copy_acceptance": {  # by recent hit rate, then by match length
+                f"recent {r:.2f}+": {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
+                for r, row in zip(RECENT_EDGES, self.copy_acceptance.p)},
             "model_acceptance": None if self.model_acceptance is None else
             [round(a, 3) for a in self.model_acceptance.alpha],
         }
