@@ -91,7 +91,7 @@ def test_copy_acceptance_is_kept_apart_for_answers_that_copy_and_those_that_do_n
         acc.observe(match_len=10, hits=0, miss=True)
     assert acc.recent < 0.25 and acc.chances(10, 1)[0] < 0.1
     assert copying > 0.9
-    for _ in range(10):  # back to copying: the estimates learnt there come back (less the
+    for _ in range(16):  # back to copying: the estimates learnt there come back (less the
         acc.observe(match_len=10, hits=1, miss=False)  # misses of the switch to prose)
     assert acc.row == len(acc.p) - 1 and acc.chances(10, 1)[0] > 0.75
 
