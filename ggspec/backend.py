@@ -247,6 +247,7 @@ class Context(_Owner):
         self._pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
         self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
         self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
+        self._views: dict[tuple[int, int], np.ndarray] = {}
         self._single_sequence()
 
     def _single_sequence(self) -> None:
@@ -284,19 +285,32 @@ class Context(_Owner):
                 self._nseq[i] = len(ids)
                 for j, s in enumerate(ids):
                     b.seq_id[i][j] = s
+        n_out = int(np.count_nonzero(want))
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.handle, b)
+        # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
+        ptr = llama_cpp.llama_get_logits(self.handle) if rc == 0 and n_out else None
         self.busy_seconds += time.perf_counter() - t0
         if rc != 0:
             reason = DECODE_ERRORS.get(rc, "unknown error")
             raise DecodeError(f"llama_decode failed with code {rc}: {reason}")
-        n_out = int(np.count_nonzero(want))
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
-            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.handle), shape=(n, self.n_vocab))
-            return rows[np.asarray(want) != 0]
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.handle), shape=(n_out, self.n_vocab))
+            return self._logits_view(ptr, n)[np.asarray(want) != 0]
+        return self._logits_view(ptr, n_out)
+
+    def _logits_view(self, ptr, rows: int) -> np.ndarray:
+        """A (rows, n_vocab) view of llama.cpp's logits buffer, made once per buffer
+        address and row count (building one costs more than a plain round's other Python
+        work once llama_decode has cooled the CPU caches)."""
+        key = (ctypes.cast(ptr, ctypes.c_void_p).value, rows)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 64:  # llama.cpp moved its buffer: the old views are stale
+                self._views.clear()
+            view = self._views[key] = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+        return view
 
     def hidden(self, n_rows: int) -> np.ndarray:
         """Zero-copy (n_rows, n_embd) view of the last decode's output embeddings
