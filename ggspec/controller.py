@@ -107,11 +107,13 @@ class AcceptanceModel:
 
 # A copied token's chance of acceptance grows with the length of the match behind it: the
 # match of the copy source with the text just before it (for the i-th token of a draft
-# from a match of length L, L + i: the draft tokens before it were accepted). And it
-# depends on what is being written: an answer that copies a document confirms long
-# matches, prose rarely does. So the estimate is kept by (how often copying was right
-# lately, match length). Buckets of match length: bucket j holds
-# MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of the recent hit rate: RECENT_EDGES likewise.
+# from a match of length L, L + i: the draft tokens before it were accepted). It depends
+# on where the source is: text the user gave (a document, code to edit) is copied far more
+# faithfully than the answer's own earlier words. And on what is being written: an answer
+# that copies a document confirms long matches, prose rarely does. So the estimate is kept
+# by (source in the prompt or not, how often copying was right lately, match length).
+# Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
+# the recent hit rate: RECENT_EDGES likewise.
 MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
 RECENT_EDGES = np.array([0.0, 0.25, 0.5, 0.75])
 RECENT_EMA = 1 / 8  # the recent hit rate weighs about the last eight outcomes
@@ -120,13 +122,14 @@ MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.8
 
 
 class MatchAcceptance:
-    """Chance that a copied draft token is accepted, by the recent hit rate of copying
-    and the match length behind the token."""
+    """Chance that a copied draft token is accepted, by where its source is, the recent
+    hit rate of copying and the match length behind the token."""
 
     PRIOR_WEIGHT = 2.0
 
     def __init__(self) -> None:
-        self.p = np.tile(MATCH_PRIOR, (len(RECENT_EDGES), 1))  # (recent buckets, length buckets)
+        # (source in the prompt, recent bucket, length bucket)
+        self.p = np.tile(MATCH_PRIOR, (2, len(RECENT_EDGES), 1))
         self._seen = np.zeros_like(self.p)
         self.recent = 0.5  # hit rate of the latest outcomes
 
@@ -138,16 +141,17 @@ class MatchAcceptance:
     def row(self) -> int:
         return int(np.searchsorted(RECENT_EDGES, self.recent, side="right")) - 1
 
-    def chances(self, match_len: int, k: int) -> np.ndarray:
+    def chances(self, match_len: int, k: int, in_prompt: bool) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens."""
-        return self.p[self.row, self.bucket(match_len + np.arange(k))]
+        return self.p[int(in_prompt), self.row, self.bucket(match_len + np.arange(k))]
 
-    def observe(self, match_len: int, hits: int, miss: bool) -> None:
+    def observe(self, match_len: int, hits: int, miss: bool, in_prompt: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
         `miss`) a wrong one."""
+        table, seen = self.p[int(in_prompt)], self._seen[int(in_prompt)]
         for i, b in enumerate(self.bucket(match_len + np.arange(hits + miss))):
             hit = float(i < hits)
-            _learn(self.p[self.row], self._seen[self.row], b, hit, self.PRIOR_WEIGHT)
+            _learn(table[self.row], seen[self.row], b, hit, self.PRIOR_WEIGHT)
             self.recent += RECENT_EMA * (hit - self.recent)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import AcceptanceModel, CostModel, MatchAcceptance, Plan, best_plan
+from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
+                               best_plan)
 from tinymodels import VOCAB
 
 CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_token=0.4)
@@ -73,27 +74,28 @@ def test_a_larger_budget_never_lowers_the_expected_rate():
 def test_copy_acceptance_grows_with_the_match_length_it_learns():
     acc = MatchAcceptance()
     for _ in range(100):
-        acc.observe(match_len=2, hits=0, miss=True)     # short matches: wrong
-        acc.observe(match_len=20, hits=4, miss=False)   # long matches: right
-    assert acc.chances(2, 1)[0] < 0.05
-    assert np.all(acc.chances(20, 4) > 0.95)
+        acc.observe(match_len=2, hits=0, miss=True, in_prompt=True)     # short matches: wrong
+        acc.observe(match_len=20, hits=4, miss=False, in_prompt=True)   # long matches: right
+    assert acc.chances(2, 1, True)[0] < 0.05
+    assert np.all(acc.chances(20, 4, True) > 0.95)
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
-    np.testing.assert_array_equal(acc.chances(2, 3), acc.p[acc.row, acc.bucket(np.array([2, 3, 4]))])
+    np.testing.assert_array_equal(acc.chances(2, 3, True), acc.p[1, acc.row, acc.bucket(np.array([2, 3, 4]))])
+    assert acc.chances(20, 1, False)[0] == MATCH_PRIOR[acc.bucket(20)]  # the answer's own text: not learnt yet
 
 
 def test_copy_acceptance_is_kept_apart_for_answers_that_copy_and_those_that_do_not():
     acc = MatchAcceptance()
     for _ in range(50):  # a document being copied: long matches hold
-        acc.observe(match_len=10, hits=30, miss=True)
-    copying = acc.chances(10, 1)[0]
+        acc.observe(match_len=10, hits=30, miss=True, in_prompt=True)
+    copying = acc.chances(10, 1, True)[0]
     for _ in range(50):  # prose: matches are coincidences
-        acc.observe(match_len=1, hits=0, miss=True)
-        acc.observe(match_len=10, hits=0, miss=True)
-    assert acc.recent < 0.25 and acc.chances(10, 1)[0] < 0.1
+        acc.observe(match_len=1, hits=0, miss=True, in_prompt=True)
+        acc.observe(match_len=10, hits=0, miss=True, in_prompt=True)
+    assert acc.recent < 0.25 and acc.chances(10, 1, True)[0] < 0.1
     assert copying > 0.9
     for _ in range(16):  # back to copying: the estimates learnt there come back (less the
-        acc.observe(match_len=10, hits=1, miss=False)  # misses of the switch to prose)
-    assert acc.row == len(acc.p) - 1 and acc.chances(10, 1)[0] > 0.75
+        acc.observe(match_len=10, hits=1, miss=False, in_prompt=True)  # misses of the switch to prose)
+    assert acc.row == len(RECENT_EDGES) - 1 and acc.chances(10, 1, True)[0] > 0.75
 
 
 def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():

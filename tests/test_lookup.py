@@ -124,9 +124,9 @@ def test_following_reports_how_the_source_predicted_the_committed_tokens():
     source.sync(text + [1] + text[:5])
     assert source.match(4).followed is None  # a search, nothing followed yet
     source.sync(text + [1] + text[:8])       # three tokens as the source continued
-    assert source.match(4).followed == lookup.Followed(length=5, hits=3, miss=False)
+    assert source.match(4).followed == lookup.Followed(length=5, hits=3, miss=False, in_prompt=False)
     source.sync(text + [1] + text[:10] + [7, 8])  # two more right, then a wrong one
-    assert source.match(4).followed == lookup.Followed(length=8, hits=2, miss=True)
+    assert source.match(4).followed == lookup.Followed(length=8, hits=2, miss=True, in_prompt=False)
 
 
 def test_a_new_prompt_is_not_counted_as_predictions():
@@ -155,3 +155,13 @@ def test_copyable_equals_brute_force(seed):
     context = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
     output = [rng.randrange(4) for _ in range(rng.randrange(0, 30))]
     assert lookup.copyable(context, output).tolist() == reference_copyable(context, output)
+
+
+def test_a_source_in_the_prompt_is_told_apart_from_one_in_the_output():
+    drafter = LookupDrafter()
+    prompt = [5, 6, 7, 8, 9]
+    drafter.prepare(prompt)
+    assert drafter.match(prompt + [5, 6], 4).in_prompt            # copies the prompt
+    out = prompt + [1, 2, 3, 4, 1, 2]
+    found = drafter.match(out, 4)
+    assert found.tokens == [3, 4, 1, 2] and not found.in_prompt    # copies the answer

@@ -56,10 +56,11 @@ class AutoDrafter:
                 rng: np.random.Generator) -> Draft:
         copy = self.lookup.match(tokens, budget)
         if copy.followed is not None:  # every committed token tells how copying fares
-            self.copy_acceptance.observe(copy.followed.length, copy.followed.hits, copy.followed.miss)
+            f = copy.followed
+            self.copy_acceptance.observe(f.length, f.hits, f.miss, f.in_prompt)
         plan, rate = Plan(), 0.0
         if self.costs.calibrated and budget > 0:
-            chances = self.copy_acceptance.chances(copy.length, len(copy.tokens))
+            chances = self.copy_acceptance.chances(copy.length, len(copy.tokens), copy.in_prompt)
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget)
         if self.medusa is not None:
             nodes, medusa_rate = self.medusa.plan(budget)
@@ -120,9 +121,10 @@ class AutoDrafter:
             "verify_ms": None if not self.costs.calibrated else
             [round(1000 * t, 3) for t in self.costs.t_verify(np.arange(1, self.costs.max_rows + 1))],
             "draft_token_ms": round(1000 * self.costs.draft_token, 3),
-            "copy_acceptance": {  # by recent hit rate, then by match length
-                f"recent {r:.2f}+": {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
-                for r, row in zip(RECENT_EDGES, self.copy_acceptance.p)},
+            "copy_acceptance": {  # by source, recent hit rate, then match length
+                source: {f"recent {r:.2f}+": {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
+                         for r, row in zip(RECENT_EDGES, table)}
+                for source, table in zip(("output", "prompt"), self.copy_acceptance.p)},
             "model_acceptance": None if self.model_acceptance is None else
             [round(a, 3) for a in self.model_acceptance.alpha],
         }

@@ -81,6 +81,7 @@ class Followed:
     length: int
     hits: int
     miss: bool
+    in_prompt: bool  # the source lies in the prompt (else in the output)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Match:
     tokens: list[int]
     length: int = 0
     followed: Followed | None = None
+    in_prompt: bool = False  # the source lies in the prompt (the user's text), not the output
 
 
 class CopySource:
@@ -102,6 +104,7 @@ class CopySource:
         self._end = 0     # source: h[end - length:end] == h[n - length:n], end < n
         self._length = 0  # 0: no source
         self._at = 0      # the history length the source was valid for
+        self.prompt_len = 0  # history before this is the prompt
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -130,7 +133,7 @@ class CopySource:
     def forget(self) -> None:
         """Drop the source (a new prompt: its tokens are not the target's to predict)."""
         self._length = 0
-        self._at = len(self._tokens)
+        self._at = self.prompt_len = len(self._tokens)
 
     def match(self, max_tokens: int) -> Match:
         """Follow the source over the tokens added since the last call, or search anew."""
@@ -141,7 +144,7 @@ class CopySource:
         if self._length and m > 0:
             same = h[self._end:self._end + m] == h[self._at:n]
             hits = m if same.all() else int(np.argmin(same))
-            followed = Followed(self._length, hits, hits < m)
+            followed = Followed(self._length, hits, hits < m, self._end < self.prompt_len)
             self._end += hits
             self._length += hits
             if hits < m:
@@ -152,7 +155,8 @@ class CopySource:
         self._at = n
         if not self._length:
             return Match([], followed=followed)
-        return Match(h[self._end:min(self._end + max_tokens, n)].tolist(), self._length, followed)
+        return Match(h[self._end:min(self._end + max_tokens, n)].tolist(), self._length, followed,
+                     self._end < self.prompt_len)
 
 
 class LookupDrafter:
