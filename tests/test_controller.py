@@ -155,3 +155,24 @@ def test_oracle_drafts_every_copyable_run_at_the_cheapest_size():
     assert oracle_speedup(np.arange(10)[::-1], flat, 4) == pytest.approx(5.0)
     linear = CostModel(np.arange(1.0, 6.0))           # b rows cost b: nothing can gain
     assert oracle_speedup(np.arange(10)[::-1], linear, 4) == pytest.approx(1.0)
+
+
+# t(b) / t(1) as measured: a 2-core CPU (this project's machines: 16 rows cost less than 15)
+# and an H100 (DESIGN.md: nearly flat up to 8 rows, a kernel switch above)
+CPU_CURVE = CostModel(np.array([1.0, 1.76, 2.28, 2.85, 3.46, 4.1, 4.96, 6.55, 6.98, 7.45, 8.0, 8.04, 8.75,
+                                8.97, 9.48, 7.94, 9.31]))
+GPU_CURVE = CostModel(np.array([1.0, 1.28, 1.31, 1.35, 1.42, 1.5, 1.58, 1.63, 1.67, 2.1, 2.1, 2.1, 2.1, 2.1,
+                                2.1, 2.1, 2.15]))
+
+
+@pytest.mark.parametrize("costs, chance, expected", [
+    (CPU_CURVE, 0.7, 0),     # a CPU: a fair copy does not pay
+    (CPU_CURVE, 0.9, 3),     # a good one pays a short draft (4 rows: a cheap size)
+    (CPU_CURVE, 0.99, 15),   # a sure one: the 16-row batch, the cheapest per row
+    (GPU_CURVE, 0.5, 3),     # a GPU: even a coin flip pays a short draft
+    (GPU_CURVE, 0.7, 5),     # a fair copy stops before the rows get dearer
+    (GPU_CURVE, 0.95, 16),   # a good one takes the whole budget
+])
+def test_chain_length_follows_the_cost_curve(costs, chance, expected):
+    plan, _ = best_plan(costs, np.full(16, chance), None, budget=16)
+    assert plan == Plan(lookup=expected)

@@ -1,0 +1,109 @@
+"""The verification cost calibration: measured once, stored, reused, measured again when
+anything that changes the costs changes (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from ggspec import BackendConfig, calibration, machine
+from ggspec.backend import Context, Model
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    path = tmp_path / calibration.FILE
+    monkeypatch.setattr(calibration, "_store", lambda: path)
+    return path
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Count the real measurements."""
+    calls = []
+    real = calibration.measure
+
+    def counting(ctx, rows):
+        calls.append((ctx.model.path.name, rows))
+        return real(ctx, rows)
+
+    monkeypatch.setattr(calibration, "measure", counting)
+    return calls
+
+
+def curve_for(path, cfg=BackendConfig(n_ctx=256, n_threads=1), rows=5):
+    with Model(path, cfg) as model, Context(model, cfg) as ctx:
+        ctx.eval([1, 2, 3], logits="none")
+        return calibration.verify_curve(ctx, rows, progress=False)
+
+
+def test_measured_once_then_read_from_the_store(store, measured, target_path):
+    first = curve_for(target_path)
+    assert measured == [("target.gguf", 5)] and first.shape == (5,) and np.all(first > 0)
+    again = curve_for(target_path, rows=3)  # fewer rows: the stored curve covers them
+    assert len(measured) == 1
+    np.testing.assert_array_equal(again, first[:3])
+    assert len(json.loads(store.read_text())) == 1
+
+
+def test_more_rows_than_stored_are_measured(store, measured, target_path):
+    curve_for(target_path, rows=3)
+    curve_for(target_path, rows=6)
+    assert [rows for _, rows in measured] == [3, 6]
+
+
+@pytest.mark.parametrize("change", ["threads", "gpu_layers", "flash_attn", "batch"])
+def test_other_settings_are_measured_again(store, measured, target_path, change):
+    base = BackendConfig(n_ctx=256, n_threads=1)
+    other = {"threads": BackendConfig(n_ctx=256, n_threads=2),
+             "gpu_layers": BackendConfig(n_ctx=256, n_threads=1, n_gpu_layers=0),
+             "flash_attn": BackendConfig(n_ctx=256, n_threads=1, flash_attn=False),
+             "batch": BackendConfig(n_ctx=256, n_threads=1, n_batch=64)}[change]
+    curve_for(target_path, base)
+    curve_for(target_path, other)
+    curve_for(target_path, other)
+    assert len(measured) == 2
+    assert len(json.loads(store.read_text())) == 2
+
+
+def test_a_changed_model_file_is_measured_again(store, measured, target_path, tmp_path):
+    copy = tmp_path / "model.gguf"
+    shutil.copy(target_path, copy)
+    curve_for(copy)
+    curve_for(copy)
+    assert len(measured) == 1
+    st = copy.stat()
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten
+    curve_for(copy)
+    assert len(measured) == 2
+
+
+def test_a_calibration_taken_while_the_machine_is_busy_is_not_stored(store, measured, target_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setattr(machine, "busy_since", lambda before: ["make (42): 99%"])
+    curve_for(target_path)
+    assert not store.exists()
+    assert "not saving the calibration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": {"seconds": "fast"}}'])
+def test_a_damaged_store_is_ignored_and_rewritten(store, measured, target_path, content):
+    store.write_text(content)
+    curve_for(target_path)
+    curve_for(target_path)
+    assert len(measured) == 1
+    assert isinstance(json.loads(store.read_text()), dict)
+
+
+def test_an_engine_reuses_the_stored_calibration(store, measured, target_path):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    for _ in range(2):
+        with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+            eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
+            assert eng.costs.calibrated and eng.costs.max_rows == SpecConfig().draft_max + 1
+    assert len(measured) == 1
