@@ -303,6 +303,7 @@ def test_auto_without_a_seed_samples_the_target_distribution(engine, target_path
     costs = auto.costs
     t1 = float(costs.t_verify(1))
     monkeypatch.setattr(costs, "curve", np.full(costs.max_rows, t1))  # verifying costs one token
+    monkeypatch.setattr(costs, "correction", np.ones(costs.max_rows))
     monkeypatch.setattr(costs, "scale", 1.0)
     monkeypatch.setattr(costs, "draft_token", t1 / 10)
     monkeypatch.setattr(auto.copy_acceptance, "p", np.full_like(auto.copy_acceptance.p, 0.9))
