@@ -123,15 +123,28 @@ MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.8
 
 class MatchAcceptance:
     """Chance that a copied draft token is accepted, by where its source is, the recent
-    hit rate of copying and the match length behind the token."""
+    hit rate of copying and the match length behind the token.
+
+    Two levels: what this answer has shown so far (counts, from `start()`), and what
+    earlier answers have shown (a moving average over them), which weighs as
+    ANSWER_PRIOR observations of this one: a new answer starts from experience and soon
+    follows its own evidence (a document being copied, or prose), instead of inheriting
+    the last conversation's."""
 
     PRIOR_WEIGHT = 2.0
+    ANSWER_PRIOR = 4.0
 
     def __init__(self) -> None:
         # (source in the prompt, recent bucket, length bucket)
         self.p = np.tile(MATCH_PRIOR, (2, len(RECENT_EDGES), 1))
         self._seen = np.zeros_like(self.p)
+        self.hits = np.zeros_like(self.p)    # this answer's outcomes
+        self.trials = np.zeros_like(self.p)
         self.recent = 0.5  # hit rate of the latest outcomes
+
+    def start(self) -> None:
+        """A new answer."""
+        self.hits[:] = self.trials[:] = 0.0
 
     @staticmethod
     def bucket(lengths: np.ndarray) -> np.ndarray:
@@ -143,15 +156,19 @@ class MatchAcceptance:
 
     def chances(self, match_len: int, k: int, in_prompt: bool) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens."""
-        return self.p[int(in_prompt), self.row, self.bucket(match_len + np.arange(k))]
+        cell = (int(in_prompt), self.row, self.bucket(match_len + np.arange(k)))
+        return (self.hits[cell] + self.ANSWER_PRIOR * self.p[cell]) / (self.trials[cell] + self.ANSWER_PRIOR)
 
     def observe(self, match_len: int, hits: int, miss: bool, in_prompt: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
         `miss`) a wrong one."""
-        table, seen = self.p[int(in_prompt)], self._seen[int(in_prompt)]
+        source = int(in_prompt)
         for i, b in enumerate(self.bucket(match_len + np.arange(hits + miss))):
             hit = float(i < hits)
-            _learn(table[self.row], seen[self.row], b, hit, self.PRIOR_WEIGHT)
+            cell = (source, self.row, b)
+            _learn(self.p[source, self.row], self._seen[source, self.row], b, hit, self.PRIOR_WEIGHT)
+            self.hits[cell] += hit
+            self.trials[cell] += 1
             self.recent += RECENT_EMA * (hit - self.recent)
 
 

@@ -79,7 +79,7 @@ def test_copy_acceptance_grows_with_the_match_length_it_learns():
     assert acc.chances(2, 1, True)[0] < 0.05
     assert np.all(acc.chances(20, 4, True) > 0.95)
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
-    np.testing.assert_array_equal(acc.chances(2, 3, True), acc.p[1, acc.row, acc.bucket(np.array([2, 3, 4]))])
+    np.testing.assert_array_equal(acc.chances(2, 3, True), [acc.chances(n, 1, True)[0] for n in (2, 3, 4)])
     assert acc.chances(20, 1, False)[0] == MATCH_PRIOR[acc.bucket(20)]  # the answer's own text: not learnt yet
 
 
@@ -176,3 +176,16 @@ GPU_CURVE = CostModel(np.array([1.0, 1.28, 1.31, 1.35, 1.42, 1.5, 1.58, 1.63, 1.
 def test_chain_length_follows_the_cost_curve(costs, chance, expected):
     plan, _ = best_plan(costs, np.full(16, chance), None, budget=16)
     assert plan == Plan(lookup=expected)
+
+
+def test_a_new_answer_follows_its_own_evidence_over_earlier_answers():
+    acc = MatchAcceptance()
+    for _ in range(200):  # earlier answers: copies from the prompt held
+        acc.observe(match_len=4, hits=1, miss=False, in_prompt=True)
+    assert acc.chances(4, 1, True)[0] > 0.95
+    acc.start()  # this answer: they do not
+    before = acc.chances(4, 1, True)[0]
+    for _ in range(6):
+        acc.observe(match_len=4, hits=0, miss=True, in_prompt=True)
+        acc.observe(match_len=4, hits=1, miss=False, in_prompt=True)  # keeps the recent rate's row
+    assert before > 0.95 and acc.chances(4, 1, True)[0] < 0.75

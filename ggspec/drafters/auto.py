@@ -48,6 +48,7 @@ class AutoDrafter:
         # the draft model is not prefilled here: it catches up when a round first uses it,
         # and that cost is part of what the controller measures
         self.lookup.prepare(tokens)
+        self.copy_acceptance.start()
         if self.medusa is not None:
             self.medusa.prepare(tokens)
         self.plans.clear()
