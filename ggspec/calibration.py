@@ -1,7 +1,8 @@
 """Measure what a verification costs on this machine, once, and remember it on disk.
 
 A calibration times one llama_decode of b rows after the cached tokens for every b the
-controller may use (each size twice, the faster kept), and one draft-model token. It is
+controller may use (once each; the rounds that follow correct the points they use), and
+one draft-model token. It is
 stored in calibration.json in the cache directory under a key naming everything that
 changes the figures: the model file (path, size, modification time), the context's
 settings (threads, batch, GPU layers, flash attention, sequences, embeddings),
@@ -26,7 +27,7 @@ from .backend import Context
 
 DENSE_ROWS = 33   # every size up to here is measured (CPU kernels favour some sizes, e.g.
 STRIDE = 8        # multiples of 16); above it every STRIDE-th one
-REPEATS = 2
+BASELINE_REPEATS = 3  # t(1), the plain round every plan is weighed against: the fastest of 3
 FILE = "calibration.json"
 
 
@@ -54,12 +55,11 @@ def measure(ctx: Context, rows: int) -> np.ndarray:
     ctx.truncate(n)
     sizes = measured_sizes(rows)
     seconds = dict.fromkeys(sizes, np.inf)
-    for _ in range(REPEATS):
-        for b in sizes:
-            t0 = time.perf_counter()
-            ctx.eval(filler * b, logits="all")
-            seconds[b] = min(seconds[b], time.perf_counter() - t0)
-            ctx.truncate(n)
+    for b in [1] * (BASELINE_REPEATS - 1) + sizes:  # once each (rounds correct them later)
+        t0 = time.perf_counter()
+        ctx.eval(filler * b, logits="all")
+        seconds[b] = min(seconds[b], time.perf_counter() - t0)
+        ctx.truncate(n)
     return np.interp(np.arange(1, rows + 1), sizes, [seconds[b] for b in sizes])
 
 
