@@ -318,3 +318,24 @@ def test_auto_without_a_seed_samples_the_target_distribution(engine, target_path
                              seeded=False, max_tokens=3)
     assert stats.draft_tokens > 20_000
     assert stats.controller["plans"].get("lookup=1,model=1", 0) > 0  # the last run drafted a mixed chain
+
+
+@pytest.mark.parametrize("method", ["lookup", "auto"])
+def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, method, monkeypatch):
+    """Copies followed over many rounds, drafted 15 at a time (auto with copying made to
+    look sure and verification cheap), commit exactly the target's greedy tokens."""
+    prompt = [VOCAB.bos_id] + random_prompt(31, 40)[1:] * 3
+    if method == "auto":
+        auto = engine.drafters["auto"]
+        engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
+        t1 = float(auto.costs.t_verify(1))
+        monkeypatch.setattr(auto.costs, "curve", np.full(auto.costs.max_rows, t1))
+        monkeypatch.setattr(auto.costs, "correction", np.ones(auto.costs.max_rows))
+        monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
+        monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, k, in_prompt: np.full(k, 0.99))
+    ref = greedy_reference(target_path, prompt, 80)
+    got = engine.generate(prompt, max_tokens=80, sampling=GREEDY, spec=SpecConfig(method, draft_max=15))
+    assert first_divergence(got.tokens, ref) is None
+    assert got.stats.draft_tokens > 0
+    if method == "auto":
+        assert max(n for n, count in enumerate(got.stats.position_proposed) if count) == 14  # 15-token chains
