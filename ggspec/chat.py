@@ -135,10 +135,13 @@ class ChatSession:
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Result:
         """Answer `text` (see stream); on_text receives each piece."""
         gen = self.stream(text)
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None:
-                on_text(piece)
+        try:
+            while True:
+                try:
+                    piece = next(gen)
+                except StopIteration as done:
+                    return done.value
+                if on_text is not None:
+                    on_text(piece)
+        finally:
+            gen.close()  # also when on_text raises: the engine is free again
