@@ -58,6 +58,20 @@ class Result:
     stats: Stats = field(default_factory=Stats)
 
 
+def consume(stream: Generator[str, None, Result], on_piece: Callable[[str], None]) -> Result:
+    """Run a stream to its Result, passing each piece to on_piece. The stream is closed on
+    every path: if on_piece raises, the generation ends and the engine is free again."""
+    try:
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as done:
+                return done.value
+            on_piece(piece)
+    finally:
+        stream.close()
+
+
 class Engine:
     """A target model and an optional draft model, ready to generate.
 
@@ -204,18 +218,13 @@ class Engine:
         """Generate a completion. on_text receives each text piece as it is committed
         and may return True to stop (finish reason "cancelled")."""
         cancel = threading.Event() if cancel is None else cancel
-        gen = self.stream(prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec, wait=wait,
-                          cancel=cancel)
-        try:
-            while True:
-                try:
-                    piece = next(gen)
-                except StopIteration as done:
-                    return done.value
-                if on_text is not None and on_text(piece):
-                    cancel.set()
-        finally:
-            gen.close()  # also when on_text raises: the engine is free again
+
+        def on_piece(piece: str) -> None:
+            if on_text is not None and on_text(piece):
+                cancel.set()
+
+        return consume(self.stream(prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec,
+                                   wait=wait, cancel=cancel), on_piece)
 
     def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
@@ -241,19 +250,19 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
                 "use a larger context size (--ctx-size) or a shorter prompt")
-        if not self._lock.acquire(blocking=wait):
+        if not wait and self._lock.locked():
             raise BusyError("the engine is already generating; wait for it or use another engine")
-        try:
-            self._check_open()  # closed while this call waited
-            self._running, self._owner = cancel, threading.get_ident()
-            if cancel.is_set():  # cancelled while it waited
-                return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
-            return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
-        finally:
-            self._running = self._owner = None
-            if self._closed:  # close() was called from the generating thread
-                self._resources.close()
-            self._lock.release()
+        with self._lock:  # (not acquire(): an interrupt right after it would leave the lock held)
+            try:
+                self._check_open()  # closed while this call waited
+                self._running, self._owner = cancel, threading.get_ident()
+                if cancel.is_set():  # cancelled while it waited
+                    return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
+                return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
+            finally:
+                self._running = self._owner = None
+                if self._closed:  # close() was called from the generating thread
+                    self._resources.close()
 
     def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
              sampling: SamplingConfig, spec: SpecConfig, cancel: threading.Event) -> Iterator[str]:
