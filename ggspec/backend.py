@@ -288,6 +288,7 @@ class Context(_Owner):
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"a batch holds 1 to {self.n_batch} tokens, got {n}")
+        handle = self.handle  # before writing into the batch, which close() frees too
         b = self._batch
         b.n_tokens = n
         self._tok[:n] = tokens
@@ -304,7 +305,7 @@ class Context(_Owner):
                 for j, s in enumerate(ids):
                     b.seq_id[i][j] = s
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.handle, b)
+        rc = llama_cpp.llama_decode(handle, b)
         self.busy_seconds += time.perf_counter() - t0
         if rc != 0:
             reason = DECODE_ERRORS.get(rc, "unknown error")

@@ -10,7 +10,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from ggspec import BackendConfig, BusyError, Engine, EngineClosedError, SamplingConfig, SpecConfig
+from ggspec import BackendConfig, Engine, EngineClosedError, SamplingConfig, SpecConfig
 from ggspec.backend import Context, Model
 from ggspec.chat import ChatSession, Settings
 from reference import greedy_reference
@@ -196,7 +196,7 @@ def test_a_draft_context_smaller_than_the_targets_is_refused(target_path, draft_
 def test_a_batch_smaller_than_a_verification_is_refused(target_path, draft_path):
     small = BackendConfig(n_ctx=512, n_batch=4, n_threads=1)
     with pytest.raises(ValueError, match=r"n_batch 4 is below draft_max \+ 1 = 9"):
-        Engine(target_path, draft_path, target_config=small)
+        Engine(target_path, draft_path, target_config=small, spec=SpecConfig(draft_max=8))
     with Engine(target_path, draft_path, target_config=small, spec=SpecConfig("none")) as eng:
         assert len(eng.generate(random_prompt(14), max_tokens=5, sampling=GREEDY).tokens) == 5
         with pytest.raises(ValueError, match=r"n_batch 4 is below draft_max \+ 1 = 5"):
@@ -223,11 +223,3 @@ def test_the_smallest_temperature_samples(engine):
     got = engine.generate(random_prompt(16), max_tokens=20, sampling=SamplingConfig(temperature=0.001, seed=1),
                           spec=SpecConfig("draft", draft_max=3))
     assert len(got.tokens) == 20
-
-
-def test_busy_error_still_comes_without_waiting(engine):
-    running = engine.stream(random_prompt(17), max_tokens=5, sampling=GREEDY)
-    next(running)
-    with pytest.raises(BusyError):
-        engine.generate(random_prompt(17), max_tokens=2, wait=False)
-    running.close()
