@@ -27,21 +27,28 @@ def fail(piece: str) -> None:
     raise RuntimeError("the callback failed")
 
 
-def test_a_callback_that_raises_leaves_the_engine_free(engine):
+@pytest.fixture
+def own_engine(target_path, draft_path):
+    """An engine for one test (a test that fails may leave it locked)."""
+    with Engine(target_path, draft_path, target_config=CFG) as e:
+        yield e
+
+
+def test_a_callback_that_raises_leaves_the_engine_free(own_engine):
     with pytest.raises(RuntimeError, match="callback failed") as kept:
-        engine.generate(random_prompt(1), max_tokens=20, sampling=GREEDY, on_text=fail)
+        own_engine.generate(random_prompt(1), max_tokens=20, sampling=GREEDY, on_text=fail)
     # `kept` holds the traceback, and with it generate()'s frame and its stream
     assert kept.value.__traceback__ is not None
-    got = engine.generate(random_prompt(2), max_tokens=3, sampling=GREEDY, wait=False)  # BusyError if held
+    got = own_engine.generate(random_prompt(2), max_tokens=3, sampling=GREEDY, wait=False)  # BusyError if held
     assert len(got.tokens) == 3
 
 
-def test_a_chat_callback_that_raises_leaves_the_engine_free(engine):
-    session = ChatSession(engine, Settings(GREEDY, SpecConfig("draft"), max_tokens=20))
+def test_a_chat_callback_that_raises_leaves_the_engine_free(own_engine):
+    session = ChatSession(own_engine, Settings(GREEDY, SpecConfig("draft"), max_tokens=20))
     with pytest.raises(RuntimeError, match="callback failed") as kept:
         session.ask("hello world", on_text=fail)
     assert kept.value.__traceback__ is not None
-    got = engine.generate(random_prompt(3), max_tokens=3, sampling=GREEDY, wait=False)
+    got = own_engine.generate(random_prompt(3), max_tokens=3, sampling=GREEDY, wait=False)
     assert len(got.tokens) == 3
 
 
