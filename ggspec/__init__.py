@@ -4,8 +4,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import BackendConfig, SamplingConfig, SpecConfig
 from .engine import Engine, Result
-from .errors import (BusyError, ContextOverflowError, DecodeError, DownloadError, GgspecError,
-                     ModelFileError, VocabMismatchError)
+from .errors import (BusyError, ContextOverflowError, DecodeError, DownloadError, EngineClosedError,
+                     GgspecError, ModelFileError, VocabMismatchError)
 from .hub import pull
 from .stats import Stats
 
@@ -16,6 +16,6 @@ except PackageNotFoundError:
 
 __all__ = [
     "BackendConfig", "BusyError", "ContextOverflowError", "DecodeError", "DownloadError", "Engine",
-    "GgspecError", "ModelFileError", "Result", "SamplingConfig", "SpecConfig", "Stats",
+    "EngineClosedError", "GgspecError", "ModelFileError", "Result", "SamplingConfig", "SpecConfig", "Stats",
     "VocabMismatchError", "pull", "__version__",
 ]

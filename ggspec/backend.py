@@ -117,7 +117,7 @@ class Model(_Owner):
                 "download it again (ggspec pull) or check the file"
             )
         self._handle = handle
-        self.vocab = llama_cpp.llama_model_get_vocab(handle)
+        self._vocab = llama_cpp.llama_model_get_vocab(handle)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(handle)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(handle)
@@ -130,6 +130,12 @@ class Model(_Owner):
 
     def _free(self) -> None:
         llama_cpp.llama_model_free(self._handle)
+
+    @property
+    def vocab(self):
+        """The model's `llama_vocab *` (freed with the model)."""
+        self.handle  # raises once the model is closed
+        return self._vocab
 
     def describe(self) -> str:
         buf = ctypes.create_string_buffer(256)
@@ -233,7 +239,7 @@ class Context(_Owner):
             self._cleanup = stack.pop_all()
         self._handle = handle
         self._batch = batch
-        self._memory = llama_cpp.llama_get_memory(handle)
+        self._mem = llama_cpp.llama_get_memory(handle)
         self.n_ctx = llama_cpp.llama_n_ctx(handle)      # llama.cpp may round the request up
         self.n_batch = llama_cpp.llama_n_batch(handle)  # and clamp the batch to the context
         self.n_seq_max = n_seq_max
@@ -241,6 +247,7 @@ class Context(_Owner):
         self.embeddings = embeddings
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []
+        self._stale = False  # the cache may hold cells beyond `tokens` (a call was interrupted)
         self.busy_seconds = 0.0  # time spent inside llama_decode
         n = cfg.n_batch
         self._tok = np.ctypeslib.as_array(batch.token, shape=(n,))
@@ -259,6 +266,18 @@ class Context(_Owner):
     def _free(self) -> None:
         self._cleanup.close()  # the batch, then the context
 
+    @property
+    def handle(self):
+        if self.model._handle is None:
+            raise RuntimeError("the Context's model is closed")
+        return super().handle
+
+    @property
+    def _memory(self):
+        """The context's `llama_memory_t` (freed with the context)."""
+        self.handle  # raises once the context or its model is closed
+        return self._mem
+
     def decode(self, tokens: Sequence[int], positions: Sequence[int],
                seq_ids: Sequence[Sequence[int]] | None, want: np.ndarray) -> np.ndarray:
         """Run ONE llama_decode over `tokens` (at most n_batch).
@@ -270,6 +289,7 @@ class Context(_Owner):
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"a batch holds 1 to {self.n_batch} tokens, got {n}")
+        handle = self.handle  # before writing into the batch, which close() frees too
         b = self._batch
         b.n_tokens = n
         self._tok[:n] = tokens
@@ -287,9 +307,9 @@ class Context(_Owner):
                     b.seq_id[i][j] = s
         n_out = int(np.count_nonzero(want))
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.handle, b)
+        rc = llama_cpp.llama_decode(handle, b)
         # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
-        ptr = llama_cpp.llama_get_logits(self.handle) if rc == 0 and n_out else None
+        ptr = llama_cpp.llama_get_logits(handle) if rc == 0 and n_out else None
         self.busy_seconds += time.perf_counter() - t0
         if rc != 0:
             reason = DECODE_ERRORS.get(rc, "unknown error")
@@ -332,6 +352,8 @@ class Context(_Owner):
             raise DecodeError(f"{len(self.tokens) + n} tokens do not fit in the context of {self.n_ctx}")
         if logits == "all" and n > self.n_batch:
             raise ValueError(f"logits for every row need a batch of at most {self.n_batch} tokens")
+        if self._stale:
+            self.truncate(len(self.tokens))
         out = np.empty((0, self.n_vocab), dtype=np.float32)
         step = self.n_batch
         for start in range(0, n, step):
@@ -342,8 +364,12 @@ class Context(_Owner):
             elif logits == "last" and start + step >= n:
                 want[-1] = 1
             p0 = len(self.tokens)
+            # the mirror grows only after a successful decode: an interrupt or error in
+            # between leaves it a prefix of the cache, and the next call truncates the rest
+            self._stale = True
             out = self.decode(chunk, range(p0, p0 + len(chunk)), None, want)
             self.tokens.extend(chunk)
+            self._stale = False
         return out
 
     def eval_tree(self, tokens: Sequence[int], tree: Tree) -> np.ndarray:
@@ -357,6 +383,9 @@ class Context(_Owner):
             raise ValueError(f"a tree of {n_paths} paths needs a context with n_seq_max >= {n_paths}")
         if n + len(tokens) > self.n_ctx:
             raise DecodeError(f"{n + len(tokens)} tokens do not fit in the context of {self.n_ctx}")
+        if self._stale:
+            self.truncate(n)
+        self._stale = True  # until keep_path: the tree's cells lie beyond `tokens`
         for s in range(1, n_paths):
             self.seq_cp(0, s, 0, n)
         positions = [n, *(n + tree.depths)]
@@ -375,12 +404,16 @@ class Context(_Owner):
             self.seq_cp(path, 0, n, n + m)
         self.seq_keep(0)
         self.tokens.extend(tokens)
+        self._stale = False
 
     def truncate(self, n: int) -> None:
         """Drop every cached position >= n, in every sequence (also cells a failed or
-        interrupted call left beyond `tokens`)."""
-        llama_cpp.llama_memory_seq_rm(self._memory, -1, n, -1)
+        interrupted call left beyond `tokens`). The mirror shrinks first: interrupted in
+        between, it is still a prefix of the cache."""
+        self._stale = True
         del self.tokens[n:]
+        llama_cpp.llama_memory_seq_rm(self._memory, -1, n, -1)
+        self._stale = False
 
     def sync(self, tokens: Sequence[int]) -> int:
         """Keep the longest cached prefix shared with `tokens`; return its length."""
@@ -389,8 +422,10 @@ class Context(_Owner):
         return n
 
     def clear(self) -> None:
+        self._stale = True
+        self.tokens.clear()  # before the cache, as in truncate
         llama_cpp.llama_memory_clear(self._memory, True)
-        self.tokens.clear()
+        self._stale = False
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, p0, p1)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Generator
 
 from .config import SamplingConfig, SpecConfig
-from .engine import Engine, Result
+from .engine import Engine, Result, consume
 from .stats import Stats
 
 # what /set changes: SamplingConfig and SpecConfig fields that apply per answer, and max_tokens
@@ -134,11 +134,4 @@ class ChatSession:
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Result:
         """Answer `text` (see stream); on_text receives each piece."""
-        gen = self.stream(text)
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None:
-                on_text(piece)
+        return consume(self.stream(text), on_text or (lambda piece: None))

@@ -117,16 +117,20 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     """An Engine from the model options (popped from opts)."""
     if opts.pop("verbose"):
         set_verbose(True)
-    target_config = BackendConfig(n_ctx=opts.pop("ctx_size"), n_gpu_layers=opts.pop("gpu_layers"),
-                                  n_threads=opts.pop("threads"))
+    n_ctx = opts.pop("ctx_size")
+    target_config = BackendConfig(n_ctx=n_ctx, n_gpu_layers=opts.pop("gpu_layers"), n_threads=opts.pop("threads"))
     layers = opts.pop("gpu_layers_draft")
     draft_config = target_config if layers is None else replace(target_config, n_gpu_layers=layers)
     draft = opts.pop("draft")
     if opts.pop("no_draft"):
         draft = None
-    return Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
-                  spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"), tree_shape=opts.pop("tree_shape"),
-                  tree_nodes=opts.pop("tree_nodes"))
+    engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
+                    spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"),
+                    tree_shape=opts.pop("tree_shape"), tree_nodes=opts.pop("tree_nodes"))
+    if engine.n_ctx != n_ctx:
+        click.secho(f"note: llama.cpp rounded the context size up from {n_ctx} to {engine.n_ctx} tokens",
+                    dim=True, err=True)
+    return engine
 
 
 def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False) -> SpecConfig:

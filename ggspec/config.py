@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 METHODS = ("auto", "draft", "lookup", "medusa", "none")
 MAX_DRAFT = 64  # the most tokens one round may draft
+MIN_TEMPERATURE = 1e-3  # below it (but above 0) logits / T overflow to NaN probabilities
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are chosen. temperature 0 means greedy (argmax).
+    """How tokens are chosen. temperature 0 means greedy (argmax); otherwise it is at
+    least MIN_TEMPERATURE (0.001).
 
     Truncation follows llama.cpp's default order: top-k, then top-p and min-p on the
     temperature-1 softmax, then temperature. 0 disables top-k; 1.0 disables top-p;
@@ -27,6 +29,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
+                             f"got {self.temperature!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (0 < self.top_p <= 1):

@@ -28,7 +28,7 @@ from .drafters.auto import AutoDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.medusa import MedusaDrafter
 from .drafters.model import ModelDrafter
-from .errors import BusyError, ContextOverflowError
+from .errors import BusyError, ContextOverflowError, EngineClosedError
 from .heads import load_heads
 from .stats import Stats
 from .text import TextStream
@@ -58,6 +58,20 @@ class Result:
     stats: Stats = field(default_factory=Stats)
 
 
+def consume(stream: Generator[str, None, Result], on_piece: Callable[[str], None]) -> Result:
+    """Run a stream to its Result, passing each piece to on_piece. The stream is closed on
+    every path: if on_piece raises, the generation ends and the engine is free again."""
+    try:
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as done:
+                return done.value
+            on_piece(piece)
+    finally:
+        stream.close()
+
+
 class Engine:
     """A target model and an optional draft model, ready to generate.
 
@@ -77,6 +91,12 @@ class Engine:
 
     One generation runs at a time. generate() and stream() called from another thread
     while one runs wait for it to finish (or raise BusyError with wait=False).
+
+    Cancelling: each generation has its own cancel handle, a threading.Event (pass your
+    own as `cancel`, or one is made); setting it stops that generation after its current
+    round, also when set while the call still waits for the engine (it then returns at
+    once, finish reason "cancelled"). engine.cancel() sets the handle of the generation
+    running at that moment, and of no other.
     """
 
     def __init__(self, target: str | os.PathLike | None = None,
@@ -97,10 +117,16 @@ class Engine:
             heads = hub.default_heads(str(target))
             if heads is None:
                 raise ValueError(f"no Medusa heads are shipped for {target}; give a heads file")
+        if draft is not None and draft_config is not None and draft_config.n_ctx < target_config.n_ctx:
+            raise ValueError(f"the draft's context ({draft_config.n_ctx} tokens) is smaller than the "
+                             f"target's ({target_config.n_ctx}): the draft follows the whole text; "
+                             "give it a context at least as large")
         self.spec = spec
         self.sampling = sampling
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._running: threading.Event | None = None  # the cancel handle of the running generation
+        self._owner: int | None = None  # the thread that runs it
+        self._closed = False
         with ExitStack() as stack:
             self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
             if heads is not None:
@@ -118,7 +144,7 @@ class Engine:
                 check_vocab_compatible(self.target, self.draft)
                 draft_ctx = stack.enter_context(Context(self.draft, draft_config))
                 self._contexts.append(draft_ctx)
-                self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min)
+                self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min, self.target.n_vocab)
             if heads is not None:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, self.costs, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
@@ -126,10 +152,22 @@ class Engine:
                                                 self.drafters.get("medusa"))
             self._progress = progress
             self._resources = stack.pop_all()
+        self._check_batch(spec)
 
     def close(self) -> None:
-        """Free the contexts, then the models."""
-        self._resources.close()
+        """Free the contexts, then the models; later calls raise EngineClosedError.
+
+        A running generation is cancelled and the handles are freed when it ends: close()
+        from another thread waits for that (a stream suspended in another thread must be
+        closed or run to its end); close() from the generating thread itself (a callback,
+        or a stream left open) returns at once and the generation frees them as it ends."""
+        self._closed = True
+        self.cancel()
+        if self._lock.acquire(blocking=self._owner != threading.get_ident()):
+            try:
+                self._resources.close()
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> Engine:
         return self
@@ -142,43 +180,69 @@ class Engine:
         return self.ctx.n_ctx
 
     def cancel(self) -> None:
-        """Ask the running generation to stop after its current round (thread-safe)."""
-        self._cancel.set()
+        """Ask the generation running now to stop after its current round (thread-safe, also
+        from a signal handler). Calls waiting for the engine are not affected."""
+        running = self._running
+        if running is not None:
+            running.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is closed; create a new Engine")
+
+    def _check_batch(self, spec: SpecConfig) -> None:
+        """A verification batch holds the pending token and up to draft_max drafts (with
+        heads: the largest tree, whose cost is measured) in one llama_decode."""
+        if spec.method == "none":
+            return
+        rows, what = spec.draft_max + 1, f"draft_max + 1 = {spec.draft_max + 1}"
+        if "medusa" in self.drafters and MEDUSA_MAX_NODES + 1 > rows:
+            rows, what = MEDUSA_MAX_NODES + 1, f"the largest head tree + 1 = {MEDUSA_MAX_NODES + 1}"
+        if self.ctx.n_batch < rows:
+            raise ValueError(f"n_batch {self.ctx.n_batch} is below {what}: a verification batch "
+                             f"would not fit; use n_batch >= {rows} or a smaller draft_max")
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Chat messages are rendered with the target's template; text is tokenized as is."""
+        self._check_open()
         if isinstance(prompt, str):
             return self.target.tokenize(prompt)
         if prompt and isinstance(prompt[0], dict):
             return self.target.tokenize(self.target.apply_chat_template(prompt), add_special=True)
         return [int(t) for t in prompt]
 
-    def generate(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+    def generate(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                  sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
-                 on_text: Callable[[str], bool | None] | None = None, wait: bool = True) -> Result:
+                 on_text: Callable[[str], bool | None] | None = None, wait: bool = True,
+                 cancel: threading.Event | None = None) -> Result:
         """Generate a completion. on_text receives each text piece as it is committed
         and may return True to stop (finish reason "cancelled")."""
-        gen = self.stream(prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec, wait=wait)
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None and on_text(piece):
-                self.cancel()
+        cancel = threading.Event() if cancel is None else cancel
 
-    def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+        def on_piece(piece: str) -> None:
+            if on_text is not None and on_text(piece):
+                cancel.set()
+
+        return consume(self.stream(prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec,
+                                   wait=wait, cancel=cancel), on_piece)
+
+    def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
-               wait: bool = True) -> Generator[str, None, Result]:
+               wait: bool = True, cancel: threading.Event | None = None) -> Generator[str, None, Result]:
         """Yield text pieces as they are committed; the generator returns the Result.
-        Closing the generator ends the generation (the engine lock is held until then)."""
+        Closing the generator ends the generation (the engine lock is held until then).
+        stop: a stop string, or several. cancel: this generation's cancel handle."""
+        self._check_open()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
         sampling = sampling or self.sampling
         spec = spec or self.spec
         if spec.method not in ("none", *self.drafters):
             raise ValueError(f"method {spec.method!r} is not available here; "
                              f"available: none, {', '.join(self.drafters) or '(no drafter loaded)'}")
+        self._check_batch(spec)
+        cancel = threading.Event() if cancel is None else cancel
         tokens = self.tokenize(prompt)
         if not tokens:
             raise ValueError("the prompt is empty")
@@ -186,16 +250,22 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
                 "use a larger context size (--ctx-size) or a shorter prompt")
-        if not self._lock.acquire(blocking=wait):
+        if not wait and self._lock.locked():
             raise BusyError("the engine is already generating; wait for it or use another engine")
-        try:
-            self._cancel.clear()
-            return (yield from self._run(tokens, max_tokens, stop, sampling, spec))
-        finally:
-            self._lock.release()
+        with self._lock:  # (not acquire(): an interrupt right after it would leave the lock held)
+            try:
+                self._check_open()  # closed while this call waited
+                self._running, self._owner = cancel, threading.get_ident()
+                if cancel.is_set():  # cancelled while it waited
+                    return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
+                return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
+            finally:
+                self._running = self._owner = None
+                if self._closed:  # close() was called from the generating thread
+                    self._resources.close()
 
     def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
-             sampling: SamplingConfig, spec: SpecConfig) -> Iterator[str]:
+             sampling: SamplingConfig, spec: SpecConfig, cancel: threading.Event) -> Iterator[str]:
         drafter = self.drafters.get(spec.method)
         stats = Stats(method=spec.method)
         # separate streams: the target's draws then do not depend on what was drafted, so
@@ -258,7 +328,7 @@ class Engine:
             while out:
                 emitted.append(out.pop(0))
                 yield emitted[-1]
-            if not finish and self._cancel.is_set():
+            if not finish and cancel.is_set():
                 finish = "cancelled"
         tail = text.flush()
         if tail:

@@ -30,3 +30,7 @@ class DecodeError(GgspecError, RuntimeError):
 
 class BusyError(GgspecError, RuntimeError):
     """The engine is already generating and the caller asked not to wait."""
+
+
+class EngineClosedError(GgspecError, RuntimeError):
+    """The engine was closed; its models and contexts are freed."""

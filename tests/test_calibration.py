@@ -18,6 +18,7 @@ from ggspec.backend import Context, Model
 def store(tmp_path, monkeypatch):
     path = tmp_path / calibration.FILE
     monkeypatch.setattr(calibration, "_store", lambda: path)
+    monkeypatch.setattr(machine, "busy_since", lambda before: [])  # whatever else runs meanwhile
     return path
 
 

@@ -76,7 +76,8 @@ def test_run_streams_the_text_to_stdout_and_the_footer_to_stderr(target_path, dr
     got = invoke("run", "-m", target_path, "-d", draft_path, *TINY, "-t", 0, "-n", 10, "hi")
     assert got.exit_code == 0
     assert got.stdout == text + "\n"
-    assert got.stderr.startswith("10 tokens, ") and "tok/s" in got.stderr
+    footer = got.stderr.splitlines()[-1]  # (after a calibration's progress line, if one ran)
+    assert footer.startswith("10 tokens, ") and "tok/s" in footer
 
 
 def test_raw_prompt_from_argument_file_and_stdin_give_the_same_answer(tmp_path, target_path):
@@ -193,3 +194,12 @@ def test_real_pair_run_json_greedy_draft_equals_plain_decoding():
     assert spec["tokens"] == plain["tokens"] and len(spec["tokens"]) == 16
     assert "def" in spec["text"]
     assert spec["stats"]["draft_tokens"] > 0 and spec["stats"]["accepted_tokens"] > 0
+
+
+def test_a_context_size_rounded_up_by_llama_cpp_is_said_on_stderr(target_path):
+    got = invoke("run", "-m", target_path, "--threads", 1, "-c", 300, "--raw", "-t", 0, "-n", 2, "hello world")
+    assert got.exit_code == 0, got.output
+    assert "rounded the context size up from 300 to 512 tokens" in got.stderr
+    assert "rounded" not in got.stdout
+    plain = invoke("run", "-m", target_path, *TINY, "--raw", "-t", 0, "-n", 2, "hello world")
+    assert "rounded" not in plain.stderr

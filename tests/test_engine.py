@@ -81,24 +81,26 @@ def test_kv_cache_after_many_rejections_matches_a_fresh_prefill(far_engine, targ
 
 
 END = VOCAB.n_vocab  # outcome "generation ended": an end-of-generation token, or none left
+# (for a target with a larger vocabulary, the outcome after its last token)
 
 
 def exact_first_two(target_path, prompt, temperature, top_k):
     """Exact marginals of the first two outcomes under softmax(top-k(l) / T), with every
-    end-of-generation token folded into END (and END again after an END)."""
+    end-of-generation token folded into the outcome n_vocab (and that again after it)."""
     def warp(logits):
         keep = np.argsort(logits)[::-1][:top_k] if top_k else np.arange(len(logits))
         p = np.zeros(len(logits) + 1)
         z = logits[keep] / temperature
         p[keep] = np.exp(z - z.max())
-        p[END] = p[list(VOCAB.eog_ids)].sum()
+        p[-1] = p[list(VOCAB.eog_ids)].sum()
         p[list(VOCAB.eog_ids)] = 0
         return p / p.sum()
 
     p1 = warp(greedy_reference(target_path, prompt, 1).logits[0])
     p2 = np.zeros_like(p1)
-    p2[END] = p1[END]
-    for x in np.flatnonzero(p1[:END]):
+    end = len(p1) - 1
+    p2[end] = p1[end]
+    for x in np.flatnonzero(p1[:end]):
         p2 += p1[x] * warp(greedy_reference(target_path, prompt + [int(x)], 1).logits[0])
     return p1, p2
 
@@ -119,12 +121,13 @@ def sample_first_two(engine, prompt, n, sampling: dict, spec, exact, *, seeded: 
                      max_tokens: int = 2) -> Stats:
     """Generate n times (seeds 0..n-1, or unseeded); check the first two outcomes'
     frequencies against the exact marginals; return the summed stats."""
-    counts = np.zeros((2, END + 1))
+    end = len(exact[0]) - 1
+    counts = np.zeros((2, end + 1))
     total = Stats()
     for seed in range(n):
         got = engine.generate(prompt, max_tokens=max_tokens, spec=spec,
                               sampling=SamplingConfig(**sampling, seed=seed if seeded else None))
-        outcomes = (got.tokens + [END, END])[:2]
+        outcomes = (got.tokens + [end, end])[:2]
         counts[0, outcomes[0]] += 1
         counts[1, outcomes[1]] += 1
         total = total + got.stats
@@ -293,9 +296,12 @@ def test_chat_messages_use_the_models_template(engine):
     assert VOCAB.im_start_id in tokens
 
 
-def test_auto_without_a_seed_samples_the_target_distribution(engine, target_path, monkeypatch):
+@pytest.mark.parametrize("pair,n", [("same vocabulary", 20_000), ("target larger", 10_000)])
+def test_auto_without_a_seed_samples_the_target_distribution(request, pair, n, monkeypatch):
     """Unseeded auto drafts with speculative sampling: lookup tokens as one-hot q, then the
     draft model's own q. Force plans that draft every round and check the law."""
+    engine = request.getfixturevalue({"same vocabulary": "engine", "target larger": "wide_target_engine"}[pair])
+    target_path = str(engine.target.path)
     auto = engine.drafters["auto"]
     # "t t t" at the end: lookup proposes one token ("t"), which the draft model extends
     prompt = random_prompt(22, 6) + [400, 400, 400]
@@ -314,9 +320,9 @@ def test_auto_without_a_seed_samples_the_target_distribution(engine, target_path
                 monkeypatch.setattr(model, name, lambda *args: None)
     exact = exact_first_two(target_path, prompt, 0.9, 0)
     sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
-    stats = sample_first_two(engine, prompt, 20_000, sampling, SpecConfig("auto", draft_max=2), exact,
+    stats = sample_first_two(engine, prompt, n, sampling, SpecConfig("auto", draft_max=2), exact,
                              seeded=False, max_tokens=3)
-    assert stats.draft_tokens > 20_000
+    assert stats.draft_tokens > n
     assert stats.controller["plans"].get("lookup=1,model=1", 0) > 0  # the last run drafted a mixed chain
 
 
@@ -339,3 +345,72 @@ def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, met
     assert got.stats.draft_tokens > 0
     if method == "auto":
         assert max(n for n, count in enumerate(got.stats.position_proposed) if count) == 14  # 15-token chains
+
+
+# Vocabularies of different sizes: llama.cpp pairs a draft with a target up to 128 tokens
+# apart (Qwen2.5-7B has 152,064 tokens, the 0.5B draft 151,936). The extra tokens here are
+# ordinary tokens that the larger model predicts like any other.
+VOCAB_PAIRS = {"target larger": ("wide_target_path", "draft_path"),
+               "draft larger": ("target_path", "wide_draft_path")}
+
+
+@pytest.fixture(scope="module")
+def wide_target_path(tiny_dir) -> str:
+    """The target's weights for the shared vocabulary, and 64 more tokens."""
+    return str(write_tiny_llama(tiny_dir / "wide-target.gguf", seed=0, extra_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def wide_draft_path(tiny_dir, target_path) -> str:
+    return str(write_tiny_llama(tiny_dir / "wide-draft.gguf", base=target_path, noise=0.1, seed=1, extra_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def wide_target_engine(wide_target_path, draft_path):
+    with Engine(wide_target_path, draft_path, target_config=CFG) as e:
+        yield e
+
+
+@pytest.mark.parametrize("pair", VOCAB_PAIRS)
+def test_vocabularies_of_different_sizes_keep_greedy_exact(request, pair):
+    target, draft = (request.getfixturevalue(name) for name in VOCAB_PAIRS[pair])
+    extra_seen = 0
+    with Engine(target, draft, target_config=CFG) as eng:
+        assert abs(eng.target.n_vocab - eng.draft.n_vocab) == 64
+        for method in ("draft", "auto"):
+            for seed in range(12):
+                prompt = random_prompt(300 + seed)
+                ref = greedy_reference(target, prompt, 60)
+                got = eng.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=4))
+                problem = first_divergence(got.tokens, ref)
+                assert problem is None, f"{method} seed={seed}: {problem}"
+                extra_seen += sum(t >= VOCAB.n_vocab for t in got.tokens)
+    if pair == "target larger":
+        assert extra_seen > 0  # the draft had to read tokens it lacks
+
+
+@pytest.mark.parametrize("pair", VOCAB_PAIRS)
+def test_vocabularies_of_different_sizes_keep_the_target_distribution(request, pair):
+    target, draft = (request.getfixturevalue(name) for name in VOCAB_PAIRS[pair])
+    prompt = random_prompt(9, 6)
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    exact = exact_first_two(target, prompt, 0.9, 0)
+    with Engine(target, draft, target_config=CFG) as eng:
+        stats = sample_first_two(eng, prompt, 20_000, sampling, SpecConfig("draft", draft_max=3), exact)
+    assert stats.draft_tokens > 10_000
+
+
+def test_a_draft_with_a_larger_vocabulary_never_proposes_a_token_the_target_lacks(target_path, wide_draft_path):
+    from ggspec.backend import Context, Model
+    from ggspec.drafters.model import ModelDrafter
+    hot = SamplingConfig(temperature=3.0, top_k=0, top_p=1.0, min_p=0.0)
+    with Model(wide_draft_path) as draft, Context(draft, CFG) as ctx:
+        def proposed(drafter):
+            rng = np.random.default_rng(0)
+            drafts = [drafter.propose(random_prompt(seed), 4, hot, rng) for seed in range(50)]
+            return [t for d in drafts for t in d.tokens], {d.q.shape[1] for d in drafts}
+
+        tokens, widths = proposed(ModelDrafter(ctx))  # the draft's own vocabulary
+        assert max(tokens) >= VOCAB.n_vocab and widths == {VOCAB.n_vocab + 64}
+        tokens, widths = proposed(ModelDrafter(ctx, n_vocab=VOCAB.n_vocab))  # the target's
+        assert max(tokens) < VOCAB.n_vocab and widths == {VOCAB.n_vocab}

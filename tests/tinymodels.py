@@ -169,6 +169,7 @@ def write_tiny_llama(
     chat_template: str | None = CHATML,
     eog_after: Collection[int] = (),
     eog_id: int | None = None,
+    extra_tokens: int = 0,
 ) -> Path:
     """Write a random llama model with the shared `VOCAB` to `path` and return the path.
 
@@ -179,13 +180,30 @@ def write_tiny_llama(
     `1 + noise * N(0, 1)` (seeded by `seed`); `logit_scale`, `eog_after` and `eog_id` are
     then base's.
     `eog_after`: token ids after which the model predicts `eog_id` (default `<|im_end|>`).
+    `extra_tokens`: append this many ordinary tokens `<extra_0>`, ... after `VOCAB` (text
+    never tokenizes to them, but the model predicts them like any other token); the
+    weights of the `VOCAB` tokens stay those of the model without them.
     """
     path = Path(path)
     shapes = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                   n_ff=n_ff, n_ctx=n_ctx)
     hparams, tensors = _model(seed, shapes, logit_scale, base, noise, eog_after, eog_id)
-    _write(path, VOCAB.tokens, hparams, tensors, chat_template, name=f"tiny-llama-{seed}")
+    tokens = VOCAB.tokens + tuple(f"<extra_{i}>" for i in range(extra_tokens))
+    if extra_tokens:
+        tensors = _add_tokens(tensors, extra_tokens, logit_scale, np.random.default_rng([seed, extra_tokens]))
+    _write(path, tokens, hparams, tensors, chat_template, name=f"tiny-llama-{seed}")
     return path
+
+
+def _add_tokens(tensors: dict[str, np.ndarray], n: int, logit_scale: float, rng) -> dict[str, np.ndarray]:
+    """Embedding and output rows for n more tokens, drawn like the others'."""
+    emb, out = tensors["token_embd.weight"], tensors["output.weight"]
+    d = emb.shape[1]
+    new_emb = rng.standard_normal((n, d))
+    new_out = rng.standard_normal((n, d)) * (logit_scale / np.sqrt(d))
+    new_emb[:, 0] = new_out[:, 0] = 0.0  # channel 0 is the EOG trigger
+    return {**tensors, "token_embd.weight": np.concatenate([emb, new_emb]).astype(np.float32),
+            "output.weight": np.concatenate([out, new_out]).astype(np.float32)}
 
 
 def write_mismatched_vocab_llama(
@@ -319,9 +337,10 @@ def _write(path, tokens, hp, tensors, chat_template, *, name) -> None:
     w.add_vocab_size(len(tokens))
 
     w.add_tokenizer_model("llama")
+    extra = len(tokens) - VOCAB.n_vocab
     w.add_token_list(list(tokens))
-    w.add_token_scores(list(VOCAB.scores))
-    w.add_token_types(list(VOCAB.types))
+    w.add_token_scores(list(VOCAB.scores) + [-1e4] * extra)
+    w.add_token_types(list(VOCAB.types) + [int(gguf.TokenType.NORMAL)] * extra)
     w.add_unk_token_id(VOCAB.unk_id)
     w.add_bos_token_id(VOCAB.bos_id)
     w.add_eos_token_id(VOCAB.eos_id)

@@ -18,15 +18,37 @@ class ModelDrafter:
     Its KV cache follows the committed tokens: each round it decodes only the tokens it
     has not seen (the target's correction or bonus token, and nothing else), never the
     history again.
+
+    n_vocab is the target's vocabulary size, which may differ from the draft's (llama.cpp
+    pairs models up to 128 tokens apart): drafts and q rows are at the target's width, a
+    token beyond the target's vocabulary is never proposed, and a committed token beyond
+    the draft's is read by the draft as token 0 (it only makes its drafts worse: the
+    target's verification keeps the output exact).
     """
 
     name = "draft"
 
-    def __init__(self, ctx: Context, p_min: float = 0.0):
+    def __init__(self, ctx: Context, p_min: float = 0.0, n_vocab: int | None = None):
         self.ctx = ctx
         self.p_min = p_min
+        self.n_vocab = ctx.n_vocab if n_vocab is None else n_vocab
+
+    def _row(self, logits: np.ndarray) -> np.ndarray:
+        """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf."""
+        missing = self.n_vocab - len(logits)
+        if missing <= 0:
+            return logits[:self.n_vocab]
+        return np.concatenate([logits, np.full(missing, -np.inf, dtype=logits.dtype)])
+
+    def _known(self, tokens: Sequence[int]) -> Sequence[int]:
+        """`tokens` with every id the draft lacks replaced by 0."""
+        if self.n_vocab <= self.ctx.n_vocab:
+            return tokens
+        n = self.ctx.n_vocab
+        return [t if t < n else 0 for t in tokens]
 
     def prepare(self, tokens: Sequence[int]) -> None:
+        tokens = self._known(tokens)
         n = self.ctx.sync(tokens[:-1])
         self.ctx.eval(tokens[n:-1], logits="none")
 
@@ -34,10 +56,11 @@ class ModelDrafter:
                 rng: np.random.Generator) -> Draft:
         if budget <= 0:
             return Draft([])
+        tokens = self._known(tokens)
         # the last committed token must be decoded here to get its logits
         n = min(self.ctx.sync(tokens), len(tokens) - 1)
         self.ctx.truncate(n)
-        logits = self.ctx.eval(tokens[n:], logits="last")[0]
+        logits = self._row(self.ctx.eval(tokens[n:], logits="last")[0])
         out: list[int] = []
         qs: list[np.ndarray] = []
         while True:
@@ -45,7 +68,7 @@ class ModelDrafter:
                 x = int(np.argmax(logits))
                 confident = self.p_min == 0 or softmax_max(logits) >= self.p_min
             else:
-                q = warp(logits, sampling)  # (n_vocab,)
+                q = warp(logits, sampling)  # (target n_vocab,)
                 x = sample(q, rng)
                 confident = q.max() >= self.p_min
                 qs.append(q)
@@ -56,7 +79,7 @@ class ModelDrafter:
             out.append(x)
             if len(out) == budget:
                 break
-            logits = self.ctx.eval([x], logits="last")[0]
+            logits = self._row(self.ctx.eval([x], logits="last")[0])
         return Draft(out, np.stack(qs) if qs else None)
 
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
