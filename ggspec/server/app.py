@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,7 +31,7 @@ from .replies import Reply, error_body, sse
 from .schema import ChatRequest, CompletionRequest, GenerationRequest
 from .worker import InternalError, Job, QueueFull, ShuttingDown, Worker
 
-MAX_BODY = 4 << 20  # bytes; a 128k-token prompt is well under 1 MiB of JSON
+MAX_BODY = 4 << 20  # bytes of a request body
 STATIC = ("ggspec.server", "static")  # the chat page: index.html, chat.js, chat.css
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 CLIENT_CLOSED = 499  # nginx's code for a request whose client left before the answer
@@ -53,8 +54,8 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="ggspec", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, max_body_size=max_body)
-    app.add_middleware(_Guard, api_key=api_key, requests=metrics.requests)
+                  openapi_url=None)
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, requests=metrics.requests)
     app.mount("/static", StaticFiles(packages=[STATIC]), name="static")
     _add_error_handlers(app, max_body)
 
@@ -174,9 +175,16 @@ async def _stream(reply: Reply, job: Job, first: str | Result, events: AsyncIter
     yield sse("[DONE]")
 
 
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
+
+
+def _too_large(max_body: int) -> str:
+    return f"the request body is larger than the server's limit of {max_body} bytes"
+
+
 def _add_error_handlers(app: FastAPI, max_body: int) -> None:
-    def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
+    error = _error
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -187,14 +195,14 @@ def _add_error_handlers(app: FastAPI, max_body: int) -> None:
         param = ".".join(loc) or None
         if first["type"] == "extra_forbidden":
             return error(400, f"unknown parameter {param!r}", param)
-        if first["type"] == "missing" and not loc:
-            return error(400, "the body must be a JSON object (Content-Type: application/json)")
+        if not loc:
+            return error(400, "the body must be a JSON object")
         return error(400, f"{param}: {first['msg']}" if param else first["msg"], param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
-                    413: f"the request body is larger than the server's limit of {max_body} bytes"}
+                    413: _too_large(max_body)}
         return error(e.status_code, messages.get(e.status_code, str(e.detail)), headers=e.headers)
 
     @app.exception_handler(QueueFull)
@@ -216,12 +224,14 @@ def _add_error_handlers(app: FastAPI, max_body: int) -> None:
 
 
 class _Guard:
-    """Counts responses by route and status; checks the API key on /v1 routes
-    (constant-time comparison) before anything reads the body."""
+    """Runs before any route: counts responses by route and status, limits the body size,
+    and on /v1 checks the API key (in constant time, before the body is read) and that a
+    POST body is JSON (a browser on another site cannot send that without permission)."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, requests: Counter):
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body: int, requests: Counter):
         self.app = app
         self.key = None if api_key is None else api_key.encode()
+        self.max_body = max_body
         self.requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -236,20 +246,37 @@ class _Guard:
                 self.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
-        problem = self._key_problem(scope) if path == "/v1" or path.startswith("/v1/") else None
-        if problem is None:
-            await self.app(scope, receive, counted)
-            return
-        response = JSONResponse(error_body(problem, 401), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, counted)
+        received = 0
 
-    def _key_problem(self, scope: Scope) -> str | None:
-        if self.key is None:
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HTTPException(413)
+            return message
+
+        refusal = self._refusal(scope, path)
+        if refusal is None:
+            await self.app(scope, limited, counted)
+        else:
+            await refusal(scope, receive, counted)
+
+    def _refusal(self, scope: Scope, path: str) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        if int(headers.get("content-length") or 0) > self.max_body:
+            return _error(413, _too_large(self.max_body))
+        if not (path == "/v1" or path.startswith("/v1/")):
             return None
-        header = dict(scope["headers"]).get(b"authorization")
-        if header is None:
-            return "missing API key: send the header Authorization: Bearer KEY"
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
-            return "invalid API key"
+        if self.key is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if not scheme:
+                return _error(401, "missing API key: send the header Authorization: Bearer KEY",
+                              headers={"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
+                return _error(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if scope["method"] == "POST" and not (kind == "application/json" or kind.endswith("+json")):
+            return _error(415, f"send the body as JSON with the header Content-Type: application/json "
+                               f"(got {kind or 'no Content-Type'})")
         return None

@@ -84,7 +84,7 @@ class Worker:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.engine = engine
-        self.busy = False
+        self._current: Job | None = None  # the job generating now
         self._totals = Totals()
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._lock = threading.Lock()  # guards _totals and _stopping
@@ -95,6 +95,10 @@ class Worker:
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
 
     def totals(self) -> Totals:
         with self._lock:
@@ -107,6 +111,9 @@ class Worker:
         """Refuse new jobs, end waiting and running ones, and wait for the thread."""
         with self._lock:
             self._stopping = True
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -131,11 +138,11 @@ class Worker:
         while (job := self._queue.get()) is not None:
             if job.cancelled.is_set():
                 continue
-            self.busy = True
+            self._current = job
             try:
                 self._run(job)
             finally:
-                self.busy = False
+                self._current = None
 
     def _run(self, job: Job) -> None:
         job.started = time.perf_counter()
