@@ -129,6 +129,16 @@ def test_a_stop_string_ends_the_answer_before_it(client, stream):
     assert (answer, reason) == (text[:text.index(stop)], "stop")
 
 
+def test_text_held_back_for_a_possible_stop_string_ends_the_stream(client):
+    full = client.chat.completions.create(model="any", messages=HELLO, temperature=0, max_tokens=12)
+    text = full.choices[0].message.content
+    stop = text[-1] + "\u2603\u2603"  # begins like the answer's last character, never completed
+    chunks = list(client.chat.completions.create(model="any", messages=HELLO, temperature=0, max_tokens=12,
+                                                 stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_a_seed_reproduces_a_sampled_answer(client):
     def sample(seed: int) -> str:
         return client.chat.completions.create(model="any", messages=HELLO, temperature=1.0, seed=seed,

@@ -184,43 +184,41 @@ def _too_large(max_body: int) -> str:
 
 
 def _add_error_handlers(app: FastAPI, max_body: int) -> None:
-    error = _error
-
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         if first["type"] == "json_invalid":
-            return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+            return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
         loc = [str(x) for x in first["loc"] if x != "body"]
         param = ".".join(loc) or None
         if first["type"] == "extra_forbidden":
-            return error(400, f"unknown parameter {param!r}", param)
+            return _error(400, f"unknown parameter {param!r}", param)
         if not loc:
-            return error(400, "the body must be a JSON object")
-        return error(400, f"{param}: {first['msg']}" if param else first["msg"], param)
+            return _error(400, "the body must be a JSON object")
+        return _error(400, f"{param}: {first['msg']}" if param else first["msg"], param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
                     413: _too_large(max_body)}
-        return error(e.status_code, messages.get(e.status_code, str(e.detail)), headers=e.headers)
+        return _error(e.status_code, messages.get(e.status_code, str(e.detail)), headers=e.headers)
 
     @app.exception_handler(QueueFull)
     async def busy(request: Request, e: QueueFull) -> JSONResponse:
-        return error(429, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
+        return _error(429, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(ShuttingDown)
     async def stopping(request: Request, e: ShuttingDown) -> JSONResponse:
-        return error(503, str(e))
+        return _error(503, str(e))
 
     @app.exception_handler(GgspecError)
     @app.exception_handler(ValueError)
     async def refused(request: Request, e: Exception) -> JSONResponse:
-        return error(400, str(e))
+        return _error(400, str(e))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception) -> JSONResponse:
-        return error(500, "internal error; the server log has the details")
+        return _error(500, "internal error; the server log has the details")
 
 
 class _Guard:
