@@ -1,7 +1,7 @@
 """The ggspec command line: run, chat, serve, bench, pull, models, info.
 
-With the chat REPL (repl.py), the only module that prints. A user mistake (GgspecError or ValueError) ends as one
-`Error: ...` line on stderr and exit code 1, never a traceback.
+With the chat REPL (repl.py), the only module that prints. A user mistake (GgspecError
+or ValueError) ends as one `Error: ...` line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations

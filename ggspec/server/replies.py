@@ -87,12 +87,10 @@ class Reply:
         return {**self._head(True), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}
 
-    def piece(self, piece: str) -> dict:
-        """A text chunk. The engine's last piece may be a plain str: text held back in case
-        it began a stop string, released at the end."""
+    def piece(self, piece: Piece) -> dict:
         return {**self._head(True), "choices": [{"index": 0, **self._text(piece, True), "logprobs": None,
                                                  "finish_reason": None}],
-                "ggspec": {"from_draft": isinstance(piece, Piece) and piece.from_draft}}
+                "ggspec": {"from_draft": piece.from_draft}}
 
     def closing(self, job: Job, result: Result) -> dict:
         """The last chunk: the finish reason, timings and stats."""
