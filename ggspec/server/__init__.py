@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import uvicorn
@@ -28,6 +29,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(app: FastAPI, sock: socket.socket) -> None:
-    """Serve until Ctrl-C (or SIGTERM): requests still streaming get 5 s to finish."""
-    config = uvicorn.Config(app, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    """Serve until Ctrl-C (or SIGTERM): requests still streaming get 5 s to finish. Logs,
+    the access log included, go to stderr."""
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config = uvicorn.Config(app, timeout_graceful_shutdown=5, log_config=log_config)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it stopped on again
+        pass
