@@ -325,22 +325,30 @@ def test_sixteen_streaming_clients_get_complete_unmixed_answers(server, client):
 
 
 def test_a_full_queue_answers_429_with_retry_after(engine):
+    async def until(url: str, http: httpx.AsyncClient, **state) -> None:
+        while (await http.get(url + "/health")).json() != {"status": "ok", **state}:
+            await asyncio.sleep(0.01)
+
     async def scenario(url: str) -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            long = {"messages": HELLO, "max_tokens": 900, "stream": True}
-            async with http.stream("POST", "/v1/chat/completions", json=long) as running:
-                await anext(running.aiter_lines())  # generating now
-                waiting = asyncio.create_task(http.post("/v1/chat/completions",
-                                                        json={"messages": HELLO, "max_tokens": 2}))
-                while (await http.get("/health")).json()["queued"] < 1:
-                    await asyncio.sleep(0.01)
-                full = await http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
-                assert_error(full, 429, "busy")
-                assert int(full.headers["Retry-After"]) >= 1
-            assert (await waiting).status_code == 200  # leaving freed the engine for the one waiting
+        async with httpx.AsyncClient(timeout=60) as http:
+            quick = {"messages": HELLO, "max_tokens": 2}
+            running = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            await until(url, http, busy=True, queued=0)  # taken, waiting for the engine's lock
+            waiting = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            await until(url, http, busy=True, queued=1)
+            full = await http.post(url + "/v1/chat/completions", json=quick)
+            assert_error(full, 429, "busy")
+            assert int(full.headers["Retry-After"]) >= 1
+            held.close()  # the engine is free: both run
+            assert [(await r).status_code for r in (running, waiting)] == [200, 200]
 
     with LiveServer(create_app(engine, DEFAULTS, max_queue=1)) as server:
-        asyncio.run(scenario(server.url))
+        held = engine.stream("hello", max_tokens=2)  # another user of the engine holds it meanwhile
+        next(held)
+        try:
+            asyncio.run(scenario(server.url))
+        finally:
+            held.close()
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_engine(server):

@@ -121,7 +121,8 @@ async function send(text) {
     messages.push({ role: "assistant", content });
   } catch (error) {
     if (error.name === "AbortError") {  // stopped: keep what was written, as the terminal chat does
-      messages.push({ role: "assistant", content });
+      if (content) messages.push({ role: "assistant", content });
+      else messages.pop();
       footer(liveStats(pieces, drafted, started, method) + " · stopped", "done");
     } else {
       if (!content) messages.pop();  // the question was not answered: ask it again
