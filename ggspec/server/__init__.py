@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import socket
 
 import uvicorn
@@ -24,7 +25,8 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except OSError as e:
-        raise GgspecError(f"cannot listen on {host}:{port}: {e.strerror or e}; "
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise GgspecError(f"cannot listen on {host}:{port}: {reason}; "
                           "choose another --port (or --host)") from None
 
 
