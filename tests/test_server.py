@@ -1,5 +1,7 @@
 """`ggspec serve` over real HTTP on 127.0.0.1: the official openai client, raw requests
-with httpx, concurrency, disconnects, the API key, metrics, and the command itself.
+with httpx, concurrency, disconnects, the API key, metrics, the command itself, and the
+chat page in headless Chromium (Debian's `chromium` package driven by Playwright's Python
+package; no browser download), which saves a screenshot to tests/artifacts/chat-page.png.
 
 Tiny generated models; answers are checked against plain greedy decoding through the
 Python API (a separate engine, method none)."""
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from playwright.sync_api import expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
@@ -438,3 +442,81 @@ def test_serve_on_a_taken_port_is_one_line(target_path):
     assert got.exit_code == 1 and "Traceback" not in got.output
     assert got.stderr.splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; "
                                        "choose another --port (or --host)"]
+
+
+# ---------------------------------------------------------------- the chat page in headless Chromium
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@needs_chromium
+def test_a_person_chats_and_sees_drafts_coloured_and_the_stats(server, browser, plain):
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    expect(page.locator("#method")).to_have_value("draft")
+    expect(page.locator("#temperature")).to_have_value("0.8")  # the server's default
+    expect(page.locator("#model")).to_contain_text("target")
+
+    page.fill("#temperature", "0")
+    page.fill("#input", "hello world")
+    page.press("#input", "Enter")
+    expect(page.locator("#stats")).to_have_attribute("data-state", "done", timeout=30_000)
+    answer = page.locator(".message.assistant").last
+    assert answer.text_content() == plain(HELLO, 16)
+    assert answer.locator("span.draft").count() > 0  # accepted draft tokens, coloured
+    assert answer.locator("span:not(.draft)").count() > 0  # the target's own tokens
+    footer = page.locator("#stats").inner_text()
+    assert "16 tokens" in footer and "tok/s" in footer and "accepted" in footer and "draft" in footer
+
+    # a second turn reuses the conversation's KV cache; another method from the menu
+    page.select_option("#method", "lookup")
+    page.fill("#input", "and the cat")
+    page.click("#send")
+    expect(page.locator(".message.assistant")).to_have_count(2)
+    expect(page.locator("#stats")).to_contain_text("lookup", timeout=30_000)
+    expect(page.locator("#stats")).to_have_attribute("data-state", "done")
+    footer = page.locator("#stats").inner_text()
+    cached = int(footer.split(" cached")[0].rsplit("+ ", 1)[1])
+    assert cached > 10, footer
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "chat-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert shot.stat().st_size > 10_000
+    assert errors == []
+    page.close()
+
+
+@needs_chromium
+def test_stop_ends_a_waiting_answer_and_frees_the_engine(server, browser, engine):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    expect(page.locator("#method")).to_have_value("draft")
+    held = engine.stream("hello", max_tokens=2)  # another user of the engine holds it meanwhile
+    next(held)
+    try:
+        page.fill("#input", "tell me everything")
+        page.press("#input", "Enter")
+        expect(page.locator("#stop")).to_be_visible()
+        page.click("#stop")
+        expect(page.locator("#stats")).to_contain_text("stopped")
+    finally:
+        held.close()
+    page.fill("#input", "hello world")  # the stopped request left nothing behind
+    page.press("#input", "Enter")
+    expect(page.locator("#stats")).to_have_attribute("data-state", "done", timeout=30_000)
+    expect(page.locator("#stats")).to_contain_text("16 tokens")
+    page.close()
