@@ -1,19 +1,17 @@
-"""The ggspec command line: run, chat, bench, pull, models, info.
+"""The ggspec command line: run, chat, serve, bench, pull, models, info.
 
-The only module that prints. A user mistake (GgspecError or ValueError) ends as one
-`Error: ...` line on stderr and exit code 1, never a traceback.
+With the chat REPL (repl.py), the only module that prints. A user mistake (GgspecError
+or ValueError) ends as one `Error: ...` line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import click
 from tqdm import tqdm
@@ -22,9 +20,10 @@ from . import __version__, bench as benchmark, hub, machine
 from .backend import Model, check_vocab_compatible, default_threads, set_verbose
 from .chat import ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
-from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Piece, Result
+from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .errors import GgspecError
-from .stats import footer, report
+from .repl import interrupt_cancels, piped, repl
+from .stats import footer
 from .tree import TREE_SHAPES
 
 _SAMPLING = SamplingConfig()
@@ -48,6 +47,7 @@ Examples:
   ggspec run -t 0 -k 6 --method lookup -f prompt.txt
   echo "Explain recursion." | ggspec run --json
   ggspec run -m model.gguf -d draft.gguf --raw "def fib(n):"
+  ggspec serve --port 8080                      OpenAI-compatible API and chat page on 127.0.0.1
   ggspec bench -w code -w edit --method draft --method lookup -k 2 -k 4
   ggspec pull && ggspec models
   ggspec info model.gguf --draft draft.gguf
@@ -147,26 +147,6 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
     return SpecConfig(method, draft_max=draft_max, typical=typical)
 
 
-@contextmanager
-def _interrupt_cancels(engine: Engine) -> Iterator[None]:
-    """While generating, the first Ctrl-C asks the engine to stop after its current round
-    (what was generated is kept); a second one interrupts as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
-
-    def on_interrupt(signum, frame) -> None:
-        engine.cancel()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _name(model) -> str | None:
     return None if model is None else str(model.path)
 
@@ -203,7 +183,7 @@ def run(prompt, prompt_file, method, draft_max, typical, max_tokens, chat, syste
         messages = [{"role": "system", "content": system}] if system else []
         request = [*messages, {"role": "user", "content": text}] if chat else text
         echo = None if as_json else (lambda piece: click.echo(piece, nl=False))
-        with _interrupt_cancels(engine):
+        with interrupt_cancels(engine):
             result = engine.generate(request, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec,
                                      on_text=echo)
         if as_json:
@@ -241,18 +221,6 @@ def _read_prompt(prompt: str | None, prompt_file) -> str:
 
 # ---------------------------------------------------------------- chat
 
-CHAT_HELP = '''\
-/help              this list
-/reset             forget the conversation (the system prompt and settings stay)
-/stats             full stats of the last answer and of the session
-/system [TEXT]     set the system prompt; without TEXT, remove it
-/set [NAME VALUE]  change a setting; without NAME, show them. Names: temperature (t),
-                   top_k, top_p, min_p, seed, max_tokens (n), method, draft_max (k)
-/exit              leave (also Ctrl-D, or Ctrl-C at the prompt)
-""" ... """        a message of several lines
-Ctrl-C during an answer stops it and keeps what was written.'''
-
-
 @cli.command()
 @_model_options
 @_spec_options
@@ -275,123 +243,50 @@ def chat(method, draft_max, typical, max_tokens, system, show_drafts, **opts) ->
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
         session = ChatSession(engine, Settings(sampling, spec, max_tokens), system=system)
         if interactive:
-            _repl(session, show_drafts)
+            repl(session, show_drafts)
         else:
-            _piped(session)
+            piped(session)
 
 
-def _repl(session: ChatSession, show_drafts: bool) -> None:
-    try:
-        import readline  # noqa: F401  (gives input() line editing and history)
-    except ImportError:
-        pass
+# ---------------------------------------------------------------- serve
 
-    engine = session.engine
-    draft = f" + {engine.draft.path.name}" if engine.draft else ""
-    spec = session.settings.spec
-    k = f", k={spec.draft_max}" if spec.method != "none" else ""
-    click.secho(f"ggspec chat: {engine.target.path.name}{draft} ({spec.method}{k}). "
-                "/help for commands, Ctrl-D to exit.", dim=True)
-    while True:
-        try:
-            line = _read_message()
-        except (EOFError, KeyboardInterrupt):
-            click.echo()
-            return
-        if not line:
-            continue
-        try:
-            if line.startswith("/"):
-                if not _command(session, line, click.echo):
-                    return
-                continue
-            _answer(session, line, show_drafts, click.echo)
-        except (GgspecError, ValueError) as e:
-            click.secho(f"Error: {e}", fg="red")
-            continue
+@cli.command()
+@_model_options
+@_spec_options
+@_sampling_options()
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1),
+              help="Most tokens per answer when a request sets none.  [default: up to the context size]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free one).")
+@click.option("--api-key", envvar="GGSPEC_API_KEY", metavar="KEY",
+              help="Require Authorization: Bearer KEY on /v1 routes (or set GGSPEC_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most requests waiting for the engine; more get 429.")
+def serve(method, draft_max, typical, max_tokens, host, port, api_key, max_queue, **opts) -> None:
+    """Serve an OpenAI-compatible API and a chat page.
 
+    POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models,
+    /health, /metrics (Prometheus), and a chat page at /. One engine answers one request
+    at a time; the others wait in a queue. The sampling options are the defaults for
+    requests that do not set them. Ctrl-C stops the server.
+    """
+    from .server import create_app, listen, serve as run_server  # FastAPI loads only for this command
 
-def _read_message() -> str:
-    """One line, or several between triple quotes."""
-    line = input(">>> ").strip()
-    if not line.startswith('"""'):
-        return line
-    text = line[3:]
-    while not text.endswith('"""'):
-        text += "\n" + input("... ")
-    return text[:-3].strip()
-
-
-def _piped(session: ChatSession) -> None:
-    def say(text: str) -> None:  # stdout carries only the answers
-        click.echo(text, err=True)
-
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not _command(session, line, say):
-                return
-            continue
-        _answer(session, line, False, say)
-
-
-def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[str], None]) -> None:
-    """Stream one answer to stdout (accepted draft tokens in cyan with show_drafts), then its footer."""
-
-    def show(piece: Piece) -> None:
-        draft = show_drafts and piece.from_draft
-        click.echo(click.style(piece, fg="cyan") if draft else piece, nl=False)
-
-    try:
-        with _interrupt_cancels(session.engine):
-            result = session.ask(text, on_text=show)
-    except KeyboardInterrupt:
-        click.echo()
-        say(click.style("[interrupted]", dim=True))
-        return
-    click.echo()
-    if result.finish_reason == "cancelled":
-        say(click.style("[interrupted]", dim=True))
-    say(click.style(footer(result.stats), dim=True))
-
-
-def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> bool:
-    """Run one slash command; False means leave the chat."""
-    name, _, arg = line[1:].partition(" ")
-    arg = arg.strip()
-    if name in ("exit", "quit", "bye"):
-        return False
-    if name == "help":
-        say(CHAT_HELP)
-    elif name == "reset":
-        session.reset()
-        say("conversation cleared")
-    elif name == "stats":
-        if session.last is None:
-            say("no answer yet")
-        else:
-            say(f"last answer\n{_indent(report(session.last))}\nsession\n{_indent(report(session.total))}")
-    elif name == "system":
-        session.system = arg or None
-        say(f"system prompt set: {arg}" if arg else "system prompt removed")
-    elif name == "set":
-        key, _, value = arg.partition(" ")
-        if not key:
-            say(session.settings.describe())
-        elif not value.strip():
-            raise ValueError("usage: /set NAME VALUE, e.g. /set temperature 0.7")
-        else:
-            session.set(key, value.strip())
-            say(session.settings.describe())
-    else:
-        say(f"unknown command /{name}; /help lists the commands")
-    return True
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
+    sampling = _sampling(opts)
+    sock = listen(host, port)  # fail before loading the models
+    with sock, _open_engine(opts, draft_max) as engine:
+        spec = _spec(engine, method, draft_max, typical)
+        app = create_app(engine, Settings(sampling, spec, max_tokens or engine.n_ctx), api_key=api_key,
+                         max_queue=max_queue)
+        bound = sock.getsockname()
+        url = f"http://{f'[{bound[0]}]' if ':' in bound[0] else bound[0]}:{bound[1]}"
+        click.echo(f"ggspec serve: chat page {url}/  OpenAI API {url}/v1  "
+                   f"({engine.target.path.name}, {spec.method}). Ctrl-C stops.", err=True)
+        if api_key is None and not ipaddress.ip_address(bound[0]).is_loopback:
+            click.secho(f"Warning: listening on {bound[0]} without --api-key: anyone who can reach this "
+                        "address can use the model.", fg="yellow", err=True)
+        run_server(app, sock)
 
 
 # ---------------------------------------------------------------- bench

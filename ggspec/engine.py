@@ -333,7 +333,7 @@ class Engine:
         tail = text.flush()
         if tail:
             emitted.append(tail)
-            yield tail
+            yield Piece(tail)
         stats.decode_seconds = time.perf_counter() - t1
         stats.llama_seconds = self._busy() - busy1
         stats.generated_tokens = len(generated)

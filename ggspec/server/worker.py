@@ -1,0 +1,181 @@
+"""The engine's one thread: requests wait in a bounded queue and generate one at a time.
+
+A job's events (text pieces, then its Result or an exception) reach the request's event
+loop through an asyncio queue. A job whose client went away is skipped if it is still
+waiting, and its generation is closed at its next piece if it is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from ..chat import Settings
+from ..engine import Engine, Prompt, Result
+from ..errors import GgspecError
+from ..stats import Stats
+
+log = logging.getLogger("ggspec.server")
+
+
+class QueueFull(Exception):
+    """Every place in the queue is taken; retry_after is an estimate in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy: {retry_after} s estimated wait")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no more requests."""
+
+
+class InternalError(Exception):
+    """A bug: the generation failed for a reason that is not the request's fault."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation. Timestamps are time.perf_counter() values."""
+
+    prompt: Prompt
+    settings: Settings
+    stop: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None      # when the engine took it
+    first_piece: float | None = None  # when its first text piece was ready
+
+    def send(self, event: str | Result | Exception) -> None:
+        """Hand an event to the request's event loop (from the engine's thread)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.started or self.submitted) - self.submitted
+
+    @property
+    def first_token_seconds(self) -> float | None:
+        """From submission to the first text piece: queue, prefill and the first round."""
+        return None if self.first_piece is None else self.first_piece - self.submitted
+
+
+@dataclass
+class Totals:
+    """What the worker did since it started."""
+
+    stats: Stats = field(default_factory=Stats)  # summed over finished generations
+    cancelled: int = 0                           # generations stopped because their client left
+    first_token_seconds: float = 0.0             # summed over generations that wrote text
+    first_tokens: int = 0                        # how many those are
+
+
+class Worker:
+    """Runs jobs on `engine`, one at a time, at most `max_queue` waiting."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.engine = engine
+        self._current: Job | None = None  # the job generating now
+        self._totals = Totals()
+        self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
+        self._lock = threading.Lock()  # guards _totals and _stopping
+        self._stopping = False
+        self._mean_seconds = 1.0  # moving average of a generation's duration, for Retry-After
+        self._thread = threading.Thread(target=self._serve, name="ggspec-engine", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def totals(self) -> Totals:
+        with self._lock:
+            return replace(self._totals)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Refuse new jobs, end waiting and running ones, and wait for the thread."""
+        with self._lock:
+            self._stopping = True
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job.cancelled.set()
+            job.send(ShuttingDown("the server is shutting down"))
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                wait = (self._queue.qsize() + 1) * self._mean_seconds
+                raise QueueFull(max(1, math.ceil(wait))) from None
+
+    def _serve(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            self._current = job
+            try:
+                self._run(job)
+            finally:
+                self._current = None
+
+    def _run(self, job: Job) -> None:
+        job.started = time.perf_counter()
+        s = job.settings
+        gen = self.engine.stream(job.prompt, max_tokens=s.max_tokens, stop=job.stop, sampling=s.sampling,
+                                 spec=s.spec)
+        try:
+            while not job.cancelled.is_set():
+                try:
+                    piece = next(gen)
+                except StopIteration as done:
+                    self._finished(job, done.value)
+                    return
+                if job.first_piece is None:
+                    job.first_piece = time.perf_counter()
+                job.send(piece)
+            with self._lock:
+                self._totals.cancelled += 1
+        except (GgspecError, ValueError) as e:  # the request's fault: a 400
+            job.send(e)
+        except Exception:  # a bug: logged here, a plain 500 for the client
+            log.exception("generation failed")
+            job.send(InternalError("the generation failed; the server log has the details"))
+        finally:
+            gen.close()  # ends a cancelled generation and frees the engine
+
+    def _finished(self, job: Job, result: Result) -> None:
+        seconds = time.perf_counter() - job.started
+        with self._lock:
+            t = self._totals
+            t.stats = t.stats + result.stats
+            if job.first_token_seconds is not None:
+                t.first_token_seconds += job.first_token_seconds
+                t.first_tokens += 1
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+        job.send(result)
