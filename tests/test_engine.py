@@ -47,10 +47,22 @@ def test_greedy_speculation_equals_plain_greedy_decoding(request, target_path, w
         assert problem is None, f"K={k} seed={seed}: {problem}"
 
 
+def make_verification_cheap(auto, monkeypatch):
+    """Make the engine's cost model say that any batch costs one token's time (auto then
+    drafts whatever has a chance), until the test ends."""
+    t1 = float(auto.costs.t_verify(1))
+    monkeypatch.setattr(auto.costs, "curve", np.full(auto.costs.max_rows, t1))
+    monkeypatch.setattr(auto.costs, "correction", np.ones(auto.costs.max_rows))
+    monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
+
+
 @pytest.mark.parametrize("method", ["none", "lookup", "auto"])
-def test_other_methods_equal_plain_greedy_decoding(engine, target_path, method):
+def test_other_methods_equal_plain_greedy_decoding(engine, target_path, method, monkeypatch):
     # a repetitive prompt so that lookup finds matches
     prompt = [VOCAB.bos_id] + random_prompt(5, 12)[1:] * 4
+    if method == "auto":
+        engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
+        make_verification_cheap(engine.drafters["auto"], monkeypatch)
     ref = greedy_reference(target_path, prompt, 60)
     got = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=6))
     assert first_divergence(got.tokens, ref) is None
@@ -334,10 +346,7 @@ def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, met
     if method == "auto":
         auto = engine.drafters["auto"]
         engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
-        t1 = float(auto.costs.t_verify(1))
-        monkeypatch.setattr(auto.costs, "curve", np.full(auto.costs.max_rows, t1))
-        monkeypatch.setattr(auto.costs, "correction", np.ones(auto.costs.max_rows))
-        monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
+        make_verification_cheap(auto, monkeypatch)
         monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, k, in_prompt: np.full(k, 0.99))
     ref = greedy_reference(target_path, prompt, 80)
     got = engine.generate(prompt, max_tokens=80, sampling=GREEDY, spec=SpecConfig(method, draft_max=15))
