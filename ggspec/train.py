@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -265,16 +266,16 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
             else:
                 tokens, windows, counts = plan_windows(model, corpus, cfg)
                 capacity = len(tokens)
-            np.save(work / "counts.npy", counts)
-            np.save(work / "tokens.npy", tokens)
-            np.save(work / "windows.npy", windows)
+            _save_npy(work / "counts.npy", counts)
+            _save_npy(work / "tokens.npy", tokens)
+            _save_npy(work / "windows.npy", windows)
             np.lib.format.open_memmap(work / "hidden.npy", "w+", np.float16,
                                       (capacity, model.n_embd)).flush()
-            np.save(work / "preds.npy", np.full(capacity, -1, dtype=np.int32))
+            _save_npy(work / "preds.npy", np.full(capacity, -1, dtype=np.int32))
             state = dict(data=data_key, fingerprint=dataclasses.asdict(target.fingerprint),
                          n_windows=len(prompts) if cfg.answers else len(windows),
                          windows_done=0, seconds=0.0)
-            state_file.write_text(json.dumps(state, indent=1))
+            _save_json(state_file, state)  # last: the files above are complete
         store = _Store(work, state)
         if cfg.answers:
             _collect_answers(model, prompts, store, cfg, progress)
@@ -284,15 +285,37 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
     return HiddenStates.open(work, target)
 
 
+def _save_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` whole or not at all: a temporary file, synced to disk, then renamed
+    over it (a kill leaves the old file or the new one, never a part)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, a: np.ndarray) -> None:
+    _save_atomic(path, lambda f: np.save(f, a))
+
+
+def _save_json(path: Path, obj: dict) -> None:
+    _save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
 class _Store:
     """The rows of a work dir being collected: each finished window goes to disk, then the
-    state file records it (so an interrupted collection loses at most windows in flight)."""
+    state file records it (so an interrupted collection loses at most windows in flight).
+    Every file is replaced atomically, the state file last: what the state counts is on disk."""
 
     def __init__(self, work: Path, state: dict):
         self.work, self.state = work, state
         self.tokens = np.load(work / "tokens.npy")
         self.preds = np.load(work / "preds.npy")
         self.windows = np.load(work / "windows.npy")
+        if state["data"].get("answers"):  # windows are appended: drop any the state does not count
+            self.windows = self.windows[:state["windows_done"]]
         self.hidden = np.load(work / "hidden.npy", mmap_mode="r+")
 
     def write(self, start: int, tokens: Sequence[int], preds: Sequence[int],
@@ -301,14 +324,14 @@ class _Store:
         self.tokens[start:end], self.preds[start:end] = tokens, preds
         self.hidden[start:end] = hidden
         self.hidden.flush()
-        np.save(self.work / "preds.npy", self.preds)
+        _save_npy(self.work / "preds.npy", self.preds)
         if window is not None:  # a window that was not planned ahead
             self.windows = np.concatenate([self.windows, [window]])
-            np.save(self.work / "tokens.npy", self.tokens)
-            np.save(self.work / "windows.npy", self.windows)
+            _save_npy(self.work / "tokens.npy", self.tokens)
+            _save_npy(self.work / "windows.npy", self.windows)
         self.state["windows_done"] += 1
         self.state["seconds"] += seconds
-        (self.work / _STATE).write_text(json.dumps(self.state, indent=1))
+        _save_json(self.work / _STATE, self.state)
 
     def close(self) -> None:
         del self.hidden
@@ -725,9 +748,7 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
         arrays = {k: v for k, v in params.arrays.items()}
         arrays.update({"m_" + k: v for k, v in params.m.items()})
         arrays.update({"v_" + k: v for k, v in params.v.items()})
-        tmp = ckpt.with_name(ckpt.name + ".tmp.npz")
-        np.savez(tmp, key=np.array(key), step=np.array(params.step), **arrays)
-        os.replace(tmp, ckpt)
+        _save_atomic(ckpt, lambda f: np.savez(f, key=np.array(key), step=np.array(params.step), **arrays))
 
     out_frozen = out_rows if cfg.tied else None
     with tqdm(total=total, initial=params.step, unit="step", desc="training heads",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import ggspec.train
 from ggspec.heads import MedusaHeads, TargetFingerprint, load_heads, read_target
 from ggspec.backend import Context, Model
 from ggspec.config import BackendConfig
@@ -203,6 +206,61 @@ def test_answer_collection_resumes(tmp_path, target_path):
         np.testing.assert_array_equal(resumed.tokens[s2:s2 + l2], tokens[start:start + length])
         np.testing.assert_allclose(resumed.hidden[s2:s2 + l2], hidden[start:start + length],
                                    atol=2e-2)
+
+
+class Killed(BaseException):
+    """Stands for the process being killed (not an Exception: nothing may catch it)."""
+
+
+@pytest.mark.parametrize("where", ["between files", "inside a file"])
+def test_answer_collection_killed_while_writing_resumes(tmp_path, target_path, monkeypatch, where):
+    """A kill after the second answer's windows.npy is written but before the state file
+    records it, or halfway through writing preds.npy: collecting again completes, with the
+    rows of an uninterrupted collection."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nthe cat\nprint hello\ndef lambda\n")
+    cfg = CollectConfig(max_tokens=1000, window=96, answers=True, answer_tokens=12, parallel=2,
+                        n_threads=1)
+    full = collect(target_path, prompts, tmp_path / "full", cfg, progress=False)
+    calls = []
+    if where == "between files":  # the third state written (after creation and one answer)
+        real_dumps = json.dumps
+
+        def dumps(obj, **kwargs):
+            calls.append(obj)
+            if len(calls) == 3:
+                raise Killed
+            return real_dumps(obj, **kwargs)
+
+        monkeypatch.setattr(ggspec.train.json, "dumps", dumps)
+    else:  # the third preds.npy written (at creation, answer 1, answer 2) stops halfway
+        real_save = np.save
+
+        def save(file, arr, *args, **kwargs):
+            if Path(getattr(file, "name", file)).name.startswith("preds.npy"):
+                calls.append(file)
+            if len(calls) < 3:
+                return real_save(file, arr, *args, **kwargs)
+            buf = io.BytesIO()
+            real_save(buf, arr, *args, **kwargs)
+            half = buf.getvalue()[:len(buf.getvalue()) // 2]
+            if isinstance(file, (str, os.PathLike)):
+                Path(file).write_bytes(half)
+            else:
+                file.write(half)
+            raise Killed
+
+        monkeypatch.setattr(np, "save", save)
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        collect(target_path, prompts, work, cfg, progress=False)
+    monkeypatch.undo()
+    resumed = collect(target_path, prompts, work, cfg, progress=False)
+    assert sorted(resumed.windows[:, 2].tolist()) == [0, 1, 2, 3]
+    for start, length, i in full.windows:
+        (s2, l2, _), = resumed.windows[resumed.windows[:, 2] == i]
+        assert l2 == length
+        np.testing.assert_array_equal(resumed.tokens[s2:s2 + l2], full.tokens[start:start + length])
 
 
 def test_bad_config():
