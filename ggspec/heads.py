@@ -445,19 +445,45 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
             if required:
                 raise bad(f"missing metadata key {key}")
             return None
-        return f.contents()
+        try:
+            return f.contents()
+        except (ValueError, IndexError) as e:  # e.g. a string that is not UTF-8
+            raise bad(f"unreadable metadata key {key} ({e})") from None
+
+    def number(key: str) -> int:
+        value = field(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(f"{key} must be an integer, got {value!r:.40}")
+        return value
 
     arch = field("general.architecture")
     if arch != ARCH:
-        raise bad(f"general.architecture is {arch!r}, expected {ARCH!r} (is this a model, "
+        raise bad(f"general.architecture is {arch!r:.60}, expected {ARCH!r} (is this a model, "
                   "not a head file?)")
-    n_heads, n_layers = int(field(KEY_HEAD_COUNT)), int(field(KEY_LAYER_COUNT))
-    hidden, vocab = int(field(KEY_EMBD)), int(field(KEY_VOCAB))
+    n_heads, n_layers = number(KEY_HEAD_COUNT), number(KEY_LAYER_COUNT)
+    hidden, vocab = number(KEY_EMBD), number(KEY_VOCAB)
     tied = bool(field(KEY_TIED))
     if n_heads < 1 or n_layers < 1 or hidden < 1 or vocab < 1:
         raise bad(f"invalid sizes: {n_heads} heads, {n_layers} layers, hidden {hidden}, "
                   f"vocab {vocab}")
-    fp = TargetFingerprint(str(field(KEY_TARGET_ARCH)), int(field(KEY_TARGET_EMBD)),
+    tensors = {t.name: t for t in reader.tensors}
+
+    def expected():  # (name, shape, types) of every tensor the counts ask for
+        for h in range(n_heads):
+            for l in range(n_layers):
+                yield res_weight_name(h, l), (hidden, hidden), MATRIX_TYPES
+                yield res_bias_name(h, l), (hidden,), VECTOR_TYPES
+            if not tied:
+                yield out_weight_name(h), (vocab, hidden), MATRIX_TYPES
+
+    # the counts drive every loop and allocation below: check them against the tensors present
+    n_expected = n_heads * (2 * n_layers + (0 if tied else 1))
+    if n_expected > len(tensors):  # a missing one is among the first len(tensors) + 1 names
+        missing = next(name for name, _, _ in expected() if name not in tensors)
+        raise bad(f"missing tensor {missing}: {n_heads:,} heads of {n_layers:,} residual layers"
+                  f"{'' if tied else ' and an output'} need {n_expected:,} tensors, the file "
+                  f"holds {len(tensors):,}")
+    fp = TargetFingerprint(str(field(KEY_TARGET_ARCH)), number(KEY_TARGET_EMBD),
                            str(field(KEY_TARGET_VOCAB_HASH)))
     for what, mine, theirs in (("architecture", fp.architecture, info.fingerprint.architecture),
                                ("embedding length", fp.embedding_length,
@@ -465,11 +491,13 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
                                ("vocabulary hash", fp.vocab_hash, info.fingerprint.vocab_hash)):
         if mine != theirs:
             raise ModelFileError(f"head file {path} was made for another target: its {what} is "
-                                 f"{mine!r} but target {info.path} has {theirs!r}")
+                                 f"{mine!r:.80} but target {info.path} has {theirs!r}")
     if hidden != fp.embedding_length:
         raise bad(f"hidden size {hidden} differs from its target's {fp.embedding_length}")
     token_ids = field(KEY_TOKEN_IDS, required=False)
     if token_ids is not None:
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids):
+            raise bad(f"{KEY_TOKEN_IDS} must be an array of integers")
         token_ids = np.asarray(token_ids, dtype=np.int64)
         if token_ids.shape != (vocab,):
             raise bad(f"{KEY_TOKEN_IDS} has {token_ids.size} entries, expected {vocab}")
@@ -483,28 +511,19 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
 
     acceptance = field(KEY_ACCEPTANCE, required=False)
     if acceptance is not None:
+        if not isinstance(acceptance, list) or not all(isinstance(a, float) for a in acceptance):
+            raise bad(f"{KEY_ACCEPTANCE} must be an array of numbers")
         if len(acceptance) % n_heads:
             raise bad(f"{KEY_ACCEPTANCE} must hold head_count x ranks values, got {len(acceptance)}")
         acceptance = np.reshape(acceptance, (n_heads, -1))  # its values: checked by MedusaHeads
 
     size = path.stat().st_size
-    tensors = {t.name: t for t in reader.tensors}
-    expected = {}
-    for h in range(n_heads):
-        for l in range(n_layers):
-            expected[res_weight_name(h, l)] = ((hidden, hidden), MATRIX_TYPES)
-            expected[res_bias_name(h, l)] = ((hidden,), VECTOR_TYPES)
-        if not tied:
-            expected[out_weight_name(h)] = ((vocab, hidden), MATRIX_TYPES)
-    extra = sorted(set(tensors) - set(expected))
+    shapes = {name: shape for name, shape, _ in expected()}
+    extra = sorted(set(tensors) - set(shapes))
     if extra:
-        raise bad(f"unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
-
-    def load(tname: str) -> np.ndarray:
-        shape, types = expected[tname]
-        t = tensors.get(tname)
-        if t is None:
-            raise bad(f"missing tensor {tname}")
+        raise bad(f"unexpected tensor {extra[0]:.80} ({len(extra)} unexpected in all)")
+    for tname, shape, types in expected():  # every tensor's facts before any data
+        t = tensors[tname]
         got = tuple(int(d) for d in reversed(t.shape))
         if got != shape:
             raise bad(f"tensor {tname} has shape {got}, expected {shape}")
@@ -514,8 +533,11 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
         if t.data_offset + t.n_bytes > size:
             raise bad(f"truncated: tensor {tname} ends at byte {t.data_offset + t.n_bytes:,} "
                       f"but the file has {size:,}")
+
+    def load(tname: str) -> np.ndarray:
+        t = tensors[tname]
         a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        a = np.asarray(a, dtype=np.float32).reshape(shape)
+        a = np.asarray(a, dtype=np.float32).reshape(shapes[tname])
         if not np.isfinite(a).all():
             raise bad(f"tensor {tname} holds NaN or infinite values")
         return a

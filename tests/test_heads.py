@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -201,8 +204,42 @@ def test_missing_tensor_key_and_extra_tensor(tmp_path, target_path):
     with pytest.raises(ModelFileError, match="missing metadata key medusa.vocab_size"):
         load_heads(path, target_path)
     path = write_raw(tmp_path / "d.gguf", good_tensors(), n_heads=2, target_path=target_path)
-    with pytest.raises(ModelFileError, match="missing tensor medusa.1.res.0.weight"):
+    with pytest.raises(ModelFileError, match="missing tensor medusa.1.res.0.weight: 2 heads of 1 residual "
+                                             "layers and an output need 6 tensors, the file holds 3"):
         load_heads(path, target_path)
+    renamed = {k.replace("res.0", "res.1"): v for k, v in good_tensors().items()}
+    path = write_raw(tmp_path / "e.gguf", renamed, target_path=target_path)
+    with pytest.raises(ModelFileError, match="unexpected tensor medusa.0.res.1.bias"):
+        load_heads(path, target_path)
+
+
+# loads a head file in a process of bounded memory; prints the error
+HOSTILE_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from ggspec.errors import ModelFileError
+from ggspec.heads import load_heads
+try:
+    load_heads(sys.argv[1], sys.argv[2])
+except ModelFileError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("key", ["n_heads", "n_layers", "both"])
+def test_huge_counts_are_checked_against_the_tensors_first(tmp_path, target_path, key):
+    """head_count / residual_layer_count of 2^32 - 1 in a file of three tensors: one clear
+    error at once, in bounded memory (they used to drive loops and allocations first)."""
+    huge = 2**32 - 1
+    counts = {"n_heads": huge} if key == "n_heads" else {"n_layers": huge} if key == "n_layers" else \
+        {"n_heads": huge, "n_layers": huge}
+    path = write_raw(tmp_path / "huge.gguf", good_tensors(), target_path=target_path, **counts)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", HOSTILE_CHILD, str(path), target_path], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"head file {path}: missing tensor ") and "the file holds 3" in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) == 1
 
 
 def test_not_a_head_file(tmp_path, target_path):
