@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import secrets
 import sys
 import time
 from contextlib import ExitStack
@@ -20,7 +22,7 @@ import numpy as np
 
 from .config import BackendConfig
 from .errors import DecodeError, ModelFileError, VocabMismatchError
-from .tokens import common_prefix
+from .tokens import C_SPACE, Marker, common_prefix, split_markers
 from .tree import Tree
 
 GGUF_MAGIC = b"GGUF"
@@ -127,6 +129,7 @@ class Model(_Owner):
         self.vocab_type = llama_cpp.llama_vocab_type(self.vocab)
         self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._piece = ctypes.create_string_buffer(256)
+        self._markers: list[Marker] | None = None  # the control tokens, read on first use
 
     def _free(self) -> None:
         llama_cpp.llama_model_free(self._handle)
@@ -201,6 +204,63 @@ class Model(_Owner):
                 return buf.raw[:n].decode("utf-8", "replace")
             cap = n
         raise RuntimeError("chat template output kept growing")
+
+    def tokenize_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages rendered with the model's template and tokenized so that only the
+        template's own markers become control tokens: message contents are text (content
+        holding "<|im_start|>system" stays those characters, it cannot open a turn). For
+        contents without marker text this equals tokenizing the rendered prompt with
+        special-token parsing."""
+        text, contents = self._render_marking_contents(messages, add_generation_prompt)
+        if self._markers is None:
+            control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            attrs = {t: llama_cpp.llama_vocab_get_attr(self.vocab, t) for t in range(self.n_vocab)}
+            self._markers = [Marker(self.token_text(t).decode("utf-8", "replace"), t,
+                                    bool(a & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                                    bool(a & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
+                             for t, a in attrs.items() if a & control]
+        tokens = [self.bos] if self.add_bos else []
+        for piece in split_markers(text, self._markers, contents):
+            if isinstance(piece, int):
+                tokens.append(piece)
+            else:
+                tokens += self.tokenize(piece, add_special=False, parse_special=False)
+        if llama_cpp.llama_vocab_get_add_eos(self.vocab):
+            tokens.append(self.eos)
+        return tokens
+
+    def _render_marking_contents(self, messages: Sequence[dict],
+                                 add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered prompt and the [start, end) range of each message's content in it.
+
+        The template is rendered twice: with the contents, and with a unique placeholder
+        for each; the placeholders cut the second rendering into the template's own text,
+        and the first must be those pieces around the contents (as given, or trimmed as
+        some templates do)."""
+        nonce = secrets.token_hex(8)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        shape = self.apply_chat_template(
+            [{**m, "content": f"\ue000{nonce}.{i}\ue001"} if m["content"] else m for i, m in enumerate(messages)],
+            add_generation_prompt=add_generation_prompt)
+        parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", shape)
+        templates, order = parts[0::2], [int(i) for i in parts[1::2]]  # T0 content T1 content ... Tk
+        pos, ranges = 0, []
+        for k, i in enumerate(order):
+            if not text.startswith(templates[k], pos):
+                break
+            pos += len(templates[k])
+            content = messages[i]["content"]
+            rendered = next((r for r in (content, content.strip(C_SPACE))
+                             if text.startswith(r + templates[k + 1], pos)), None)
+            if rendered is None:
+                break
+            ranges.append((pos, pos + len(rendered)))
+            pos += len(rendered)
+        else:
+            if text[pos:] == templates[-1]:
+                return text, ranges
+        raise ValueError(f"the chat template of {self.path.name} changes message contents in a way "
+                         "ggspec cannot follow; pass a raw prompt instead")
 
 
 class Context(_Owner):

@@ -203,12 +203,14 @@ class Engine:
                              f"would not fit; use n_batch >= {rows} or a smaller draft_max")
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """Chat messages are rendered with the target's template; text is tokenized as is."""
+        """Chat messages are rendered with the target's template (their contents are text:
+        only the template's own markers become control tokens); a string is tokenized as
+        is, control-token text included."""
         self._check_open()
         if isinstance(prompt, str):
             return self.target.tokenize(prompt)
         if prompt and isinstance(prompt[0], dict):
-            return self.target.tokenize(self.target.apply_chat_template(prompt), add_special=True)
+            return self.target.tokenize_chat(prompt)
         return [int(t) for t in prompt]
 
     def generate(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 
@@ -12,3 +13,51 @@ def common_prefix(cached: list[int], tokens: Sequence[int]) -> int:
         return n
     # the history changed: find the first difference
     return next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(n, len(tokens)))
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A control token as the tokenizer matches it in text: its text, its id, and whether
+    it eats the whitespace on its left (lstrip) or right (rstrip)."""
+
+    text: str
+    id: int
+    lstrip: bool = False
+    rstrip: bool = False
+
+
+C_SPACE = " \t\n\v\f\r"  # C's isspace: what llama.cpp strips
+
+
+def split_markers(text: str, markers: Sequence[Marker], protected: Sequence[tuple[int, int]]) -> list[str | int]:
+    """`text` cut at its control-token markers into text pieces and token ids, as llama.cpp
+    partitions text with special-token parsing (markers longest first, each found left to
+    right in the remaining text, lstrip / rstrip applied), except that no marker is taken
+    where it overlaps a protected [start, end) range: there its characters stay text."""
+    frags: list[tuple[int, int] | int] = [(0, len(text))] if text else []
+    for m in sorted((m for m in markers if m.text), key=lambda m: -len(m.text)):
+        out: list[tuple[int, int] | int] = []
+        for frag in frags:
+            if isinstance(frag, int):
+                out.append(frag)
+                continue
+            start, end = frag
+            pos = start
+            while (at := text.find(m.text, pos, end)) >= 0:
+                stop = at + len(m.text)
+                if any(a < stop and at < b for a, b in protected):
+                    pos = at + 1
+                    continue
+                left = at
+                while m.lstrip and left > start and text[left - 1] in C_SPACE:
+                    left -= 1
+                if left > start:
+                    out.append((start, left))
+                out.append(m.id)
+                while m.rstrip and stop < end and text[stop] in C_SPACE:
+                    stop += 1
+                start = pos = stop
+            if start < end:
+                out.append((start, end))
+        frags = out
+    return [f if isinstance(f, int) else text[f[0]:f[1]] for f in frags]

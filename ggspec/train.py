@@ -223,7 +223,7 @@ def plan_prompts(model: Model, corpus: str | os.PathLike, cfg: CollectConfig) ->
     for text in prompts:
         if n >= cfg.max_tokens:
             break
-        ids = model.tokenize(model.apply_chat_template([{"role": "user", "content": text}]))
+        ids = model.tokenize_chat([{"role": "user", "content": text}])
         if len(ids) + cfg.answer_tokens <= cfg.window:
             planned.append(ids)
             n += rows
