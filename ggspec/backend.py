@@ -22,10 +22,10 @@ import numpy as np
 
 from .config import BackendConfig
 from .errors import DecodeError, ModelFileError, VocabMismatchError
+from .gguffile import check_model_file
 from .tokens import C_SPACE, Marker, common_prefix, split_markers
 from .tree import Tree
 
-GGUF_MAGIC = b"GGUF"
 ALL_LAYERS = 0x7FFFFFFF
 DECODE_ERRORS = {
     1: "no free KV-cache slot for the batch (the context is full)",
@@ -63,16 +63,6 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def check_gguf_file(path: Path) -> None:
-    """Raise ModelFileError naming `path` unless it is a readable GGUF file."""
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"not a GGUF file (starts with {magic!r}, expected b'GGUF'): {path}")
-
-
 class _Owner:
     """Owns one C handle and frees it exactly once: close(), `with`, or garbage collection."""
 
@@ -107,7 +97,7 @@ class Model(_Owner):
 
     def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig()):
         self.path = Path(path)
-        check_gguf_file(self.path)
+        check_model_file(self.path)  # llama.cpp aborts the process on some malformed files
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)

@@ -50,6 +50,7 @@ import gguf
 import numpy as np
 
 from .errors import ModelFileError
+from .gguffile import KEY_TOKENS, Array, TensorInfo, read_header
 
 ARCH = "medusa"
 KEY_HEAD_COUNT = "medusa.head_count"
@@ -84,15 +85,7 @@ def out_weight_name(h: int) -> str:
 
 # ---------------------------------------------------------------------------------------
 # The target: fingerprint and output rows, read straight from its GGUF header.
-#
-# gguf.GGUFReader builds a Python object per array element: on Qwen2.5's 151,936 tokens
-# and 151,387 merges that takes ~20 s here, so the few facts heads need are scanned
-# directly (~0.3 s). The heads' own small files are read with GGUFReader.
 # ---------------------------------------------------------------------------------------
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def vocab_hash(tokens: Iterable[bytes]) -> str:
@@ -113,15 +106,6 @@ class TargetFingerprint:
     architecture: str
     embedding_length: int
     vocab_hash: str
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lies in a GGUF file; shape in numpy order (rows, columns)."""
-
-    shape: tuple[int, ...]
-    qtype: gguf.GGMLQuantizationType
-    offset: int  # absolute, from the start of the file
 
 
 @dataclass(frozen=True)
@@ -146,98 +130,25 @@ class TargetInfo:
         return np.ascontiguousarray(out, dtype=np.float32).reshape(-1, n_cols)
 
 
-class _Scanner:
-    """Sequential reader of a GGUF header over a memory map."""
-
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def unpack(self, fmt: str):
-        try:
-            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        except struct.error:
-            raise ModelFileError(f"truncated GGUF header in {self.path}") from None
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> bytes:
-        n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            raise ModelFileError(f"truncated GGUF header in {self.path}")
-        s = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return s
-
-    def value(self, vtype: int):
-        if vtype in _GGUF_SCALARS:
-            return self.unpack(_GGUF_SCALARS[vtype])
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            etype, n = self.unpack("<I"), self.unpack("<Q")
-            if etype in _GGUF_SCALARS:  # skip fixed-size elements at once
-                self.pos += n * struct.calcsize(_GGUF_SCALARS[etype])
-                return n
-            for _ in range(n):
-                self.value(etype)
-            return n
-        raise ModelFileError(f"unknown GGUF value type {vtype} in {self.path}")
-
-
 def read_target(path: str | os.PathLike) -> TargetInfo:
-    """Scan a target GGUF's header for the heads' fingerprint and its output tensor."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"target model file not found: {path}")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelFileError(f"not a GGUF file: {path}")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _scan_target(path, mm)
-
-
-def _scan_target(path: Path, mm) -> TargetInfo:
-    s = _Scanner(mm, path)
-    s.pos = 4
-    version, n_tensors, n_kv = s.unpack("<I"), s.unpack("<Q"), s.unpack("<Q")
-    if version < 2:
-        raise ModelFileError(f"GGUF version {version} is not supported: {path}")
-    kv, tokens_span = {}, None
-    for _ in range(n_kv):
-        key = s.string().decode("utf-8", "replace")
-        vtype = s.unpack("<I")
-        start = s.pos
-        value = s.value(vtype)
-        kv[key] = value
-        if key == "tokenizer.ggml.tokens":
-            tokens_span = (start + 12, s.pos)  # after element type (u32) and count (u64)
-    tensors = {}
-    for _ in range(n_tensors):
-        name = s.string().decode("utf-8", "replace")
-        dims = [s.unpack("<Q") for _ in range(s.unpack("<I"))]
-        qtype, offset = s.unpack("<I"), s.unpack("<Q")
-        tensors[name] = (tuple(reversed(dims)), qtype, offset)
-    align = int(kv.get("general.alignment", 32))
-    data_start = (s.pos + align - 1) // align * align
-
+    """A target GGUF's fingerprint and output tensor, from its checked header."""
+    header = read_header(path, what="target model file")
+    kv = header.kv
     arch = kv.get("general.architecture")
     if not isinstance(arch, bytes):
-        raise ModelFileError(f"{path} has no general.architecture")
-    arch = arch.decode()
-    n_embd = kv.get(f"{arch}.embedding_length")
-    if tokens_span is None or n_embd is None:
-        raise ModelFileError(f"{path} has no tokenizer.ggml.tokens or {arch}.embedding_length")
-    name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    if name not in tensors:
-        raise ModelFileError(f"{path} has neither output.weight nor token_embd.weight")
-    shape, qtype, offset = tensors[name]
-    qtype = Q(qtype)
-    row_bytes = gguf.quants.quant_shape_to_byte_shape(shape[-1:], qtype)[0]
-    if data_start + offset + shape[0] * row_bytes > len(mm):
-        raise ModelFileError(f"{path} is truncated: its {name} ends past the end of the file")
-    fp = TargetFingerprint(arch, int(n_embd), hashlib.sha256(mm[slice(*tokens_span)]).hexdigest())
-    return TargetInfo(path=path, fingerprint=fp, n_vocab=int(kv["tokenizer.ggml.tokens"]),
-                      output=TensorInfo(shape, qtype, data_start + offset))
+        raise ModelFileError(f"{header.path} has no general.architecture")
+    arch = arch.decode("utf-8", "replace")
+    n_embd, tokens = kv.get(f"{arch}.embedding_length"), kv.get(KEY_TOKENS)
+    if not isinstance(tokens, Array) or tokens.items is None or not isinstance(n_embd, int):
+        raise ModelFileError(f"{header.path} has no tokenizer.ggml.tokens or {arch}.embedding_length")
+    name = "output.weight" if "output.weight" in header.tensors else "token_embd.weight"
+    output = header.tensors.get(name)
+    if output is None or len(output.shape) != 2:
+        raise ModelFileError(f"{header.path} has no 2-D output.weight or token_embd.weight")
+    with header.path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        digest = hashlib.sha256(mm[tokens.start:tokens.end]).hexdigest()
+    fp = TargetFingerprint(arch, int(n_embd), digest)
+    return TargetInfo(path=header.path, fingerprint=fp, n_vocab=tokens.n, output=output)
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,11 +334,7 @@ def load_heads(path: str | os.PathLike, target: str | os.PathLike | TargetInfo) 
     the file and the problem."""
     path = Path(path)
     info = target if isinstance(target, TargetInfo) else read_target(target)
-    if not path.is_file():
-        raise ModelFileError(f"head file not found: {path}")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelFileError(f"not a GGUF file: {path}")
+    read_header(path, what="head file")  # GGUFReader can loop for ages over hostile counts
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
@@ -521,7 +428,7 @@ def _heads_from_reader(path: Path, reader: gguf.GGUFReader, info: TargetInfo) ->
     shapes = {name: shape for name, shape, _ in expected()}
     extra = sorted(set(tensors) - set(shapes))
     if extra:
-        raise bad(f"unexpected tensor {extra[0]:.80} ({len(extra)} unexpected in all)")
+        raise bad(f"unexpected tensor {extra[0][:80]!r} ({len(extra)} unexpected in all)")
     for tname, shape, types in expected():  # every tensor's facts before any data
         t = tensors[tname]
         got = tuple(int(d) for d in reversed(t.shape))
