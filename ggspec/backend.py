@@ -204,7 +204,8 @@ class Model(_Owner):
         text, contents = self._render_marking_contents(messages, add_generation_prompt)
         if self._markers is None:
             control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
-            attrs = {t: llama_cpp.llama_vocab_get_attr(self.vocab, t) for t in range(self.n_vocab)}
+            vocab = self.vocab
+            attrs = {t: llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(self.n_vocab)}
             self._markers = [Marker(self.token_text(t).decode("utf-8", "replace"), t,
                                     bool(a & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
                                     bool(a & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
