@@ -253,8 +253,6 @@ def test_unknown_routes_and_methods_get_error_objects(server):
     assert_error(httpx.get(server.url + "/v1/chat/completions"), 405, "GET")
 
 
-@pytest.mark.xfail(strict=False, reason="Engine.tokenize parses special tokens in message content until the "
-                                        "tokenizer fix (worktree wt-files) merges; then remove this mark")
 def test_message_content_cannot_inject_control_tokens(client):
     """`<|im_start|>` typed by a user is text, not the template's control token."""
     def prompt_tokens(content: str) -> int:
