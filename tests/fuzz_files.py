@@ -237,6 +237,16 @@ def _check(job: dict, target: str) -> dict:
     return {"loaded": loaded, "problems": problems}
 
 
+def _peak_rss_kb() -> int:
+    """This process's peak resident memory (VmHWM: ru_maxrss would include the parent's,
+    which Linux carries across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def worker(jobs_file: str, start: int, target: str) -> None:
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
@@ -244,7 +254,7 @@ def worker(jobs_file: str, start: int, target: str) -> None:
     for i in range(start, len(jobs)):
         print(TAG + json.dumps({"i": i, "started": True}), flush=True)
         outcome = _check(jobs[i], target)
-        outcome.update(i=i, rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        outcome.update(i=i, rss_kb=_peak_rss_kb())
         print(TAG + json.dumps(outcome), flush=True)
 
 
