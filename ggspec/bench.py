@@ -2,7 +2,8 @@
 
 `run_grid` returns data (one Row per workload and variant); `table` and `plot` present it.
 Every variant runs on the same Engine, interleaved within each repetition, so the ratio to
-plain decoding (`none`) compares runs taken under the same conditions.
+plain decoding (`none`) compares runs taken under the same conditions. With llama.cpp's own
+tools (`native`), each repetition also runs them on the same prompt right after ggspec's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .controller import oracle_speedup
 from .drafters.lookup import copyable
 from .engine import Engine
 from .errors import GgspecError
+from .native import LlamaCpp, NativeRun, NativeVariant
 from .stats import Stats
 
 _MODULE = '''\
@@ -246,31 +248,37 @@ class Row:
     (each repetition runs every variant back to back, so a ratio compares like with like)."""
 
     workload: str
-    variant: Variant
+    variant: Variant | NativeVariant
     stats: Stats
     ratios: list[float] = field(default_factory=list)  # decode tok/s over `none`, one per repetition
     oracle: float | None = None  # `none` rows: the copy oracle's bound on this answer
+    native_ratios: list[float] = field(default_factory=list)  # llama.cpp rows: over llama.cpp plain
 
     @property
     def speedup(self) -> float:
         return float(np.median(self.ratios)) if self.ratios else 0.0
 
+    @property
+    def native_speedup(self) -> float:
+        return float(np.median(self.native_ratios)) if self.native_ratios else 0.0
+
     def to_dict(self) -> dict:
         s = self.stats
         return {"workload": self.workload, "method": self.variant.method, "draft_max": self.variant.draft_max,
                 "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
-                "speedups": self.ratios, "copy_oracle": self.oracle, "acceptance_rate": s.acceptance_rate,
+                "speedups": self.ratios, "copy_oracle": self.oracle,
+                "native_speedup": self.native_speedup, "native_speedups": self.native_ratios, "acceptance_rate": s.acceptance_rate,
                 "mean_accepted_length": s.mean_accepted_length, "position_acceptance": s.position_acceptance,
                 "overhead_ms_per_round": s.overhead_ms_per_round, "stats": s.to_dict()}
 
 
-OnRun = Callable[[Workload, Variant, int, Stats], None]
+OnRun = Callable[[Workload, Variant | NativeVariant, int, Stats], None]
 
 
 def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Variant], *,
              repetitions: int = 1, max_tokens: int = 128,
              sampling: SamplingConfig = SamplingConfig(temperature=0.0), chat: bool = True,
-             on_run: OnRun | None = None) -> list[Row]:
+             native: LlamaCpp | None = None, on_run: OnRun | None = None) -> list[Row]:
     """Generate every workload with every variant `repetitions` times; one Row per pair.
 
     Repetition r uses seed sampling.seed + r (when a seed is set). A short warm-up
@@ -278,17 +286,21 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
     also gets the copy oracle's bound for its first answer (when the engine's cost model
     is calibrated, which any auto or medusa variant does): the speed ratio a drafter
     copying from the prompt and output with perfect foresight would reach at the largest
-    draft length of the grid.
+    draft length of the grid. With `native`, every llama.cpp mode runs the same prompt text
+    right after ggspec's variants in each repetition; its rows get ratios to ggspec's
+    `none` and to llama.cpp's plain decoding of the same repetition.
     """
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
     if not workloads:
         raise ValueError("no workload to run")
-    prompts = [_prompt(engine, w, chat, max_tokens) for w in workloads]
+    texts = [_prompt_text(engine, w, chat, max_tokens) for w in workloads]
+    prompts = [engine.tokenize(text) for text in texts]
     specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max) for v in grid]
     for spec in specs:
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
-    rows = [[Row(w.name, v, Stats(method=v.method)) for v in grid] for w in workloads]
+    natives = native.variants() if native is not None else []
+    rows = [[Row(w.name, v, Stats(method=v.method)) for v in [*grid, *natives]] for w in workloads]
     for r in range(repetitions):
         seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + r)
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
@@ -302,10 +314,30 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
                 speeds.append(stats.decode_tokens_per_second)
                 if on_run is not None:
                     on_run(workload, variant, r, stats)
+            native_speeds = []
+            for j, variant in enumerate(natives, start=len(grid)):
+                stats = _native_stats(native.run(variant, texts[i], max_tokens, seeded), variant, workload, prompt)
+                rows[i][j].stats = stats if r == 0 else rows[i][j].stats + stats
+                speeds.append(stats.decode_tokens_per_second)
+                native_speeds.append(stats.decode_tokens_per_second)
+                if on_run is not None:
+                    on_run(workload, variant, r, stats)
             if grid[0].method == "none" and speeds[0] > 0:
                 for j, speed in enumerate(speeds):
                     rows[i][j].ratios.append(speed / speeds[0])
+            if native_speeds and natives[0].mode == "plain" and native_speeds[0] > 0:
+                for j, speed in enumerate(native_speeds, start=len(grid)):
+                    rows[i][j].native_ratios.append(speed / native_speeds[0])
     return [row for per_workload in rows for row in per_workload]
+
+
+def _native_stats(run: NativeRun, variant: NativeVariant, workload: Workload, prompt: list[int]) -> Stats:
+    """A llama.cpp run as Stats, after checking that it read the prompt as ggspec did."""
+    if run.prompt_tokens != len(prompt):
+        raise GgspecError(f"{variant.binary} read the {workload.name} prompt as {run.prompt_tokens} tokens, "
+                          f"ggspec as {len(prompt)}: the two runs would not be comparable")
+    return Stats(method=variant.method, prefill_tokens=run.prompt_tokens, generated_tokens=run.tokens,
+                 decode_seconds=run.seconds, draft_tokens=run.drafted, accepted_tokens=run.accepted)
 
 
 def _oracle(engine: Engine, prompt: list[int], output: list[int], k_max: int) -> float | None:
@@ -314,34 +346,39 @@ def _oracle(engine: Engine, prompt: list[int], output: list[int], k_max: int) ->
     return oracle_speedup(copyable(prompt, output), engine.costs, k_max)
 
 
-def _prompt(engine: Engine, workload: Workload, chat: bool, max_tokens: int) -> list[int]:
-    """The timed turn's prompt tokens, after the earlier turns are answered (plain greedy)."""
+def _prompt_text(engine: Engine, workload: Workload, chat: bool, max_tokens: int) -> str:
+    """The timed turn's prompt text (chat-templated unless raw), after the earlier turns are
+    answered (plain greedy)."""
     if not (chat and engine.target.chat_template):
-        return engine.tokenize("\n\n".join(workload.turns))
+        return "\n\n".join(workload.turns)
     messages: list[dict] = []
     for turn in workload.turns[:-1]:
         messages.append({"role": "user", "content": turn})
         answer = engine.generate(messages, max_tokens=max_tokens, sampling=SamplingConfig(temperature=0.0),
                                  spec=SpecConfig("none"))
         messages.append({"role": "assistant", "content": answer.text})
-    return engine.tokenize([*messages, {"role": "user", "content": workload.turns[-1]}])
+    return engine.target.apply_chat_template([*messages, {"role": "user", "content": workload.turns[-1]}])
 
 
 def table(rows: Sequence[Row]) -> str:
-    """Rows as an aligned text table."""
-    head = ("workload", "method", "tok/s", "x none", "accept", "acc/round", "by position", "ovh ms/rd")
+    """Rows as an aligned text table; with llama.cpp rows, a column of their speed ratio to
+    llama.cpp's plain decoding."""
+    native = any(r.native_ratios for r in rows)
+    head = ("workload", "method", "tok/s", "x none", *(("x llama.cpp",) if native else ()),
+            "accept", "acc/round", "by position", "ovh ms/rd")
     body = []
     for row in rows:
         s = row.stats
         spec = s.draft_tokens > 0
         body.append((row.workload, row.variant.label, f"{s.decode_tokens_per_second:.1f}",
                      f"{row.speedup:.2f}" if row.speedup else "-",
+                     *((f"{row.native_speedup:.2f}" if row.native_speedup else "-",) if native else ()),
                      f"{100 * s.acceptance_rate:.0f}%" if spec else "-",
-                     f"{s.mean_accepted_length:.2f}" if spec else "-",
+                     f"{s.mean_accepted_length:.2f}" if s.draft_rounds else "-",
                      " ".join(f"{a:.2f}" for a in s.position_acceptance) or "-",
-                     f"{s.overhead_ms_per_round:.2f}"))
+                     f"{s.overhead_ms_per_round:.2f}" if s.rounds else "-"))
     widths = [max(len(r[c]) for r in (head, *body)) for c in range(len(head))]
-    left = {0, 1, 6}
+    left = {0, 1, len(head) - 2}
     lines = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
              for r in (head, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))

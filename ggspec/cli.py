@@ -22,6 +22,7 @@ from .chat import ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .errors import GgspecError
+from .native import LlamaCpp, check_dir
 from .repl import interrupt_cancels, piped, repl
 from .stats import footer
 from .tree import TREE_SHAPES
@@ -328,10 +329,13 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per run.")
 @_sampling_options(temperature=0.0)
 @click.option("--chat/--raw", default=True, show_default=True, help="Use the chat template or raw prompts.")
+@click.option("--native", "native_dir", type=click.Path(), metavar="DIR",
+              help="Also run llama.cpp's llama-completion and llama-speculative-simple from DIR "
+                   "(built by tools/build_llama_cpp.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw tok/s and acceptance by position (needs matplotlib).")
-def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, chat, as_json, plot,
+def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, chat, native_dir, as_json, plot,
           **opts) -> None:
     """Compare methods and draft lengths.
 
@@ -342,6 +346,8 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
     """
     if plot:
         benchmark.pyplot()  # fail before the long run, not after
+    if native_dir is not None:
+        native_dir = check_dir(native_dir)
     workloads = [benchmark.WORKLOADS[n] for n in
                  (benchmark.WORKLOADS if not names or "all" in names else dict.fromkeys(names))]
     workloads += [benchmark.workload_from_file(p) for p in prompt_file]
@@ -353,11 +359,15 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
     except RuntimeError as e:
         raise GgspecError(str(e)) from None
     k_max = max([*ks, *(k for _, own in methods for k in own)])
+    layers = opts["gpu_layers"], opts["gpu_layers_draft"]
     with _open_engine(opts, k_max) as engine:
         for m, _ in methods:
             _spec(engine, m, k_max)  # refuses a method these models cannot run
         grid = benchmark.variants(methods or [(m, ()) for m in available_methods(engine)], ks)
-        with tqdm(total=len(workloads) * len(grid) * repetitions, desc="bench", unit="run",
+        native = None if native_dir is None else LlamaCpp(
+            native_dir, engine.target.path, engine.draft.path if engine.draft else None, threads, engine.n_ctx, *layers)
+        runs = len(grid) + (len(native.variants()) if native else 0)
+        with tqdm(total=len(workloads) * runs * repetitions, desc="bench", unit="run",
                   leave=False, disable=None) as bar:
 
             def progress(workload, variant, rep, stats) -> None:
@@ -365,7 +375,7 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
                 bar.update()
 
             rows = benchmark.run_grid(engine, workloads, grid, repetitions=repetitions, max_tokens=max_tokens,
-                                      sampling=sampling, chat=chat, on_run=progress)
+                                      sampling=sampling, chat=chat, native=native, on_run=progress)
         target, draft = _name(engine.target), _name(engine.draft)
     params = {"max_tokens": max_tokens, "repetitions": repetitions, "chat": chat, **asdict(sampling)}
     after = machine.state(0.2)
@@ -378,7 +388,8 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
         click.echo(f"target {Path(target).name}, draft {Path(draft).name if draft else '-'}; "
                    f"{max_tokens} tokens x {repetitions}, temperature {sampling.temperature}")
         click.echo(f"machine: {state.describe(threads)} before, load {after.load:.2f} after; "
-                   "x none: median of per-repetition ratios")
+                   "x none: median of per-repetition ratios"
+                   + ("; x llama.cpp: the same over llama.cpp plain (llama-completion)" if native_dir else ""))
         click.echo(benchmark.table(rows))
     if plot:
         benchmark.plot(rows, plot)
