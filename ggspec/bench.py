@@ -266,8 +266,8 @@ class Row:
         s = self.stats
         return {"workload": self.workload, "method": self.variant.method, "draft_max": self.variant.draft_max,
                 "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
-                "speedups": self.ratios, "copy_oracle": self.oracle,
-                "native_speedup": self.native_speedup, "native_speedups": self.native_ratios, "acceptance_rate": s.acceptance_rate,
+                "speedups": self.ratios, "copy_oracle": self.oracle, "native_speedup": self.native_speedup,
+                "native_speedups": self.native_ratios, "acceptance_rate": s.acceptance_rate,
                 "mean_accepted_length": s.mean_accepted_length, "position_acceptance": s.position_acceptance,
                 "overhead_ms_per_round": s.overhead_ms_per_round, "stats": s.to_dict()}
 

@@ -109,8 +109,8 @@ class LlamaCpp:
     def command(self, variant: NativeVariant, prompt_file: Path, max_tokens: int,
                 sampling: SamplingConfig) -> list[str]:
         """The command line of one run; the prompt file holds the exact prompt text."""
-        layers, draft_layers = (_layers(self.n_gpu_layers),
-                                _layers(self.n_gpu_layers if self.n_gpu_layers_draft is None else self.n_gpu_layers_draft))
+        draft_layers = self.n_gpu_layers if self.n_gpu_layers_draft is None else self.n_gpu_layers_draft
+        layers, draft_layers = _layers(self.n_gpu_layers), _layers(draft_layers)
         cmd = [str(self.directory / variant.binary), "-m", str(self.target), "-f", str(prompt_file),
                "-n", str(max_tokens), "-c", str(self.n_ctx), "-t", str(self.threads), "-tb", str(self.threads),
                "-ngl", layers, "--no-escape",
