@@ -29,6 +29,7 @@ BUILD_HINT = "build them with: python tools/build_llama_cpp.py DIR"
 # "plain" is llama-completion; the others are --spec-type values of llama-speculative-simple
 MODES = ("plain", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
 TAIL_CHARS = 1500  # how much of a failed tool's stderr an error quotes
+ATTEMPTS = 3  # runs of one generation when a tool's log loses its timing lines
 
 
 @dataclass(frozen=True)
@@ -128,24 +129,32 @@ class LlamaCpp:
         return cmd
 
     def run(self, variant: NativeVariant, prompt: str, max_tokens: int, sampling: SamplingConfig) -> NativeRun:
-        """Run one generation of `prompt` (text, used verbatim) and parse its speeds."""
+        """Run one generation of `prompt` (text, used verbatim) and parse its speeds.
+
+        Both tools log through a worker thread that nobody flushes at exit (common/log.cpp
+        says so), so a run that succeeded can lose its last lines: such a run is repeated,
+        up to ATTEMPTS times in all."""
+        parse = parse_completion if variant.mode == "plain" else parse_speculative
         with tempfile.TemporaryDirectory(prefix="ggspec-native-") as tmp:
             prompt_file = Path(tmp) / "prompt.txt"
             # -f drops one trailing newline of the file: add one so the prompt keeps its own
             prompt_file.write_text(prompt + "\n", encoding="utf-8")
             cmd = self.command(variant, prompt_file, max_tokens, sampling)
-            try:
-                done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
-            except OSError as e:
-                raise GgspecError(f"could not run {cmd[0]}: {e}; {BUILD_HINT}") from None
-        if done.returncode != 0:
-            raise GgspecError(f"{variant.binary} failed (exit code {done.returncode}); "
-                              f"its stderr ends:\n{done.stderr[-TAIL_CHARS:]}")
-        parse = parse_completion if variant.mode == "plain" else parse_speculative
-        try:
-            return parse(done.stderr)
-        except ValueError as e:
-            raise GgspecError(f"{variant.binary}: {e}; its stderr ends:\n{done.stderr[-TAIL_CHARS:]}") from None
+            for _ in range(ATTEMPTS):
+                try:
+                    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                          errors="replace")
+                except OSError as e:
+                    raise GgspecError(f"could not run {cmd[0]}: {e}; {BUILD_HINT}") from None
+                if done.returncode != 0:
+                    raise GgspecError(f"{variant.binary} failed (exit code {done.returncode}); "
+                                      f"its stderr ends:\n{done.stderr[-TAIL_CHARS:]}")
+                try:
+                    return parse(done.stderr)
+                except ValueError as e:
+                    error = e
+        raise GgspecError(f"{variant.binary}: {error} ({ATTEMPTS} runs); "
+                          f"its stderr ends:\n{done.stderr[-TAIL_CHARS:]}")
 
 
 def _layers(n: int) -> str:

@@ -97,18 +97,18 @@ def test_draft_simple_runs_only_with_a_draft_model(tmp_path):
 
 def test_parse_llama_completion_output():
     run = parse_completion((DATA / "llama-completion.stderr.txt").read_text())
-    assert run == NativeRun(prompt_tokens=33, tokens=47, seconds=pytest.approx(2.38306))
-    assert run.tokens_per_second == pytest.approx(47 / 2.38306)
+    assert run == NativeRun(prompt_tokens=433, tokens=47, seconds=pytest.approx(19.12214))
+    assert run.tokens_per_second == pytest.approx(47 / 19.12214)
     assert (run.drafted, run.accepted) == (0, 0)
 
 
 @pytest.mark.parametrize("mode", ["ngram-mod", "draft-simple"])
 def test_parse_llama_speculative_simple_output(mode):
     text = (DATA / f"llama-speculative-simple.{mode}.stderr.txt").read_text()
-    expected = {"ngram-mod": NativeRun(prompt_tokens=33, tokens=49, seconds=pytest.approx(2.611), drafted=0,
-                                       accepted=0),
-                "draft-simple": NativeRun(prompt_tokens=33, tokens=49, seconds=pytest.approx(5.074), drafted=45,
-                                          accepted=33)}[mode]
+    expected = {"ngram-mod": NativeRun(prompt_tokens=433, tokens=94, seconds=pytest.approx(16.266), drafted=87,
+                                       accepted=68),
+                "draft-simple": NativeRun(prompt_tokens=433, tokens=52, seconds=pytest.approx(60.704), drafted=39,
+                                          accepted=39)}[mode]
     assert parse_speculative(text) == expected
 
 
@@ -139,9 +139,22 @@ def test_a_crash_or_unparsable_output_names_the_binary_and_its_stderr(tmp_path):
                         Path("t.gguf"), None, 1, 512)
     with pytest.raises(GgspecError, match=r"llama-completion failed \(exit code 134\).*\n.*error loading model"):
         crashing.run(NativeVariant("plain"), "hello", 8, GREEDY)
-    silent = LlamaCpp(fake_binaries(tmp_path / "b", "echo 'just text' >&2"), Path("t.gguf"), None, 1, 512)
-    with pytest.raises(GgspecError, match=r"llama-speculative-simple: no 'decoded N tokens' line.*\n.*just text"):
+    runs = tmp_path / "runs"
+    silent = LlamaCpp(fake_binaries(tmp_path / "b", f"echo run >> {runs}; echo 'just text' >&2"), Path("t.gguf"),
+                      None, 1, 512)
+    with pytest.raises(GgspecError, match=r"llama-speculative-simple: no 'decoded N tokens' line in its output "
+                                          r"\(3 runs\).*\n.*just text"):
         silent.run(NativeVariant("ngram-cache"), "hello", 8, GREEDY)
+    assert runs.read_text().count("run") == 3
+
+
+def test_a_run_whose_log_lost_its_timings_is_repeated(tmp_path):
+    """The tools' logger thread is not flushed at exit: a fast run can end before its summary is written."""
+    runs, log = tmp_path / "runs", DATA / "llama-speculative-simple.ngram-mod.stderr.txt"
+    script = f'echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] && cat {log} >&2; exit 0'
+    llama = LlamaCpp(fake_binaries(tmp_path / "bin", script), Path("t.gguf"), None, 1, 512)
+    assert llama.run(NativeVariant("ngram-mod"), "hello", 8, GREEDY).tokens == 94
+    assert runs.read_text().count("run") == 2
 
 
 def test_the_prompt_file_holds_the_exact_prompt_text(tmp_path):
@@ -166,7 +179,8 @@ def test_native_rows_on_tiny_models_read_the_prompt_as_ggspec_does(target_path, 
     assert [r.variant.label for r in rows] == ["none", "lookup k=3", *(f"llama.cpp {m}" for m in MODES)]
     for row in rows[2:]:
         assert len(row.ratios) == 2 and len(row.native_ratios) == 2 and row.stats.generated_tokens >= 2 * 11
-        assert row.stats.prefill_tokens == 2 * rows[0].stats.prefill_tokens  # same prompt tokens, both runs
+        ours = rows[0].stats
+        assert row.stats.prefill_tokens == ours.prefill_tokens + ours.cached_tokens  # the same prompt, twice
     assert rows[2].native_ratios == [1.0, 1.0]  # llama.cpp plain over itself
     assert rows[3].stats.draft_tokens > 0  # draft-simple drafted
     assert "x llama.cpp" in table(rows).splitlines()[0]
