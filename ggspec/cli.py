@@ -50,6 +50,7 @@ Examples:
   ggspec run -m model.gguf -d draft.gguf --raw "def fib(n):"
   ggspec serve --port 8080                      OpenAI-compatible API and chat page on 127.0.0.1
   ggspec bench -w code -w edit --method draft --method lookup -k 2 -k 4
+  ggspec bench -w edit --native llama.cpp-bin   also llama.cpp's own tools, side by side
   ggspec pull && ggspec models
   ggspec info model.gguf --draft draft.gguf
 """)
