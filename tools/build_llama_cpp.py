@@ -7,7 +7,7 @@ source vendored in the installed llama-cpp-python's sdist, for `ggspec bench --n
 Downloads the sdist of exactly the installed version with pip (so the binaries run the
 same llama.cpp as ggspec), configures a Release build (static, no network features, no
 tests), builds only the two targets and copies them into OUT_DIR. Extra CMake arguments
-come from CMAKE_ARGS, as for `pip install llama-cpp-python`. About 5 minutes on 2 cores.
+come from CMAKE_ARGS, as for `pip install llama-cpp-python`.
 Progress goes to stderr; stdout gets OUT_DIR's path.
 """
 
