@@ -100,10 +100,6 @@ class AcceptanceModel:
     def chances(self, k: int) -> np.ndarray:
         return self.alpha[:k]
 
-    def expected(self, k: int) -> np.ndarray:
-        """E[accepted] for chains of length 1..k: (k,)."""
-        return expected_accepted(self.alpha[:k])
-
 
 # A copied token's chance of acceptance grows with the length of the match behind it: the
 # match of the copy source with the text just before it (for the i-th token of a draft
@@ -182,14 +178,15 @@ class Plan:
         return self.lookup + self.model
 
 
-def best_length(chances: np.ndarray, seconds_per_token: float, costs: CostModel) -> tuple[int, float]:
-    """The chain length (0 = none) with the most expected committed tokens per second
-    when k drafted tokens cost k * seconds_per_token to draft; and that rate."""
-    k = np.arange(len(chances) + 1)
-    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])  # (k + 1,)
-    rate = gain / (costs.t_verify(k + 1) + k * seconds_per_token)
-    best = int(np.argmax(rate))
-    return best, float(rate[best])
+def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostModel) -> tuple[int, float]:
+    """The chain length from `shortest` to len(chances) with the most expected committed
+    tokens per second, and that rate: its first `copied` tokens cost nothing to draft, each
+    later one draft_token."""
+    k = np.arange(shortest, len(chances) + 1)
+    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[k]
+    rate = gain / (costs.t_verify(k + 1) + np.maximum(k - copied, 0) * costs.draft_token)
+    i = int(np.argmax(rate))
+    return int(k[i]), float(rate[i])
 
 
 def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | None,
@@ -198,21 +195,18 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
 
     lookup: conditional chances of the copied chain's tokens (its length is what lookup
     offers). The draft model may draft alone or continue after the whole copied chain."""
-    n, rate = best_length(lookup[:budget], 0.0, costs)
+    copied = lookup[:budget]
+    n, rate = _best_length(copied, len(copied), 0, costs)  # 0: plain decoding
     best = Plan(lookup=n)
     if model is None:
         return best, rate
-    for prefix in sorted({0, min(len(lookup), budget)}, reverse=True):  # ties: copy first
+    for prefix in sorted({0, len(copied)}, reverse=True):  # ties: copy first
         if prefix == budget:
             continue
-        chances = np.concatenate([lookup[:prefix], model.chances(budget - prefix)])
-        # costs of the lookup prefix are zero; each model token costs draft_token
-        k = np.arange(prefix + 1, budget + 1)
-        gain = 1 + expected_accepted(chances)[prefix:]
-        r = gain / (costs.t_verify(k + 1) + (k - prefix) * costs.draft_token)
-        i = int(np.argmax(r))
-        if r[i] > rate:
-            best, rate = Plan(lookup=prefix, model=int(k[i]) - prefix), float(r[i])
+        chances = np.concatenate([copied[:prefix], model.chances(budget - prefix)])
+        k, r = _best_length(chances, prefix, prefix + 1, costs)
+        if r > rate:
+            best, rate = Plan(lookup=prefix, model=k - prefix), r
     return best, rate
 
 

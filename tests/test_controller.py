@@ -7,7 +7,7 @@ import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
 from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
-                               best_plan)
+                               best_plan, expected_accepted)
 from tinymodels import VOCAB
 
 CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_token=0.4)
@@ -15,7 +15,7 @@ CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_t
 
 def test_expected_accepted_length_is_the_sum_of_prefix_products():
     acc = AcceptanceModel(0.5, 4)
-    np.testing.assert_allclose(acc.expected(3), [0.5, 0.75, 0.875])
+    np.testing.assert_allclose(expected_accepted(acc.chances(3)), [0.5, 0.75, 0.875])
 
 
 def test_acceptance_model_learns_from_outcomes():
