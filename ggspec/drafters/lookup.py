@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import SamplingConfig
+from ..tokens import common_prefix
 from . import Draft
 
 SEARCH_MAX = 32  # longest match a search measures; following lets a match grow beyond it
@@ -116,9 +117,8 @@ class CopySource:
     def sync(self, tokens: Sequence[int]) -> None:
         """Make the history equal `tokens`, keeping the common prefix."""
         h = self._tokens
-        n = len(h)
-        if not (len(tokens) >= n and (n == 0 or (tokens[n - 1] == h[-1] and list(tokens[:n]) == h))):
-            n = next((i for i, (a, b) in enumerate(zip(h, tokens)) if a != b), min(n, len(tokens)))
+        n = common_prefix(h, tokens)
+        if n < len(h):
             del h[n:]
             if n < self._at:  # the text the source matched changed
                 self._length = 0
