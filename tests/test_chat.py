@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -216,6 +217,10 @@ def test_ctrl_d_or_ctrl_c_at_the_prompt_exits(target_path, draft_path, key):
     if key == "ctrl-d":
         child.sendeof()
     else:
+        # CPython's readline prints the prompt before it waits in select(): a SIGINT that
+        # lands in between is only seen at the next keystroke. A person is never that
+        # quick; the test waits as one would.
+        time.sleep(0.5)
         child.sendintr()
     child.expect(pexpect.EOF)
     child.wait()
