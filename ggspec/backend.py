@@ -171,6 +171,10 @@ class Model(_Owner):
             n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         return self._piece.raw[:n]
 
+    def line_ends(self) -> np.ndarray:
+        """(n_vocab,) bool: which tokens' text holds a line break."""
+        return np.array([b"\n" in self.token_bytes(t) for t in range(self.n_vocab)])
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
 

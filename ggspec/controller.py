@@ -105,9 +105,13 @@ class AcceptanceModel:
 # match of the copy source with the text just before it (for the i-th token of a draft
 # from a match of length L, L + i: the draft tokens before it were accepted). It depends
 # on where the source is: text the user gave (a document, code to edit) is copied far more
-# faithfully than the answer's own earlier words. And on what is being written: an answer
-# that copies a document confirms long matches, prose rarely does. So the estimate is kept
-# by (source in the prompt or not, how often copying was right lately, match length).
+# faithfully than the answer's own earlier words. It depends on the token: a copy tends to
+# end where a line ends (the next line of an edit is the one that changes; a quotation
+# stops at the end of its sentence or paragraph), so a copied line break is far less
+# certain than the tokens inside a line. And on what is being written: an answer that
+# copies a document confirms long matches, prose rarely does. So the estimate is kept by
+# (source in the prompt or not, how often copying was right lately, line break or not,
+# match length).
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
 # the recent hit rate: RECENT_EDGES likewise.
 MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
@@ -115,11 +119,12 @@ RECENT_EDGES = np.array([0.0, 0.25, 0.5, 0.75])
 RECENT_EMA = 1 / 8  # the recent hit rate weighs about the last eight outcomes
 # starting guesses by match length, replaced by measurements on this engine's answers
 MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.85, 0.9, 0.9])
+LINE_END_PRIOR = 0.7  # a line break's starting guess, as a fraction of MATCH_PRIOR
 
 
 class MatchAcceptance:
     """Chance that a copied draft token is accepted, by where its source is, the recent
-    hit rate of copying and the match length behind the token.
+    hit rate of copying, whether the token ends a line and the match length behind it.
 
     Two levels: what this answer has shown so far (counts, from `start()`), and what
     earlier answers have shown (a moving average over them), which weighs as
@@ -131,8 +136,9 @@ class MatchAcceptance:
     ANSWER_PRIOR = 4.0
 
     def __init__(self) -> None:
-        # (source in the prompt, recent bucket, length bucket)
-        self.p = np.tile(MATCH_PRIOR, (2, len(RECENT_EDGES), 1))
+        # (source in the prompt, recent bucket, line end, length bucket)
+        prior = np.stack([MATCH_PRIOR, LINE_END_PRIOR * MATCH_PRIOR])
+        self.p = np.tile(prior, (2, len(RECENT_EDGES), 1, 1))
         self._seen = np.zeros_like(self.p)
         self.hits = np.zeros_like(self.p)    # this answer's outcomes
         self.trials = np.zeros_like(self.p)
@@ -150,19 +156,23 @@ class MatchAcceptance:
     def row(self) -> int:
         return int(np.searchsorted(RECENT_EDGES, self.recent, side="right")) - 1
 
-    def chances(self, match_len: int, k: int, in_prompt: bool) -> np.ndarray:
-        """(k,): for a draft of k tokens copied after a match of match_len tokens."""
-        cell = (int(in_prompt), self.row, self.bucket(match_len + np.arange(k)))
+    def chances(self, match_len: int, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
+        """(k,): for a draft of k tokens copied after a match of match_len tokens;
+        line_ends (k,): which of them end a line."""
+        k = len(line_ends)
+        cell = (int(in_prompt), self.row, line_ends.astype(np.intp), self.bucket(match_len + np.arange(k)))
         return (self.hits[cell] + self.ANSWER_PRIOR * self.p[cell]) / (self.trials[cell] + self.ANSWER_PRIOR)
 
-    def observe(self, match_len: int, hits: int, miss: bool, in_prompt: bool) -> None:
+    def observe(self, match_len: int, line_ends: np.ndarray, hits: int, in_prompt: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
-        `miss`) a wrong one."""
+        it proposed more, line_ends being longer) a wrong one. line_ends: which of the
+        tokens it proposed end a line."""
         source = int(in_prompt)
-        for i, b in enumerate(self.bucket(match_len + np.arange(hits + miss))):
+        buckets = self.bucket(match_len + np.arange(len(line_ends)))
+        for i, (end, b) in enumerate(zip(line_ends.astype(np.intp), buckets)):
             hit = float(i < hits)
-            cell = (source, self.row, b)
-            _learn(self.p[source, self.row], self._seen[source, self.row], b, hit, self.PRIOR_WEIGHT)
+            cell = (source, self.row, end, b)
+            _learn(self.p[source, self.row, end], self._seen[source, self.row, end], b, hit, self.PRIOR_WEIGHT)
             self.hits[cell] += hit
             self.trials[cell] += 1
             self.recent += RECENT_EMA * (hit - self.recent)

@@ -71,31 +71,51 @@ def test_a_larger_budget_never_lowers_the_expected_rate():
         assert np.all(np.diff(rates) >= -1e-12)
 
 
+def inside(k: int) -> np.ndarray:
+    """k copied tokens, none of them a line break."""
+    return np.zeros(k, dtype=bool)
+
+
 def test_copy_acceptance_grows_with_the_match_length_it_learns():
     acc = MatchAcceptance()
     for _ in range(100):
-        acc.observe(match_len=2, hits=0, miss=True, in_prompt=True)     # short matches: wrong
-        acc.observe(match_len=20, hits=4, miss=False, in_prompt=True)   # long matches: right
-    assert acc.chances(2, 1, True)[0] < 0.05
-    assert np.all(acc.chances(20, 4, True) > 0.95)
+        acc.observe(match_len=2, line_ends=inside(1), hits=0, in_prompt=True)     # short matches: wrong
+        acc.observe(match_len=20, line_ends=inside(4), hits=4, in_prompt=True)   # long matches: right
+    assert acc.chances(2, inside(1), True)[0] < 0.05
+    assert np.all(acc.chances(20, inside(4), True) > 0.95)
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
-    np.testing.assert_array_equal(acc.chances(2, 3, True), [acc.chances(n, 1, True)[0] for n in (2, 3, 4)])
-    assert acc.chances(20, 1, False)[0] == MATCH_PRIOR[acc.bucket(20)]  # the answer's own text: not learnt yet
+    np.testing.assert_array_equal(acc.chances(2, inside(3), True),
+                                  [acc.chances(n, inside(1), True)[0] for n in (2, 3, 4)])
+    assert acc.chances(20, inside(1), False)[0] == MATCH_PRIOR[acc.bucket(20)]  # the answer's own text: not learnt yet
 
 
 def test_copy_acceptance_is_kept_apart_for_answers_that_copy_and_those_that_do_not():
     acc = MatchAcceptance()
     for _ in range(50):  # a document being copied: long matches hold
-        acc.observe(match_len=10, hits=30, miss=True, in_prompt=True)
-    copying = acc.chances(10, 1, True)[0]
+        acc.observe(match_len=10, line_ends=inside(31), hits=30, in_prompt=True)
+    copying = acc.chances(10, inside(1), True)[0]
     for _ in range(50):  # prose: matches are coincidences
-        acc.observe(match_len=1, hits=0, miss=True, in_prompt=True)
-        acc.observe(match_len=10, hits=0, miss=True, in_prompt=True)
-    assert acc.recent < 0.25 and acc.chances(10, 1, True)[0] < 0.1
+        acc.observe(match_len=1, line_ends=inside(1), hits=0, in_prompt=True)
+        acc.observe(match_len=10, line_ends=inside(1), hits=0, in_prompt=True)
+    assert acc.recent < 0.25 and acc.chances(10, inside(1), True)[0] < 0.1
     assert copying > 0.9
     for _ in range(16):  # back to copying: the estimates learnt there come back (less the
-        acc.observe(match_len=10, hits=1, miss=False, in_prompt=True)  # misses of the switch to prose)
-    assert acc.row == len(RECENT_EDGES) - 1 and acc.chances(10, 1, True)[0] > 0.75
+        acc.observe(match_len=10, line_ends=inside(1), hits=1, in_prompt=True)  # misses of the switch to prose)
+    assert acc.row == len(RECENT_EDGES) - 1 and acc.chances(10, inside(1), True)[0] > 0.75
+
+
+def test_copy_acceptance_learns_that_copies_end_where_lines_end():
+    """An edit copies each line of its input but changes what follows a line break: the
+    line breaks' chance falls, the tokens inside lines keep theirs, and a long draft is
+    estimated by how many line breaks it crosses."""
+    acc = MatchAcceptance()
+    line = np.array([False] * 7 + [True])  # seven tokens, then the line's end
+    for _ in range(40):
+        acc.observe(match_len=10, line_ends=line, hits=7, in_prompt=True)  # the break is where it diverges
+    assert acc.chances(10, inside(1), True)[0] > 0.9
+    assert acc.chances(17, np.array([True]), True)[0] < 0.2
+    across = acc.chances(10, line, True)
+    assert across[-1] < 0.2 and np.all(across[:-1] > 0.9)
 
 
 def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():
@@ -137,7 +157,8 @@ def test_exploring_the_draft_model_weighs_its_catch_up():
     tokens = list(range(200))
     model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]))  # 50 tokens behind
     # a CPU: t(1) 100 ms, t(2) 140 ms, a draft token 40 ms -> 10 ms saved a token at best
-    auto = AutoDrafter(CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040), LookupDrafter(), model)
+    auto = AutoDrafter(CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040), LookupDrafter(), model,
+                       lambda: np.zeros(256, dtype=bool))
     assert auto._explore(tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
     model.ctx.tokens = tokens[:198]                # 2 behind: 80 ms to catch up
     assert auto._explore(tokens) == Plan(model=1)
@@ -181,11 +202,11 @@ def test_chain_length_follows_the_cost_curve(costs, chance, expected):
 def test_a_new_answer_follows_its_own_evidence_over_earlier_answers():
     acc = MatchAcceptance()
     for _ in range(200):  # earlier answers: copies from the prompt held
-        acc.observe(match_len=4, hits=1, miss=False, in_prompt=True)
-    assert acc.chances(4, 1, True)[0] > 0.95
+        acc.observe(match_len=4, line_ends=inside(1), hits=1, in_prompt=True)
+    assert acc.chances(4, inside(1), True)[0] > 0.95
     acc.start()  # this answer: they do not
-    before = acc.chances(4, 1, True)[0]
+    before = acc.chances(4, inside(1), True)[0]
     for _ in range(6):
-        acc.observe(match_len=4, hits=0, miss=True, in_prompt=True)
-        acc.observe(match_len=4, hits=1, miss=False, in_prompt=True)  # keeps the recent rate's row
-    assert before > 0.95 and acc.chances(4, 1, True)[0] < 0.75
+        acc.observe(match_len=4, line_ends=inside(1), hits=0, in_prompt=True)
+        acc.observe(match_len=4, line_ends=inside(1), hits=1, in_prompt=True)  # keeps the recent rate's row
+    assert before > 0.95 and acc.chances(4, inside(1), True)[0] < 0.75

@@ -124,9 +124,9 @@ def test_following_reports_how_the_source_predicted_the_committed_tokens():
     source.sync(text + [1] + text[:5])
     assert source.match(4).followed is None  # a search, nothing followed yet
     source.sync(text + [1] + text[:8])       # three tokens as the source continued
-    assert source.match(4).followed == lookup.Followed(length=5, hits=3, miss=False, in_prompt=False)
+    assert source.match(4).followed == lookup.Followed(length=5, proposed=tuple(text[5:8]), hits=3, in_prompt=False)
     source.sync(text + [1] + text[:10] + [7, 8])  # two more right, then a wrong one
-    assert source.match(4).followed == lookup.Followed(length=8, hits=2, miss=True, in_prompt=False)
+    assert source.match(4).followed == lookup.Followed(length=8, proposed=tuple(text[8:11]), hits=2, in_prompt=False)
 
 
 def test_a_new_prompt_is_not_counted_as_predictions():

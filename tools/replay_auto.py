@@ -37,6 +37,8 @@ def record(path: str, max_tokens: int, rows: int) -> None:
             answer = engine.generate(prompt, max_tokens=max_tokens, sampling=GREEDY, spec=SpecConfig("none"))
             data[name] = {"prompt": prompt, "output": answer.tokens}
         data["_curve"] = calibration.verify_curve(engine.ctx, rows).tolist()
+        data["_line_ends"] = np.flatnonzero(engine.target.line_ends()).tolist()
+        data["_n_vocab"] = engine.target.n_vocab
     with open(path, "w") as f:
         json.dump(data, f)
 
@@ -53,7 +55,9 @@ def replay(data: dict, k: int, repetitions: int) -> dict[str, tuple[float, float
     if len(curve) < k + 1:
         raise SystemExit(f"Error: the recorded curve covers {len(curve)} rows; record with --rows {k + 1}")
     names = [n for n in data if not n.startswith("_")]
-    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None)
+    line_ends = np.zeros(data["_n_vocab"], dtype=bool)
+    line_ends[data["_line_ends"]] = True
+    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, lambda: line_ends)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repetitions):
         for name in names:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,8 +24,6 @@ from .model import ModelDrafter
 MODEL_PRIOR = 0.7  # starting acceptance guess for the draft model, replaced by measurements
 
 
-
-
 class AutoDrafter:
     """Combines prompt lookup, (when loaded) the draft model and Medusa heads under the
     controller: a round drafts nothing, a copied chain, a draft-model chain, a copied
@@ -34,8 +32,10 @@ class AutoDrafter:
     name = "auto"
 
     def __init__(self, costs: CostModel, lookup: LookupDrafter, model: ModelDrafter | None,
-                 medusa: MedusaDrafter | None = None):
+                 line_ends: Callable[[], np.ndarray], medusa: MedusaDrafter | None = None):
         self.costs = costs
+        self._line_ends = line_ends  # () -> (n_vocab,) bool: which tokens end a line; read on first use
+        self.line_ends: np.ndarray | None = None
         self.lookup = lookup
         self.model = model
         self.medusa = medusa
@@ -47,6 +47,8 @@ class AutoDrafter:
     def prepare(self, tokens: Sequence[int]) -> None:
         # the draft model is not prefilled here: it catches up when a round first uses it,
         # and that cost is part of what the controller measures
+        if self.line_ends is None:
+            self.line_ends = self._line_ends()
         self.lookup.prepare(tokens)
         self.copy_acceptance.start()
         if self.medusa is not None:
@@ -58,10 +60,10 @@ class AutoDrafter:
         copy = self.lookup.match(tokens, budget)
         if copy.followed is not None:  # every committed token tells how copying fares
             f = copy.followed
-            self.copy_acceptance.observe(f.length, f.hits, f.miss, f.in_prompt)
+            self.copy_acceptance.observe(f.length, self._ends(f.proposed), f.hits, f.in_prompt)
         plan, rate = Plan(), 0.0
         if self.costs.calibrated and budget > 0:
-            chances = self.copy_acceptance.chances(copy.length, len(copy.tokens), copy.in_prompt)
+            chances = self.copy_acceptance.chances(copy.length, self._ends(copy.tokens), copy.in_prompt)
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget)
         if self.medusa is not None:
             nodes, medusa_rate = self.medusa.plan(budget)
@@ -90,6 +92,10 @@ class AutoDrafter:
         onehot = np.zeros((len(head), tail.q.shape[1]))
         onehot[np.arange(len(head)), head] = 1.0
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]), plan=done)
+
+    def _ends(self, tokens: Sequence[int]) -> np.ndarray:
+        """Which of `tokens` end a line (bool, len(tokens))."""
+        return self.line_ends[np.asarray(tokens, dtype=np.intp)]
 
     def _explore(self, tokens: Sequence[int]) -> Plan:
         """After many plain rounds, draft one draft-model token to re-measure its
@@ -122,9 +128,10 @@ class AutoDrafter:
             "verify_ms": None if not self.costs.calibrated else
             [round(1000 * t, 3) for t in self.costs.t_verify(np.arange(1, self.costs.max_rows + 1))],
             "draft_token_ms": round(1000 * self.costs.draft_token, 3),
-            "copy_acceptance": {  # by source, recent hit rate, then match length
-                source: {f"recent {r:.2f}+": {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
-                         for r, row in zip(RECENT_EDGES, table)}
+            "copy_acceptance": {  # by source, recent hit rate, line end or not, then match length
+                source: {f"recent {r:.2f}+": {kind: {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
+                                              for kind, row in zip(("inside a line", "line end"), rows)}
+                         for r, rows in zip(RECENT_EDGES, table)}
                 for source, table in zip(("output", "prompt"), self.copy_acceptance.p)},
             "model_acceptance": None if self.model_acceptance is None else
             [round(a, 3) for a in self.model_acceptance.alpha],

@@ -74,14 +74,15 @@ def copyable(context: Sequence[int], output: Sequence[int]) -> np.ndarray:
 @dataclass(frozen=True)
 class Followed:
     """How the source being followed predicted the tokens committed since the last
-    match: the first `hits` were what it continued with, from a match of `length`
-    tokens (so the i-th of them after a match of length + i); `miss`: the token after
-    those was not. A lookup draft is verified by matching tokens, so these are exactly
-    the outcomes its drafts had (or would have had, in rounds that drafted less)."""
+    match: of the tokens it continued with (`proposed`), the first `hits` were right,
+    from a match of `length` tokens (so the i-th of them after a match of length + i);
+    when `proposed` is longer, the token after those was wrong. A lookup draft is verified
+    by matching tokens, so these are exactly the outcomes its drafts had (or would have
+    had, in rounds that drafted less)."""
 
     length: int
+    proposed: tuple[int, ...]
     hits: int
-    miss: bool
     in_prompt: bool  # the source lies in the prompt (else in the output)
 
 
@@ -144,7 +145,8 @@ class CopySource:
         if self._length and m > 0:
             same = h[self._end:self._end + m] == h[self._at:n]
             hits = m if same.all() else int(np.argmin(same))
-            followed = Followed(self._length, hits, hits < m, self._end < self.prompt_len)
+            proposed = tuple(h[self._end:self._end + min(hits + 1, m)].tolist())
+            followed = Followed(self._length, proposed, hits, self._end < self.prompt_len)
             self._end += hits
             self._length += hits
             if hits < m:
