@@ -158,7 +158,7 @@ def test_exploring_the_draft_model_weighs_its_catch_up():
     model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]))  # 50 tokens behind
     # a CPU: t(1) 100 ms, t(2) 140 ms, a draft token 40 ms -> 10 ms saved a token at best
     auto = AutoDrafter(CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040), LookupDrafter(), model,
-                       lambda: np.zeros(256, dtype=bool))
+                       np.zeros(256, dtype=bool))
     assert auto._explore(tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
     model.ctx.tokens = tokens[:198]                # 2 behind: 80 ms to catch up
     assert auto._explore(tokens) == Plan(model=1)

@@ -57,7 +57,7 @@ def replay(data: dict, k: int, repetitions: int) -> dict[str, tuple[float, float
     names = [n for n in data if not n.startswith("_")]
     line_ends = np.zeros(data["_n_vocab"], dtype=bool)
     line_ends[data["_line_ends"]] = True
-    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, lambda: line_ends)
+    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repetitions):
         for name in names:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -32,10 +32,9 @@ class AutoDrafter:
     name = "auto"
 
     def __init__(self, costs: CostModel, lookup: LookupDrafter, model: ModelDrafter | None,
-                 line_ends: Callable[[], np.ndarray], medusa: MedusaDrafter | None = None):
+                 line_ends: np.ndarray, medusa: MedusaDrafter | None = None):
         self.costs = costs
-        self._line_ends = line_ends  # () -> (n_vocab,) bool: which tokens end a line; read on first use
-        self.line_ends: np.ndarray | None = None
+        self.line_ends = line_ends  # (n_vocab,) bool: which tokens hold a line break
         self.lookup = lookup
         self.model = model
         self.medusa = medusa
@@ -47,8 +46,6 @@ class AutoDrafter:
     def prepare(self, tokens: Sequence[int]) -> None:
         # the draft model is not prefilled here: it catches up when a round first uses it,
         # and that cost is part of what the controller measures
-        if self.line_ends is None:
-            self.line_ends = self._line_ends()
         self.lookup.prepare(tokens)
         self.copy_acceptance.start()
         if self.medusa is not None:
