@@ -134,13 +134,16 @@ class MatchAcceptance:
 
     PRIOR_WEIGHT = 2.0
     ANSWER_PRIOR = 4.0
+    NEIGHBOUR = 0.5  # an outcome counts this much for the neighbouring length buckets too
 
     def __init__(self) -> None:
         # (source in the prompt, recent bucket, line end, length bucket)
         prior = np.stack([MATCH_PRIOR, LINE_END_PRIOR * MATCH_PRIOR])
         self.p = np.tile(prior, (2, len(RECENT_EDGES), 1, 1))
         self._seen = np.zeros_like(self.p)
-        self.hits = np.zeros_like(self.p)    # this answer's outcomes
+        # this answer's outcomes; few in any one cell, so each also counts, at NEIGHBOUR
+        # weight, for the match lengths on either side (the chance changes smoothly with them)
+        self.hits = np.zeros_like(self.p)
         self.trials = np.zeros_like(self.p)
         self.recent = 0.5  # hit rate of the latest outcomes
 
@@ -173,8 +176,11 @@ class MatchAcceptance:
             hit = float(i < hits)
             cell = (source, self.row, end, b)
             _learn(self.p[source, self.row, end], self._seen[source, self.row, end], b, hit, self.PRIOR_WEIGHT)
-            self.hits[cell] += hit
-            self.trials[cell] += 1
+            near = slice(max(b - 1, 0), b + 2)
+            self.hits[source, self.row, end, near] += self.NEIGHBOUR * hit
+            self.trials[source, self.row, end, near] += self.NEIGHBOUR
+            self.hits[cell] += (1 - self.NEIGHBOUR) * hit
+            self.trials[cell] += 1 - self.NEIGHBOUR
             self.recent += RECENT_EMA * (hit - self.recent)
 
 

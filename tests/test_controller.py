@@ -118,6 +118,17 @@ def test_copy_acceptance_learns_that_copies_end_where_lines_end():
     assert across[-1] < 0.2 and np.all(across[:-1] > 0.9)
 
 
+def test_an_answers_outcomes_inform_the_neighbouring_match_lengths():
+    acc = MatchAcceptance()
+    acc.start()
+    before = [acc.chances(n, inside(1), True)[0] for n in (5, 6, 8, 16)]  # buckets 4, 5, 6, 8
+    for _ in range(4):
+        acc.observe(match_len=6, line_ends=inside(1), hits=0, in_prompt=True)
+    after = [acc.chances(n, inside(1), True)[0] for n in (5, 6, 8, 16)]
+    assert after[1] < after[0] < before[0] and after[2] < before[2]  # neighbours learn less
+    assert after[3] == before[3]                                        # others nothing
+
+
 def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():
     costs = CostModel(np.array([1.0, 1.5, 2.0, 3.0]))
     for _ in range(200):
