@@ -341,9 +341,10 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
     """Compare methods and draft lengths.
 
     Workloads: code (write a function), edit (add type hints to a 60-line module: the
-    answer copies most of its input), prose (an explanation), summary (summarise and
-    answer questions on a 400-word text). Every cell runs in this one process on the same
-    models; "x none" is the speed ratio to plain decoding measured in the same run.
+    answer copies most of its input), rewrite (callbacks to async/await), qa (answer
+    questions on a given text), prose (an explanation), revise (a second turn that revises
+    the first answer). Every cell runs in this one process on the same models; "x none" is
+    the speed ratio to plain decoding measured in the same run.
     """
     if plot:
         benchmark.pyplot()  # fail before the long run, not after
