@@ -11,6 +11,7 @@ with the most expected committed tokens per second; drafting nothing (plain deco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -146,6 +147,7 @@ class MatchAcceptance:
         self.hits = np.zeros_like(self.p)
         self.trials = np.zeros_like(self.p)
         self.recent = 0.5  # hit rate of the latest outcomes
+        self.alternative = 0.5  # chance another source is right where the followed one is not
 
     def start(self) -> None:
         """A new answer."""
@@ -162,9 +164,17 @@ class MatchAcceptance:
     def chances(self, match_len: int, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens;
         line_ends (k,): which of them end a line."""
-        k = len(line_ends)
-        cell = (int(in_prompt), self.row, line_ends.astype(np.intp), self.bucket(match_len + np.arange(k)))
+        return self.chance_at(match_len + np.arange(len(line_ends)), line_ends, in_prompt)
+
+    def chance_at(self, lengths: np.ndarray, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
+        """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
+        cell = (int(in_prompt), self.row, line_ends.astype(np.intp), self.bucket(lengths))
         return (self.hits[cell] + self.ANSWER_PRIOR * self.p[cell]) / (self.trials[cell] + self.ANSWER_PRIOR)
+
+    def observe_alternative(self, right: bool) -> None:
+        """Where the followed source was wrong and another source differed from it: was
+        one of the others right?"""
+        self.alternative += RECENT_EMA * (float(right) - self.alternative)
 
     def observe(self, match_len: int, line_ends: np.ndarray, hits: int, in_prompt: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
@@ -188,6 +198,7 @@ class MatchAcceptance:
 class Plan:
     lookup: int = 0  # tokens taken from prompt lookup
     model: int = 0   # tokens then drafted by the draft model
+    paths: int = 1   # more: the copied tokens are a tree of candidate continuations
 
     @property
     def total(self) -> int:
@@ -224,6 +235,23 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
         if r > rate:
             best, rate = Plan(lookup=prefix, model=k - prefix), r
     return best, rate
+
+
+def best_tree(parents: Sequence[int], chances: np.ndarray, costs: CostModel, budget: int) -> tuple[np.ndarray, float]:
+    """The nodes of a candidate tree worth verifying, and the expected committed tokens per
+    second of that tree. chances (n,): each node's chance of acceptance given its parent
+    was accepted. A node's chance of being reached is the product along its path, which
+    never grows with depth, so the best tree of m nodes is the m most likely ones (a
+    parent first on ties): returns them in that order (parents before children), the
+    count chosen by the cost of m + 1 rows; none is plain decoding."""
+    reach = np.empty(len(parents))
+    for i, p in enumerate(parents):
+        reach[i] = chances[i] * (reach[p] if p >= 0 else 1.0)
+    order = np.argsort(-reach, kind="stable")[:budget]
+    m = np.arange(len(order) + 1)
+    rate = (1 + np.concatenate([[0.0], np.cumsum(reach[order])])) / costs.t_verify(m + 1)
+    n = int(np.argmax(rate))
+    return order[:n], float(rate[n])
 
 
 def oracle_speedup(copyable: np.ndarray, costs: CostModel, k_max: int) -> float:

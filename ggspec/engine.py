@@ -149,7 +149,8 @@ class Engine:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, self.costs, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
             self.drafters["auto"] = AutoDrafter(self.costs, lookup, self.drafters.get("draft"),
-                                                self.target.line_ends(), self.drafters.get("medusa"))
+                                                self.target.line_ends(), self.drafters.get("medusa"),
+                                                max_paths=self.ctx.n_seq_max)
             self._progress = progress
             self._resources = stack.pop_all()
         self._check_batch(spec)

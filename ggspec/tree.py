@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 
@@ -82,6 +83,28 @@ class Tree:
         if not nodes:
             return 0
         return next(s for s, path in enumerate(self.paths) if path[:len(nodes)] == nodes)
+
+
+def trie(chains: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """Merge token chains into a trie: (tokens, parents, through), nodes listed parents
+    first, through[i] the indices of the chains that pass node i. A node's children are
+    listed in the order of the first chain through each."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    through: list[list[int]] = []
+    index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for c, chain in enumerate(chains):
+        parent = -1
+        for token in chain:
+            node = index.get((parent, token))
+            if node is None:
+                node = index[parent, token] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                through.append([])
+            through[node].append(c)
+            parent = node
+    return tokens, parents, through
 
 
 # Tree shapes as Medusa writes them: each node is the tuple of candidate ranks along its

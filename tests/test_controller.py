@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
-                               best_plan, expected_accepted)
+from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, best_plan,
+                               best_tree, expected_accepted)
 from tinymodels import VOCAB
 
 CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_token=0.4)
@@ -208,6 +208,21 @@ GPU_CURVE = CostModel(np.array([1.0, 1.28, 1.31, 1.35, 1.42, 1.5, 1.58, 1.63, 1.
 def test_chain_length_follows_the_cost_curve(costs, chance, expected):
     plan, _ = best_plan(costs, np.full(16, chance), None, budget=16)
     assert plan == Plan(lookup=expected)
+
+
+@pytest.mark.parametrize("costs, alternative, expected", [
+    (CPU_CURVE, 0.3, []),             # a CPU: an unsure copy is not verified at all
+    (GPU_CURVE, 0.05, [0, 1]),        # a GPU: the copy, as a chain (the other source unlikely)
+    (GPU_CURVE, 0.3, [0, 1, 2]),      # and the other source's first candidate beside it
+])
+def test_candidate_tree_follows_the_cost_curve(costs, alternative, expected):
+    """A copy of two tokens whose first is right 60% of the time; another source proposes
+    a different first token: right `alternative` of the time the copy is wrong."""
+    parents = [-1, 0, -1, 2]  # copy: nodes 0, 1; the other source: nodes 2, 3
+    chances = np.array([0.6, 0.9, 0.4 * alternative, 0.9])
+    nodes, rate = best_tree(parents, chances, costs, budget=8)
+    assert nodes.tolist() == expected
+    assert rate >= 1 / costs.t_verify(1) - 1e-12  # never worse than plain decoding, by its own estimate
 
 
 def test_a_new_answer_follows_its_own_evidence_over_earlier_answers():

@@ -86,10 +86,10 @@ def test_followed_source_is_a_valid_match_at_least_as_long_as_a_search(seed):
         fresh = source_after(history, 6)
         assert found.length >= fresh.length
         if found.length:
-            end = source._end
-            assert end < len(history)
-            assert history[end - found.length:end] == history[len(history) - found.length:]
-            assert found.tokens == history[end:end + 6]
+            for end in source._ends.tolist():  # every source matches; the most recent is copied
+                assert end < len(history)
+                assert history[end - found.length:end] == history[len(history) - found.length:]
+            assert found.tokens == history[source._ends[-1]:source._ends[-1] + 6]
 
 
 def test_an_accepted_copy_is_followed_without_searching(monkeypatch):
@@ -127,6 +127,22 @@ def test_following_reports_how_the_source_predicted_the_committed_tokens():
     assert source.match(4).followed == lookup.Followed(length=5, proposed=tuple(text[5:8]), hits=3, in_prompt=False)
     source.sync(text + [1] + text[:10] + [7, 8])  # two more right, then a wrong one
     assert source.match(4).followed == lookup.Followed(length=8, proposed=tuple(text[8:11]), hits=2, in_prompt=False)
+
+
+def test_other_sources_give_differing_continuations_and_tell_when_they_were_right():
+    # "1 2" followed by 3 4 (twice), 5 6 and, most recently, 7 8
+    history = [1, 2, 3, 4, 9, 1, 2, 5, 6, 9, 1, 2, 3, 4, 9, 1, 2, 7, 8, 9, 0, 1, 2]
+    source = CopySource()
+    source.sync(history)
+    found = source.match(2)
+    assert found.tokens == [7, 8] and found.length == 2
+    assert source.alternatives(2, 3) == [([3, 4], 2), ([5, 6], 1)]
+    assert source.alternatives(2, 1) == [([3, 4], 2)]
+    source.sync(history + [3, 4])  # the followed source was wrong, another right
+    assert source.match(2).followed == lookup.Followed(2, (7,), 0, False, alternative=True)
+    assert source.match(2).length == 4  # that source is followed now: no search
+    source.sync(history + [3, 4, 1])  # "1 2 3 4" was followed by 9 both times: no other differed
+    assert source.match(2).followed.alternative is None
 
 
 def test_a_new_prompt_is_not_counted_as_predictions():

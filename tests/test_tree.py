@@ -9,7 +9,7 @@ import pytest
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
 from ggspec.backend import Context
 from ggspec.drafters import Draft
-from ggspec.tree import Tree
+from ggspec.tree import Tree, trie
 from reference import first_divergence, greedy_reference
 from test_engine import END, exact_first_two, random_prompt, sample_first_two
 from tinymodels import VOCAB
@@ -124,6 +124,39 @@ def test_sampled_tree_speculation_follows_the_target_distribution(tree_engine, t
     sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
     stats = sample_first_two(tree_engine, prompt, n, sampling, SpecConfig("lookup"), (p1, p2))
     assert stats.accepted_tokens > n / 3
+
+
+def test_trie_merges_chains_sharing_prefixes():
+    tokens, parents, through = trie([[1, 2, 3], [1, 2, 4, 5], [6], [1, 2, 3]])
+    assert tokens == [1, 2, 3, 4, 5, 6]
+    assert parents == [-1, 0, 1, 1, 3, -1]
+    assert through == [[0, 1, 3], [0, 1, 3], [0, 3], [1], [1], [2]]
+    assert Tree(tuple(parents)).paths == [[0, 1, 2], [0, 1, 3, 4], [5]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_copy_trees_in_auto_equal_plain_greedy_decoding(target_path, monkeypatch, seed):
+    """A prompt that ends with two tokens it had four times, each followed by another
+    continuation: with
+    verification made cheap and other sources made likely, auto drafts candidate trees,
+    and commits exactly the target's greedy tokens."""
+    rng = np.random.default_rng(seed)
+    phrases = [[int(t) for t in rng.integers(300, VOCAB.n_vocab - 10, 6)] for _ in range(4)]
+    prompt = [VOCAB.bos_id] + [t for p in phrases for t in [11, 12, *p]] + [13, 11, 12]
+    ref = greedy_reference(target_path, prompt, 40)
+    with Engine(target_path, None, target_config=CFG, max_tree_paths=4) as e:
+        auto = e.drafters["auto"]
+        e.generate(prompt, max_tokens=2, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
+        t1 = float(auto.costs.t_verify(1))
+        monkeypatch.setattr(auto.costs, "curve", np.full(auto.costs.max_rows, t1))
+        monkeypatch.setattr(auto.costs, "correction", np.ones(auto.costs.max_rows))
+        monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
+        monkeypatch.setattr(auto.copy_acceptance, "observe_alternative", lambda right: None)
+        auto.copy_acceptance.alternative = 0.9
+        got = e.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
+                         spec=SpecConfig("auto", draft_max=8))
+    assert first_divergence(got.tokens, ref) is None
+    assert any(",paths=" in plan for plan in got.stats.controller["plans"])
 
 
 def rows_for(tree: Tree, n_vocab: int, seed: int) -> np.ndarray:

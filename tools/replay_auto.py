@@ -23,6 +23,7 @@ import numpy as np
 from ggspec import Engine, SamplingConfig, SpecConfig, calibration
 from ggspec.bench import WORKLOADS, _prompt_text
 from ggspec.controller import CostModel
+from ggspec.drafters import Draft
 from ggspec.drafters.auto import AutoDrafter
 from ggspec.drafters.lookup import LookupDrafter
 
@@ -50,14 +51,28 @@ def accepted(proposal: list[int], truth: list[int]) -> int:
     return n
 
 
-def replay(data: dict, k: int, repetitions: int) -> dict[str, tuple[float, float]]:
+def accepted_nodes(draft: Draft, truth: list[int]) -> list[int]:
+    """The draft's nodes the target accepts when it commits `truth` (greedy)."""
+    if draft.tree is None:
+        return list(range(accepted(draft.tokens, truth)))
+    nodes: list[int] = []
+    while len(nodes) < len(truth):
+        row = nodes[-1] + 1 if nodes else 0
+        child = next((c for c in draft.tree.children[row] if draft.tokens[c] == truth[len(nodes)]), None)
+        if child is None:
+            break
+        nodes.append(child)
+    return nodes
+
+
+def replay(data: dict, k: int, repetitions: int, paths: int = 1) -> dict[str, tuple[float, float]]:
     curve = np.asarray(data["_curve"])
     if len(curve) < k + 1:
         raise SystemExit(f"Error: the recorded curve covers {len(curve)} rows; record with --rows {k + 1}")
     names = [n for n in data if not n.startswith("_")]
     line_ends = np.zeros(data["_n_vocab"], dtype=bool)
     line_ends[data["_line_ends"]] = True
-    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends)
+    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repetitions):
         for name in names:
@@ -66,9 +81,10 @@ def replay(data: dict, k: int, repetitions: int) -> dict[str, tuple[float, float
             auto.prepare(committed)
             while pos < len(out):
                 draft = auto.propose(committed, min(k, len(out) - pos - 1), GREEDY, None)
-                n = accepted(draft.tokens, out[pos:])
+                nodes = accepted_nodes(draft, out[pos:])
+                n = len(nodes)
                 seconds += curve[len(draft.tokens)]
-                auto.accept(draft, list(range(n)))
+                auto.accept(draft, nodes)
                 committed += out[pos:pos + n + 1]
                 pos += n + 1
             ratios[name].append(len(out) * curve[0] / seconds)
@@ -103,6 +119,8 @@ def main() -> None:
     rep.add_argument("path")
     rep.add_argument("-k", "--draft-max", type=int, default=16)
     rep.add_argument("-r", "--repetitions", type=int, default=3)
+    rep.add_argument("--paths", type=int, default=1, help="candidate trees of up to this many paths")
+    rep.add_argument("--curve", type=float, nargs="+", help="t(b) / t(1) for b = 1, 2, ... instead of the recorded curve")
     args = ap.parse_args()
     if args.command == "record":
         record(args.path, args.max_tokens, args.rows)
@@ -110,7 +128,9 @@ def main() -> None:
     with open(args.path) as f:
         data = json.load(f)
     print("workload  auto   known acceptance")
-    for name, (ratio, bound) in replay(data, args.draft_max, args.repetitions).items():
+    if args.curve:
+        data["_curve"] = args.curve
+    for name, (ratio, bound) in replay(data, args.draft_max, args.repetitions, args.paths).items():
         print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x")
 
 

@@ -14,10 +14,11 @@ import numpy as np
 
 from ..config import MAX_DRAFT, SamplingConfig
 from ..controller import (EXPLORE_EVERY, MATCH_EDGES, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
-                          best_plan)
+                          best_plan, best_tree)
 from ..tokens import common_prefix
+from ..tree import Tree, trie
 from . import Draft
-from .lookup import LookupDrafter
+from .lookup import LookupDrafter, Match
 from .medusa import MedusaDrafter
 from .model import ModelDrafter
 
@@ -32,8 +33,9 @@ class AutoDrafter:
     name = "auto"
 
     def __init__(self, costs: CostModel, lookup: LookupDrafter, model: ModelDrafter | None,
-                 line_ends: np.ndarray, medusa: MedusaDrafter | None = None):
+                 line_ends: np.ndarray, medusa: MedusaDrafter | None = None, max_paths: int = 1):
         self.costs = costs
+        self.max_paths = max_paths  # > 1: copied candidates may form a tree of that many paths
         self.line_ends = line_ends  # (n_vocab,) bool: which tokens hold a line break
         self.lookup = lookup
         self.model = model
@@ -58,16 +60,28 @@ class AutoDrafter:
         if copy.followed is not None:  # every committed token tells how copying fares
             f = copy.followed
             self.copy_acceptance.observe(f.length, self._ends(f.proposed), f.hits, f.in_prompt)
+            if f.alternative is not None:
+                self.copy_acceptance.observe_alternative(f.alternative)
         plan, rate = Plan(), 0.0
+        tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
             chances = self.copy_acceptance.chances(copy.length, self._ends(copy.tokens), copy.in_prompt)
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget)
+            if self.max_paths > 1 and copy.tokens:
+                tree, tree_rate = self._copy_tree(copy, budget)
+                if tree_rate <= rate:
+                    tree = None
+                rate = max(rate, tree_rate)
         if self.medusa is not None:
             nodes, medusa_rate = self.medusa.plan(budget)
             if nodes and medusa_rate > rate:
                 self.plans["medusa"] += 1
                 self._streak = 0
                 return self.medusa.draft(nodes)
+        if tree is not None:
+            self.plans[tree.plan] += 1
+            self._streak = 0
+            return tree
         if plan.total == 0 and self._streak >= EXPLORE_EVERY and budget > 0:
             plan = self._explore(tokens)
         self._streak = self._streak + 1 if plan.total == 0 else 0
@@ -89,6 +103,40 @@ class AutoDrafter:
         onehot = np.zeros((len(head), tail.q.shape[1]))
         onehot[np.arange(len(head)), head] = 1.0
         return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]), plan=done)
+
+    def _copy_tree(self, copy: Match, budget: int) -> tuple[Draft | None, float]:
+        """The copied continuation and the differing ones of other sources as a tree, and
+        its expected rate (None, 0 when no other source differs or the best is a chain).
+
+        A node's chance given its parent: the first child (the most recent source's
+        token) has the copy's chance at its match length; the others share, by how many
+        sources continue with each, the chance that the first is wrong and another
+        source is right."""
+        others = self.lookup.source.alternatives(budget, self.max_paths - 1)
+        if not others:
+            return None, 0.0
+        tokens, parents, through = trie([copy.tokens[:budget], *(c for c, _ in others)])
+        weight = np.array([1, *(k for _, k in others)], dtype=np.float64)
+        depth = np.zeros(len(tokens), dtype=np.intp)
+        for i, p in enumerate(parents):
+            depth[i] = depth[p] + 1 if p >= 0 else 0
+        copied = self.copy_acceptance.chance_at(copy.length + depth, self._ends(tokens), copy.in_prompt)
+        chances = copied.copy()
+        siblings: dict[int, list[int]] = {}
+        for i, p in enumerate(parents):
+            siblings.setdefault(p, []).append(i)
+        for kids in siblings.values():
+            if len(kids) > 1:
+                first, rest = kids[0], np.array(kids[1:])
+                w = np.array([weight[through[i]].sum() for i in rest])
+                chances[rest] = (1 - copied[first]) * self.copy_acceptance.alternative * w / w.sum()
+        nodes, rate = best_tree(parents, chances, self.costs, budget)
+        renumber = {int(old): new for new, old in enumerate(nodes)}
+        tree = Tree(tuple(renumber[parents[i]] if parents[i] >= 0 else -1 for i in nodes))
+        if tree.is_chain:
+            return None, 0.0
+        plan = Plan(lookup=len(nodes), paths=len(tree.paths))
+        return Draft([tokens[i] for i in nodes], tree=tree, plan=plan), rate
 
     def _ends(self, tokens: Sequence[int]) -> np.ndarray:
         """Which of `tokens` end a line (bool, len(tokens))."""
@@ -120,7 +168,8 @@ class AutoDrafter:
     def report(self) -> dict:
         """The controller's estimates and how often it chose each plan."""
         return {
-            "plans": {p if isinstance(p, str) else f"lookup={p.lookup},model={p.model}": n
+            "plans": {p if isinstance(p, str) else f"lookup={p.lookup},model={p.model}"
+                      + (f",paths={p.paths}" if p.paths > 1 else ""): n
                       for p, n in sorted(self.plans.items(), key=lambda kv: -kv[1])},
             "verify_ms": None if not self.costs.calibrated else
             [round(1000 * t, 3) for t in self.costs.t_verify(np.arange(1, self.costs.max_rows + 1))],

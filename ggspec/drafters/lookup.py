@@ -29,6 +29,7 @@ from ..tokens import common_prefix
 from . import Draft
 
 SEARCH_MAX = 32  # longest match a search measures; following lets a match grow beyond it
+MAX_ALTERNATIVES = 64  # other sources read for candidate continuations, most recent first
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -84,6 +85,9 @@ class Followed:
     proposed: tuple[int, ...]
     hits: int
     in_prompt: bool  # the source lies in the prompt (else in the output)
+    # at the wrong token: None when every other source agreed with the followed one, else
+    # whether one of the others continued with the token the text has
+    alternative: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,9 @@ class CopySource:
     def __init__(self) -> None:
         self._h = np.zeros(1024, dtype=np.int32)
         self._tokens: list[int] = []  # the same history as a list, to compare with callers'
-        self._end = 0     # source: h[end - length:end] == h[n - length:n], end < n
+        # sources: every e with h[e - length:e] == h[n - length:n], e < n, ascending; the
+        # last (most recent) is the one followed
+        self._ends = _EMPTY
         self._length = 0  # 0: no source
         self._at = 0      # the history length the source was valid for
         self.prompt_len = 0  # history before this is the prompt
@@ -143,22 +149,47 @@ class CopySource:
         m = n - self._at
         followed = None
         if self._length and m > 0:
-            same = h[self._end:self._end + m] == h[self._at:n]
+            end = int(self._ends[-1])
+            same = h[end:end + m] == h[self._at:n]
             hits = m if same.all() else int(np.argmin(same))
-            proposed = tuple(h[self._end:self._end + min(hits + 1, m)].tolist())
-            followed = Followed(self._length, proposed, hits, self._end < self.prompt_len)
-            self._end += hits
-            self._length += hits
-            if hits < m:
-                self._length = 0
+            proposed = tuple(h[end:end + min(hits + 1, m)].tolist())
+            ends = self._ends
+            same = h[ends[:, None] + np.arange(m)] == h[self._at:n]  # (sources, m)
+            alternative = None
+            if hits < m:  # the sources that agreed up to the wrong token: did another differ, and rightly?
+                up_to = ends[same[:, :hits].all(axis=1)]
+                if np.any(h[up_to + hits] != h[end + hits]):
+                    alternative = bool(np.any(h[up_to + hits] == h[self._at + hits]))
+            followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative)
+            # the sources that continued as the text did stay sources, of a longer match
+            self._ends = ends[same.all(axis=1)] + m
+            self._length = self._length + m if self._ends.size else 0
         if not self._length:
-            self._length, ends = longest_match(h[:n])
-            self._end = int(ends[-1]) if self._length else 0
+            self._length, self._ends = longest_match(h[:n])
         self._at = n
         if not self._length:
             return Match([], followed=followed)
-        return Match(h[self._end:min(self._end + max_tokens, n)].tolist(), self._length, followed,
-                     self._end < self.prompt_len)
+        end = int(self._ends[-1])
+        return Match(h[end:min(end + max_tokens, n)].tolist(), self._length, followed, end < self.prompt_len)
+
+
+    def alternatives(self, max_tokens: int, max_count: int) -> list[tuple[list[int], int]]:
+        """Up to max_count continuations of the other sources of the current match that
+        differ from the followed one's, most recent first, each with how many sources
+        continue so (after match())."""
+        n = len(self._tokens)
+        if not self._length:
+            return []
+        h = self._h
+        first = h[self._ends[-1]:min(self._ends[-1] + max_tokens, n)].tolist()
+        seen: dict[tuple[int, ...], int] = {}
+        for e in self._ends[-2::-1][:MAX_ALTERNATIVES].tolist():
+            cont = tuple(h[e:min(e + max_tokens, n)].tolist())
+            if list(cont) == first[:len(cont)]:
+                continue
+            if cont in seen or len(seen) < max_count:
+                seen[cont] = seen.get(cont, 0) + 1
+        return [(list(c), k) for c, k in seen.items()]
 
 
 class LookupDrafter:
