@@ -37,7 +37,7 @@ def context_key(ctx: Context) -> str:
     st = path.stat()
     cfg = ctx.cfg
     facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
-             cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
+             cfg.flash_attn, ctx.n_seq_max, ctx.n_rs_seq, ctx.embeddings, llama_cpp.__version__,
              llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count()]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
@@ -51,6 +51,7 @@ def measure(ctx: Context, rows: int) -> np.ndarray:
     sizes between measured ones interpolated. Leaves the KV cache as it found it."""
     n = len(ctx.tokens)
     filler = ctx.tokens[-1:] or [0]
+    ctx.checkpoint(rows, 0)  # a recurrent state is saved here, and restored by each truncate
     ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
     ctx.truncate(n)
     sizes = measured_sizes(rows)
