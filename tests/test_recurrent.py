@@ -93,12 +93,13 @@ def test_every_method_equals_plain_greedy_decoding(engines, models, arch, method
     if method == "auto":
         engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
         make_verification_cheap(engine.drafters["auto"], monkeypatch)
+    rejected = 0
     for seed, p in enumerate([prompt, random_prompt(6), random_prompt(7)]):
         ref = greedy_reference(models[arch], p, 60)
         got = engine.generate(p, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=6))
         assert first_divergence(got.tokens, ref) is None, f"prompt {seed}: {first_divergence(got.tokens, ref)}"
-        if method != "lookup" or seed == 0:
-            assert got.stats.draft_tokens > got.stats.accepted_tokens, "no draft was rejected: nothing undone"
+        rejected += got.stats.draft_tokens - got.stats.accepted_tokens
+    assert rejected > 0, "no draft was rejected: nothing was undone"
 
 
 def test_a_recurrent_draft_model_for_an_attention_target(target_path, models):
@@ -115,7 +116,7 @@ def test_a_recurrent_draft_model_for_an_attention_target(target_path, models):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sampled_tokens_follow_the_target_distribution(engines, models, arch):
     n = 10_000
-    prompt = random_prompt(9, 6)
+    prompt = random_prompt(14, 6)  # no outcome above 0.5 here, for both models: many rejections
     sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
     exact = exact_first_two(models[arch], prompt, 0.9, 0)
     stats = sample_first_two(engines[arch], prompt, n, sampling, SpecConfig("draft", draft_max=3), exact)
