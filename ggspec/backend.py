@@ -118,6 +118,9 @@ class Model(_Owner):
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.vocab_type = llama_cpp.llama_vocab_type(self.vocab)
         self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        # a recurrent state (Mamba, RWKV) or a hybrid of one with attention (LFM2,
+        # Granite-hybrid, Qwen3-Next, ...): its memory cannot drop the last tokens it read
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(handle) or llama_cpp.llama_model_is_hybrid(handle))
         self._piece = ctypes.create_string_buffer(256)
         self._markers: list[Marker] | None = None  # the control tokens, read on first use
 
@@ -258,14 +261,28 @@ class Model(_Owner):
                          "ggspec cannot follow; pass a raw prompt instead")
 
 
+STATE_FLAGS = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY  # the recurrent part only (a hybrid's attention cache is cut)
+
+
 class Context(_Owner):
     """An inference context over a Model: KV cache, batch, logits (and hidden states).
 
     `tokens` mirrors what sequence 0 of the KV cache holds; `eval`/`truncate` keep it true.
+
+    A recurrent or hybrid model's memory cannot drop its last tokens (llama.cpp issue
+    #20039). Where llama.cpp offers rollback slots for the architecture, the context keeps
+    `rollback` of them (the states after each of the last decode's final tokens) and
+    truncate() rolls back through them; otherwise, before a decode that may be cut back,
+    checkpoint() saves the recurrent state (llama.cpp's partial state: for a hybrid, the
+    attention cache is still cut), and truncate() restores it and replays the kept tokens.
     """
 
     def __init__(self, model: Model, cfg: BackendConfig = BackendConfig(), *,
-                 n_seq_max: int = 1, embeddings: bool = False, shared_cache: bool | None = None):
+                 n_seq_max: int = 1, embeddings: bool = False, shared_cache: bool | None = None,
+                 rollback: int = 0):
+        if model.recurrent and n_seq_max > 1:
+            raise ValueError(f"{model.path.name} keeps a recurrent state, which cannot branch: a context "
+                             "over it holds one sequence (no tree drafts, no Medusa heads)")
         self.model = model
         self.cfg = cfg
         params = llama_cpp.llama_context_default_params()
@@ -273,6 +290,7 @@ class Context(_Owner):
         params.n_batch = cfg.n_batch
         params.n_ubatch = cfg.n_batch
         params.n_seq_max = n_seq_max
+        params.n_rs_seq = rollback if model.recurrent else 0
         # one cache that sequences share cells of (trees, seq_cp) or, with
         # shared_cache=False, a cache of n_ctx / n_seq_max cells per independent sequence
         params.kv_unified = n_seq_max > 1 if shared_cache is None else shared_cache
@@ -298,6 +316,7 @@ class Context(_Owner):
         self.n_ctx = llama_cpp.llama_n_ctx(handle)      # llama.cpp may round the request up
         self.n_batch = llama_cpp.llama_n_batch(handle)  # and clamp the batch to the context
         self.n_seq_max = n_seq_max
+        self.n_rs_seq = llama_cpp.llama_n_rs_seq(handle)  # 0 where the architecture has no rollback
         self.n_threads = params.n_threads
         self.embeddings = embeddings
         self.n_vocab = model.n_vocab
@@ -310,6 +329,11 @@ class Context(_Owner):
         self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
         self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
         self._views: dict[tuple[int, int], np.ndarray] = {}
+        self._rollback = 0  # tokens the memory can roll back now (slots of the last decode)
+        self._saved = (ctypes.c_uint8 * 0)()  # a saved recurrent state (llama.cpp's format) ...
+        self._saved_at: int | None = None  # ... of the first _saved_at tokens
+        # a recurrent state that can be neither rolled back nor saved: decode without drafts
+        self.can_rewind = not model.recurrent or llama_cpp.llama_state_seq_get_size_ext(handle, 0, STATE_FLAGS) > 0
         self._single_sequence()
 
     def _single_sequence(self) -> None:
@@ -369,6 +393,7 @@ class Context(_Owner):
         if rc != 0:
             reason = DECODE_ERRORS.get(rc, "unknown error")
             raise DecodeError(f"llama_decode failed with code {rc}: {reason}")
+        self._rollback = min(self.n_rs_seq, n - 1) if seq_ids is None else 0
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
@@ -464,11 +489,86 @@ class Context(_Owner):
     def truncate(self, n: int) -> None:
         """Drop every cached position >= n, in every sequence (also cells a failed or
         interrupted call left beyond `tokens`). The mirror shrinks first: interrupted in
-        between, it is still a prefix of the cache."""
+        between, it is still a prefix of the cache. Where the memory cannot drop them (a
+        recurrent state past its rollback slots), the state saved by checkpoint() at or
+        before n is restored (else the memory is cleared) and the tokens up to n replayed."""
         self._stale = True
+        kept = self.tokens[:n]
         del self.tokens[n:]
-        llama_cpp.llama_memory_seq_rm(self._memory, -1, n, -1)
+        if self._saved_at is not None and self._saved_at > n:
+            self._saved_at = None  # saved for tokens this cache no longer holds
+        if self._cut(n):
+            self._stale = False
+            return
+        held = self._saved_at or 0
+        del self.tokens[held:]
+        if not (held and self._restore()):
+            held, self._saved_at = 0, None
+            llama_cpp.llama_memory_clear(self._memory, True)
         self._stale = False
+        self.eval(kept[held:], logits="none")
+
+    def _cut(self, n: int) -> bool:
+        """Drop every cached position >= n if the memory can, without decoding."""
+        if not self.model.recurrent:
+            return bool(llama_cpp.llama_memory_seq_rm(self._memory, -1, n, -1))
+        end = llama_cpp.llama_memory_seq_pos_max(self._memory, 0) + 1
+        if n < end:
+            # a rollback slot holds the state r tokens back only within the last decode
+            # (llama.cpp would read a stale slot for more): check before asking
+            if end - n > self._rollback:
+                return False
+            self._rollback = 0  # a slot serves once, until the next decode
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, 0, n, -1))
+
+    def checkpoint(self, tokens: int, keep: int) -> None:
+        """The next eval of `tokens` tokens may be cut back to its first `keep`: where the
+        memory cannot drop the rest itself (a recurrent state without enough rollback
+        slots), save the state now (truncate() restores it and replays what it keeps)."""
+        if not self.model.recurrent or tokens <= keep or (keep >= 1 and tokens - keep <= self.n_rs_seq):
+            return
+        if self._stale:
+            self.truncate(len(self.tokens))
+        if self.can_rewind:
+            self._save()
+
+    def _save(self) -> bool:
+        handle = self.handle
+        self._saved_at = None
+        size = llama_cpp.llama_state_seq_get_size_ext(handle, 0, STATE_FLAGS)
+        if len(self._saved) != size:
+            self._saved = (ctypes.c_uint8 * size)()
+        if size == 0 or llama_cpp.llama_state_seq_get_data_ext(handle, self._saved, size, 0, STATE_FLAGS) == 0:
+            self.can_rewind = False
+            print(f"ggspec: llama.cpp could not save the recurrent state of {self.model.path.name}, "
+                  "so a rejected draft cannot be undone: decoding without drafts", file=sys.stderr)
+            return False
+        self._saved_at = len(self.tokens)
+        return True
+
+    def _restore(self) -> bool:
+        """Bring the memory back to the saved state (for a hybrid: the recurrent part; its
+        attention cache is cut at the same position)."""
+        if not llama_cpp.llama_state_seq_set_data_ext(self.handle, self._saved, len(self._saved), 0, STATE_FLAGS):
+            return False
+        self._rollback = 0
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, 0, self._saved_at, -1))
+
+    def time_state_copy(self, repeats: int = 3) -> float:
+        """Seconds one save or one restore of the recurrent state takes (the fastest of
+        `repeats` save-and-restore pairs, halved; the state is the same afterwards), 0 for
+        a model without one. Its size does not grow with the text."""
+        if not self.model.recurrent or not self.can_rewind:
+            return 0.0
+        if self._stale:
+            self.truncate(len(self.tokens))
+        best = np.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            if not (self._save() and self._restore()):
+                return 0.0
+            best = min(best, time.perf_counter() - t0)
+        return best / 2
 
     def sync(self, tokens: Sequence[int]) -> int:
         """Keep the longest cached prefix shared with `tokens`; return its length."""
@@ -479,6 +579,7 @@ class Context(_Owner):
     def clear(self) -> None:
         self._stale = True
         self.tokens.clear()  # before the cache, as in truncate
+        self._saved_at = None
         llama_cpp.llama_memory_clear(self._memory, True)
         self._stale = False
 

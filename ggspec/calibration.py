@@ -5,7 +5,7 @@ controller may use (once each; the rounds that follow correct the points they us
 one draft-model token. It is
 stored in calibration.json in the cache directory under a key naming everything that
 changes the figures: the model file (path, size, modification time), the context's
-settings (threads, batch, GPU layers, flash attention, sequences, embeddings),
+settings (threads, batch, GPU layers, flash attention, sequences, embeddings, rollback slots),
 llama.cpp's build and this machine's CPU. Any change of those measures again. A
 calibration taken while other processes were busy is used but not stored.
 """
@@ -39,6 +39,8 @@ def context_key(ctx: Context) -> str:
     facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
              cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
              llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count()]
+    if ctx.n_rs_seq:  # rollback slots (recurrent models); absent, the keys stored before them hold
+        facts.append(("rollback slots", ctx.n_rs_seq))
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
@@ -51,6 +53,7 @@ def measure(ctx: Context, rows: int) -> np.ndarray:
     sizes between measured ones interpolated. Leaves the KV cache as it found it."""
     n = len(ctx.tokens)
     filler = ctx.tokens[-1:] or [0]
+    ctx.checkpoint(rows, 0)  # a recurrent state is saved here, and restored by each truncate
     ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
     ctx.truncate(n)
     sizes = measured_sizes(rows)

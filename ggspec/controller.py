@@ -6,6 +6,9 @@ chance that draft position i is accepted given positions < i were,
 E[accepted | k] = sum_{j=1..k} prod_{i<=j} c_i. Each round the controller takes the plan
 with the most expected committed tokens per second; drafting nothing (plain decoding,
 1 / t(1)) is always a candidate, so a draft is only taken where the estimates say it pays.
+Where the target's memory is a recurrent state that cannot drop rejected tokens, a round
+also costs saving that state and, after a rejection, restoring it and replaying the kept
+tokens (CostModel.t_rewind).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class CostModel:
     size's own correction follows, slowly, how its rounds compare with that level, so a
     point the calibration got wrong is corrected where it is used.
     t(b) = scale * curve[b - 1] * correction[b - 1].
+
+    state_copy: seconds one save or one restore of the target's recurrent state takes (0:
+    the target's cache is cut without copies); rollback: how many rejected tokens its
+    memory drops without one (llama.cpp's rollback slots).
     """
 
     SHAPE_EMA = 0.05
@@ -38,6 +45,8 @@ class CostModel:
         self.curve = self.correction = None
         self.scale = 1.0
         self.draft_token = draft_token
+        self.state_copy = 0.0
+        self.rollback = 0
         if curve is not None:
             self.calibrate(curve, draft_token)
 
@@ -60,6 +69,22 @@ class CostModel:
         calibrated range the cost grows linearly from the last point."""
         b = np.minimum(rows, len(self.curve))
         return self.scale * self.curve[b - 1] * self.correction[b - 1] * rows / b
+
+    def t_rewind(self, chances: np.ndarray) -> np.ndarray:
+        """Expected seconds spent undoing rejections for chains of 0..k tokens with these
+        conditional acceptance chances (k,): (k + 1,). A chain of more than `rollback`
+        tokens saves the state before its verification; when a token is rejected after
+        the first a were accepted, the state is restored and the a + 1 kept tokens (the
+        pending one and the accepted) replayed, a decode of a + 1 rows."""
+        k = len(chances)
+        if self.state_copy == 0.0:
+            return np.zeros(k + 1)
+        reach = np.concatenate([[1.0], np.cumprod(chances)])  # (k + 1,): P(first a accepted)
+        stop = reach[:-1] - reach[1:]  # (k,): P(exactly a accepted), a < k
+        undo = stop * (self.state_copy + self.t_verify(np.arange(1, k + 1)))
+        cost = np.concatenate([[0.0], self.state_copy + np.cumsum(undo)])
+        cost[:self.rollback + 1] = 0.0
+        return cost
 
     def observe_verify(self, rows: int, seconds: float) -> None:
         if self.curve is not None and rows <= len(self.curve):
@@ -211,7 +236,8 @@ def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostMod
     later one draft_token."""
     k = np.arange(shortest, len(chances) + 1)
     gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[k]
-    rate = gain / (costs.t_verify(k + 1) + np.maximum(k - copied, 0) * costs.draft_token)
+    rate = gain / (costs.t_verify(k + 1) + np.maximum(k - copied, 0) * costs.draft_token
+                   + costs.t_rewind(chances)[k])
     i = int(np.argmax(rate))
     return int(k[i]), float(rate[i])
 

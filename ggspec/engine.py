@@ -132,7 +132,7 @@ class Engine:
             if heads is not None:
                 max_tree_paths = max(max_tree_paths, MEDUSA_MAX_NODES)
             self.ctx = stack.enter_context(Context(self.target, target_config, n_seq_max=max_tree_paths,
-                                                   embeddings=heads is not None))
+                                                   embeddings=heads is not None, rollback=spec.draft_max))
             self._contexts = [self.ctx]
             self.draft: Model | None = None
             lookup = LookupDrafter()
@@ -300,8 +300,12 @@ class Engine:
                 break
             # propose
             budget = min(spec.draft_max, max_tokens - len(generated) - 1, self.n_ctx - len(committed))
+            if not self.ctx.can_rewind:  # a state that cannot come back from a rejection: no drafts
+                budget = 0
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
+            if draft.tree is None:  # a recurrent target's state may be saved here (the cost model counts it apart)
+                self.ctx.checkpoint(len(draft.tokens) + 1, 1)
             tb = time.perf_counter()
             # verify: [pending, *draft] in one llama_decode, logits for every row
             if draft.tree is None:
@@ -359,6 +363,7 @@ class Engine:
         if draft is not None and len(draft.ctx.tokens) + 2 <= draft.ctx.n_ctx:
             draft_token = float(calibration.verify_curve(draft.ctx, 1, progress=self._progress)[0])
         self.costs.calibrate(calibration.verify_curve(self.ctx, rows, progress=self._progress), draft_token)
+        self.costs.state_copy, self.costs.rollback = self.ctx.time_state_copy(), self.ctx.n_rs_seq
 
     def _take(self, token: int, from_draft: bool, generated: list[int], text: TextStream,
               out: list[str], max_tokens: int) -> str:

@@ -229,6 +229,112 @@ def write_mismatched_vocab_llama(
     return path
 
 
+RECURRENT_ARCHS = ("mamba", "lfm2")
+_MAMBA = dict(d_conv=4, d_state=8, dt_rank=4)
+_LFM2_L_CACHE = 3  # short-convolution width
+
+
+def write_tiny_recurrent(
+    path: str | os.PathLike[str],
+    arch: str = "mamba",
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_ctx: int = 512,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    noise: float = 0.0,
+    noise_seed: int = 1,
+) -> Path:
+    """Write a random model with the shared `VOCAB` whose memory is a recurrent state:
+    "mamba" (every layer a Mamba block: a pure state-space model) or "lfm2" (a hybrid:
+    short-convolution layers with an attention layer every second layer). Logits are
+    shaped as write_tiny_llama's (the same successor structure). With `noise`, every
+    weight of the model for `seed` is multiplied by `1 + noise * N(0, 1)` (seeded by
+    `noise_seed`): a draft for it, as `base` gives for llama models."""
+    if arch not in RECURRENT_ARCHS:
+        raise ValueError(f"arch must be one of {RECURRENT_ARCHS}, got {arch!r}")
+    rng = np.random.default_rng(seed)
+    d = n_embd
+    t = {"token_embd.weight": _embeddings(rng, d, ())}
+    hp = dict(n_layer=n_layer, n_embd=d, n_ctx=n_ctx)
+    layers = _mamba_layer if arch == "mamba" else _lfm2_layer
+    for i in range(n_layer):
+        t.update({f"blk.{i}.{k}": v for k, v in layers(rng, i, d).items()})
+    t["token_embd_norm.weight" if arch == "lfm2" else "output_norm.weight"] = np.ones(d)
+    t["output.weight"] = _output_layer(rng, t["token_embd.weight"], logit_scale, VOCAB.im_end_id)
+    noisy = np.random.default_rng(noise_seed)
+    tensors = {k: _perturb(v.astype(np.float32), noise, noisy) for k, v in t.items()}
+
+    def hparams(w: gguf.GGUFWriter) -> None:
+        w.add_context_length(n_ctx)
+        w.add_embedding_length(d)
+        w.add_block_count(n_layer)
+        w.add_layer_norm_rms_eps(_RMS_EPS)
+        if arch == "mamba":
+            w.add_ssm_conv_kernel(_MAMBA["d_conv"])
+            w.add_ssm_inner_size(2 * d)
+            w.add_ssm_state_size(_MAMBA["d_state"])
+            w.add_ssm_time_step_rank(_MAMBA["dt_rank"])
+        else:
+            w.add_feed_forward_length(2 * d)
+            w.add_head_count(_LFM2_HEADS)
+            w.add_head_count_kv([_LFM2_HEADS_KV if i % 2 else 0 for i in range(n_layer)])
+            w.add_rope_freq_base(10000.0)
+            w.add_shortconv_l_cache(_LFM2_L_CACHE)
+
+    path = Path(path)
+    _write_gguf(path, arch, VOCAB.tokens, hparams, tensors, CHATML, name=f"tiny-{arch}-{seed}")
+    return path
+
+
+def _mamba_layer(rng, i: int, d: int) -> dict[str, np.ndarray]:
+    """One Mamba block in (out, in) order; channel 0 of the residual is neither read nor
+    written (the EOG trigger)."""
+    d_inner, d_conv, d_state, dt_rank = 2 * d, _MAMBA["d_conv"], _MAMBA["d_state"], _MAMBA["dt_rank"]
+    out = _linear(rng, d, d_inner)
+    out[0, :] = 0.0
+    return {
+        "attn_norm.weight": np.ones(d),
+        "ssm_in.weight": _linear(rng, 2 * d_inner, d),
+        "ssm_conv1d.weight": rng.standard_normal((d_inner, d_conv)) / np.sqrt(d_conv),
+        "ssm_conv1d.bias": np.zeros(d_inner),
+        "ssm_x.weight": _linear(rng, dt_rank + 2 * d_state, d_inner),
+        "ssm_dt.weight": _linear(rng, d_inner, dt_rank),
+        "ssm_dt.bias": np.full(d_inner, -2.0),  # softplus(-2) ≈ 0.13: a state that remembers
+        "ssm_a": -np.tile(np.arange(1, d_state + 1, dtype=np.float64), (d_inner, 1)),  # A = -exp(A_log)
+        "ssm_d": np.ones(d_inner),
+        "ssm_out.weight": out,
+    }
+
+
+_LFM2_HEADS, _LFM2_HEADS_KV = 4, 2
+
+
+def _lfm2_layer(rng, i: int, d: int) -> dict[str, np.ndarray]:
+    """One LFM2 block: a gated short convolution (even layers) or attention (odd ones),
+    then a SwiGLU feed-forward; channel 0 stays untouched as in the llama models."""
+    t = {"attn_norm.weight": np.ones(d), "ffn_norm.weight": np.ones(d),
+         "ffn_gate.weight": _linear(rng, 2 * d, d), "ffn_up.weight": _linear(rng, 2 * d, d),
+         "ffn_down.weight": _linear(rng, d, 2 * d)}
+    if i % 2:
+        head_dim = d // _LFM2_HEADS
+        t.update({"attn_q.weight": _linear(rng, d, d, gain=2.0),
+                  "attn_k.weight": _linear(rng, head_dim * _LFM2_HEADS_KV, d),
+                  "attn_v.weight": _linear(rng, head_dim * _LFM2_HEADS_KV, d),
+                  "attn_output.weight": _linear(rng, d, d),
+                  "attn_q_norm.weight": np.ones(head_dim), "attn_k_norm.weight": np.ones(head_dim)})
+        written = "attn_output.weight"
+    else:
+        t.update({"shortconv.conv.weight": rng.standard_normal((d, _LFM2_L_CACHE)) / np.sqrt(_LFM2_L_CACHE),
+                  "shortconv.in_proj.weight": _linear(rng, 3 * d, d),
+                  "shortconv.out_proj.weight": _linear(rng, d, d)})
+        written = "shortconv.out_proj.weight"
+    t[written][0, :] = 0.0
+    t["ffn_down.weight"][0, :] = 0.0
+    return t
+
+
 def _model(seed, shapes, logit_scale=DEFAULT_LOGIT_SCALE, base=None, noise=0.0,
            eog_after=(), eog_id=None) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """Hyperparameters and tensors: fresh random ones, or base's plus noise."""
@@ -246,38 +352,26 @@ def _model(seed, shapes, logit_scale=DEFAULT_LOGIT_SCALE, base=None, noise=0.0,
     return hparams, {name: _perturb(t, noise, rng) for name, t in tensors.items()}
 
 
-def _random_tensors(rng, hp, logit_scale, eog_after, eog_id) -> dict[str, np.ndarray]:
-    """Llama weights as numpy arrays in (out, in) order, float32."""
-    n_vocab, d, d_ff = VOCAB.n_vocab, hp["n_embd"], hp["n_ff"]
-    head_dim = d // hp["n_head"]
-    d_kv = head_dim * hp["n_head_kv"]
+def _linear(rng, n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
+    """A random (n_out, n_in) weight that keeps activations at unit scale."""
+    w = rng.standard_normal((n_out, n_in)) * (gain / np.sqrt(n_in))
+    w[:, 0] = 0.0  # channel 0 is the EOG trigger: never read ...
+    return w
 
-    def linear(n_out, n_in, gain=1.0):
-        w = rng.standard_normal((n_out, n_in)) * (gain / np.sqrt(n_in))
-        w[:, 0] = 0.0  # channel 0 is the EOG trigger: never read ...
-        return w
 
-    t = {}
-    emb = rng.standard_normal((n_vocab, d))
+def _embeddings(rng, d: int, eog_after) -> np.ndarray:
+    emb = rng.standard_normal((VOCAB.n_vocab, d))
     emb[:, 0] = 0.0
     emb[list(eog_after), 0] = _EOG_TRIGGER_VALUE
-    t["token_embd.weight"] = emb
-    for i in range(hp["n_layer"]):
-        p = f"blk.{i}."
-        t[p + "attn_norm.weight"] = np.ones(d)
-        t[p + "attn_q.weight"] = linear(d, d, gain=2.0)  # sharper attention than uniform
-        t[p + "attn_k.weight"] = linear(d_kv, d)
-        t[p + "attn_v.weight"] = linear(d_kv, d)
-        t[p + "attn_output.weight"] = linear(d, d)
-        t[p + "ffn_norm.weight"] = np.ones(d)
-        t[p + "ffn_gate.weight"] = linear(d_ff, d)
-        t[p + "ffn_up.weight"] = linear(d_ff, d)
-        t[p + "ffn_down.weight"] = linear(d, d_ff)
-        t[p + "attn_output.weight"][0, :] = 0.0  # ... and never written by a layer
-        t[p + "ffn_down.weight"][0, :] = 0.0
-    t["output_norm.weight"] = np.ones(d)
+    return emb
+
+
+def _output_layer(rng, emb: np.ndarray, logit_scale, eog_id) -> np.ndarray:
+    """The output weights (n_vocab, d) for a final hidden state of RMS 1 that still
+    carries the token's embedding (the residual stream)."""
+    n_vocab, d = emb.shape
     # the final hidden state has RMS 1, so logits ~ N(0, logit_scale^2) over the vocabulary
-    out = linear(n_vocab, d) * logit_scale
+    out = _linear(rng, n_vocab, d) * logit_scale
     out[list(VOCAB.byte_ids), :] *= _BYTE_LOGIT_FACTOR  # mostly whole pieces, like real models
     # confident positions, as in real models: each token t pushes the logit of a successor
     # succ[t] up by about strength[t] * logit_scale, through t's embedding, which stays in
@@ -292,7 +386,35 @@ def _random_tensors(rng, hp, logit_scale, eog_after, eog_id) -> dict[str, np.nda
     out[sorted(VOCAB.special_ids), :] = 0.0  # special tokens: logit exactly 0
     # after a trigger token, channel 0 of the normed state is ≈ value / rms(h) ≈ value / 1.4
     out[eog_id, 0] = _EOG_LOGIT * 1.4 / _EOG_TRIGGER_VALUE
-    t["output.weight"] = out
+    return out
+
+
+def _random_tensors(rng, hp, logit_scale, eog_after, eog_id) -> dict[str, np.ndarray]:
+    """Llama weights as numpy arrays in (out, in) order, float32."""
+    d, d_ff = hp["n_embd"], hp["n_ff"]
+    head_dim = d // hp["n_head"]
+    d_kv = head_dim * hp["n_head_kv"]
+
+    def linear(n_out, n_in, gain=1.0):
+        return _linear(rng, n_out, n_in, gain)
+
+    t = {}
+    emb = t["token_embd.weight"] = _embeddings(rng, d, eog_after)
+    for i in range(hp["n_layer"]):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = np.ones(d)
+        t[p + "attn_q.weight"] = linear(d, d, gain=2.0)  # sharper attention than uniform
+        t[p + "attn_k.weight"] = linear(d_kv, d)
+        t[p + "attn_v.weight"] = linear(d_kv, d)
+        t[p + "attn_output.weight"] = linear(d, d)
+        t[p + "ffn_norm.weight"] = np.ones(d)
+        t[p + "ffn_gate.weight"] = linear(d_ff, d)
+        t[p + "ffn_up.weight"] = linear(d_ff, d)
+        t[p + "ffn_down.weight"] = linear(d, d_ff)
+        t[p + "attn_output.weight"][0, :] = 0.0  # ... and never written by a layer
+        t[p + "ffn_down.weight"][0, :] = 0.0
+    t["output_norm.weight"] = np.ones(d)
+    t["output.weight"] = _output_layer(rng, emb, logit_scale, eog_id)
     return {k: v.astype(np.float32) for k, v in t.items()}
 
 
@@ -322,18 +444,27 @@ def _read_base(path: Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
 
 
 def _write(path, tokens, hp, tensors, chat_template, *, name) -> None:
-    w = gguf.GGUFWriter(path, "llama")
+    def hparams(w: gguf.GGUFWriter) -> None:
+        w.add_context_length(hp["n_ctx"])
+        w.add_embedding_length(hp["n_embd"])
+        w.add_block_count(hp["n_layer"])
+        w.add_feed_forward_length(hp["n_ff"])
+        w.add_head_count(hp["n_head"])
+        w.add_head_count_kv(hp["n_head_kv"])
+        w.add_rope_dimension_count(hp["n_embd"] // hp["n_head"])
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(_RMS_EPS)
+
+    _write_gguf(path, "llama", tokens, hparams, tensors, chat_template, name=name)
+
+
+def _write_gguf(path, arch: str, tokens, hparams, tensors, chat_template, *, name) -> None:
+    """A GGUF of architecture `arch`: hparams(writer) adds its hyperparameters; then the
+    tiny vocabulary (with `tokens` as its texts) and the tensors."""
+    w = gguf.GGUFWriter(path, arch)
     w.add_name(name)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(hp["n_ctx"])
-    w.add_embedding_length(hp["n_embd"])
-    w.add_block_count(hp["n_layer"])
-    w.add_feed_forward_length(hp["n_ff"])
-    w.add_head_count(hp["n_head"])
-    w.add_head_count_kv(hp["n_head_kv"])
-    w.add_rope_dimension_count(hp["n_embd"] // hp["n_head"])
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(_RMS_EPS)
+    hparams(w)
     w.add_vocab_size(len(tokens))
 
     w.add_tokenizer_model("llama")

@@ -174,6 +174,7 @@ class AutoDrafter:
             "verify_ms": None if not self.costs.calibrated else
             [round(1000 * t, 3) for t in self.costs.t_verify(np.arange(1, self.costs.max_rows + 1))],
             "draft_token_ms": round(1000 * self.costs.draft_token, 3),
+            "state_copy_ms": round(1000 * self.costs.state_copy, 3),
             "copy_acceptance": {  # by source, recent hit rate, line end or not, then match length
                 source: {f"recent {r:.2f}+": {kind: {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
                                               for kind, row in zip(("inside a line", "line end"), rows)}

@@ -61,6 +61,9 @@ class ModelDrafter:
         n = min(self.ctx.sync(tokens), len(tokens) - 1)
         self.ctx.truncate(n)
         logits = self._row(self.ctx.eval(tokens[n:], logits="last")[0])
+        # the next round keeps only the drafts the target accepted: a recurrent draft
+        # model's state is saved here, to come back to
+        self.ctx.checkpoint(budget - 1, 0)
         out: list[int] = []
         qs: list[np.ndarray] = []
         while True:
