@@ -97,7 +97,8 @@ class Model(_Owner):
 
     def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig()):
         self.path = Path(path)
-        check_model_file(self.path)  # llama.cpp aborts the process on some malformed files
+        # llama.cpp aborts the process on some malformed files; heads read the target from it
+        self.header = check_model_file(self.path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
