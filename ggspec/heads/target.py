@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import gguf
 import numpy as np
 
 from ..errors import ModelFileError
-from ..gguffile import KEY_TOKENS, Array, Header, TensorInfo, read_header
+from ..gguffile import KEY_TOKENS, Array, Header, TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
     from ..backend import Model
@@ -61,14 +60,7 @@ class TargetInfo:
 
     def rows(self, tensor: TensorInfo, token_ids: np.ndarray | None = None) -> np.ndarray:
         """Rows `token_ids` (all when None) of a 2-D tensor of the target, dequantized."""
-        n_rows, n_cols = tensor.shape
-        row_bytes = gguf.quants.quant_shape_to_byte_shape((n_cols,), tensor.qtype)[0]
-        with self.path.open("rb") as f:
-            raw = np.memmap(f, dtype=np.uint8, mode="r", offset=tensor.offset,
-                            shape=(n_rows, row_bytes))
-            rows = raw if token_ids is None else raw[np.asarray(token_ids)]
-            out = gguf.quants.dequantize(np.ascontiguousarray(rows), tensor.qtype)
-        return np.ascontiguousarray(out, dtype=np.float32).reshape(-1, n_cols)
+        return read_tensor(self.path, tensor, token_ids)
 
 
 def read_target(target: str | os.PathLike | Model) -> TargetInfo:
