@@ -1,4 +1,4 @@
-"""The ggspec command line: run, chat, serve, bench, pull, models, info.
+"""The ggspec command line: run, chat, serve, bench, pull, models, info, convert.
 
 With the chat REPL (repl.py), the only module that prints. A user mistake (GgspecError
 or ValueError) ends as one `Error: ...` line on stderr and exit code 1, never a traceback.
@@ -53,6 +53,7 @@ Examples:
   ggspec bench -w edit --native llama.cpp-bin   also llama.cpp's own tools, side by side
   ggspec pull && ggspec models
   ggspec info model.gguf --draft draft.gguf
+  ggspec convert eagle ./EAGLE3-checkpoint eagle.gguf -m model.gguf
 """)
 @click.version_option(__version__, "-V", "--version", prog_name="ggspec")
 def cli() -> None:
@@ -482,6 +483,29 @@ def info(file, draft, as_json) -> None:
             click.echo(f"{k:<{width}}  {v}")
     if draft is not None and not summary["compatible"]:
         sys.exit(1)
+
+
+@cli.group()
+def convert() -> None:
+    """Convert published draft heads to GGUF."""
+
+
+@convert.command("eagle")
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-m", "--model", "target", required=True, metavar="FILE|NAME",
+              help="Target model the draft was trained for (its tokenizer goes into OUT).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices.")
+def convert_eagle(src, out, target, dtype) -> None:
+    """An EAGLE-3 checkpoint to llama.cpp's eagle3 GGUF.
+
+    SRC is a directory with config.json and *.safetensors in the SafeAILab / SpecForge
+    layout (midlayer.*) or the speculators layout (layers.0.*). Prints the written path.
+    """
+    from .heads.convert import convert_eagle as run_convert
+
+    click.echo(run_convert(src, _local_model(target), out, dtype=dtype))
 
 
 def _local_model(arg: str) -> Path:
