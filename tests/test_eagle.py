@@ -157,3 +157,37 @@ def test_malformed_files_fail_with_one_line(eagle_path, target_path, tmp_path, t
         load_eagle(eagle_path, other)
     with pytest.raises(ModelFileError, match="expected 'eagle3'"):
         load_eagle(target_path, target_path)
+
+
+def test_taps_copy_layer_inputs_of_every_row(target_path):
+    """The input of layer 0 is the token embedding; the input of layer n (after the last
+    layer), RMS-normed with output_norm, is the hidden state llama.cpp returns as the
+    embedding; a tree decode gives one row per node."""
+    from ggspec.backend import Context, layer_input_name
+    from ggspec.config import BackendConfig
+    from ggspec.heads.nn import rms_norm
+    from ggspec.heads.target import read_target
+    from ggspec.tree import Tree
+
+    with Model(target_path) as m:
+        info = read_target(m)
+        n = info.n_layer
+        taps = [layer_input_name(i) for i in (0, 1, n)]
+        with Context(m, BackendConfig(n_ctx=128, n_batch=32), taps=taps, embeddings=True,
+                     n_seq_max=4) as c:
+            ids = m.tokenize("hello world, this is a test")
+            c.eval(ids, logits="all")
+            f = c.tapped(len(ids)).copy()
+            hidden = c.hidden(len(ids)).copy()
+            c.eval_tree([5, 6, 7, 8], Tree((-1, -1, 0)))  # pending token and 3 nodes
+            assert c.tapped(4).shape == (4, 3 * m.n_embd)
+            np.testing.assert_array_equal(c.tapped(4)[:, :m.n_embd],
+                                          info.rows(info.token_embd, np.array([5, 6, 7, 8])))
+        with Context(m, BackendConfig(n_ctx=128, n_batch=32)) as plain:
+            with pytest.raises(RuntimeError, match="without taps"):
+                plain.tapped(1)
+    d = m.n_embd
+    np.testing.assert_array_equal(f[:, :d], info.rows(info.token_embd, np.array(ids)))
+    out_norm = np.ones(d, np.float32)  # tinymodels writes output_norm = 1
+    np.testing.assert_allclose(rms_norm(f[:, 2 * d:], out_norm, 1e-5), hidden, atol=2e-3)
+    assert not np.allclose(f[:, d:2 * d], f[:, :d])
