@@ -118,22 +118,26 @@ class _Taps:
     every row of a decode: rows (n_batch, len(names) * n_embd), tap k in columns k*n_embd..."""
 
     def __init__(self, names: Sequence[str], n_embd: int, n_batch: int):
-        self.index = {n.encode(): k for k, n in enumerate(names)}
+        self.index: dict[bytes, list[int]] = {}  # name -> its taps (a name may repeat)
+        for k, n in enumerate(names):
+            self.index.setdefault(n.encode(), []).append(k)
         self.n_embd = n_embd
         self.rows = np.zeros((n_batch, len(names) * n_embd), dtype=np.float32)
         self.seen = np.zeros(len(names), dtype=np.int64)  # rows filled per tap this decode
+        self.positions = np.zeros(0, dtype=np.int64)      # of the rows of the last decode
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
 
     def _eval(self, tensor, ask, user_data) -> bool:
         t = ctypes.cast(tensor, ctypes.POINTER(_GgmlTensor)).contents
-        k = self.index.get(t.name)
+        taps = self.index.get(t.name)
         if ask:  # do we want this tensor's data once it is computed?
-            return k is not None and t.type == _GGML_TYPE_F32 and t.ne[0] == self.n_embd
-        n, s = t.ne[1], self.seen[k]  # a decode split in ubatches calls once per ubatch
+            return taps is not None and t.type == _GGML_TYPE_F32 and t.ne[0] == self.n_embd
+        n, s = t.ne[1], self.seen[taps[0]]  # a decode split in ubatches calls once per ubatch
         block = np.empty((n, self.n_embd), dtype=np.float32)
         _ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, 0, block.nbytes)
-        self.rows[s:s + n, k * self.n_embd:(k + 1) * self.n_embd] = block
-        self.seen[k] = s + n
+        for k in taps:
+            self.rows[s:s + n, k * self.n_embd:(k + 1) * self.n_embd] = block
+            self.seen[k] = s + n
         return True  # go on computing
 
 
@@ -414,6 +418,7 @@ class Context(_Owner):
         n_out = int(np.count_nonzero(want))
         if self._taps is not None:
             self._taps.seen[:] = 0
+            self._taps.positions = np.array(positions, dtype=np.int64)
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(handle, b)
         # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
@@ -458,6 +463,12 @@ class Context(_Owner):
             raise RuntimeError(f"llama.cpp computed {self._taps.seen.min()} rows of a tapped "
                                f"tensor, {n_rows} asked (is a tap name wrong?)")
         return self._taps.rows[:n_rows]
+
+    def tapped_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions (n,), tapped tensors (n, n_taps * n_embd)) of every row of the last
+        decode (views, valid until the next decode)."""
+        n = len(self._taps.positions) if self._taps is not None else 0
+        return self._taps.positions if n else np.zeros(0, np.int64), self.tapped(n)
 
     def eval(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
         """Append `tokens` to sequence 0 at the next positions, in n_batch chunks.

@@ -139,7 +139,7 @@ def test_malformed_files_fail_with_one_line(eagle_path, target_path, tmp_path, t
     cases = [
         (dict(drop_key="eagle3.target_layers"), "missing metadata key eagle3.target_layers"),
         (dict(set_key=("eagle3.target_layers", [0, 1], A)), "must hold 3 layer ids"),
-        (dict(set_key=("eagle3.target_layers", [0, 1, 9], A)), r"target layers \[0, 1, 9\] outside"),
+        (dict(set_key=("eagle3.target_layers", [0, 1, 2], A)), r"target layers \[0, 1, 2\] outside the target.s layers 0..1"),
         (dict(drop_tensor="blk.0.attn_q.weight"), "missing tensor blk.0.attn_q.weight"),
         (dict(tensor=("fc.weight", np.zeros((64, 100), np.float32))), r"tensor fc.weight has shape \(64, 100\)"),
         (dict(tensor=("d2t", np.full(40, 5000, np.int64))), "d2t holds ids outside the target vocabulary"),

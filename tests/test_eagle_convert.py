@@ -48,7 +48,7 @@ def checkpoint(tmp_path, target_path, layout="specforge", norm_before_residual=F
     config = {"num_hidden_layers": 1, "hidden_size": H, "num_attention_heads": HEADS,
               "num_key_value_heads": KV, "intermediate_size": FF, "rms_norm_eps": 1e-5,
               "rope_theta": 10000.0, "draft_vocab_size": V, "vocab_size": n_vocab,
-              "eagle_aux_hidden_state_layer_ids": [0, 1, 2],
+              "eagle_aux_hidden_state_layer_ids": [0, 1, 1],
               "norm_before_residual": norm_before_residual}
     if layout == "speculators":  # the layer config nested, as Red Hat's speculators writes it
         config = {"speculators_model_type": "eagle3", "draft_vocab_size": V,
@@ -101,7 +101,7 @@ def test_converted_checkpoint_round_trips_and_computes_the_same(tmp_path, target
     out = convert_eagle(src, target_path, tmp_path / "e.gguf", dtype="f32")
     heads = load_eagle(out, target_path)
     prefix = "midlayer." if layout == "specforge" else "layers.0."
-    assert heads.cfg.target_layers == (0, 1, 2) and heads.cfg.norm_before_residual is nbr
+    assert heads.cfg.target_layers == (0, 1, 1) and heads.cfg.norm_before_residual is nbr
     np.testing.assert_array_equal(heads.d2t, ids)                     # offsets -> target ids
     np.testing.assert_array_equal(heads.w.fc, state["fc.weight"])
     np.testing.assert_array_equal(heads.w.wv, state[prefix + "self_attn.v_proj.weight"])

@@ -362,7 +362,7 @@ def _write(path, tokens, hp, tensors, chat_template, *, name) -> None:
 def write_tiny_eagle(path: str | os.PathLike[str], target: str | os.PathLike[str], *, seed: int = 0,
                      draft_vocab: int | None = None, own_embd: bool = True, own_output: bool = True,
                      norm_before_fc: bool = False, norm_before_residual: bool = False,
-                     target_layers: tuple[int, int, int] = (0, 1, 2), dtype: str = "f32") -> Path:
+                     target_layers: tuple[int, int, int] = (0, 1, 1), dtype: str = "f32") -> Path:
     """Write a random EAGLE-3 draft (llama.cpp's eagle3 format) for tiny `target`: hidden
     64, 4 heads over 2 kv heads, ff 96; `draft_vocab` output rows mapped by d2t (random
     target ids) or the whole vocabulary; its own token embedding / output or the target's."""

@@ -293,8 +293,10 @@ def load_eagle(path: str | os.PathLike, target: str | os.PathLike | TargetInfo) 
     if cfg.target_hidden != info.fingerprint.embedding_length:
         raise f.bad(f"reads target hidden states of {cfg.target_hidden}, target {info.path} "
                     f"has {info.fingerprint.embedding_length}")
-    if max(cfg.target_layers) > info.n_layer or min(cfg.target_layers) < 0:
-        raise f.bad(f"target layers {list(cfg.target_layers)} outside 0..{info.n_layer}")
+    if max(cfg.target_layers) >= info.n_layer or min(cfg.target_layers) < 0:
+        # (llama.cpp also taps the output of the last layer; ggspec taps layer inputs only)
+        raise f.bad(f"target layers {list(cfg.target_layers)} outside the target's layers "
+                    f"0..{info.n_layer - 1}")
     out = f.tensors.get("output.weight")
     draft_vocab = out.shape[0] if out is not None and out.shape else info.n_vocab
     shapes = _shapes(cfg, info.n_vocab, draft_vocab)
