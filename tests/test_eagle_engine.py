@@ -97,3 +97,21 @@ def test_eagle_needs_a_draft_and_a_good_file(target_path, tmp_path):
     with pytest.raises(ModelFileError, match="truncated or corrupt") as e:
         Engine(target_path, None, target_config=CFG, eagle=bad)
     assert "\n" not in str(e.value)
+
+
+def test_cli_runs_eagle_and_names_a_bad_file_in_one_line(target_path, eagle_path, tmp_path):
+    import json
+
+    from test_cli import TINY, assert_one_line_error, greedy_tokens, invoke
+    got = invoke("run", "-m", target_path, "--no-draft", "--eagle", eagle_path, "--tree-nodes", 6,
+                 *TINY, "--method", "eagle", "-t", 0, "-n", 12, "--json", "hello world")
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.stdout)
+    assert data["stats"]["method"] == "eagle" and data["stats"]["draft_tokens"] > 0
+    assert data["tokens"] == greedy_tokens(target_path, [{"role": "user", "content": "hello world"}], 12)
+    got = invoke("run", "-m", target_path, "--no-draft", *TINY, "--method", "eagle", "hello")
+    assert_one_line_error(got, "pass an EAGLE-3 draft with --eagle")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    assert_one_line_error(invoke("run", "-m", target_path, "--no-draft", "--eagle", bad, *TINY, "hi"),
+                          str(bad))
