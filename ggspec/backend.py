@@ -92,12 +92,62 @@ class _Owner:
         self.close()
 
 
+class _GgmlTensor(ctypes.Structure):
+    """The head of ggml.h's `struct ggml_tensor` (ggml 0.25), up to its name."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+_ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+_ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_ggml.ggml_backend_tensor_get.restype = None
+_GGML_TYPE_F32 = 0
+
+
+def layer_input_name(layer: int) -> str:
+    """The graph tensor holding the input of target layer `layer`: the token embeddings
+    for layer 0, else the output of the layer before."""
+    return "embd" if layer == 0 else f"l_out-{layer - 1}"
+
+
+class _Taps:
+    """llama.cpp's graph evaluation callback (cb_eval), copying named F32 tensors of
+    every row of a decode: rows (n_batch, len(names) * n_embd), tap k in columns k*n_embd..."""
+
+    def __init__(self, names: Sequence[str], n_embd: int, n_batch: int):
+        self.index: dict[bytes, list[int]] = {}  # name -> its taps (a name may repeat)
+        for k, n in enumerate(names):
+            self.index.setdefault(n.encode(), []).append(k)
+        self.n_embd = n_embd
+        self.rows = np.zeros((n_batch, len(names) * n_embd), dtype=np.float32)
+        self.seen = np.zeros(len(names), dtype=np.int64)  # rows filled per tap this decode
+        self.positions = np.zeros(0, dtype=np.int64)      # of the rows of the last decode
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
+
+    def _eval(self, tensor, ask, user_data) -> bool:
+        t = ctypes.cast(tensor, ctypes.POINTER(_GgmlTensor)).contents
+        taps = self.index.get(t.name)
+        if ask:  # do we want this tensor's data once it is computed?
+            return taps is not None and t.type == _GGML_TYPE_F32 and t.ne[0] == self.n_embd
+        n, s = t.ne[1], self.seen[taps[0]]  # a decode split in ubatches calls once per ubatch
+        block = np.empty((n, self.n_embd), dtype=np.float32)
+        _ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, 0, block.nbytes)
+        for k in taps:
+            self.rows[s:s + n, k * self.n_embd:(k + 1) * self.n_embd] = block
+            self.seen[k] = s + n
+        return True  # go on computing
+
+
 class Model(_Owner):
     """A loaded GGUF model: weights, vocabulary and metadata."""
 
     def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig()):
         self.path = Path(path)
-        check_model_file(self.path)  # llama.cpp aborts the process on some malformed files
+        # llama.cpp aborts the process on some malformed files; heads read the target from it
+        self.header = check_model_file(self.path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
@@ -279,7 +329,7 @@ class Context(_Owner):
 
     def __init__(self, model: Model, cfg: BackendConfig = BackendConfig(), *,
                  n_seq_max: int = 1, embeddings: bool = False, shared_cache: bool | None = None,
-                 rollback: int = 0):
+                 rollback: int = 0, taps: Sequence[str] = ()):
         if model.recurrent and n_seq_max > 1:
             raise ValueError(f"{model.path.name} keeps a recurrent state, which cannot branch: a context "
                              "over it holds one sequence (no tree drafts, no Medusa heads)")
@@ -298,6 +348,10 @@ class Context(_Owner):
         params.embeddings = embeddings
         if embeddings:
             params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        # taps: graph tensors (layer_input_name) copied for every row of each decode
+        self._taps = _Taps(taps, model.n_embd, cfg.n_batch) if taps else None
+        if self._taps is not None:
+            params.cb_eval = self._taps.callback
         if cfg.flash_attn is not None:
             params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -385,6 +439,9 @@ class Context(_Owner):
                 for j, s in enumerate(ids):
                     b.seq_id[i][j] = s
         n_out = int(np.count_nonzero(want))
+        if self._taps is not None:
+            self._taps.seen[:] = 0
+            self._taps.positions = np.array(positions, dtype=np.int64)
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(handle, b)
         # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
@@ -420,6 +477,22 @@ class Context(_Owner):
         if not ptr:
             raise RuntimeError("this context was created without embeddings=True")
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_embd))
+
+    def tapped(self, n_rows: int) -> np.ndarray:
+        """(n_rows, n_taps * n_embd) view of the tapped tensors of the last decode's first
+        n_rows rows (taps in the order given at creation)."""
+        if self._taps is None:
+            raise RuntimeError("this context was created without taps")
+        if (self._taps.seen < n_rows).any():
+            raise RuntimeError(f"llama.cpp computed {self._taps.seen.min()} rows of a tapped "
+                               f"tensor, {n_rows} asked (is a tap name wrong?)")
+        return self._taps.rows[:n_rows]
+
+    def tapped_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions (n,), tapped tensors (n, n_taps * n_embd)) of every row of the last
+        decode (views, valid until the next decode)."""
+        n = len(self._taps.positions) if self._taps is not None else 0
+        return self._taps.positions if n else np.zeros(0, np.int64), self.tapped(n)
 
     def eval(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
         """Append `tokens` to sequence 0 at the next positions, in n_batch chunks.

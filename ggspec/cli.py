@@ -1,4 +1,4 @@
-"""The ggspec command line: run, chat, serve, bench, pull, models, info.
+"""The ggspec command line: run, chat, serve, bench, pull, models, info, convert.
 
 With the chat REPL (repl.py), the only module that prints. A user mistake (GgspecError
 or ValueError) ends as one `Error: ...` line on stderr and exit code 1, never a traceback.
@@ -53,6 +53,7 @@ Examples:
   ggspec bench -w edit --native llama.cpp-bin   also llama.cpp's own tools, side by side
   ggspec pull && ggspec models
   ggspec info model.gguf --draft draft.gguf
+  ggspec convert eagle ./EAGLE3-checkpoint eagle.gguf -m model.gguf
 """)
 @click.version_option(__version__, "-V", "--version", prog_name="ggspec")
 def cli() -> None:
@@ -76,10 +77,13 @@ _model_options = _options(
     click.option("--heads", metavar="FILE|default",
                  help="Medusa heads GGUF for the target, or 'default' for the shipped ones "
                  "(enables --method medusa)."),
+    click.option("--eagle", metavar="FILE",
+                 help="EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; "
+                 "enables --method eagle; `ggspec convert eagle` makes one)."),
     click.option("--tree", "tree_shape", type=click.Choice(list(TREE_SHAPES)), default="grown",
                  show_default=True, help="Shape of medusa trees."),
     click.option("--tree-nodes", type=click.IntRange(0, MEDUSA_MAX_NODES), default=0, show_default=True,
-                 help="Fixed medusa tree size, at most --draft-max (0: sized by measured cost)."),
+                 help="Fixed medusa / eagle tree size, at most --draft-max (0: sized by measured cost)."),
     click.option("-c", "--ctx-size", type=int, default=BackendConfig.n_ctx, show_default=True,
                  help="Context size in tokens."),
     click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,
@@ -93,7 +97,7 @@ _spec_options = _options(
     click.option("--method", type=click.Choice(METHODS), help="Speculation method.  "
                  f"[default: {_SPEC.method}, or none when that cannot run with these models]"),
     click.option("-k", "--draft-max", type=int, default=_SPEC.draft_max, show_default=True,
-                 help="Most tokens drafted per round (medusa: tree nodes)."),
+                 help="Most tokens drafted per round (medusa, eagle: tree nodes)."),
     click.option("--typical", is_flag=True,
                  help="Verify medusa trees with typical acceptance: LOSSY, output may differ."),
 )
@@ -128,7 +132,8 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
         draft = None
     engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
                     spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"),
-                    tree_shape=opts.pop("tree_shape"), tree_nodes=opts.pop("tree_nodes"))
+                    tree_shape=opts.pop("tree_shape"), tree_nodes=opts.pop("tree_nodes"),
+                    eagle=opts.pop("eagle"))
     if engine.n_ctx != n_ctx:
         click.secho(f"note: llama.cpp rounded the context size up from {n_ctx} to {engine.n_ctx} tokens",
                     dim=True, err=True)
@@ -143,7 +148,8 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
         method = _SPEC.method if _SPEC.method in available else "none"
     elif method not in available:
         hint = {"draft": "; pass a draft model with -d/--draft",
-                "medusa": "; pass Medusa heads with --heads"}.get(method, "")
+                "medusa": "; pass Medusa heads with --heads",
+                "eagle": "; pass an EAGLE-3 draft with --eagle"}.get(method, "")
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
     return SpecConfig(method, draft_max=draft_max, typical=typical)
@@ -482,6 +488,29 @@ def info(file, draft, as_json) -> None:
             click.echo(f"{k:<{width}}  {v}")
     if draft is not None and not summary["compatible"]:
         sys.exit(1)
+
+
+@cli.group()
+def convert() -> None:
+    """Convert published draft heads to GGUF."""
+
+
+@convert.command("eagle")
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-m", "--model", "target", required=True, metavar="FILE|NAME",
+              help="Target model the draft was trained for (its tokenizer goes into OUT).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices.")
+def convert_eagle(src, out, target, dtype) -> None:
+    """An EAGLE-3 checkpoint to llama.cpp's eagle3 GGUF.
+
+    SRC is a directory with config.json and *.safetensors in the SafeAILab / SpecForge
+    layout (midlayer.*) or the speculators layout (layers.0.*). Prints the written path.
+    """
+    from .heads.convert import convert_eagle as run_convert
+
+    click.echo(run_convert(src, _local_model(target), out, dtype=dtype))
 
 
 def _local_model(arg: str) -> Path:

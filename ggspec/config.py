@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-METHODS = ("auto", "draft", "lookup", "medusa", "none")
+METHODS = ("auto", "draft", "eagle", "lookup", "medusa", "none")
 MAX_DRAFT = 64  # the most tokens one round may draft
 MIN_TEMPERATURE = 1e-3  # below it (but above 0) logits / T overflow to NaN probabilities
 

@@ -20,16 +20,18 @@ import numpy as np
 from . import calibration, hub
 from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_speculative, accept_tree_match,
                          accept_tree_typical)
-from .backend import Context, Model, check_vocab_compatible
+from .backend import Context, Model, check_vocab_compatible, layer_input_name
 from .config import BackendConfig, SamplingConfig, SpecConfig
 from .controller import CostModel
 from .drafters import Draft, Drafter
 from .drafters.auto import AutoDrafter
+from .drafters.eagle import EagleDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.medusa import MedusaDrafter
 from .drafters.model import ModelDrafter
 from .errors import BusyError, ContextOverflowError, EngineClosedError
 from .heads import load_heads
+from .heads.eagle import load_eagle
 from .stats import Stats
 from .text import TextStream
 
@@ -86,6 +88,9 @@ class Engine:
     tree_nodes: a fixed number of tree nodes per medusa round (at most MEDUSA_MAX_NODES,
     and spec.draft_max); 0 sizes each tree by the measured verification cost (no tree
     where none pays).
+    eagle: an EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; enables
+    method "eagle": EAGLE-2 dynamic trees of up to MEDUSA_MAX_NODES nodes; the target's
+    context then also copies the draft's three target layers' inputs of every row).
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -108,6 +113,7 @@ class Engine:
                  heads: str | os.PathLike | None = None,
                  tree_shape: str = "grown",
                  tree_nodes: int = 0,
+                 eagle: str | os.PathLike | None = None,
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
@@ -129,10 +135,13 @@ class Engine:
         self._closed = False
         with ExitStack() as stack:
             self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
-            if heads is not None:
+            eagle_heads = load_eagle(eagle, self.target) if eagle is not None else None
+            taps = [layer_input_name(i) for i in eagle_heads.cfg.target_layers] if eagle_heads else []
+            if heads is not None or eagle_heads is not None:
                 max_tree_paths = max(max_tree_paths, MEDUSA_MAX_NODES)
             self.ctx = stack.enter_context(Context(self.target, target_config, n_seq_max=max_tree_paths,
-                                                   embeddings=heads is not None, rollback=spec.draft_max))
+                                                   embeddings=heads is not None, rollback=spec.draft_max,
+                                                   taps=taps))
             self._contexts = [self.ctx]
             self.draft: Model | None = None
             lookup = LookupDrafter()
@@ -148,8 +157,12 @@ class Engine:
             if heads is not None:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, self.costs, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
+            if eagle_heads is not None:
+                self.drafters["eagle"] = EagleDrafter(self.ctx, self.costs, eagle_heads, MEDUSA_MAX_NODES,
+                                                      tree_nodes)
             self.drafters["auto"] = AutoDrafter(self.costs, lookup, self.drafters.get("draft"),
-                                                self.target.line_ends(), self.drafters.get("medusa"),
+                                                self.target.line_ends(),
+                                                self.drafters.get("eagle") or self.drafters.get("medusa"),
                                                 max_paths=self.ctx.n_seq_max)
             self._progress = progress
             self._resources = stack.pop_all()
@@ -197,7 +210,7 @@ class Engine:
         if spec.method == "none":
             return
         rows, what = spec.draft_max + 1, f"draft_max + 1 = {spec.draft_max + 1}"
-        if "medusa" in self.drafters and MEDUSA_MAX_NODES + 1 > rows:
+        if self._tree_drafters() and MEDUSA_MAX_NODES + 1 > rows:
             rows, what = MEDUSA_MAX_NODES + 1, f"the largest head tree + 1 = {MEDUSA_MAX_NODES + 1}"
         if self.ctx.n_batch < rows:
             raise ValueError(f"n_batch {self.ctx.n_batch} is below {what}: a verification batch "
@@ -285,7 +298,7 @@ class Engine:
         self.ctx.eval(prompt[stats.cached_tokens:-1], logits="none")
         if drafter is not None:
             drafter.prepare(prompt)
-            if spec.method in ("auto", "medusa"):
+            if spec.method in ("auto", "medusa", "eagle"):
                 self._calibrate(spec.draft_max + 1)
         stats.prefill_tokens = len(prompt) - stats.cached_tokens
         t1 = time.perf_counter()
@@ -352,7 +365,7 @@ class Engine:
     def _calibrate(self, rows: int) -> None:
         """Give the cost model a verification curve covering `rows` rows (and the largest
         tree with heads), from the calibration store or measured now."""
-        if "medusa" in self.drafters:
+        if self._tree_drafters():
             rows = max(rows, MEDUSA_MAX_NODES + 1)
         if self.costs.calibrated and self.costs.max_rows >= rows:
             return
@@ -392,6 +405,9 @@ class Engine:
         else:
             v = accept_match(rows, draft.tokens, sampling, rng)
         return TreeVerdict(tuple(range(v.n_accepted)), v.token)
+
+    def _tree_drafters(self) -> bool:
+        return "medusa" in self.drafters or "eagle" in self.drafters
 
     def _busy(self) -> float:
         return sum(c.busy_seconds for c in self._contexts)

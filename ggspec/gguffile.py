@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from .errors import ModelFileError
 
@@ -229,3 +230,23 @@ def check_model_file(path: str | os.PathLike) -> Header:
                                      "twice in its vocabulary")
             seen.add(t)
     return header
+
+
+_Q = gguf.GGMLQuantizationType
+INT_TYPES = {_Q.I8: np.int8, _Q.I16: np.int16, _Q.I32: np.int32, _Q.I64: np.int64}
+
+
+def read_tensor(path: Path, t: TensorInfo, rows: np.ndarray | None = None) -> np.ndarray:
+    """Tensor `t` of GGUF file `path` (its rows `rows` of a 2-D one), dequantized to
+    float32; integer tensors as int64. Shape: numpy order, rows selected first."""
+    n_cols = t.shape[-1] if t.shape else 1
+    n_rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
+    row_bytes = gguf.quants.quant_shape_to_byte_shape((n_cols,), t.qtype)[0]
+    with path.open("rb") as f:
+        raw = np.memmap(f, dtype=np.uint8, mode="r", offset=t.offset, shape=(n_rows, row_bytes))
+        raw = np.ascontiguousarray(raw if rows is None else raw[np.asarray(rows)])
+    if t.qtype in INT_TYPES:
+        return raw.view(INT_TYPES[t.qtype]).astype(np.int64).reshape(-1, *t.shape[1:])
+    out = gguf.quants.dequantize(raw, t.qtype)
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    return out.reshape(-1, n_cols) if rows is not None else out.reshape(t.shape)

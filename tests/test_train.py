@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ggspec.train
+import ggspec.heads.collect
 from ggspec.heads import MedusaHeads, TargetFingerprint, load_heads, read_target
 from ggspec.backend import Context, Model
 from ggspec.config import BackendConfig
-from ggspec.train import (CollectConfig, HiddenStates, TrainConfig, _forward_backward, _labels, _Split,
-                          collect, format_report, plan_prompts, reduced_vocab, train,
-                          tree_acceptance)
+from ggspec.heads.collect import CollectConfig, HiddenStates, collect, plan_prompts
+from ggspec.heads.fit import TrainConfig, _forward_backward, _labels, reduced_vocab, train
+from ggspec.heads.report import Split, format_report, tree_acceptance
 from reference import first_divergence, greedy_reference
 
 
@@ -47,7 +47,7 @@ def test_tree_acceptance_counts_the_longest_path_in_the_tree():
     heads = MedusaHeads(np.zeros((2, 1, h, h)), np.zeros((2, 1, h)), np.eye(h), token_ids=None,
                         tied=True, target=TargetFingerprint("t", h, "v"))
     data = HiddenStates(Path("."), x, np.zeros(3), np.zeros(3), np.array([[0, 3, 0]]), None, 0.0)
-    split = _Split(np.arange(3), greedy, greedy)
+    split = Split(np.arange(3), greedy, greedy)
     acceptance, got = tree_acceptance(heads, data, split, sizes=(1, 2, 3, 4), top_k=2)
     np.testing.assert_allclose(acceptance, [[2 / 3, 1 / 3], [2 / 3, 0]])
     np.testing.assert_allclose([got[n] for n in (1, 2, 3, 4)], [2 / 3, 1, 4 / 3, 5 / 3])
@@ -232,7 +232,7 @@ def test_answer_collection_killed_while_writing_resumes(tmp_path, target_path, m
                 raise Killed
             return real_dumps(obj, **kwargs)
 
-        monkeypatch.setattr(ggspec.train.json, "dumps", dumps)
+        monkeypatch.setattr(ggspec.heads.collect.json, "dumps", dumps)
     else:  # the third preds.npy written (at creation, answer 1, answer 2) stops halfway
         real_save = np.save
 

@@ -488,3 +488,38 @@ def _write_gguf(path, arch: str, tokens, hparams, tensors, chat_template, *, nam
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_tiny_eagle(path: str | os.PathLike[str], target: str | os.PathLike[str], *, seed: int = 0,
+                     draft_vocab: int | None = None, own_embd: bool = True, own_output: bool = True,
+                     norm_before_fc: bool = False, norm_before_residual: bool = False,
+                     target_layers: tuple[int, int, int] = (0, 1, 1), dtype: str = "f32") -> Path:
+    """Write a random EAGLE-3 draft (llama.cpp's eagle3 format) for tiny `target`: hidden
+    64, 4 heads over 2 kv heads, ff 96; `draft_vocab` output rows mapped by d2t (random
+    target ids) or the whole vocabulary; its own token embedding / output or the target's."""
+    from ggspec.heads.eagle import EagleConfig, EagleWeights, save_eagle
+    from ggspec.heads.target import read_target
+
+    info = read_target(target)
+    th, h, ff = info.fingerprint.embedding_length, 64, 96
+    cfg = EagleConfig(hidden=h, n_head=4, n_head_kv=2, n_ff=ff, target_layers=target_layers,
+                      target_hidden=th, rms_eps=1e-5, norm_before_fc=norm_before_fc,
+                      norm_before_residual=norm_before_residual)
+    rng = np.random.default_rng(seed)
+
+    def lin(n_out, n_in, gain=1.0):
+        return (rng.standard_normal((n_out, n_in)) * gain / np.sqrt(n_in)).astype(np.float32)
+
+    def norm(n):
+        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    v = draft_vocab or info.n_vocab
+    d2t = np.sort(rng.choice(info.n_vocab, v, replace=False)) if draft_vocab else None
+    w = EagleWeights(fc=lin(h, 3 * th), attn_norm=norm(h), attn_norm_2=norm(h),
+                     wq=lin(h, 2 * h, 2.0), wk=lin(32, 2 * h), wv=lin(32, 2 * h), wo=lin(h, h),
+                     ffn_norm=norm(h), ffn_gate=lin(ff, h), ffn_up=lin(ff, h), ffn_down=lin(h, ff),
+                     output_norm=norm(h), enc_norm=norm(3 * th) if norm_before_fc else None,
+                     output=lin(v, h, 4.0) if own_output else None, d2t=d2t,
+                     token_embd=rng.standard_normal((info.n_vocab, h)).astype(np.float32)
+                     if own_embd else None)
+    return save_eagle(path, cfg, w, target, dtype=dtype)

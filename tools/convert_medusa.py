@@ -7,7 +7,7 @@ residual block j and n_layers blocks per head (keys may carry a `medusa_head.` p
     <i>.<j>.linear.weight  (H, H)    <i>.<j>.linear.bias  (H,)    <i>.<n_layers>.weight  (V, H)
 
 i.e. Medusa's `nn.Sequential(ResBlock * n_layers, nn.Linear(H, V, bias=False))` with
-ResBlock(x) = x + SiLU(linear(x)): exactly ggspec's head (ggspec/heads.py).
+ResBlock(x) = x + SiLU(linear(x)): exactly ggspec's head (ggspec/heads/medusa.py).
 
     python tools/convert_medusa.py medusa_lm_head.safetensors target.gguf heads.gguf
 
@@ -17,9 +17,7 @@ safetensors files are read with numpy alone (F32, F16 and BF16); `.pt` files nee
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import struct
 import sys
 from pathlib import Path
 
@@ -29,41 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ggspec.errors import ModelFileError  # noqa: E402
 from ggspec.heads import WEIGHT_TYPES, MedusaHeads, read_target, save_heads  # noqa: E402
+from ggspec.heads.convert import read_safetensors  # noqa: E402
 
 _PREFIX = "medusa_head."
 _RES = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
 _OUT = re.compile(r"^(\d+)\.(\d+)\.weight$")
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as float32 numpy arrays. (The safetensors
-    package's numpy loader cannot read BF16, the usual dtype of Medusa checkpoints.)"""
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise ModelFileError(f"{path} is too short to be a safetensors file")
-    (n,) = struct.unpack_from("<Q", data, 0)
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelFileError(f"{path} is not a safetensors file (bad header)") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ModelFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = (8 + n + o for o in info["data_offsets"])
-        if end > len(data):
-            raise ModelFileError(f"{path} is truncated (tensor {name})")
-        a = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":  # the high half of a float32
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        out[name] = a.astype(np.float32)
-    return out
-
-
 def read_pt(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch

@@ -7,7 +7,7 @@
     python tools/train_medusa.py qwen2.5-coder-1.5b prompts.txt heads.gguf --answers
 
 Hidden states are cached in --work-dir and training checkpoints there too: run the same
-command again to resume. See ggspec/train.py for what is learnt.
+command again to resume. See ggspec/heads/fit.py for what is learnt.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ggspec.errors import GgspecError  # noqa: E402
 from ggspec.hub import resolve  # noqa: E402
-from ggspec.train import (LABELS, CollectConfig, TrainConfig, format_report,  # noqa: E402
-                          train_medusa)
+from ggspec.heads.collect import CollectConfig  # noqa: E402
+from ggspec.heads.fit import LABELS, TrainConfig, train_medusa  # noqa: E402
+from ggspec.heads.report import format_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from ..controller import (EXPLORE_EVERY, MATCH_EDGES, RECENT_EDGES, AcceptanceMo
 from ..tokens import common_prefix
 from ..tree import Tree, trie
 from . import Draft
+from .eagle import EagleDrafter
 from .lookup import LookupDrafter, Match
 from .medusa import MedusaDrafter
 from .model import ModelDrafter
@@ -33,13 +34,13 @@ class AutoDrafter:
     name = "auto"
 
     def __init__(self, costs: CostModel, lookup: LookupDrafter, model: ModelDrafter | None,
-                 line_ends: np.ndarray, medusa: MedusaDrafter | None = None, max_paths: int = 1):
+                 line_ends: np.ndarray, heads: MedusaDrafter | EagleDrafter | None = None, max_paths: int = 1):
         self.costs = costs
         self.max_paths = max_paths  # > 1: copied candidates may form a tree of that many paths
         self.line_ends = line_ends  # (n_vocab,) bool: which tokens hold a line break
         self.lookup = lookup
         self.model = model
-        self.medusa = medusa
+        self.heads = heads  # Medusa or EAGLE: a tree from the target's hidden states
         self.copy_acceptance = MatchAcceptance()
         self.model_acceptance = AcceptanceModel(MODEL_PRIOR, MAX_DRAFT) if model else None
         self.plans: Counter[Plan | str] = Counter()
@@ -50,8 +51,8 @@ class AutoDrafter:
         # and that cost is part of what the controller measures
         self.lookup.prepare(tokens)
         self.copy_acceptance.start()
-        if self.medusa is not None:
-            self.medusa.prepare(tokens)
+        if self.heads is not None:
+            self.heads.prepare(tokens)
         self.plans.clear()
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
@@ -72,12 +73,12 @@ class AutoDrafter:
                 if tree_rate <= rate:
                     tree = None
                 rate = max(rate, tree_rate)
-        if self.medusa is not None:
-            nodes, medusa_rate = self.medusa.plan(budget)
-            if nodes and medusa_rate > rate:
-                self.plans["medusa"] += 1
+        if self.heads is not None:
+            nodes, heads_rate = self.heads.plan(budget, tokens)
+            if nodes and heads_rate > rate:
+                self.plans[self.heads.name] += 1
                 self._streak = 0
-                return self.medusa.draft(nodes)
+                return self.heads.draft(nodes)
         if tree is not None:
             self.plans[tree.plan] += 1
             self._streak = 0
@@ -159,8 +160,8 @@ class AutoDrafter:
         return Plan()
 
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
-        if self.medusa is not None:
-            self.medusa.accept(draft, nodes)  # keeps the heads' hidden state current
+        if self.heads is not None:
+            self.heads.accept(draft, nodes)  # keeps the heads' hidden state current
         plan = draft.plan
         if isinstance(plan, Plan) and plan.model and len(nodes) >= plan.lookup:
             self.model_acceptance.observe(plan.model, len(nodes) - plan.lookup)

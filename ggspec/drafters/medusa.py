@@ -55,8 +55,9 @@ class MedusaDrafter:
     def prepare(self, tokens: Sequence[int]) -> None:
         self._hidden = None  # a new prompt: the first round runs plain and yields one
 
-    def plan(self, budget: int) -> tuple[int, float]:
-        """The tree size to draft now (0: none) and its expected committed tokens per second."""
+    def plan(self, budget: int, tokens: Sequence[int] = ()) -> tuple[int, float]:
+        """The tree size to draft now (0: none) and its expected committed tokens per second
+        (the heads read the last hidden state, not `tokens`)."""
         if self._hidden is None or not self.costs.calibrated:
             return 0, 0.0
         # best-first: the first n of these nodes are the tree of n nodes

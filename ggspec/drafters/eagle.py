@@ -1,0 +1,192 @@
+"""EAGLE-3 drafts: a one-layer draft reads three of the target's hidden states and grows an
+EAGLE-2 dynamic token tree; the target verifies the tree in one llama_decode.
+
+Features: the target's context taps the inputs of the draft's three target layers for
+every row of every decode (backend taps). After a round, the committed rows' features
+g_P and the committed tokens give the pairs (token P+1, g_P); running them through the
+draft fills its KV cache and its last row predicts the token after the pending one.
+
+The tree (SafeAILab's topK_genrate): depth 1 holds the top `top_k` tokens of that
+prediction; each further depth expands the `top_k` frontier nodes of highest cumulative
+log-probability, all in one batched draft step (each node feeds its parent's pre-norm
+output back as g), and keeps their children's top `top_k`. Of all nodes, the best by
+cumulative log-probability make the tree; its size n maximises the expected committed
+tokens per second, (1 + sum of the first n nodes' chances) / (t_verify(n + 1) + t_draft),
+by the engine's cost model, each node's chance being exp(cumulative log-probability)
+scaled by the measured ratio of accepted to expected tokens. Zero nodes: a plain round.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..backend import Context
+from ..config import SamplingConfig
+from ..controller import EMA, CostModel
+from ..heads import nn
+from ..heads.eagle import EagleHeads
+from ..tree import Tree
+from . import Draft
+
+TOP_K = 8  # children per expanded node, and frontier nodes expanded per depth
+DEPTH = 5  # draft steps per tree
+
+
+@dataclass(frozen=True)
+class _Grown:
+    """A grown tree before sizing, nodes best first (parents before children)."""
+
+    tokens: np.ndarray   # (m,) target ids
+    parents: np.ndarray  # (m,) index of the parent in this order, -1 at depth 1
+    chances: np.ndarray  # (m,) exp(cumulative log-probability)
+
+
+class EagleDrafter:
+    name = "eagle"
+
+    def __init__(self, target: Context, costs: CostModel, heads: EagleHeads, max_nodes: int,
+                 nodes: int = 0, depth: int = DEPTH, top_k: int = TOP_K):
+        if not (isinstance(nodes, int) and 0 <= nodes <= max_nodes):
+            raise ValueError(f"tree nodes must be an integer from 0 (sized by cost) to "
+                             f"{max_nodes}, got {nodes!r}")
+        self.target, self.costs, self.heads = target, costs, heads
+        self.max_nodes, self.nodes = max_nodes, nodes
+        self.depth, self.top_k = depth, min(top_k, heads.vocab_size)
+        self.cache = heads.new_cache(target.n_ctx + depth * self.top_k)
+        self.draft_seconds = 0.0  # growing a tree, an EMA
+        self._accepted = self._expected = 1.0  # accepted and expected tokens per tree, EMAs
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None  # (positions, features)
+        self._last: tuple[np.ndarray, np.ndarray] | None = None     # (logits (V,), pre (h,))
+        self._grown: _Grown | None = None
+
+    def prepare(self, tokens: Sequence[int]) -> None:
+        """A new prompt, whose rows before the pending token the target just decoded: the
+        draft takes the features of the last decode's rows (it sees at most n_batch of the
+        prompt's last tokens; the target's verification keeps the output exact anyway)."""
+        self.cache.truncate(0)
+        self._last = None
+        positions, features = self.target.tapped_rows()
+        fresh = positions.size and positions[-1] == len(tokens) - 2
+        self._pending = (positions.copy(), features.copy()) if fresh else None
+
+    def _catch_up(self, tokens: Sequence[int]) -> None:
+        """Run the committed pairs (tokens[P+1], g_P) through the draft."""
+        if self._pending is None:
+            return
+        positions, features = self._pending
+        self._pending = None
+        c = self.cache
+        live = np.flatnonzero(c.positions[:c.n] < positions[0])  # a rewind drops later rows
+        c.truncate(live[-1] + 1 if live.size else 0)
+        n0, n = c.n, len(positions)
+        visible = np.zeros((n, n0 + n), dtype=bool)
+        visible[:, :n0] = True
+        visible[:, n0:] = np.tri(n, dtype=bool)
+        logits, pre = self.heads.step(c, np.asarray(tokens)[positions + 1], self.heads.fuse(features),
+                                      positions, visible)
+        self._last = (logits[-1], pre[-1])
+
+    def _grow(self, tokens: Sequence[int]) -> _Grown | None:
+        """EAGLE-2's dynamic tree from the last committed row's prediction."""
+        self._catch_up(tokens)
+        if self._last is None:
+            return None
+        c, k = self.cache, self.top_k
+        n_committed, root = c.n, len(tokens) - 1  # the pending token's position
+        logp, pre = nn.log_softmax(self._last[0])[None], self._last[1][None]
+        scores = np.zeros(1)
+        ancestors: list[list[int]] = [[]]  # cache rows of each frontier node's path
+        all_tok, all_par, all_score = [], [], []
+        frontier_ids = np.array([-1])  # index into all_* of each frontier node
+        for d in range(self.depth):
+            # children: top k of each frontier node, scored by cumulative log-probability
+            top, lp = nn.top_k(logp, k)                                  # (f, k)
+            cand = (scores[:, None] + lp).ravel()
+            base = len(all_tok)
+            all_tok += top.ravel().tolist()
+            all_par += np.repeat(frontier_ids, k).tolist()
+            all_score += cand.tolist()
+            if d + 1 == self.depth:
+                break
+            best = np.argsort(-cand, kind="stable")[:k]                  # next frontier
+            parent_of = best // k
+            n_new = len(best)
+            visible = np.zeros((n_new, c.n + n_new), dtype=bool)
+            visible[:, :n_committed] = True
+            for i, b in enumerate(best):
+                path = ancestors[parent_of[i]]
+                visible[i, path] = True
+                visible[i, c.n + i] = True
+            new_rows = c.n + np.arange(n_new)
+            logits, pre = self.heads.step(c, top.ravel()[best], pre[parent_of],
+                                          np.full(n_new, root + d), visible)
+            ancestors = [ancestors[parent_of[i]] + [int(new_rows[i])] for i in range(n_new)]
+            logp, scores = nn.log_softmax(logits), cand[best]
+            frontier_ids = base + best
+        c.truncate(n_committed)
+        score = np.asarray(all_score)
+        depth_of = np.zeros(len(all_tok), dtype=np.int64)
+        for i, p in enumerate(all_par):
+            depth_of[i] = 0 if p < 0 else depth_of[p] + 1
+        # best first; a child never beats its parent (log-probabilities are <= 0), ties
+        # go to the shallower node, so every prefix of this order is a tree
+        order = np.lexsort((depth_of, -score))[:self.max_nodes]
+        chosen = set(order.tolist())
+        order = [i for i in order if all_par[i] < 0 or all_par[i] in chosen]
+        place = {int(i): j for j, i in enumerate(order)}
+        tok = self.heads.target_ids(np.asarray(all_tok)[order])
+        par = np.array([-1 if all_par[i] < 0 else place[all_par[i]] for i in order], dtype=np.int64)
+        return _Grown(tok.astype(np.int64), par, np.exp(score[order]))
+
+    def plan(self, budget: int, tokens: Sequence[int]) -> tuple[int, float]:
+        """Grow the tree and choose its size (0: none) and its expected committed tokens
+        per second."""
+        self._grown = None
+        if not self.costs.calibrated or budget < 1:
+            self._catch_up(tokens)
+            return 0, 0.0
+        t0 = time.perf_counter()
+        grown = self._grow(tokens)
+        self.draft_seconds += EMA * (time.perf_counter() - t0 - self.draft_seconds)
+        if grown is None:
+            return 0, 0.0
+        self._grown = grown
+        m = min(budget, len(grown.tokens))
+        calibration = self._accepted / self._expected  # how far the chances run over or under
+        gain = 1 + np.concatenate([[0.0], np.cumsum(calibration * grown.chances[:m])])
+        n = np.arange(m + 1)
+        rate = gain / (self.costs.t_verify(n + 1) + np.where(n > 0, self.draft_seconds, 0.0))
+        best = min(self.nodes, m) if self.nodes else int(np.argmax(rate))
+        return best, float(rate[best])
+
+    def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
+                rng: np.random.Generator) -> Draft:
+        return self.draft(self.plan(budget, tokens)[0])
+
+    def draft(self, n: int) -> Draft:
+        """The first n nodes of the tree grown by plan() (0: a plain round)."""
+        g = self._grown
+        if n == 0 or g is None:
+            return Draft([])
+        keep = _prefix_tree(g.parents, n)
+        return Draft(g.tokens[:n].tolist(), tree=keep, plan=float(g.chances[:n].sum()))
+
+    def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
+        # features of the committed rows of the verification: the pending row and the
+        # accepted nodes (any drafter's draft: one row per token after the pending one)
+        positions, features = self.target.tapped_rows()
+        rows = [0, *(i + 1 for i in nodes)]
+        start = positions[0]
+        self._pending = (start + np.arange(len(rows)), features[rows].copy())
+        if isinstance(draft.plan, float):
+            self._accepted += EMA * (len(nodes) - self._accepted)
+            self._expected += EMA * (draft.plan - self._expected)
+
+
+def _prefix_tree(parents: np.ndarray, n: int) -> Tree:
+    """The tree of the first n nodes of a best-first order (parents come first)."""
+    return Tree(tuple(int(p) for p in parents[:n]))

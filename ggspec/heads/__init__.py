@@ -1,0 +1,20 @@
+"""Draft heads on the target's hidden states: Medusa and EAGLE-3.
+
+target.py   the target's fingerprint and tensors, shared by every head kind
+files.py    validated GGUF reading and writing of head files
+nn.py       the forward primitives (numpy), once
+medusa.py   Medusa heads: format, loading, evaluation
+eagle.py    EAGLE-3 heads in llama.cpp's eagle3 format: loading, saving, numpy forward
+convert.py  EAGLE-3 checkpoints (SpecForge / speculators safetensors) to eagle3 GGUF
+collect.py, fit.py, report.py   training by stage: hidden states, fitting, evaluation
+"""
+
+from .files import WEIGHT_TYPES
+from .medusa import (TOP_K, MedusaHeads, load_heads, out_weight_name, res_bias_name,
+                     res_weight_name, save_heads)
+from .nn import sigmoid, silu
+from .target import TargetFingerprint, TargetInfo, read_target, vocab_hash
+
+__all__ = ["TOP_K", "WEIGHT_TYPES", "MedusaHeads", "TargetFingerprint", "TargetInfo",
+           "load_heads", "out_weight_name", "read_target", "res_bias_name", "res_weight_name",
+           "save_heads", "sigmoid", "silu", "vocab_hash"]

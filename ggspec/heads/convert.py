@@ -1,0 +1,161 @@
+"""Published head checkpoints (safetensors + config.json) to ggspec / llama.cpp GGUF files.
+
+EAGLE-3 checkpoints come in two layouts, both converted to llama.cpp's eagle3 GGUF exactly
+as its converter (conversion/llama.py) does:
+
+- SafeAILab EAGLE / SpecForge: `midlayer.*` (one llama decoder layer with an extra
+  `hidden_norm`), `fc.weight`, `norm.weight`, `lm_head.weight`, `d2t` (int64 OFFSETS:
+  target id = d2t[i] + i), `t2d` (unused), optional `embed_tokens.weight`;
+- speculators (Red Hat): the layer as `layers.0.*`, the layer config possibly nested in
+  `transformer_layer_config`, optional `input_norm.weight` (norm_before_fc).
+
+q/k rows are permuted from HF's rotate_half layout to llama.cpp's adjacent-pair RoPE.
+The target layers are config `eagle_aux_hidden_state_layer_ids`, else [2, n/2, n-3] of
+the target's n layers (EAGLE-3's default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .eagle import EagleConfig, EagleWeights, load_eagle, save_eagle
+from .target import read_target
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+_INTS = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file: floats as float32, integers as they are. (The
+    safetensors package's numpy loader cannot read BF16, the usual dtype of checkpoints.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ModelFileError(f"{path} is too short to be a safetensors file")
+    (n,) = struct.unpack_from("<Q", data, 0)
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelFileError(f"{path} is not a safetensors file (bad header)") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = (8 + n + o for o in info["data_offsets"])
+        if end > len(data):
+            raise ModelFileError(f"{path} is truncated (tensor {name})")
+        a = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # the high half of a float32
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[name] = a.copy() if info["dtype"] in _INTS else a.astype(np.float32)
+    return out
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF q/k rows (rotate_half halves per head) -> llama.cpp's adjacent pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# HF name in the decoder layer -> EagleWeights field
+_LAYER = {"input_layernorm.weight": "attn_norm", "hidden_norm.weight": "attn_norm_2",
+          "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
+          "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
+          "post_attention_layernorm.weight": "ffn_norm", "mlp.gate_proj.weight": "ffn_gate",
+          "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
+_TOP = {"fc.weight": "fc", "norm.weight": "output_norm", "lm_head.weight": "output",
+        "embed_tokens.weight": "token_embd", "input_norm.weight": "enc_norm", "d2t": "d2t"}
+_IGNORED = ("t2d",)
+
+
+def read_eagle_checkpoint(src: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """config.json and the tensors of an EAGLE-3 checkpoint directory (every
+    *.safetensors in it), renamed to the SpecForge layout (`midlayer.*`)."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ModelFileError(f"{src} is not an EAGLE-3 checkpoint directory (no config.json)")
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{src / 'config.json'} is not JSON ({e})") from None
+    config = {**config, **config.get("transformer_layer_config", {})}  # speculators nests it
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"no .safetensors files in {src}")
+    tensors = {}
+    for f in files:
+        for name, a in read_safetensors(f).items():
+            name = name.removeprefix("model.")
+            if name.startswith("layers.0."):
+                name = "midlayer." + name[len("layers.0."):]
+            tensors[name] = a
+    return config, tensors
+
+
+def convert_eagle(src: str | os.PathLike, target: str | os.PathLike, out: str | os.PathLike, *,
+                  dtype: str = "f16") -> Path:
+    """Write the EAGLE-3 checkpoint directory `src` (SpecForge or speculators layout) as an
+    eagle3 GGUF for `target` (a GGUF path: its tokenizer goes into the file)."""
+    config, t = read_eagle_checkpoint(src)
+    info = read_target(target)
+
+    def need(key):
+        if key not in config:
+            raise ModelFileError(f"{src}/config.json has no {key}")
+        return config[key]
+
+    if need("num_hidden_layers") != 1:
+        raise ModelFileError(f"{src}: an EAGLE-3 draft has one decoder layer, config says "
+                             f"{config['num_hidden_layers']}")
+    n = info.n_layer
+    layers = config.get("eagle_aux_hidden_state_layer_ids") or [2, n // 2, n - 3]
+    n_head = need("num_attention_heads")
+    n_head_kv = config.get("num_key_value_heads") or n_head
+    cfg = EagleConfig(hidden=need("hidden_size"), n_head=n_head, n_head_kv=n_head_kv,
+                      n_ff=need("intermediate_size"), target_layers=tuple(layers),
+                      target_hidden=config.get("target_hidden_size") or info.fingerprint.embedding_length,
+                      rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+                      rope_base=float(config.get("rope_theta", 10000.0)),
+                      context_length=int(config.get("max_position_embeddings", 4096)),
+                      norm_before_residual=bool(config.get("norm_before_residual", False)),
+                      norm_before_fc=bool(config.get("norm_before_fc", False)))
+    fields: dict[str, np.ndarray | None] = {}
+    for name, a in t.items():
+        if name.startswith("midlayer.") and name[len("midlayer."):] in _LAYER:
+            fields[_LAYER[name[len("midlayer."):]]] = a
+        elif name in _TOP:
+            fields[_TOP[name]] = a
+        elif name not in _IGNORED:
+            raise ModelFileError(f"{src}: unexpected tensor {name!r} in an EAGLE-3 checkpoint")
+    missing = [k for k in (*_LAYER.values(), "fc", "output_norm") if k not in fields]
+    if missing:
+        raise ModelFileError(f"{src}: the checkpoint lacks {missing[0]} "
+                             f"({len(missing)} tensors missing)")
+    fields["wq"] = _permute(fields["wq"], n_head)
+    fields["wk"] = _permute(fields["wk"], n_head_kv)
+    if fields.get("d2t") is not None:  # offsets -> target ids
+        d2t = fields["d2t"].reshape(-1).astype(np.int64)
+        fields["d2t"] = d2t + np.arange(d2t.size)
+    try:
+        path = save_eagle(out, cfg, EagleWeights(**fields), target, dtype=dtype,
+                          name=Path(src).name)
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{src}: cannot convert ({e})") from None
+    try:
+        load_eagle(path, info)  # shapes, ids and the target: the file must load
+    except ModelFileError:
+        path.unlink()
+        raise
+    return path

@@ -1,0 +1,117 @@
+"""Method `eagle` in the engine: an EAGLE-3 draft (eagle3 GGUF) grows EAGLE-2 dynamic
+trees from the target's tapped layer inputs; the target verifies each tree in one batch;
+greedy output equals plain greedy decoding and sampled output follows the target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
+from ggspec.errors import ModelFileError
+from reference import first_divergence, greedy_reference
+from test_engine import random_prompt
+from test_medusa import fix_costs
+from tinymodels import write_tiny_eagle
+
+CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def eagle_path(tmp_path_factory, target_path):
+    """A random draft over a reduced vocabulary of 300 tokens, the target's own embedding
+    and its own output, reading the inputs of the target's layers 0 and 1."""
+    return write_tiny_eagle(tmp_path_factory.mktemp("eagle") / "eagle.gguf", target_path,
+                            draft_vocab=300, own_embd=False)
+
+
+@pytest.fixture(scope="module")
+def eagle_engine(target_path, eagle_path):
+    """Trees of a fixed 16 nodes, whatever they cost (a random draft rarely pays)."""
+    with Engine(target_path, None, target_config=CFG, eagle=eagle_path, tree_nodes=16) as e:
+        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
+        yield e
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_eagle_equals_plain_greedy_decoding(eagle_engine, target_path, seed):
+    prompt = random_prompt(70 + seed)
+    ref = greedy_reference(target_path, prompt, 40)
+    got = eagle_engine.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
+                                spec=SpecConfig("eagle", draft_max=16))
+    assert first_divergence(got.tokens, ref) is None
+    assert got.stats.draft_rounds >= 5 and len(got.stats.position_proposed) >= 2  # deep trees
+
+
+def test_trees_are_best_first_and_sized_by_the_cost_curve(eagle_engine, monkeypatch):
+    eagle = eagle_engine.drafters["eagle"]
+    prompt = random_prompt(97)
+    eagle_engine.generate(prompt, max_tokens=2, spec=SpecConfig("eagle"))
+    monkeypatch.setattr(eagle, "nodes", 0)  # sized by cost
+    monkeypatch.setattr(eagle, "draft_seconds", 0.0)
+    monkeypatch.setattr(eagle, "_accepted", 100.0)  # as if the draft were very good
+    fix_costs(eagle.costs, [1.0] + [1.0001] * 32, monkeypatch)  # nearly free rows: a full tree
+    tokens = list(eagle_engine.ctx.tokens) + [5]
+    eagle.prepare(tokens)  # what the last decode computed is the history
+    n, _ = eagle.plan(32, tokens)
+    g = eagle._grown
+    assert n == min(32, len(g.tokens)) and len(g.tokens) >= 16
+    assert np.all(np.diff(g.chances) <= 1e-12)                      # best first
+    assert np.all(g.parents < np.arange(len(g.parents)))            # parents first
+    assert np.all(g.chances[g.parents[g.parents >= 0]] >= g.chances[g.parents >= 0])
+    monkeypatch.setattr(eagle, "_accepted", 1.0)
+    fix_costs(eagle.costs, 1.0 + 0.9 * np.arange(33), monkeypatch)  # each row costs 0.9 token
+    eagle.prepare(tokens)
+    assert eagle.plan(32, tokens)[0] == 0
+
+
+def test_auto_considers_eagle_and_stays_exact(eagle_engine, target_path, monkeypatch):
+    fix_costs(eagle_engine.costs, np.full(33, eagle_engine.costs.t_verify(1)), monkeypatch)  # free rows
+    monkeypatch.setattr(eagle_engine.drafters["eagle"], "_accepted", 1e4)  # as if very good
+    prompt = random_prompt(90)
+    ref = greedy_reference(target_path, prompt, 30)
+    got = eagle_engine.generate(prompt, max_tokens=30, sampling=SamplingConfig(temperature=0),
+                                spec=SpecConfig("auto"))
+    assert first_divergence(got.tokens, ref) is None
+    assert got.stats.controller["plans"].get("eagle", 0) > 0
+
+
+def test_sampled_eagle_follows_the_target_distribution(eagle_engine, target_path):
+    from test_engine import exact_first_two, sample_first_two
+    prompt = random_prompt(91, 6)
+    exact = exact_first_two(target_path, prompt, 0.9, 0)
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    # the prompt comes from the KV cache after the first run, so round one is plain (no
+    # features yet) and round two verifies a tree for token two
+    stats = sample_first_two(eagle_engine, prompt, 8_000, sampling, SpecConfig("eagle"), exact,
+                             max_tokens=4)
+    assert stats.draft_rounds >= 8_000
+
+
+def test_eagle_needs_a_draft_and_a_good_file(target_path, tmp_path):
+    with Engine(target_path, None, target_config=CFG) as eng:
+        with pytest.raises(ValueError, match="eagle"):
+            eng.generate(random_prompt(83), spec=SpecConfig("eagle"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    with pytest.raises(ModelFileError, match="truncated or corrupt") as e:
+        Engine(target_path, None, target_config=CFG, eagle=bad)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_runs_eagle_and_names_a_bad_file_in_one_line(target_path, eagle_path, tmp_path):
+    import json
+
+    from test_cli import TINY, assert_one_line_error, greedy_tokens, invoke
+    got = invoke("run", "-m", target_path, "--no-draft", "--eagle", eagle_path, "--tree-nodes", 6,
+                 *TINY, "--method", "eagle", "-t", 0, "-n", 12, "--json", "hello world")
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.stdout)
+    assert data["stats"]["method"] == "eagle" and data["stats"]["draft_tokens"] > 0
+    assert data["tokens"] == greedy_tokens(target_path, [{"role": "user", "content": "hello world"}], 12)
+    got = invoke("run", "-m", target_path, "--no-draft", *TINY, "--method", "eagle", "hello")
+    assert_one_line_error(got, "pass an EAGLE-3 draft with --eagle")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    assert_one_line_error(invoke("run", "-m", target_path, "--no-draft", "--eagle", bad, *TINY, "hi"),
+                          str(bad))
