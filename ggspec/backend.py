@@ -11,17 +11,21 @@ import ctypes
 import os
 import re
 import secrets
+import socket
+import struct
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
 import llama_cpp
+import llama_cpp._ggml
 import numpy as np
 
 from .config import BackendConfig
-from .errors import DecodeError, ModelFileError, VocabMismatchError
+from .errors import DecodeError, GgspecError, ModelFileError, VocabMismatchError
 from .gguffile import check_model_file
 from .tokens import C_SPACE, Marker, common_prefix, split_markers
 from .tree import Tree
@@ -150,6 +154,11 @@ class Model(_Owner):
         self.header = check_model_file(self.path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
+        devices, split = _offload_devices(cfg)  # arrays that must live until the load returns
+        if cfg.rpc:
+            params.devices = ctypes.addressof(devices)
+        if split is not None:
+            params.tensor_split = split
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             size = self.path.stat().st_size
@@ -691,3 +700,149 @@ def check_vocab_compatible(target: Model, draft: Model) -> None:
         if t != d:
             raise VocabMismatchError(f"{name} do not share a tokenizer: token {i} is {d!r} in "
                                      f"the draft but {t!r} in the target")
+
+
+# ---------------------------------------------------------------- devices and ggml RPC
+
+RPC_REINSTALL = ("this llama-cpp-python was built without RPC support; reinstall it with: "
+                 'CMAKE_ARGS="-DGGML_RPC=on" pip install --no-cache-dir --force-reinstall llama-cpp-python')
+RPC_TIMEOUT = 5.0  # seconds a server may take to accept and answer the handshake
+RPC_CMD_HELLO = 14  # fixed across protocol versions (ggml-rpc.cpp asserts it)
+RPC_HELLO_SIZE = 24  # the request's connection capabilities, none asked for here
+DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2  # enum ggml_backend_dev_type
+
+_ggml = ctypes.CDLL(llama_cpp._ggml.libggml._name)  # own function objects: argtypes set here only
+for _name, _res, _args in [
+    ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+    ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+    ("ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p]),
+    ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+    ("ggml_backend_dev_count", ctypes.c_size_t, []),
+    ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+    ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+    ("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
+    ("ggml_set_abort_callback", ctypes.c_void_p, [ctypes.c_void_p]),
+]:
+    getattr(_ggml, _name).restype, getattr(_ggml, _name).argtypes = _res, _args
+_rpc_add_server_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+_rpc_start_server_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                       ctypes.c_void_p)
+_rpc_servers: list[str] = []  # every RPC server this process has attached, in order
+
+
+def rpc_supported() -> bool:
+    """Whether the installed llama.cpp was built with its RPC backend (-DGGML_RPC=on)."""
+    return bool(llama_cpp.llama_supports_rpc())
+
+
+def _rpc_function(name: str, prototype):
+    """A function of the RPC backend, looked up as llama.cpp's own tools do."""
+    reg = _ggml.ggml_backend_reg_by_name(b"RPC")
+    address = _ggml.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    if not address:
+        raise GgspecError(RPC_REINSTALL)
+    return prototype(address)
+
+
+def _local_gpus() -> list[int]:
+    """The local devices llama.cpp offloads to by default: discrete GPUs, or else integrated ones."""
+    devices = [_ggml.ggml_backend_dev_get(i) for i in range(_ggml.ggml_backend_dev_count())]
+    kinds = [_ggml.ggml_backend_dev_type(d) for d in devices]
+    gpus = [d for d, k in zip(devices, kinds) if k == DEVICE_GPU]
+    return gpus or [d for d, k in zip(devices, kinds) if k == DEVICE_IGPU]
+
+
+def _offload_devices(cfg: BackendConfig):
+    """The NULL-terminated device list (RPC servers first, then the local GPUs, llama.cpp's
+    order) and the tensor_split array for llama_model_params; (None, None) without either."""
+    if not cfg.rpc and cfg.tensor_split is None:
+        return None, None
+    remote, local = [d for endpoint in cfg.rpc for d in _rpc_devices(endpoint)], _local_gpus()
+    devices = remote + local
+    split = None
+    if cfg.tensor_split is not None:
+        if len(cfg.tensor_split) != len(devices):
+            raise ValueError(f"tensor_split gives {len(cfg.tensor_split)} shares for {len(devices)} devices "
+                             f"({len(remote)} on RPC servers, then {len(local)} local GPUs)")
+        split = (ctypes.c_float * llama_cpp.llama_max_devices())(*cfg.tensor_split)
+    return (ctypes.c_void_p * (len(devices) + 1))(*devices, None), split
+
+
+def _rpc_devices(endpoint: str) -> list[int]:
+    """The devices of the RPC server at endpoint, connecting to it once per process."""
+    add_server = _rpc_function("ggml_backend_rpc_add_server", _rpc_add_server_t)
+    rpc_hello(endpoint)  # llama.cpp aborts the process when a server cannot be reached
+    if endpoint not in _rpc_servers:
+        _rpc_servers.append(endpoint)
+    _ggml.ggml_set_abort_callback(ctypes.cast(_on_ggml_abort, ctypes.c_void_p))
+    reg = add_server(endpoint.encode())
+    n = _ggml.ggml_backend_reg_dev_count(reg) if reg else 0
+    if n == 0:
+        raise GgspecError(f"RPC server {endpoint} has no devices")
+    return [_ggml.ggml_backend_reg_dev_get(reg, i) for i in range(n)]
+
+
+def rpc_hello(endpoint: str, timeout: float | None = None) -> None:
+    """Connect to the ggml RPC server at endpoint and exchange the protocol's HELLO, within
+    timeout seconds (None: RPC_TIMEOUT); a GgspecError naming the endpoint if that fails."""
+    timeout = RPC_TIMEOUT if timeout is None else timeout
+    host, _, port = endpoint.rpartition(":")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as e:
+        why = f"no answer within {timeout:g} s" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise GgspecError(f"cannot reach RPC server {endpoint}: {why}; start one there with: "
+                          f"ggspec rpc-server --host {host} --port {port}") from None
+    with sock:
+        try:
+            sock.sendall(bytes([RPC_CMD_HELLO]) + struct.pack("<Q", RPC_HELLO_SIZE) + bytes(RPC_HELLO_SIZE))
+            answer = sock.recv(8)
+        except TimeoutError:
+            raise GgspecError(f"RPC server {endpoint} did not answer within {timeout:g} s; a server serves one "
+                              "client at a time: is another program using it?") from None
+        except OSError:
+            answer = b""
+    if len(answer) < 8:
+        raise GgspecError(f"{endpoint} closed the connection at the RPC handshake: it is not a ggml RPC server, "
+                          "or one of another llama.cpp version")
+
+
+def _reachable(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+def _on_ggml_abort(message: bytes) -> None:
+    """ggml calls this (from any thread) right before abort(). ggml-rpc aborts when a server
+    is lost, and the process cannot go on: name the lost servers in one line and exit."""
+    text = message.decode("utf-8", "replace")
+    if "ggml-rpc" not in text:
+        sys.stderr.write(text + "\n")  # abort() follows, as without this hook
+        return
+    lost = [e for e in _rpc_servers if not _reachable(e)] or _rpc_servers
+    sys.stderr.write(f"Error: lost RPC server {', '.join(lost)} ({text.split(': ', 1)[-1].strip()}); "
+                     "llama.cpp cannot go on without it: restart it and run again\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def serve_rpc(endpoint: str, threads: int, cache_dir: str | None = None) -> None:
+    """Serve this machine's GPUs (or else its CPU) as a ggml RPC server at endpoint
+    ("HOST:PORT") until interrupted. llama.cpp prints its banner on stdout."""
+    start = _rpc_function("ggml_backend_rpc_start_server", _rpc_start_server_t)
+    devices = _local_gpus() or [_ggml.ggml_backend_dev_by_type(DEVICE_CPU)]
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    cache = None if cache_dir is None else os.fsencode(cache_dir)
+    # in a thread: a call into C cannot be interrupted, and Ctrl-C must stop the server
+    server = threading.Thread(target=start, args=(endpoint.encode(), cache, threads, len(devices), array),
+                              daemon=True, name="ggml-rpc-server")
+    server.start()
+    while server.is_alive():
+        server.join(0.5)
+    raise GgspecError(f"the RPC server could not listen on {endpoint} (llama.cpp's reason is above); "
+                      "is the address this machine's and the port free?")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import socket
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,9 +19,9 @@ import click
 from tqdm import tqdm
 
 from . import __version__, bench as benchmark, hub, machine
-from .backend import Model, check_vocab_compatible, default_threads, set_verbose
+from .backend import Model, check_vocab_compatible, default_threads, serve_rpc, set_verbose
 from .chat import ChatSession, Settings, available_methods
-from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig
+from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .errors import GgspecError
 from .native import LlamaCpp, check_dir
@@ -54,10 +56,30 @@ Examples:
   ggspec pull && ggspec models
   ggspec info model.gguf --draft draft.gguf
   ggspec convert eagle ./EAGLE3-checkpoint eagle.gguf -m model.gguf
+  ggspec rpc-server --host 192.168.1.7         on another machine; then, here:
+  ggspec run --rpc 192.168.1.7:50052 "Explain recursion."
 """)
 @click.version_option(__version__, "-V", "--version", prog_name="ggspec")
 def cli() -> None:
     """Exact speculative decoding for local GGUF models."""
+
+
+def _endpoints(ctx, param, value: str | None) -> tuple[str, ...]:
+    """--rpc a:1,b:2 -> ("a:1", "b:2")."""
+    try:
+        return tuple(rpc_endpoint(v) for v in (value or "").split(",") if v.strip())
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _shares(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    """-ts 3,1 -> (3.0, 1.0)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected shares like 3,1, got {value!r}") from None
 
 
 def _options(*options) -> Callable:
@@ -90,6 +112,12 @@ _model_options = _options(
                  help="Target layers to offload to the GPU (-1: all)."),
     click.option("--gpu-layers-draft", type=int, help="Draft layers to offload.  [default: as --gpu-layers]"),
     click.option("--threads", type=int, help="CPU threads.  [default: all available]"),
+    click.option("--rpc", metavar="HOST:PORT[,...]", callback=_endpoints,
+                 help="Split the target across these ggml RPC servers (ggspec rpc-server)."),
+    click.option("-ts", "--tensor-split", metavar="N,N,...", callback=_shares,
+                 help="Target's share on each device: RPC servers, then local GPUs.  [default: by free memory]"),
+    click.option("--draft-rpc", metavar="HOST:PORT[,...]", callback=_endpoints,
+                 help="Put the draft model on these RPC servers.  [default: local]"),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
 )
 
@@ -124,9 +152,11 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     if opts.pop("verbose"):
         set_verbose(True)
     n_ctx = opts.pop("ctx_size")
-    target_config = BackendConfig(n_ctx=n_ctx, n_gpu_layers=opts.pop("gpu_layers"), n_threads=opts.pop("threads"))
+    target_config = BackendConfig(n_ctx=n_ctx, n_gpu_layers=opts.pop("gpu_layers"), n_threads=opts.pop("threads"),
+                                  rpc=opts.pop("rpc"), tensor_split=opts.pop("tensor_split"))
     layers = opts.pop("gpu_layers_draft")
-    draft_config = target_config if layers is None else replace(target_config, n_gpu_layers=layers)
+    draft_config = replace(target_config.local(), rpc=opts.pop("draft_rpc"),
+                           n_gpu_layers=target_config.n_gpu_layers if layers is None else layers)
     draft = opts.pop("draft")
     if opts.pop("no_draft"):
         draft = None
@@ -355,6 +385,8 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
     if plot:
         benchmark.pyplot()  # fail before the long run, not after
     if native_dir is not None:
+        if opts["rpc"] or opts["draft_rpc"]:
+            raise click.UsageError("--native runs llama.cpp's tools on this machine only; drop --rpc or --native")
         native_dir = check_dir(native_dir)
     workloads = [benchmark.WORKLOADS[n] for n in
                  (benchmark.WORKLOADS if not names or "all" in names else dict.fromkeys(names))]
@@ -402,6 +434,50 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
     if plot:
         benchmark.plot(rows, plot)
         click.echo(f"plot written to {plot}", err=True)
+
+
+# ---------------------------------------------------------------- rpc-server
+
+@cli.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="IPv4 address to listen on.")
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=50052, show_default=True,
+              help="Port to listen on.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads.  [default: all available]")
+@click.option("--cache", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep large tensors received in DIR: a client loading the same model again sends "
+                   "only their hashes.")
+def rpc_server(host, port, threads, cache) -> None:
+    """Serve this machine's GPUs (or CPU) to ggspec --rpc.
+
+    Runs llama.cpp's RPC server (ggml-rpc) until Ctrl-C; clients on other machines then
+    split a target model across it with --rpc HOST:PORT. One client at a time. The
+    protocol has no authentication or encryption: bind an address that only trusted
+    machines reach.
+    """
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise click.BadParameter(f"{host!r} is not an IPv4 address (llama.cpp's RPC server takes no names)",
+                                 param_hint="--host") from None
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:  # a clear error before llama.cpp's
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise GgspecError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    if not address.is_loopback:
+        click.secho(f"Warning: llama.cpp's RPC protocol has no authentication: anyone who can reach "
+                    f"{host}:{port} can use this machine's devices and memory. Use it on trusted networks only.",
+                    fg="yellow", err=True)
+    click.echo(f"ggspec rpc-server: listening on {host}:{port}; clients use --rpc {host}:{port}. Ctrl-C stops.",
+               err=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # llama.cpp's banner and client log: stderr
+    try:
+        serve_rpc(f"{host}:{port}", threads or default_threads(), cache)
+    except KeyboardInterrupt:
+        click.echo("ggspec rpc-server: stopped", err=True)
 
 
 # ---------------------------------------------------------------- pull, models, info

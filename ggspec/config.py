@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 METHODS = ("auto", "draft", "eagle", "lookup", "medusa", "none")
 MAX_DRAFT = 64  # the most tokens one round may draft
@@ -70,16 +70,32 @@ class SpecConfig:
             raise ValueError(f"draft_p_min must be in [0, 1), got {self.draft_p_min!r}")
 
 
+def rpc_endpoint(text: str) -> str:
+    """A ggml RPC server address "HOST:PORT", checked (ggml-rpc splits at the first colon,
+    so HOST is a name or an IPv4 address)."""
+    host, sep, port = text.strip().partition(":")
+    if not (sep and host and ":" not in port and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"RPC server {text!r} is not HOST:PORT (for example 192.168.1.7:50052)")
+    return f"{host}:{int(port)}"
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     """How one model is loaded. n_gpu_layers -1 offloads every layer (when built with a GPU
-    backend); n_threads None uses llama.cpp's default."""
+    backend); n_threads None uses llama.cpp's default.
+
+    rpc: ggml RPC servers ("HOST:PORT") that take the offloaded layers, in front of the
+    local GPUs (llama.cpp's order); tensor_split: the share of each of those devices, in
+    that order (None: by their free memory).
+    """
 
     n_ctx: int = 4096
     n_batch: int = 512
     n_gpu_layers: int = -1
     n_threads: int | None = None
     flash_attn: bool | None = None
+    rpc: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n_ctx, int) and self.n_ctx >= 16):
@@ -90,3 +106,17 @@ class BackendConfig:
             raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {self.n_gpu_layers!r}")
         if self.n_threads is not None and not (isinstance(self.n_threads, int) and self.n_threads >= 1):
             raise ValueError(f"n_threads must be a positive integer, got {self.n_threads!r}")
+        if isinstance(self.rpc, str):
+            raise ValueError(f"rpc must be a list of HOST:PORT strings, got the string {self.rpc!r}")
+        object.__setattr__(self, "rpc", tuple(rpc_endpoint(e) for e in self.rpc))
+        if len(set(self.rpc)) < len(self.rpc):
+            raise ValueError(f"rpc names a server twice: {', '.join(self.rpc)}")
+        if self.tensor_split is not None:
+            split = tuple(float(x) for x in self.tensor_split)
+            if not (split and all(math.isfinite(x) and x >= 0 for x in split) and sum(split) > 0):
+                raise ValueError(f"tensor_split must be shares >= 0 with a positive sum, got {self.tensor_split!r}")
+            object.__setattr__(self, "tensor_split", split)
+
+    def local(self) -> BackendConfig:
+        """This configuration on local devices only: how a draft model loads unless told otherwise."""
+        return replace(self, rpc=(), tensor_split=None)

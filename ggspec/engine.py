@@ -79,7 +79,9 @@ class Engine:
 
     target / draft: a registry name (pulled on first use) or a GGUF path. draft
     "default" takes the registry's paired draft for a registry target, and no draft for
-    a path; None means no draft model.
+    a path; None means no draft model. draft_config None loads the draft as the target but
+    on local devices only (target_config.local()): a target split across RPC servers keeps
+    its drafter here.
 
     heads: a Medusa heads GGUF for the target, or "default" for the heads shipped for a
     registry target (enables method "medusa"; the target's context then also returns
@@ -148,7 +150,7 @@ class Engine:
             self.drafters: dict[str, Drafter] = {"lookup": lookup}
             self.costs = CostModel()  # the one cost model: auto and medusa choose by it
             if draft is not None:
-                draft_config = draft_config or target_config
+                draft_config = draft_config or target_config.local()  # the draft stays local
                 self.draft = stack.enter_context(Model(hub.resolve(str(draft), progress=progress), draft_config))
                 check_vocab_compatible(self.target, self.draft)
                 draft_ctx = stack.enter_context(Context(self.draft, draft_config))
