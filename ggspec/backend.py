@@ -16,6 +16,7 @@ import struct
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
@@ -42,13 +43,16 @@ llama_cpp.llama_backend_init()
 
 GGML_LOG_LEVEL_ERROR = 4
 GGML_LOG_LEVEL_CONT = 5
+# ggml-rpc's socket errors: a client then aborts (the abort hook below says so in one line),
+# a server drops that client
+RPC_SOCKET_ERRORS = (b"recv failed", b"send failed")
 _log = {"verbose": False, "last": 0}
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if level != GGML_LOG_LEVEL_CONT:
-        _log["last"] = level
+        _log["last"] = level if not text.startswith(RPC_SOCKET_ERRORS) else 0
     if _log["verbose"] or _log["last"] == GGML_LOG_LEVEL_ERROR:
         sys.stderr.write(text.decode("utf-8", "replace"))
 
@@ -168,6 +172,8 @@ class Model(_Owner):
                 "download it again (ggspec pull) or check the file"
             )
         self._handle = handle
+        self._rpc = cfg.rpc
+        _rpc_models.update(cfg.rpc)
         self._vocab = llama_cpp.llama_model_get_vocab(handle)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(handle)
@@ -185,6 +191,7 @@ class Model(_Owner):
 
     def _free(self) -> None:
         llama_cpp.llama_model_free(self._handle)
+        _rpc_models.subtract(self._rpc)
 
     @property
     def vocab(self):
@@ -728,6 +735,7 @@ _rpc_add_server_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 _rpc_start_server_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                                        ctypes.c_void_p)
 _rpc_servers: list[str] = []  # every RPC server this process has attached, in order
+_rpc_models: Counter[str] = Counter()  # open models on each server: llama.cpp's connection to it is open
 
 
 def rpc_supported() -> bool:
@@ -771,7 +779,8 @@ def _offload_devices(cfg: BackendConfig):
 def _rpc_devices(endpoint: str) -> list[int]:
     """The devices of the RPC server at endpoint, connecting to it once per process."""
     add_server = _rpc_function("ggml_backend_rpc_add_server", _rpc_add_server_t)
-    rpc_hello(endpoint)  # llama.cpp aborts the process when a server cannot be reached
+    if not _rpc_models[endpoint]:  # (a server busy with this process's connection would not answer)
+        rpc_hello(endpoint)  # llama.cpp aborts the process when a server cannot be reached
     if endpoint not in _rpc_servers:
         _rpc_servers.append(endpoint)
     _ggml.ggml_set_abort_callback(ctypes.cast(_on_ggml_abort, ctypes.c_void_p))
@@ -807,13 +816,28 @@ def rpc_hello(endpoint: str, timeout: float | None = None) -> None:
                           "or one of another llama.cpp version")
 
 
-def _reachable(endpoint: str) -> bool:
+def _refused(endpoint: str) -> bool:
+    """Whether nothing accepts connections at endpoint (a server whose queue is full, busy
+    with its client, lets the attempt time out instead)."""
     host, _, port = endpoint.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=1.0).close()
-        return True
-    except OSError:
+    except TimeoutError:
         return False
+    except OSError:
+        return True
+    return False
+
+
+def _lost_servers(tries: int = 5, pause: float = 0.2) -> list[str]:
+    """The attached servers that refuse connections, looking a few times: a server killed
+    a moment ago may close its client's connection before its listening socket."""
+    for _ in range(tries):
+        lost = [e for e in _rpc_servers if _refused(e)]
+        if lost:
+            return lost
+        time.sleep(pause)
+    return []
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_char_p)
@@ -824,8 +848,9 @@ def _on_ggml_abort(message: bytes) -> None:
     if "ggml-rpc" not in text:
         sys.stderr.write(text + "\n")  # abort() follows, as without this hook
         return
-    lost = [e for e in _rpc_servers if not _reachable(e)] or _rpc_servers
-    sys.stderr.write(f"Error: lost RPC server {', '.join(lost)} ({text.split(': ', 1)[-1].strip()}); "
+    lost = _lost_servers()
+    which = f"RPC server {', '.join(lost)}" if lost else f"one of the RPC servers {', '.join(_rpc_servers)}"
+    sys.stderr.write(f"Error: lost {which} ({text.split(': ', 1)[-1].strip()}); "
                      "llama.cpp cannot go on without it: restart it and run again\n")
     sys.stderr.flush()
     os._exit(1)
