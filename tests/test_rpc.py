@@ -202,6 +202,17 @@ def test_a_split_and_a_draft_on_a_server_stay_exact(servers, target_path, draft_
 
 
 @needs_rpc
+def test_costs_measured_over_rpc_are_stored_apart_from_local_ones(servers, target_path):
+    from ggspec.calibration import context_key
+
+    keys = set()
+    for cfg in (config(()), config(servers), config(servers[::-1]), config(servers, tensor_split=(1, 2))):
+        with Engine(target_path, None, target_config=cfg) as engine:
+            keys.add(context_key(engine.ctx))
+    assert len(keys) == 4
+
+
+@needs_rpc
 def test_cli_run_with_rpc_prints_the_local_answer(servers, target_path):
     base = ["run", "-m", target_path, "--threads", "1", "-c", "512", "-t", "0", "-n", "12", "--raw", "--json",
             "the cat and the dog"]

@@ -192,7 +192,7 @@ def main() -> None:
                    *(a for w in args.workload for a in ("-w", w)), *(["--allow-busy"] if args.allow_busy else []),
                    *args.bench_args]
             print(f"## target split across 2 RPC servers, {ms:g} ms added per hop each way", flush=True)
-            print("$ " + " ".join(cmd[1:]), flush=True)
+            print("$ ggspec " + " ".join(cmd[3:]), flush=True)
             done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)})
             for p in proxies:
                 p.close()
