@@ -41,7 +41,7 @@ def context_key(ctx: Context) -> str:
              llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count()]
     if ctx.n_rs_seq:  # rollback slots (recurrent models); absent, the keys stored before them hold
         facts.append(("rollback slots", ctx.n_rs_seq))
-    if cfg.rpc or cfg.tensor_split:  # the same: only then, a fact of its own
+    if cfg.rpc or cfg.tensor_split:  # split across RPC servers: likewise only then
         facts.append(("rpc", cfg.rpc, cfg.tensor_split))
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
