@@ -471,7 +471,8 @@ def rpc_server(host, port, threads, cache) -> None:
         click.secho(f"Warning: llama.cpp's RPC protocol has no authentication: anyone who can reach "
                     f"{host}:{port} can use this machine's devices and memory. Use it on trusted networks only.",
                     fg="yellow", err=True)
-    click.echo(f"ggspec rpc-server: listening on {host}:{port}; clients use --rpc {host}:{port}. Ctrl-C stops.",
+    reach = "THIS-MACHINE" if address.is_unspecified else host
+    click.echo(f"ggspec rpc-server: listening on {host}:{port}; clients use --rpc {reach}:{port}. Ctrl-C stops.",
                err=True)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # llama.cpp's banner and client log: stderr
     try:
