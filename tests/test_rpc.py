@@ -213,13 +213,20 @@ def test_costs_measured_over_rpc_are_stored_apart_from_local_ones(servers, targe
 
 
 @needs_rpc
-def test_cli_run_with_rpc_prints_the_local_answer(servers, target_path):
+def test_cli_run_with_rpc_prints_the_local_answer(servers, target_path, draft_path):
     base = ["run", "-m", target_path, "--threads", "1", "-c", "512", "-t", "0", "-n", "12", "--raw", "--json",
             "the cat and the dog"]
     local = json.loads(CliRunner().invoke(cli, base).stdout)
-    remote = CliRunner().invoke(cli, [*base, "--rpc", ",".join(servers), "--method", "lookup"])
+    try:
+        remote = CliRunner().invoke(cli, [*base, "-v", "--rpc", ",".join(servers), "-d", draft_path,
+                                          "--draft-rpc", servers[0], "--method", "draft"])
+    finally:
+        backend.set_verbose(False)
     assert remote.exit_code == 0, remote.output
     assert json.loads(remote.stdout)["tokens"] == local["tokens"]
+    # the target on both servers, the draft on the first
+    assert remote.stderr.count(f"[{servers[0]}] model buffer size") == 2
+    assert remote.stderr.count(f"[{servers[1]}] model buffer size") == 1
 
 
 @needs_rpc
