@@ -7,6 +7,7 @@ endpoint, and a server lost in the middle of a generation.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import llama_cpp
 import pytest
 from click.testing import CliRunner
 
@@ -48,6 +50,16 @@ def servers(tmp_path_factory):
     yield [s.endpoint for s in running]
     for s in running:
         s.stop()
+
+
+@pytest.fixture
+def llama_log():
+    """llama.cpp's whole log through ggspec's callback (another test module may have set its
+    own), to stderr, for this test."""
+    llama_cpp.llama_log_set(backend._log_callback, ctypes.c_void_p(0))
+    backend.set_verbose(True)
+    yield
+    backend.set_verbose(False)
 
 
 def config(rpc, **kw) -> BackendConfig:
@@ -158,12 +170,8 @@ def test_the_cli_names_an_unreachable_endpoint_in_one_line(target_path):
 # ---------------------------------------------------------------- exactness over RPC
 
 @needs_rpc
-def test_greedy_output_over_two_servers_equals_local_decoding(servers, target_path, capfd):
-    backend.set_verbose(True)
-    try:
-        engine = Engine(target_path, None, target_config=config(servers))
-    finally:
-        backend.set_verbose(False)
+def test_greedy_output_over_two_servers_equals_local_decoding(servers, target_path, llama_log, capfd):
+    engine = Engine(target_path, None, target_config=config(servers))
     log = capfd.readouterr().err
     for endpoint in servers:  # llama.cpp put weights on each server
         assert f"[{endpoint}] model buffer size" in log, log[-3000:]
@@ -213,15 +221,12 @@ def test_costs_measured_over_rpc_are_stored_apart_from_local_ones(servers, targe
 
 
 @needs_rpc
-def test_cli_run_with_rpc_prints_the_local_answer(servers, target_path, draft_path):
+def test_cli_run_with_rpc_prints_the_local_answer(servers, target_path, draft_path, llama_log):
     base = ["run", "-m", target_path, "--threads", "1", "-c", "512", "-t", "0", "-n", "12", "--raw", "--json",
             "the cat and the dog"]
     local = json.loads(CliRunner().invoke(cli, base).stdout)
-    try:
-        remote = CliRunner().invoke(cli, [*base, "-v", "--rpc", ",".join(servers), "-d", draft_path,
-                                          "--draft-rpc", servers[0], "--method", "draft"])
-    finally:
-        backend.set_verbose(False)
+    remote = CliRunner().invoke(cli, [*base, "-v", "--rpc", ",".join(servers), "-d", draft_path,
+                                      "--draft-rpc", servers[0], "--method", "draft"])
     assert remote.exit_code == 0, remote.output
     assert json.loads(remote.stdout)["tokens"] == local["tokens"]
     # the target on both servers, the draft on the first
