@@ -109,9 +109,20 @@ class _GgmlTensor(ctypes.Structure):
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
-_ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-_ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-_ggml.ggml_backend_tensor_get.restype = None
+_ggml = ctypes.CDLL(llama_cpp._ggml.libggml._name)  # ggml and, through it, ggml-base: own function objects, argtypes set here
+for _name, _res, _args in [
+    ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+    ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+    ("ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p]),
+    ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+    ("ggml_backend_dev_count", ctypes.c_size_t, []),
+    ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+    ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+    ("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
+    ("ggml_set_abort_callback", ctypes.c_void_p, [ctypes.c_void_p]),
+    ("ggml_backend_tensor_get", None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
+]:
+    getattr(_ggml, _name).restype, getattr(_ggml, _name).argtypes = _res, _args
 _GGML_TYPE_F32 = 0
 
 
@@ -718,19 +729,6 @@ RPC_CMD_HELLO = 14  # fixed across protocol versions (ggml-rpc.cpp asserts it)
 RPC_HELLO_SIZE = 24  # the request's connection capabilities, none asked for here
 DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2  # enum ggml_backend_dev_type
 
-_ggml = ctypes.CDLL(llama_cpp._ggml.libggml._name)  # own function objects: argtypes set here only
-for _name, _res, _args in [
-    ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
-    ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
-    ("ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p]),
-    ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
-    ("ggml_backend_dev_count", ctypes.c_size_t, []),
-    ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-    ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-    ("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
-    ("ggml_set_abort_callback", ctypes.c_void_p, [ctypes.c_void_p]),
-]:
-    getattr(_ggml, _name).restype, getattr(_ggml, _name).argtypes = _res, _args
 _rpc_add_server_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 _rpc_start_server_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                                        ctypes.c_void_p)
