@@ -26,7 +26,7 @@ from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endp
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .errors import GgspecError
 from .native import LlamaCpp, check_dir
-from .repl import interrupt_cancels, piped, repl
+from .repl import contents, interrupt_cancels, piped, repl
 from .stats import footer
 from .tree import TREE_SHAPES
 
@@ -294,8 +294,7 @@ def chat(method, draft_max, typical, max_tokens, system, show_drafts, resume, **
                     session.set(name, str(values[name]))
             if given("system") is ParameterSource.COMMANDLINE:
                 session.system = system
-            click.secho(f"resumed {resume}: {len(session.messages) // 2} turns; {session.settings.describe()}",
-                        dim=True, err=True)
+            click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)
         if interactive:
             repl(session, show_drafts)
         else:

@@ -166,13 +166,19 @@ def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> boo
             raise ValueError(f"usage: /{name} FILE")
         if name == "save":
             session.save(arg)
-            say(f"saved {len(session.messages) // 2} turns to {arg}")
+            say(f"saved to {arg}: {contents(session)}")
         else:
             session.load(arg)
-            say(f"loaded {arg}: {len(session.messages) // 2} turns; {session.settings.describe()}")
+            say(f"loaded {arg}: {contents(session)}; {session.settings.describe()}")
     else:
         say(f"unknown command /{name}; /help lists the commands")
     return True
+
+
+def contents(session: ChatSession) -> str:
+    """What a saved or loaded chat holds, in a few words."""
+    turns = sum(m["role"] == "user" for m in session.messages)
+    return f"{turns} turn{'' if turns == 1 else 's'}"
 
 
 def _indent(text: str) -> str:

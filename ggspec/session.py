@@ -28,7 +28,7 @@ disk once, without copies, and lets the reader check every byte before it trusts
 
 Saving writes a temporary file in the same directory, fsyncs it, renames it over the
 target (os.replace) and fsyncs the directory: a crash leaves the old file or the new
-one, never a mix. Loading checks the file, the models and every value before it changes
+one, never a mix. The file is readable by its owner only (it holds the conversation). Loading checks the file, the models and every value before it changes
 anything; llama.cpp's restore of the caches goes last, and where it refuses, the caches
 it had replaced are put back.
 """
@@ -175,7 +175,7 @@ def _estimators(engine: Engine) -> dict:
 
 
 def _fingerprint(model: Model, ctx: Context) -> dict:
-    return {"path": str(model.path), "size": model.path.stat().st_size, "sha256": hub.file_sha256(model.path),
+    return {"path": str(model.path.resolve()), "size": model.path.stat().st_size, "sha256": hub.file_sha256(model.path),
             "vocab_sha256": model.vocab_sha256, "n_ctx": ctx.n_ctx}
 
 

@@ -316,7 +316,7 @@ def test_chat_save_then_resume_answers_as_if_it_never_stopped(target_path, draft
     assert whole.exit_code == 0, whole.output
     saving = chat_cli(target_path, draft_path, f"hello world\nthe cat\n/save {file}\n", "-n", "10", *sampling)
     assert saving.exit_code == 0, saving.output
-    assert "saved 2 turns to" in saving.stderr and file.exists()
+    assert f"saved to {file}: 2 turns" in saving.stderr and file.exists()
     # settings come from the file: -n 99 and no seed here would change the answer
     resumed = chat_cli(target_path, draft_path, "and the dog\n", "--resume", str(file))
     assert resumed.exit_code == 0, resumed.output
