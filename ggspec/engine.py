@@ -212,6 +212,9 @@ class Engine:
         """Hold the engine between generations (waiting for a running one), to read or
         replace its state."""
         self._check_open()
+        if self._owner == threading.get_ident():
+            raise BusyError("this thread is generating (a callback, or a stream left open); "
+                            "save or load the session after the generation ends")
         with self._lock:
             self._check_open()  # closed while this call waited
             yield
