@@ -91,7 +91,7 @@ def load(engine: Engine, path: str | os.PathLike, parse_chat: Callable[[dict], T
     header, blobs = _read(path)
     with engine.idle():
         try:
-            _check_models(engine, header["models"], path)
+            _check_models(engine, header, path)
             if parse_chat is not None and header["chat"] is None:
                 raise SessionFileError(f"{path} holds no chat (it was saved with Engine.save); "
                                        "load it with Engine.load")
@@ -185,9 +185,13 @@ def _fingerprints(engine: Engine) -> dict:
             "draft": None if engine.draft is None else _fingerprint(engine.draft, contexts["draft"])}
 
 
-def _check_models(engine: Engine, saved: dict, path: Path) -> None:
-    """Refuse a file saved with other models or context sizes, naming what to load."""
-    have = _fingerprints(engine)
+def _check_models(engine: Engine, header: dict, path: Path) -> None:
+    """Refuse a file saved with other models, heads or context sizes, naming what to load."""
+    saved, have = header["models"], _fingerprints(engine)
+    heads = header["controller"]["medusa"] is not None
+    if heads != ("medusa" in engine.drafters):
+        raise SessionFileError(f"{path} was saved with Medusa heads; load it with the same heads (--heads FILE)"
+                               if heads else f"{path} was saved without Medusa heads; load it without --heads")
     for role, flag in (("target", "-m"), ("draft", "-d")):
         want, got = saved[role], have[role]
         if want is None and got is None:
@@ -218,9 +222,8 @@ def _restore(engine: Engine, header: dict, blobs: memoryview) -> None:
     caches = {role: (_cache(blobs, header["caches"][role], ctx), ctx) for role, ctx in contexts.items()}
     estimators = _estimators(engine)
     saved = header["controller"]
-    if set(saved) != set(estimators) or any((saved[k] is None) != (v is None) for k, v in estimators.items()):
-        raise SessionFileError("the session was saved with Medusa heads and is loaded without, or the "
-                               "reverse; load it with the same --heads")
+    if set(saved) != set(estimators):
+        raise ValueError(f"estimates of {sorted(saved)}, this engine has {sorted(estimators)}")
     before = {name: part.state() for name, part in estimators.items() if part is not None}
     replaced: list[tuple[Context, np.ndarray, list[int]]] = []
     try:

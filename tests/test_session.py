@@ -15,6 +15,7 @@ from ggspec import BackendConfig, BusyError, Engine, SamplingConfig, SessionFile
 from ggspec.chat import ChatSession, Settings
 from ggspec.cli import cli
 from ggspec.tokens import common_prefix
+from test_medusa import heads_path  # noqa: F401  (a fixture)
 
 CFG = BackendConfig(n_ctx=1024, n_threads=1)
 GREEDY = SamplingConfig(temperature=0)
@@ -114,6 +115,28 @@ def test_saving_from_inside_a_generation_is_refused_not_a_deadlock(target_path, 
             eng.generate("hello", max_tokens=4, on_text=lambda piece: eng.save(tmp_path / "x.ggs"))
         assert not (tmp_path / "x.ggs").exists()
         assert eng.generate("hello", max_tokens=4).tokens  # the engine is free again
+
+
+def test_medusa_estimates_come_back_and_need_the_heads(target_path, heads_path, tmp_path):
+    file = tmp_path / "medusa.ggs"
+    cfg = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
+    spec = SpecConfig("medusa", draft_max=8)
+    with Engine(target_path, None, target_config=cfg, heads=heads_path, tree_nodes=6) as a, \
+            Engine(target_path, None, target_config=cfg, heads=heads_path, tree_nodes=6) as b:
+        prompt = a.tokenize("hello world the cat the cat")
+        first = a.generate(prompt, max_tokens=24, sampling=GREEDY, spec=spec)
+        assert first.stats.draft_tokens  # it drafted trees, and learnt from them
+        a.save(file)
+        b.load(file)
+        assert state(b) == state(a)
+        following = [*prompt, *first.tokens, *a.tokenize(" the dog")]
+        assert b.generate(following, max_tokens=16, sampling=GREEDY, spec=spec).tokens == \
+            a.generate(following, max_tokens=16, sampling=GREEDY, spec=spec).tokens
+    with Engine(target_path, None, target_config=cfg) as plain:
+        before = state(plain)
+        with pytest.raises(SessionFileError, match=r"saved with Medusa heads; load it with the same heads"):
+            plain.load(file)
+        assert state(plain) == before
 
 
 @pytest.fixture
