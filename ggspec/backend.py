@@ -712,6 +712,7 @@ class Context(_Owner):
         data = np.frombuffer(data, dtype=np.uint8)
         self._stale = True
         self.tokens.clear()  # until the cache holds `tokens`: a prefix of it on every path
+        self._saved_at, self._rollback = None, 0  # a recurrent checkpoint or slot is of the old state
         n = llama_cpp.llama_state_seq_set_data(handle, _bytes_pointer(data), data.size, 0)
         held = llama_cpp.llama_memory_seq_pos_max(self._memory, 0) + 1
         if n != data.size or held != len(tokens):
