@@ -100,7 +100,8 @@ class CostModel:
         """The estimates as plain data, to save (ggspec.session)."""
         return {"curve": None if self.curve is None else self.curve.tolist(),
                 "correction": None if self.correction is None else self.correction.tolist(),
-                "scale": self.scale, "draft_token": self.draft_token}
+                "scale": self.scale, "draft_token": self.draft_token, "state_copy": self.state_copy,
+                "rollback": self.rollback}
 
     def set_state(self, state: dict) -> None:
         """Take the estimates of state(); ValueError when they do not fit."""
@@ -108,6 +109,7 @@ class CostModel:
         self.correction = None if curve is None else estimates(state["correction"], curve.shape)
         self.curve = curve
         self.scale, self.draft_token = float(state["scale"]), float(state["draft_token"])
+        self.state_copy, self.rollback = float(state["state_copy"]), int(state["rollback"])
 
 
 def estimates(values, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -250,13 +252,13 @@ class MatchAcceptance:
 
     def state(self) -> dict:
         return {"p": self.p.tolist(), "seen": self._seen.tolist(), "hits": self.hits.tolist(),
-                "trials": self.trials.tolist(), "recent": self.recent}
+                "trials": self.trials.tolist(), "recent": self.recent, "alternative": self.alternative}
 
     def set_state(self, state: dict) -> None:
         """Take the estimates of state(); ValueError when they do not fit."""
         self.p, self._seen, self.hits, self.trials = (estimates(state[k], self.p.shape)
                                                       for k in ("p", "seen", "hits", "trials"))
-        self.recent = float(state["recent"])
+        self.recent, self.alternative = float(state["recent"]), float(state["alternative"])
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -104,9 +105,24 @@ def test_the_controllers_estimates_and_the_random_state_come_back(target_path, d
         a.generate("hello world the cat the cat the cat", max_tokens=30, sampling=SamplingConfig(temperature=0.7),
                    spec=SpecConfig("auto", draft_max=4))
         assert a.costs.calibrated and state(a)["estimates"] != state(b)["estimates"]  # it learnt something
+        auto_a, auto_b = a.drafters["auto"], b.drafters["auto"]
+        learners = [(a.costs, b.costs), (auto_a.copy_acceptance, auto_b.copy_acceptance),
+                    (auto_a.model_acceptance, auto_b.model_acceptance)]
+        for x, _ in learners:  # every attribute away from a fresh engine's, also those no test knows of
+            for name, value in vars(x).items():
+                if isinstance(value, np.ndarray):
+                    value += 0.01
+                elif isinstance(value, (int, float)):
+                    setattr(x, name, value + 1)
+        auto_a._streak += 7
         a.save(file)
         b.load(file)
         assert state(b) == state(a)
+        for x, y in learners:
+            assert vars(x).keys() == vars(y).keys()
+            for name, value in vars(x).items():
+                assert np.array_equal(value, vars(y)[name]), f"{type(x).__name__}.{name} was not restored"
+        assert auto_b._streak == auto_a._streak
 
 
 def test_saving_from_inside_a_generation_is_refused_not_a_deadlock(target_path, tmp_path):
