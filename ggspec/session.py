@@ -171,7 +171,8 @@ def _contexts(engine: Engine) -> dict[str, Context]:
 
 def _estimators(engine: Engine) -> dict:
     """What learns from the rounds (each with state() and set_state()), None where absent."""
-    return {"costs": engine.costs, "auto": engine.drafters["auto"], "medusa": engine.drafters.get("medusa")}
+    return {"costs": engine.costs, "auto": engine.drafters["auto"], "medusa": engine.drafters.get("medusa"),
+            "eagle": engine.drafters.get("eagle")}
 
 
 def _fingerprint(model: Model, ctx: Context) -> dict:
@@ -188,10 +189,11 @@ def _fingerprints(engine: Engine) -> dict:
 def _check_models(engine: Engine, header: dict, path: Path) -> None:
     """Refuse a file saved with other models, heads or context sizes, naming what to load."""
     saved, have = header["models"], _fingerprints(engine)
-    heads = header["controller"]["medusa"] is not None
-    if heads != ("medusa" in engine.drafters):
-        raise SessionFileError(f"{path} was saved with Medusa heads; load it with the same heads (--heads FILE)"
-                               if heads else f"{path} was saved without Medusa heads; load it without --heads")
+    for kind, what, flag in (("medusa", "Medusa heads", "--heads"), ("eagle", "an EAGLE-3 draft", "--eagle")):
+        if (header["controller"][kind] is not None) != (kind in engine.drafters):
+            raise SessionFileError(f"{path} was saved with {what}; load it with the same ({flag} FILE)"
+                                   if kind not in engine.drafters else
+                                   f"{path} was saved without {what}; load it without {flag}")
     for role, flag in (("target", "-m"), ("draft", "-d")):
         want, got = saved[role], have[role]
         if want is None and got is None:

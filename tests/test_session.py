@@ -16,6 +16,7 @@ from ggspec import BackendConfig, BusyError, Engine, SamplingConfig, SessionFile
 from ggspec.chat import ChatSession, Settings
 from ggspec.cli import cli
 from ggspec.tokens import common_prefix
+from test_eagle_engine import eagle_path  # noqa: F401  (a fixture)
 from test_medusa import heads_path  # noqa: F401  (a fixture)
 from tinymodels import write_tiny_recurrent
 
@@ -133,12 +134,18 @@ def test_saving_from_inside_a_generation_is_refused_not_a_deadlock(target_path, 
         assert eng.generate("hello", max_tokens=4).tokens  # the engine is free again
 
 
-def test_medusa_estimates_come_back_and_need_the_heads(target_path, heads_path, tmp_path):
-    file = tmp_path / "medusa.ggs"
+@pytest.mark.parametrize("kind,fixture,nodes,refusal", [
+    ("medusa", "heads_path", 6, r"saved with Medusa heads; load it with the same \(--heads FILE\)"),
+    ("eagle", "eagle_path", 16, r"saved with an EAGLE-3 draft; load it with the same \(--eagle FILE\)"),
+])
+def test_head_drafters_estimates_come_back_and_need_their_file(request, target_path, tmp_path, kind, fixture,
+                                                               nodes, refusal):
+    file = tmp_path / f"{kind}.ggs"
     cfg = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
-    spec = SpecConfig("medusa", draft_max=8)
-    with Engine(target_path, None, target_config=cfg, heads=heads_path, tree_nodes=6) as a, \
-            Engine(target_path, None, target_config=cfg, heads=heads_path, tree_nodes=6) as b:
+    spec = SpecConfig(kind, draft_max=nodes)
+    heads = {"heads" if kind == "medusa" else kind: request.getfixturevalue(fixture)}
+    with Engine(target_path, None, target_config=cfg, tree_nodes=nodes, **heads) as a, \
+            Engine(target_path, None, target_config=cfg, tree_nodes=nodes, **heads) as b:
         prompt = a.tokenize("hello world the cat the cat")
         first = a.generate(prompt, max_tokens=24, sampling=GREEDY, spec=spec)
         assert first.stats.draft_tokens  # it drafted trees, and learnt from them
@@ -150,7 +157,7 @@ def test_medusa_estimates_come_back_and_need_the_heads(target_path, heads_path, 
             a.generate(following, max_tokens=16, sampling=GREEDY, spec=spec).tokens
     with Engine(target_path, None, target_config=cfg) as plain:
         before = state(plain)
-        with pytest.raises(SessionFileError, match=r"saved with Medusa heads; load it with the same heads"):
+        with pytest.raises(SessionFileError, match=refusal):
             plain.load(file)
         assert state(plain) == before
 
