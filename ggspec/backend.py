@@ -8,6 +8,8 @@ context is always freed before the model it was created from (it holds a referen
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import os
 import re
 import secrets
@@ -26,7 +28,7 @@ import llama_cpp._ggml
 import numpy as np
 
 from .config import BackendConfig
-from .errors import DecodeError, GgspecError, ModelFileError, VocabMismatchError
+from .errors import DecodeError, GgspecError, ModelFileError, SessionFileError, VocabMismatchError
 from .gguffile import check_model_file
 from .tokens import C_SPACE, Marker, common_prefix, split_markers
 from .tree import Tree
@@ -228,6 +230,15 @@ class Model(_Owner):
     def chat_template(self) -> str | None:
         tmpl = llama_cpp.llama_model_chat_template(self.handle, None)
         return tmpl.decode("utf-8", "replace") if tmpl else None
+
+    @functools.cached_property
+    def vocab_sha256(self) -> str:
+        """A digest of the tokenizer: its type, BOS / EOS ids and every token's text."""
+        digest = hashlib.sha256(f"{self.vocab_type} {self.bos} {self.eos} {self.n_vocab}".encode())
+        for t in range(self.n_vocab):
+            text = self.token_text(t)
+            digest.update(len(text).to_bytes(4, "little") + text)
+        return digest.hexdigest()
 
     def token_text(self, token: int) -> bytes:
         """The vocabulary entry of `token` as stored in the model (not detokenized)."""
@@ -683,6 +694,44 @@ class Context(_Owner):
         llama_cpp.llama_memory_clear(self._memory, True)
         self._stale = False
 
+    def save_state(self) -> np.ndarray:
+        """Sequence 0 of the KV cache, the cells of `tokens`, as llama.cpp serialises it
+        (llama_state_seq_get_data): a (n_bytes,) uint8 array."""
+        if self._stale:
+            self.truncate(len(self.tokens))
+        handle = self.handle
+        data = np.empty(llama_cpp.llama_state_seq_get_size(handle, 0), dtype=np.uint8)
+        n = llama_cpp.llama_state_seq_get_data(handle, _bytes_pointer(data), data.size, 0)
+        if n != data.size:
+            raise DecodeError(f"llama.cpp wrote {n} of the {data.size} bytes of the KV cache")
+        return data
+
+    def load_state(self, data, tokens: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+        """Replace sequence 0 with a saved state (from save_state) that holds `tokens`;
+        return the state it replaced and its tokens. If llama.cpp refuses it, the previous
+        state is put back and SessionFileError raised."""
+        previous, kept = self.save_state(), list(self.tokens)
+        if self._set_state(data, tokens):
+            return previous, kept
+        if not self._set_state(previous, kept):
+            self.clear()  # could not even put it back: an empty cache, which the mirror says
+        raise SessionFileError(f"llama.cpp refused the saved KV cache of {self.model.path.name} "
+                               "(saved with other context settings?); the session is unchanged")
+
+    def _set_state(self, data, tokens: Sequence[int]) -> bool:
+        handle = self.handle
+        data = np.frombuffer(data, dtype=np.uint8)
+        self._stale = True
+        self.tokens.clear()  # until the cache holds `tokens`: a prefix of it on every path
+        self._saved_at, self._rollback = None, 0  # a recurrent checkpoint or slot is of the old state
+        n = llama_cpp.llama_state_seq_set_data(handle, _bytes_pointer(data), data.size, 0)
+        held = llama_cpp.llama_memory_seq_pos_max(self._memory, 0) + 1
+        if n != data.size or held != len(tokens):
+            return False
+        self.tokens.extend(tokens)
+        self._stale = False
+        return True
+
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
 
@@ -691,6 +740,10 @@ class Context(_Owner):
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1))
+
+
+def _bytes_pointer(data: np.ndarray):
+    return data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 VOCAB_MAX_SIZE_DIFFERENCE = 128

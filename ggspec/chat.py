@@ -3,14 +3,17 @@
 Each turn sends the whole conversation, rendered with the target's chat template. The
 engine keeps the longest token prefix that its KV caches (target and draft) already hold,
 so a turn prefills only what is new: the end of the last answer and the new user message.
+A session saves to one file with the engine's state (ggspec.session) and resumes from it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Generator
 
 from .config import SamplingConfig, SpecConfig
+from . import session
 from .engine import Engine, Result, consume
 from .stats import Stats
 
@@ -135,3 +138,35 @@ class ChatSession:
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Result:
         """Answer `text` (see stream); on_text receives each piece."""
         return consume(self.stream(text), on_text or (lambda piece: None))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the conversation, its settings and stats with the engine's state to one
+        file, atomically (ggspec.session)."""
+        chat = {"system": self.system, "messages": self.messages, "max_tokens": self.settings.max_tokens,
+                "sampling": asdict(self.settings.sampling), "spec": asdict(self.settings.spec),
+                "last": None if self.last is None else asdict(self.last),
+                "total": None if self.total is None else asdict(self.total)}
+        session.save(self.engine, path, chat)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Go on with the session saved in `path`: its conversation, settings and stats,
+        and the engine's caches and estimates as they were. SessionFileError, with this
+        session and the engine unchanged, when the file does not fit them."""
+        saved = session.load(self.engine, path, self._restored)
+        self.system, self.messages, self.settings = saved.system, saved.messages, saved.settings
+        self.last, self.total = saved.last, saved.total
+
+    def _restored(self, chat: dict) -> ChatSession:
+        """A session on this engine from saved chat data; KeyError, TypeError or ValueError
+        where it does not fit."""
+        settings = Settings(SamplingConfig(**chat["sampling"]), SpecConfig(**chat["spec"]), chat["max_tokens"])
+        if settings.spec.method not in available_methods(self.engine):
+            raise ValueError(f"method {settings.spec.method!r} is not available here")
+        if chat["system"] is not None and not isinstance(chat["system"], str):
+            raise TypeError("the system prompt is not text")
+        saved = ChatSession(self.engine, settings, system=chat["system"])
+        saved.messages = [{"role": m["role"], "content": m["content"]} for m in chat["messages"]]
+        if any(m["role"] not in ("user", "assistant") or not isinstance(m["content"], str) for m in saved.messages):
+            raise ValueError("messages other than user and assistant text")
+        saved.last, saved.total = (None if chat[k] is None else Stats(**chat[k]) for k in ("last", "total"))
+        return saved

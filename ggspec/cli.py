@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Callable
 
 import click
+from click.core import ParameterSource
 from tqdm import tqdm
 
 from . import __version__, bench as benchmark, hub, machine
 from .backend import Model, check_vocab_compatible, default_threads, serve_rpc, set_verbose
-from .chat import ChatSession, Settings, available_methods
+from .chat import NAMES, ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .errors import GgspecError
 from .native import LlamaCpp, check_dir
-from .repl import interrupt_cancels, piped, repl
+from .repl import contents, interrupt_cancels, piped, repl
 from .stats import footer
 from .tree import TREE_SHAPES
 
@@ -266,12 +267,15 @@ def _read_prompt(prompt: str | None, prompt_file) -> str:
 @click.option("-n", "--max-tokens", type=int, default=1024, show_default=True, help="Most tokens per answer.")
 @click.option("--system", help="System prompt.")
 @click.option("--show-drafts", is_flag=True, help="Colour the text that came from accepted draft tokens.")
-def chat(method, draft_max, typical, max_tokens, system, show_drafts, **opts) -> None:
+@click.option("--resume", metavar="FILE", help="Go on with a chat saved with /save (same models and context size).")
+def chat(method, draft_max, typical, max_tokens, system, show_drafts, resume, **opts) -> None:
     """Chat interactively, several turns.
 
     Each turn prefills only the new tokens: the KV caches keep the conversation. Type
     /help for the commands. When stdin is not a terminal, each line is one user message
     (or a /command), and only the answers go to stdout, each ending with a newline.
+    With --resume, the saved conversation, caches and settings come back; sampling and
+    speculation options given on the command line replace the saved ones.
     """
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
@@ -279,7 +283,18 @@ def chat(method, draft_max, typical, max_tokens, system, show_drafts, **opts) ->
         spec = _spec(engine, method, draft_max, typical)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
-        session = ChatSession(engine, Settings(sampling, spec, max_tokens), system=system)
+        settings = Settings(sampling, spec, max_tokens)
+        session = ChatSession(engine, settings, system=system)
+        if resume is not None:
+            session.load(resume)
+            given = click.get_current_context().get_parameter_source
+            values = {**asdict(settings.sampling), **asdict(settings.spec), "max_tokens": max_tokens}
+            for name in NAMES:
+                if given(name) is ParameterSource.COMMANDLINE:
+                    session.set(name, str(values[name]))
+            if given("system") is ParameterSource.COMMANDLINE:
+                session.system = system
+            click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)
         if interactive:
             repl(session, show_drafts)
         else:

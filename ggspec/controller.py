@@ -96,6 +96,31 @@ class CostModel:
         if tokens > 0:
             self.draft_token += EMA * (seconds / tokens - self.draft_token)
 
+    def state(self) -> dict:
+        """The estimates as plain data, to save (ggspec.session)."""
+        return {"curve": None if self.curve is None else self.curve.tolist(),
+                "correction": None if self.correction is None else self.correction.tolist(),
+                "scale": self.scale, "draft_token": self.draft_token, "state_copy": self.state_copy,
+                "rollback": self.rollback}
+
+    def set_state(self, state: dict) -> None:
+        """Take the estimates of state(); ValueError when they do not fit."""
+        curve = None if state["curve"] is None else estimates(state["curve"])
+        self.correction = None if curve is None else estimates(state["correction"], curve.shape)
+        self.curve = curve
+        self.scale, self.draft_token = float(state["scale"]), float(state["draft_token"])
+        self.state_copy, self.rollback = float(state["state_copy"]), int(state["rollback"])
+
+
+def estimates(values, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Saved estimates as a float64 array of `shape` (any 1-d length when None); ValueError
+    when they have another shape or are not finite."""
+    a = np.array(values, dtype=np.float64)
+    fits = a.shape == shape if shape is not None else a.ndim == 1 and a.size > 0
+    if not fits or not np.isfinite(a).all():
+        raise ValueError(f"saved estimates of shape {a.shape} where {shape or '(n,)'} was expected")
+    return a
+
 
 def expected_accepted(chances: np.ndarray) -> np.ndarray:
     """E[accepted] for chains of length 1..k from conditional acceptance chances (k,)."""
@@ -125,6 +150,13 @@ class AcceptanceModel:
 
     def chances(self, k: int) -> np.ndarray:
         return self.alpha[:k]
+
+    def state(self) -> dict:
+        return {"alpha": self.alpha.tolist(), "seen": self._seen.tolist()}
+
+    def set_state(self, state: dict) -> None:
+        """Take the estimates of state(); ValueError when they do not fit."""
+        self.alpha, self._seen = (estimates(state[k], self.alpha.shape) for k in ("alpha", "seen"))
 
 
 # A copied token's chance of acceptance grows with the length of the match behind it: the
@@ -217,6 +249,16 @@ class MatchAcceptance:
             self.hits[cell] += (1 - self.NEIGHBOUR) * hit
             self.trials[cell] += 1 - self.NEIGHBOUR
             self.recent += RECENT_EMA * (hit - self.recent)
+
+    def state(self) -> dict:
+        return {"p": self.p.tolist(), "seen": self._seen.tolist(), "hits": self.hits.tolist(),
+                "trials": self.trials.tolist(), "recent": self.recent, "alternative": self.alternative}
+
+    def set_state(self, state: dict) -> None:
+        """Take the estimates of state(); ValueError when they do not fit."""
+        self.p, self._seen, self.hits, self.trials = (estimates(state[k], self.p.shape)
+                                                      for k in ("p", "seen", "hits", "trials"))
+        self.recent, self.alternative = float(state["recent"]), float(state["alternative"])
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
-from . import calibration, hub
+from . import calibration, hub, session
 from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_speculative, accept_tree_match,
                          accept_tree_typical)
 from .backend import Context, Model, check_vocab_compatible, layer_input_name
@@ -135,6 +135,7 @@ class Engine:
         self._running: threading.Event | None = None  # the cancel handle of the running generation
         self._owner: int | None = None  # the thread that runs it
         self._closed = False
+        self.rng = np.random.default_rng()  # seeds each generation without a seed (saved with the session)
         with ExitStack() as stack:
             self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
             eagle_heads = load_eagle(eagle, self.target) if eagle is not None else None
@@ -205,6 +206,28 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine is closed; create a new Engine")
+
+    @contextmanager
+    def idle(self) -> Iterator[None]:
+        """Hold the engine between generations (waiting for a running one), to read or
+        replace its state."""
+        self._check_open()
+        if self._owner == threading.get_ident():
+            raise BusyError("this thread is generating (a callback, or a stream left open); "
+                            "save or load the session after the generation ends")
+        with self._lock:
+            self._check_open()  # closed while this call waited
+            yield
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the KV caches, their tokens, the controller's estimates and the random
+        state to one file, atomically (ggspec.session)."""
+        session.save(self, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load what save() wrote; SessionFileError (the engine unchanged) when the file
+        is for other models or settings, truncated, corrupted or of another version."""
+        session.load(self, path)
 
     def _check_batch(self, spec: SpecConfig) -> None:
         """A verification batch holds the pending token and up to draft_max drafts (with
@@ -288,7 +311,8 @@ class Engine:
         stats = Stats(method=spec.method)
         # separate streams: the target's draws then do not depend on what was drafted, so
         # sample-and-match (lookup, auto with a seed) commits what plain sampling would
-        rng, draft_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(sampling.seed).spawn(2))
+        seed = sampling.seed if sampling.seed is not None else int(self.rng.integers(2 ** 63))
+        rng, draft_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
         text = TextStream(stop)
         out: list[str] = []
         emitted: list[str] = []

@@ -34,3 +34,8 @@ class BusyError(GgspecError, RuntimeError):
 
 class EngineClosedError(GgspecError, RuntimeError):
     """The engine was closed; its models and contexts are freed."""
+
+
+class SessionFileError(GgspecError, ValueError):
+    """A saved session cannot be written, or read into this engine (another model, a
+    truncated or corrupted file, another format version)."""

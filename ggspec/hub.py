@@ -147,6 +147,28 @@ def cached_path(name: str) -> Path | None:
     return path
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, hashed at most once per (path, size, mtime) in a process; a
+    pulled model's is its verification record (the registry's checksum)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        try:
+            rec = json.loads(_sidecar(path).read_text())
+            if (rec["size"], rec["mtime_ns"]) == key[1:]:
+                _SHA256[key] = rec["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if key not in _SHA256:
+        with open(path, "rb") as f:
+            _SHA256[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256[key]
+
+
 def _hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 

@@ -27,6 +27,8 @@ CHAT_HELP = '''\
 /system [TEXT]     set the system prompt; without TEXT, remove it
 /set [NAME VALUE]  change a setting; without NAME, show them. Names: temperature (t),
                    top_k, top_p, min_p, seed, max_tokens (n), method, draft_max (k)
+/save FILE         save the conversation, settings and KV caches to FILE
+/load FILE         go on with a conversation saved with /save (same models)
 /exit              leave (also Ctrl-D, or Ctrl-C at the prompt)
 """ ... """        a message of several lines
 Ctrl-C during an answer stops it and keeps what was written.'''
@@ -159,9 +161,24 @@ def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> boo
         else:
             session.set(key, value.strip())
             say(session.settings.describe())
+    elif name in ("save", "load"):
+        if not arg:
+            raise ValueError(f"usage: /{name} FILE")
+        if name == "save":
+            session.save(arg)
+            say(f"saved to {arg}: {contents(session)}")
+        else:
+            session.load(arg)
+            say(f"loaded {arg}: {contents(session)}; {session.settings.describe()}")
     else:
         say(f"unknown command /{name}; /help lists the commands")
     return True
+
+
+def contents(session: ChatSession) -> str:
+    """What a saved or loaded chat holds, in a few words."""
+    turns = sum(m["role"] == "user" for m in session.messages)
+    return f"{turns} turn{'' if turns == 1 else 's'}"
 
 
 def _indent(text: str) -> str:

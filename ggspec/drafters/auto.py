@@ -166,6 +166,20 @@ class AutoDrafter:
         if isinstance(plan, Plan) and plan.model and len(nodes) >= plan.lookup:
             self.model_acceptance.observe(plan.model, len(nodes) - plan.lookup)
 
+    def state(self) -> dict:
+        """What it learnt, as plain data, to save (ggspec.session); the costs are the engine's."""
+        return {"copy_acceptance": self.copy_acceptance.state(), "streak": self._streak,
+                "model_acceptance": None if self.model_acceptance is None else self.model_acceptance.state()}
+
+    def set_state(self, state: dict) -> None:
+        """Take what state() gave; ValueError when it does not fit this drafter."""
+        if (state["model_acceptance"] is None) != (self.model_acceptance is None):
+            raise ValueError("saved with and loaded without a draft model, or the reverse")
+        self.copy_acceptance.set_state(state["copy_acceptance"])
+        if self.model_acceptance is not None:
+            self.model_acceptance.set_state(state["model_acceptance"])
+        self._streak = int(state["streak"])
+
     def report(self) -> dict:
         """The controller's estimates and how often it chose each plan."""
         return {

@@ -175,6 +175,16 @@ class EagleDrafter:
         keep = _prefix_tree(g.parents, n)
         return Draft(g.tokens[:n].tolist(), tree=keep, plan=float(g.chances[:n].sum()))
 
+    def state(self) -> dict:
+        """The measured tree cost and accepted / expected tokens as plain data, to save
+        (ggspec.session); the draft's cache is rebuilt from the target for each prompt."""
+        return {"draft_seconds": self.draft_seconds, "accepted": self._accepted, "expected": self._expected}
+
+    def set_state(self, state: dict) -> None:
+        """Take what state() gave."""
+        self.draft_seconds, self._accepted, self._expected = (float(state[k]) for k in
+                                                              ("draft_seconds", "accepted", "expected"))
+
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
         # features of the committed rows of the verification: the pending row and the
         # accepted nodes (any drafter's draft: one row per token after the pending one)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import Context
 from ..config import SamplingConfig
-from ..controller import EMA, CostModel
+from ..controller import EMA, CostModel, estimates
 from ..heads import TOP_K, MedusaHeads
 from ..tree import TREE_SHAPES, Tree, fixed_choices, grown_choices, tree_from_choices
 from . import Draft
@@ -82,6 +82,15 @@ class MedusaDrafter:
         self.head_seconds += EMA * (time.perf_counter() - t0 - self.head_seconds)
         tree, ranks = tree_from_choices(self._planned[:n])
         return Draft([int(ids[d - 1, r]) for d, r in zip(tree.depths, ranks)], tree=tree, plan=ranks)
+
+    def state(self) -> dict:
+        """The measured acceptance and head cost as plain data, to save (ggspec.session)."""
+        return {"acceptance": self.acceptance.tolist(), "head_seconds": self.head_seconds}
+
+    def set_state(self, state: dict) -> None:
+        """Take what state() gave; ValueError when it does not fit these heads."""
+        self.acceptance = estimates(state["acceptance"], self.acceptance.shape)
+        self.head_seconds = float(state["head_seconds"])
 
     def _choices(self, budget: int):
         if self.shape is None:
