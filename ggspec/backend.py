@@ -597,6 +597,13 @@ class Context(_Owner):
         self.tokens.extend(tokens)
         self._stale = False
 
+    def set_threads(self, n: int) -> None:
+        """Use n CPU threads for the next decodes (single tokens and batches)."""
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"threads must be a positive integer, got {n!r}")
+        llama_cpp.llama_set_n_threads(self.handle, n, n)
+        self.n_threads = n
+
     def truncate(self, n: int) -> None:
         """Drop every cached position >= n, in every sequence (also cells a failed or
         interrupted call left beyond `tokens`). The mirror shrinks first: interrupted in

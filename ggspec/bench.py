@@ -221,23 +221,47 @@ def workload_from_file(path: str | Path) -> Workload:
 
 @dataclass(frozen=True)
 class Variant:
-    """One speculation setting: a method and, for speculative ones, K (draft_max)."""
+    """One speculation setting: a method and, for speculative ones, K (draft_max); for
+    method draft whether it drafts ahead (None: as the controller chooses); and the CPU
+    threads of target and draft (None: as the engine was loaded)."""
 
     method: str
     draft_max: int | None = None
+    async_draft: bool | None = None
+    threads: tuple[int, int] | None = None
 
     @property
     def label(self) -> str:
-        return self.method if self.draft_max is None else f"{self.method} k={self.draft_max}"
+        label = self.method if self.draft_max is None else f"{self.method} k={self.draft_max}"
+        if self.async_draft is not None:
+            label += " async" if self.async_draft else " sync"
+        if self.threads is not None:
+            label += f" t{self.threads[0]}+{self.threads[1]}"
+        return label
 
 
-def variants(methods: Sequence[tuple[str, Sequence[int]]], ks: Sequence[int]) -> list[Variant]:
+def variants(methods: Sequence[tuple[str, Sequence[int]]], ks: Sequence[int],
+             async_draft: bool | None = None) -> list[Variant]:
     """`none` first (the baseline), then every other method with its own Ks, or else
-    every K of `ks`."""
+    every K of `ks` (method draft with `async_draft`)."""
     out = [Variant("none")]
     for m, own in methods:
         if m != "none":
-            out += [Variant(m, k) for k in dict.fromkeys(own or ks) if Variant(m, k) not in out]
+            out += [Variant(m, k, async_draft if m == "draft" else None) for k in dict.fromkeys(own or ks)
+                    if Variant(m, k) not in out]
+    return out
+
+
+def async_split_variants(ks: Sequence[int], threads: int) -> list[Variant]:
+    """Drafting in turn on all `threads` threads (target and draft each use them all)
+    against drafting ahead with the threads split between target and draft, for each K;
+    `none` on all threads is the baseline."""
+    if threads < 2:
+        raise ValueError(f"splitting threads between target and draft needs at least 2, got {threads}")
+    split = (threads - threads // 2, threads // 2)
+    out = [Variant("none", threads=(threads, threads))]
+    for k in dict.fromkeys(ks):
+        out += [Variant("draft", k, False, (threads, threads)), Variant("draft", k, True, split)]
     return out
 
 
@@ -264,7 +288,8 @@ class Row:
 
     def to_dict(self) -> dict:
         s = self.stats
-        return {"workload": self.workload, "method": self.variant.method, "draft_max": self.variant.draft_max,
+        return {"workload": self.workload, "variant": self.variant.label, "method": self.variant.method,
+                "draft_max": self.variant.draft_max,
                 "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
                 "speedups": self.ratios, "copy_oracle": self.oracle, "native_speedup": self.native_speedup,
                 "native_speedups": self.native_ratios, "acceptance_rate": s.acceptance_rate,
@@ -296,8 +321,11 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         raise ValueError("no workload to run")
     texts = [_prompt_text(engine, w, chat, max_tokens) for w in workloads]
     prompts = [engine.tokenize(text) for text in texts]
-    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max) for v in grid]
-    for spec in specs:
+    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max, async_draft=v.async_draft)
+             for v in grid]
+    loaded = engine.threads
+    for variant, spec in zip(grid, specs):
+        engine.set_threads(*(variant.threads or loaded))
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
     natives = native.variants() if native is not None else []
     rows = [[Row(w.name, v, Stats(method=v.method)) for v in [*grid, *natives]] for w in workloads]
@@ -306,6 +334,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
             speeds = []
             for j, (variant, spec) in enumerate(zip(grid, specs)):
+                engine.set_threads(*(variant.threads or loaded))
                 result = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=spec)
                 stats = result.stats
                 rows[i][j].stats = stats if r == 0 else rows[i][j].stats + stats
@@ -328,6 +357,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
             if native_speeds and natives[0].mode == "plain" and native_speeds[0] > 0:
                 for j, speed in enumerate(native_speeds, start=len(grid)):
                     rows[i][j].native_ratios.append(speed / native_speeds[0])
+    engine.set_threads(*loaded)
     return [row for per_workload in rows for row in per_workload]
 
 

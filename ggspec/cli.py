@@ -112,7 +112,9 @@ _model_options = _options(
     click.option("-ngl", "--gpu-layers", type=int, default=BackendConfig.n_gpu_layers, show_default=True,
                  help="Target layers to offload to the GPU (-1: all)."),
     click.option("--gpu-layers-draft", type=int, help="Draft layers to offload.  [default: as --gpu-layers]"),
-    click.option("--threads", type=int, help="CPU threads.  [default: all available]"),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads.  [default: all available]"),
+    click.option("--draft-threads", type=click.IntRange(min=1),
+                 help="CPU threads of the draft model.  [default: as --threads]"),
     click.option("--rpc", metavar="HOST:PORT[,...]", callback=_endpoints,
                  help="Split the target across these ggml RPC servers (ggspec rpc-server)."),
     click.option("-ts", "--tensor-split", metavar="N,N,...", callback=_shares,
@@ -129,6 +131,9 @@ _spec_options = _options(
                  help="Most tokens drafted per round (medusa, eagle: tree nodes)."),
     click.option("--typical", is_flag=True,
                  help="Verify medusa trees with typical acceptance: LOSSY, output may differ."),
+    click.option("--async-draft/--no-async-draft", default=None,
+                 help="Method draft: draft the next round while the target verifies (or never).  "
+                 "[default: when measured faster]"),
 )
 
 
@@ -155,9 +160,10 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     n_ctx = opts.pop("ctx_size")
     target_config = BackendConfig(n_ctx=n_ctx, n_gpu_layers=opts.pop("gpu_layers"), n_threads=opts.pop("threads"),
                                   rpc=opts.pop("rpc"), tensor_split=opts.pop("tensor_split"))
-    layers = opts.pop("gpu_layers_draft")
+    layers, threads = opts.pop("gpu_layers_draft"), opts.pop("draft_threads")
     draft_config = replace(target_config.local(), rpc=opts.pop("draft_rpc"),
-                           n_gpu_layers=target_config.n_gpu_layers if layers is None else layers)
+                           n_gpu_layers=target_config.n_gpu_layers if layers is None else layers,
+                           n_threads=threads or target_config.n_threads)
     draft = opts.pop("draft")
     if opts.pop("no_draft"):
         draft = None
@@ -171,9 +177,11 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     return engine
 
 
-def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False) -> SpecConfig:
-    """--method and -k for this engine. Without --method, the configuration's default
-    method, or none when it cannot run here (draft without a draft model)."""
+def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False,
+          async_draft: bool | None = None) -> SpecConfig:
+    """--method, -k and --async-draft for this engine. Without --method, the
+    configuration's default method, or none when it cannot run here (draft without a
+    draft model)."""
     available = available_methods(engine)
     if method is None:
         method = _SPEC.method if _SPEC.method in available else "none"
@@ -183,7 +191,10 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
                 "eagle": "; pass an EAGLE-3 draft with --eagle"}.get(method, "")
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
-    return SpecConfig(method, draft_max=draft_max, typical=typical)
+    if async_draft and method != "draft":
+        raise GgspecError(f"--async-draft applies to the draft model's rounds: use it with --method draft "
+                          f"(not {method})")
+    return SpecConfig(method, draft_max=draft_max, typical=typical, async_draft=async_draft)
 
 
 def _name(model) -> str | None:
@@ -204,7 +215,7 @@ def _name(model) -> str | None:
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stop", multiple=True, help="End the text at this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(prompt, prompt_file, method, draft_max, typical, max_tokens, chat, system, stop, as_json, **opts) -> None:
+def run(prompt, prompt_file, method, draft_max, typical, async_draft, max_tokens, chat, system, stop, as_json, **opts) -> None:
     """Generate one answer.
 
     The prompt is PROMPT, or -f FILE, or stdin (PROMPT '-', or none and stdin piped).
@@ -216,7 +227,7 @@ def run(prompt, prompt_file, method, draft_max, typical, max_tokens, chat, syste
         raise click.UsageError("--system needs --chat")
     sampling = _sampling(opts)
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical)
+        spec = _spec(engine, method, draft_max, typical, async_draft)
         if chat and not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use --raw")
         messages = [{"role": "system", "content": system}] if system else []
@@ -268,7 +279,7 @@ def _read_prompt(prompt: str | None, prompt_file) -> str:
 @click.option("--system", help="System prompt.")
 @click.option("--show-drafts", is_flag=True, help="Colour the text that came from accepted draft tokens.")
 @click.option("--resume", metavar="FILE", help="Go on with a chat saved with /save (same models and context size).")
-def chat(method, draft_max, typical, max_tokens, system, show_drafts, resume, **opts) -> None:
+def chat(method, draft_max, typical, async_draft, max_tokens, system, show_drafts, resume, **opts) -> None:
     """Chat interactively, several turns.
 
     Each turn prefills only the new tokens: the KV caches keep the conversation. Type
@@ -280,7 +291,7 @@ def chat(method, draft_max, typical, max_tokens, system, show_drafts, resume, **
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical)
+        spec = _spec(engine, method, draft_max, typical, async_draft)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
         settings = Settings(sampling, spec, max_tokens)
@@ -316,7 +327,7 @@ def chat(method, draft_max, typical, max_tokens, system, show_drafts, resume, **
               help="Require Authorization: Bearer KEY on /v1 routes (or set GGSPEC_API_KEY).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most requests waiting for the engine; more get 429.")
-def serve(method, draft_max, typical, max_tokens, host, port, api_key, max_queue, **opts) -> None:
+def serve(method, draft_max, typical, async_draft, max_tokens, host, port, api_key, max_queue, **opts) -> None:
     """Serve an OpenAI-compatible API and a chat page.
 
     POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models,
@@ -329,7 +340,7 @@ def serve(method, draft_max, typical, max_tokens, host, port, api_key, max_queue
     sampling = _sampling(opts)
     sock = listen(host, port)  # fail before loading the models
     with sock, _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical)
+        spec = _spec(engine, method, draft_max, typical, async_draft)
         app = create_app(engine, Settings(sampling, spec, max_tokens or engine.n_ctx), api_key=api_key,
                          max_queue=max_queue)
         bound = sock.getsockname()
@@ -376,6 +387,11 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @click.option("-k", "--draft-max", "ks", multiple=True, callback=_int_list,
               help=f"Draft length K for methods without their own (repeatable, or 2,4,8).  "
                    f"[default: {_SPEC.draft_max}]")
+@click.option("--async-draft/--no-async-draft", default=None,
+              help="Method draft: draft ahead during verification, or never.  [default: when measured faster]")
+@click.option("--async-split", is_flag=True,
+              help="Compare method draft drafting in turn on all threads with drafting ahead on the threads "
+                   "split between target and draft (e.g. --threads 2: 2 synchronous vs 1 + 1 asynchronous).")
 @click.option("--allow-busy", is_flag=True, help="Run even while other processes use the CPU (timings are then wrong).")
 @click.option("-r", "--repetitions", type=int, default=1, show_default=True, help="Runs of each cell.")
 @click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per run.")
@@ -387,8 +403,8 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw tok/s and acceptance by position (needs matplotlib).")
-def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, chat, native_dir, as_json, plot,
-          **opts) -> None:
+def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy, repetitions, max_tokens, chat,
+          native_dir, as_json, plot, **opts) -> None:
     """Compare methods and draft lengths.
 
     Workloads: code (write a function), edit (add type hints to a 60-line module: the
@@ -418,7 +434,16 @@ def bench(names, prompt_file, methods, ks, allow_busy, repetitions, max_tokens, 
     with _open_engine(opts, k_max) as engine:
         for m, _ in methods:
             _spec(engine, m, k_max)  # refuses a method these models cannot run
-        grid = benchmark.variants(methods or [(m, ()) for m in available_methods(engine)], ks)
+        if async_split:
+            if methods or async_draft is not None:
+                raise GgspecError("--async-split makes its own variants: leave out --method and --async-draft")
+            _spec(engine, "draft", k_max)
+            try:
+                grid = benchmark.async_split_variants(ks, threads)
+            except ValueError as e:
+                raise GgspecError(f"{e}; use --threads 2 or more") from None
+        else:
+            grid = benchmark.variants(methods or [(m, ()) for m in available_methods(engine)], ks, async_draft)
         native = None if native_dir is None else LlamaCpp(
             native_dir, engine.target.path, engine.draft.path if engine.draft else None, threads, engine.n_ctx, *layers)
         runs = len(grid) + (len(native.variants()) if native else 0)

@@ -54,12 +54,16 @@ class SpecConfig:
     costs), "draft" (draft model), "lookup" (prompt lookup), "none" (plain decoding).
     draft_max: most tokens drafted per round (K: fixed for draft / lookup, a cap for auto). draft_p_min: the draft model stops
     drafting when its most likely next token has probability below this.
+    async_draft (method draft): the draft model drafts the next round while the target
+    verifies this one; None lets the controller choose by measured speed, True / False
+    force it on / off.
     """
 
     method: str = "auto"
     draft_max: int = 16
     draft_p_min: float = 0.0
     typical: bool = False
+    async_draft: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +72,12 @@ class SpecConfig:
             raise ValueError(f"draft_max must be an integer from 1 to {MAX_DRAFT}, got {self.draft_max!r}")
         if not (0 <= self.draft_p_min < 1):
             raise ValueError(f"draft_p_min must be in [0, 1), got {self.draft_p_min!r}")
+        if self.async_draft not in (None, True, False):
+            raise ValueError(f"async_draft must be None (the controller chooses), True or False, "
+                             f"got {self.async_draft!r}")
+        if self.async_draft and self.method != "draft":
+            raise ValueError(f"async_draft applies to method draft (the draft model), not {self.method}; "
+                             "use method draft")
 
 
 def rpc_endpoint(text: str) -> str:

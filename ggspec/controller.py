@@ -42,13 +42,19 @@ class CostModel:
     SHAPE_EMA = 0.05
 
     def __init__(self, curve: np.ndarray | None = None, draft_token: float = 0.0):
-        self.curve = self.correction = None
-        self.scale = 1.0
+        self.reset()
         self.draft_token = draft_token
         self.state_copy = 0.0
         self.rollback = 0
         if curve is not None:
             self.calibrate(curve, draft_token)
+
+    def reset(self) -> None:
+        """Forget every measurement (the machine changed: threads, offloading)."""
+        self.curve = self.correction = None
+        self.scale = 1.0
+        self.draft_token = 0.0
+        self.overlap = Overlap()
 
     @property
     def calibrated(self) -> bool:
@@ -120,6 +126,65 @@ def estimates(values, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if not fits or not np.isfinite(a).all():
         raise ValueError(f"saved estimates of shape {a.shape} where {shape or '(n,)'} was expected")
     return a
+
+
+class Overlap:
+    """Whether the draft model drafts the next round while the target verifies this one
+    (asynchronous drafting), from the measured wall time per committed token of rounds
+    run each way. It pays where the two decodes overlap (a GPU target and a CPU draft,
+    CPU threads split between them) and the draft's guesses usually hold; it costs where
+    they compete for the same cores. Each way is tried for TRIAL rounds, then the faster
+    is taken, and the other is tried again for TRIAL rounds after every EXPLORE_EVERY.
+    The first round after a switch is not counted: it carries the other way's draft."""
+
+    TRIAL = 8
+
+    def __init__(self) -> None:
+        self.seconds = np.zeros(2)  # [sync, async]: mean wall seconds of a round
+        self.tokens = np.zeros(2)   # [sync, async]: mean tokens committed by a round
+        self.rounds = np.zeros(2, dtype=int)
+        self._last = False  # the way of the latest round
+        self._streak = 0    # rounds in a row of the faster way
+        self._trial = 0     # rounds of the slower way still to run
+
+    def start(self) -> None:
+        """A generation starts: no worker has drafted its first round."""
+        self._last = False
+
+    @property
+    def faster(self) -> bool:
+        """True when asynchronous rounds commit more tokens per second."""
+        rate = self.tokens / np.maximum(self.seconds, 1e-12)
+        return bool(rate[1] > rate[0])
+
+    def choose(self) -> bool:
+        """Draft the next round during this round's verification?"""
+        for way in (False, True):
+            if self.rounds[int(way)] < self.TRIAL:
+                return way
+        if self._trial == 0 and self._streak >= EXPLORE_EVERY:
+            self._trial, self._streak = self.TRIAL + 1, 0  # + 1: the switch round is not counted
+        if self._trial:
+            self._trial -= 1
+            return not self.faster
+        self._streak += 1
+        return self.faster
+
+    def observe(self, ahead: bool, seconds: float, tokens: int) -> None:
+        """A round (propose and verify) that ran `ahead` or not took `seconds` wall time
+        and committed `tokens`."""
+        if ahead == self._last:
+            i = int(ahead)
+            self.rounds[i] += 1
+            w = max(1.0 / self.rounds[i], EMA)
+            self.seconds[i] += w * (seconds - self.seconds[i])
+            self.tokens[i] += w * (tokens - self.tokens[i])
+        self._last = ahead
+
+    def report(self) -> dict:
+        rate = self.tokens / np.maximum(self.seconds, 1e-12)
+        return {"sync_tokens_per_second": round(float(rate[0]), 2), "sync_rounds": int(self.rounds[0]),
+                "async_tokens_per_second": round(float(rate[1]), 2), "async_rounds": int(self.rounds[1])}
 
 
 def expected_accepted(chances: np.ndarray) -> np.ndarray:

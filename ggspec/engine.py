@@ -196,6 +196,24 @@ class Engine:
     def n_ctx(self) -> int:
         return self.ctx.n_ctx
 
+    @property
+    def threads(self) -> tuple[int, int | None]:
+        """CPU threads of the target and of the draft model (None: no draft model)."""
+        draft = self.drafters.get("draft")
+        return self.ctx.n_threads, None if draft is None else draft.ctx.n_threads
+
+    def set_threads(self, target: int, draft: int | None = None) -> None:
+        """Change the CPU threads of the target and (when given) the draft model between
+        generations; the cost model then measures afresh."""
+        self._check_open()
+        with self._lock:
+            if (target, draft or self.threads[1]) == self.threads:
+                return
+            self.ctx.set_threads(target)
+            if draft is not None and "draft" in self.drafters:
+                self.drafters["draft"].ctx.set_threads(draft)
+            self.costs.reset()
+
     def cancel(self) -> None:
         """Ask the generation running now to stop after its current round (thread-safe, also
         from a signal handler). Calls waiting for the engine are not affected."""
@@ -301,6 +319,8 @@ class Engine:
                     return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
                 return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
             finally:
+                if "draft" in self.drafters:
+                    self.drafters["draft"].stop()  # no worker outlives its generation
                 self._running = self._owner = None
                 if self._closed:  # close() was called from the generating thread
                     self._resources.close()
@@ -333,19 +353,19 @@ class Engine:
 
         committed = list(prompt)
         finish = ""
+        self.costs.overlap.start()
         while not finish:
             if len(committed) >= self.n_ctx:
                 finish = "length"
                 break
             # propose
-            budget = min(spec.draft_max, max_tokens - len(generated) - 1, self.n_ctx - len(committed))
-            if not self.ctx.can_rewind:  # a state that cannot come back from a rejection: no drafts
-                budget = 0
+            budget = self._budget(spec, max_tokens - len(generated), len(committed))
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
             if draft.tree is None:  # a recurrent target's state may be saved here (the cost model counts it apart)
                 self.ctx.checkpoint(len(draft.tokens) + 1, 1)
             tb = time.perf_counter()
+            ahead = self._draft_ahead(spec, committed, draft, max_tokens - len(generated), sampling, draft_rng)
             # verify: [pending, *draft] in one llama_decode, logits for every row
             if draft.tree is None:
                 rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
@@ -358,7 +378,12 @@ class Engine:
             accepted = [draft.tokens[i] for i in verdict.nodes]
             depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
             stats.record_round(len(draft.tokens), len(accepted), depth)
-            self.costs.observe_verify(len(draft.tokens) + 1, tc - tb)
+            stats.ahead_rounds += ahead
+            stats.ahead_drafts += draft.plan == "ahead"
+            if spec.method == "draft":
+                self.costs.overlap.observe(ahead, tc - ta, len(accepted) + 1)
+            if not ahead:  # (a verification sharing the machine with the worker is not the curve's)
+                self.costs.observe_verify(len(draft.tokens) + 1, tc - tb)
             if drafter is not None:
                 drafter.accept(draft, verdict.nodes)
             # commit: keep the pending token and the accepted drafts in the KV cache
@@ -386,7 +411,31 @@ class Engine:
         stats.finish_reason = finish
         if isinstance(drafter, AutoDrafter):
             stats.controller = drafter.report()
+        elif spec.method == "draft" and spec.async_draft is None:
+            stats.controller = {"async_draft": self.costs.overlap.report()}
         return Result(text="".join(emitted), tokens=generated, finish_reason=finish, stats=stats)
+
+    def _budget(self, spec: SpecConfig, tokens_left: int, n_committed: int) -> int:
+        """Tokens a round may draft: the next round's pending token must fit too; none
+        for a state that cannot come back from a rejection."""
+        if not self.ctx.can_rewind:
+            return 0
+        return min(spec.draft_max, tokens_left - 1, self.n_ctx - n_committed)
+
+    def _draft_ahead(self, spec: SpecConfig, committed: list[int], draft: Draft, tokens_left: int,
+                     sampling: SamplingConfig, rng: np.random.Generator) -> bool:
+        """With method draft, let the draft model draft the next round while the target
+        verifies `draft` (asynchronous drafting) when forced or when the controller finds
+        that it pays; True when it started."""
+        if spec.method != "draft" or spec.async_draft is False or not (spec.async_draft or self.costs.overlap.choose()):
+            return False
+        # the next round, if this draft is accepted whole, follows len(draft) + 1 more tokens
+        n = len(draft.tokens) + 1
+        budget = self._budget(spec, tokens_left - n, len(committed) + n)
+        if budget <= 0:
+            return False
+        self.drafters["draft"].propose_ahead([*committed, *draft.tokens], budget, sampling, rng)
+        return True
 
     def _calibrate(self, rows: int) -> None:
         """Give the cost model a verification curve covering `rows` rows (and the largest

@@ -26,7 +26,10 @@ class Stats:
     decode_seconds: float = 0.0      # wall time after prefill
     draft_seconds: float = 0.0       # time spent proposing (drafter's llama.cpp + Python)
     verify_seconds: float = 0.0      # time in the target's verification decodes
-    llama_seconds: float = 0.0       # time inside llama_decode, target and draft
+    llama_seconds: float = 0.0       # time inside llama_decode, target and draft (overlapping
+                                     # when drafting ahead: it may then exceed decode_seconds)
+    ahead_rounds: int = 0            # rounds whose verification ran with the draft model drafting ahead
+    ahead_drafts: int = 0            # rounds whose draft was drafted ahead (the guess held)
     finish_reason: str = ""
     accepted_length_histogram: list[int] = field(default_factory=list)  # [n] -> draft rounds accepting n
     position_proposed: list[int] = field(default_factory=list)          # [i] -> rounds drafting position i
@@ -138,5 +141,7 @@ def report(s: Stats) -> str:
         ("time", f"draft {s.draft_seconds:.3f} s, verify {s.verify_seconds:.3f} s, "
                  f"overhead {s.overhead_ms_per_round:.2f} ms/round"),
     ]
+    if s.ahead_rounds:
+        rows.insert(-1, ("drafted ahead", f"during {s.ahead_rounds} verifications, used in {s.ahead_drafts} rounds"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,8 +1,16 @@
-"""Draft-model drafter: a small model with the target's tokenizer proposes a chain."""
+"""Draft-model drafter: a small model with the target's tokenizer proposes a chain.
+
+Asynchronous drafting: while the target verifies a draft, a worker thread can draft the
+next round as if that draft is accepted whole (llama-cpp-python's ctypes calls release
+the GIL, so the two llama_decode calls run at once). Any proposal keeps the output exact
+-- verification decides -- as long as each proposed token's q is the distribution it was
+drawn from, which the worker records as the synchronous path does.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import threading
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -10,6 +18,27 @@ from ..backend import Context
 from ..config import SamplingConfig
 from ..sampling import sample, softmax_max, warp
 from . import Draft
+
+
+class _Ahead:
+    """One worker run: the next round's draft, drafted after `base` (the committed tokens
+    and the draft being verified) and the draft model's own next token, its guess at the
+    target's token after `base`."""
+
+    def __init__(self, base: list[int]):
+        self.base = base
+        self.guess: int | None = None  # written by the worker once drafted
+        self.bonus: int | None = None  # the target's token after base, written once known
+        self.stop = threading.Event()  # the speculation is void: stop drafting
+        self.chain = Draft([])         # [guess, *next round's draft] with their q
+        self.error: Exception | None = None
+        self.thread: threading.Thread | None = None
+
+    def go_on(self, out: list[int]) -> bool:
+        """Called after each drafted token. The worker writes guess before it reads bonus
+        and the main thread writes bonus before it reads guess: a mismatch is seen by one."""
+        self.guess = out[0]
+        return not self.stop.is_set() and self.bonus in (None, self.guess)
 
 
 class ModelDrafter:
@@ -24,6 +53,9 @@ class ModelDrafter:
     token beyond the target's vocabulary is never proposed, and a committed token beyond
     the draft's is read by the draft as token 0 (it only makes its drafts worse: the
     target's verification keeps the output exact).
+
+    One owner for the context: while a worker runs (propose_ahead) only it touches the
+    context; every other method joins it first.
     """
 
     name = "draft"
@@ -32,6 +64,7 @@ class ModelDrafter:
         self.ctx = ctx
         self.p_min = p_min
         self.n_vocab = ctx.n_vocab if n_vocab is None else n_vocab
+        self._ahead: _Ahead | None = None
 
     def _row(self, logits: np.ndarray) -> np.ndarray:
         """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf."""
@@ -48,12 +81,26 @@ class ModelDrafter:
         return [t if t < n else 0 for t in tokens]
 
     def prepare(self, tokens: Sequence[int]) -> None:
+        self.stop()
         tokens = self._known(tokens)
         n = self.ctx.sync(tokens[:-1])
         self.ctx.eval(tokens[n:-1], logits="none")
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
+        ahead = self._join(tokens)
+        if ahead is not None and ahead.chain.tokens and len(tokens) == len(ahead.base) + 1 \
+                and tokens[-1] == ahead.chain.tokens[0] and list(tokens[:-1]) == ahead.base:
+            # the draft was accepted whole and the target's token was the guess: the
+            # worker's draft follows exactly these tokens
+            q = ahead.chain.q
+            return Draft(ahead.chain.tokens[1:budget + 1], None if q is None else q[1:budget + 1], plan="ahead")
+        return self._chain(tokens, budget, sampling, rng)
+
+    def _chain(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
+               rng: np.random.Generator, go_on: Callable[[list[int]], bool] = lambda out: True) -> Draft:
+        """Up to `budget` tokens after `tokens`, each drawn from (or the argmax of) the
+        draft's warped distribution q; go_on(tokens so far) False stops early."""
         if budget <= 0:
             return Draft([])
         tokens = self._known(tokens)
@@ -80,10 +127,57 @@ class ModelDrafter:
                 qs = qs[:len(out)]
                 break
             out.append(x)
-            if len(out) == budget:
+            if len(out) == budget or not go_on(out):
                 break
             logits = self._row(self.ctx.eval([x], logits="last")[0])
         return Draft(out, np.stack(qs) if qs else None)
 
+    def propose_ahead(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
+                      rng: np.random.Generator) -> None:
+        """Start a worker drafting the round after the one that verifies up to `tokens`
+        (committed tokens and the draft), as if that draft is accepted whole: the draft's
+        own next token stands in for the target's, then up to `budget` tokens follow.
+        Until propose() (or stop()) joins it, the worker alone uses the context and rng."""
+        self.stop()
+        ahead = self._ahead = _Ahead(list(tokens))
+
+        def work() -> None:
+            try:
+                ahead.chain = self._chain(ahead.base, budget + 1, sampling, rng, ahead.go_on)
+            except Exception as e:  # handed to the main thread by _join
+                ahead.error = e
+
+        ahead.thread = threading.Thread(target=work, name="ggspec-draft-ahead", daemon=True)
+        ahead.thread.start()
+
+    def _join(self, tokens: Sequence[int]) -> _Ahead | None:
+        """Wait for the worker (told the committed tokens, so that it stops early when its
+        guess turned out wrong); raise its error. None when none ran."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if len(tokens) == len(ahead.base) + 1:
+            ahead.bonus = tokens[-1]
+            if ahead.guess not in (None, ahead.bonus):
+                ahead.stop.set()
+        else:
+            ahead.stop.set()
+        ahead.thread.join()
+        if ahead.error is not None:
+            ahead.error.add_note("(raised in the draft model's worker thread, drafting ahead)")
+            raise ahead.error
+        return ahead
+
+    def stop(self) -> None:
+        """Stop the worker, if one runs, and wait for it; its draft and error are dropped
+        (the context's cache then holds what it decoded: the next sync trims it)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.stop.set()
+            ahead.thread.join()
+
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
-        """Nothing to learn: the next propose() syncs to the committed tokens."""
+        """A rejected draft voids the worker's speculation: stop it now (the next
+        propose() syncs the context to the committed tokens)."""
+        if self._ahead is not None and len(nodes) < len(draft.tokens):
+            self._ahead.stop.set()
