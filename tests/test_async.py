@@ -4,7 +4,9 @@ the controller's choice."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +83,189 @@ def test_sampled_tokens_drafted_ahead_follow_the_target_distribution(engine, tar
         freq = np.bincount(given[:, col], minlength=len(p)) / len(given)
         assert np.all(freq[p == 0] == 0), "a sample fell outside the target's support"
         assert_frequencies_match(freq, p, len(given))
+
+
+def test_draft_cache_after_rejected_speculation_matches_a_fresh_prefill(far_engine, other_path):
+    """Rejected drafts and wrong guesses leave speculative cells in the draft's cache;
+    rewinding them (llama_memory_seq_rm) must leave what a fresh prefill would."""
+    prompt = random_prompt(3)
+    got = far_engine.generate(prompt, max_tokens=60, sampling=SamplingConfig(temperature=1.0, seed=4),
+                              spec=SpecConfig("draft", draft_max=4, async_draft=True))
+    assert got.stats.draft_tokens - got.stats.accepted_tokens > 20 and got.stats.ahead_rounds > 10
+    committed = prompt + got.tokens
+    ctx = far_engine.drafters["draft"].ctx
+    n = min(ctx.sync(committed), len(committed) - 1)  # what the next round's propose does first
+    assert n > len(prompt) + 40  # most of the cache is the generation's own
+    ctx.truncate(n)
+    cached = ctx.eval(committed[n:], logits="last")[0].copy()
+    fresh = greedy_reference(other_path, prompt, 1, forced=got.tokens).logits[0]
+    np.testing.assert_allclose(cached, fresh, atol=1e-3)
+
+
+def slow_worker(eng: Engine, monkeypatch) -> None:
+    """Each decode of the worker takes 0.2 s longer: a worker left running would still be
+    alive when the generation returns."""
+    ctx = eng.drafters["draft"].ctx
+    real_eval = ctx.eval
+
+    def slow_eval(tokens, **kw):
+        if threading.current_thread().name == AHEAD:
+            time.sleep(0.2)
+        return real_eval(tokens, **kw)
+
+    monkeypatch.setattr(ctx, "eval", slow_eval)
+
+
+def test_closing_a_stream_mid_generation_joins_the_worker(engine, target_path, monkeypatch):
+    slow_worker(engine, monkeypatch)
+    prompt = random_prompt(5)
+    stream = engine.stream(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    for _ in range(3):
+        next(stream)
+    stream.close()
+    assert not workers()
+    # the engine is free and its caches consistent: the next answer is still exact
+    got = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 30)) is None
+
+
+def test_cancel_mid_generation_joins_the_worker(engine, monkeypatch):
+    slow_worker(engine, monkeypatch)
+    cancel = threading.Event()
+    seen = []
+
+    def on_text(piece):
+        seen.append(piece)
+        return len(seen) == 3
+
+    got = engine.generate(random_prompt(6), max_tokens=40, sampling=GREEDY, on_text=on_text, cancel=cancel,
+                          spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    assert got.finish_reason == "cancelled" and not workers()
+
+
+@pytest.mark.parametrize("where", ["callback", "other thread"])
+def test_close_mid_generation_joins_the_worker(target_path, draft_path, where, monkeypatch):
+    eng = Engine(target_path, draft_path, target_config=CFG)
+    slow_worker(eng, monkeypatch)
+    started = threading.Event()
+
+    def on_text(piece):
+        started.set()
+        if where == "callback":
+            eng.close()
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=eng.generate(
+        random_prompt(7), max_tokens=200, sampling=GREEDY, on_text=on_text,
+        spec=SpecConfig("draft", draft_max=3, async_draft=True))))
+    thread.start()
+    assert started.wait(30)
+    if where == "other thread":
+        eng.close()
+    thread.join(30)
+    assert not thread.is_alive() and result["r"].finish_reason == "cancelled"
+    assert not workers()
+
+
+def test_an_error_in_the_worker_is_raised_in_the_generating_thread(engine, target_path, monkeypatch):
+    ctx = engine.drafters["draft"].ctx
+    real_eval = ctx.eval
+
+    def failing_eval(tokens, **kw):
+        if threading.current_thread().name == AHEAD:
+            raise DecodeError("llama_decode failed with code 1: test failure")
+        return real_eval(tokens, **kw)
+
+    monkeypatch.setattr(ctx, "eval", failing_eval)
+    prompt = random_prompt(8)
+    with pytest.raises(DecodeError, match="test failure") as err:
+        engine.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    assert "worker thread" in "".join(err.value.__notes__)
+    assert not workers()
+    monkeypatch.undo()
+    got = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 30)) is None
+
+
+def test_forcing_off_never_drafts_ahead_and_auto_reports_its_measurements(engine):
+    prompt = random_prompt(10)
+    off = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=False))
+    assert off.stats.ahead_rounds == 0 and off.stats.controller is None
+    engine.costs.overlap = Overlap()  # a fresh controller tries both ways
+    auto = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2))
+    assert 0 < auto.stats.ahead_rounds < auto.stats.rounds
+    measured = auto.stats.controller["async_draft"]
+    assert measured["sync_rounds"] >= Overlap.TRIAL and measured["async_rounds"] > 0
+
+
+def test_async_draft_is_refused_for_other_methods():
+    with pytest.raises(ValueError, match="method draft"):
+        SpecConfig("auto", async_draft=True)
+    with pytest.raises(ValueError, match="async_draft"):
+        SpecConfig("draft", async_draft="yes")
+
+
+def run_overlap(overlap: Overlap, rounds: int, seconds: dict[bool, float]) -> list[bool]:
+    ways = []
+    for _ in range(rounds):
+        way = overlap.choose()
+        overlap.observe(way, seconds[way], 2)
+        ways.append(way)
+    return ways
+
+
+@pytest.mark.parametrize("faster", [False, True])
+def test_overlap_takes_the_faster_way_and_retries_the_other(faster):
+    overlap = Overlap()
+    ways = run_overlap(overlap, 2 * Overlap.TRIAL + 1 + 2 * EXPLORE_EVERY, {faster: 0.05, not faster: 0.08})
+    assert ways[:Overlap.TRIAL] == [False] * Overlap.TRIAL  # tried each way first
+    assert overlap.faster == faster
+    tail = ways[2 * Overlap.TRIAL + 1:]
+    assert tail.count(faster) > tail.count(not faster) > 0  # mostly the faster, the other re-tried
+
+
+def test_overlap_does_not_count_the_round_after_a_switch():
+    overlap = Overlap()
+    overlap.observe(True, 9.0, 1)  # first asynchronous round: it drafted for itself
+    assert overlap.rounds.tolist() == [0, 0]
+    overlap.observe(True, 0.05, 2)
+    assert overlap.rounds.tolist() == [0, 1] and overlap.seconds[1] == 0.05
+
+
+def test_threads_can_be_changed_between_generations(engine):
+    loaded = engine.threads
+    engine.set_threads(2, 1)
+    assert engine.threads == (2, 1) and engine.ctx.n_threads == 2
+    engine.set_threads(*loaded)
+    assert engine.threads == loaded
+
+
+def test_async_split_variants():
+    grid = async_split_variants([2, 4], 2)
+    assert grid[0] == Variant("none", threads=(2, 2))
+    assert Variant("draft", 4, False, (2, 2)) in grid and Variant("draft", 4, True, (1, 1)) in grid
+    assert grid[-1].label == "draft k=4 async t1+1"
+    with pytest.raises(ValueError, match="at least 2"):
+        async_split_variants([2], 1)
+
+
+def test_bench_async_split_command(target_path, draft_path):
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "-d", draft_path, "--threads", "2", "-w", "code",
+                                   "-n", "6", "-k", "2", "--async-split", "--allow-busy", "--json"])
+    assert got.exit_code == 0, got.output
+
+    rows = json.loads(got.stdout)["rows"]
+    assert [r["variant"] for r in rows] == ["none t2+2", "draft k=2 sync t2+2", "draft k=2 async t1+1"]
+    assert rows[2]["stats"]["ahead_rounds"] > 0 and rows[1]["stats"]["ahead_rounds"] == 0
+
+
+def test_cli_run_with_async_draft_and_draft_threads(target_path, draft_path):
+    got = CliRunner().invoke(cli, ["run", "-m", target_path, "-d", draft_path, "--threads", "1", "--draft-threads",
+                                   "1", "--method", "draft", "-k", "2", "--async-draft", "-t", "0", "-n", "40", "--raw",
+                                   "--json", "hello"])
+    assert got.exit_code == 0, got.output
+
+    assert json.loads(got.stdout)["stats"]["ahead_rounds"] > 0
+    refused = CliRunner().invoke(cli, ["run", "-m", target_path, "-d", draft_path, "--method", "lookup",
+                                       "--async-draft", "hello"])
+    assert refused.exit_code != 0 and "--method draft" in refused.output
