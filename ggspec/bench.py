@@ -235,8 +235,8 @@ class Variant:
         label = self.method if self.draft_max is None else f"{self.method} k={self.draft_max}"
         if self.async_draft is not None:
             label += " async" if self.async_draft else " sync"
-        if self.threads is not None:
-            label += f" t{self.threads[0]}+{self.threads[1]}"
+        if self.threads is not None:  # target threads (+ draft threads)
+            label += f" t{self.threads[0]}" + (f"+{self.threads[1]}" if self.method == "draft" else "")
         return label
 
 

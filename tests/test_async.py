@@ -255,7 +255,7 @@ def test_bench_async_split_command(target_path, draft_path):
     assert got.exit_code == 0, got.output
 
     rows = json.loads(got.stdout)["rows"]
-    assert [r["variant"] for r in rows] == ["none t2+2", "draft k=2 sync t2+2", "draft k=2 async t1+1"]
+    assert [r["variant"] for r in rows] == ["none t2", "draft k=2 sync t2+2", "draft k=2 async t1+1"]
     assert rows[2]["stats"]["ahead_rounds"] > 0 and rows[1]["stats"]["ahead_rounds"] == 0
 
 
