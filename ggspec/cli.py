@@ -215,7 +215,8 @@ def _name(model) -> str | None:
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stop", multiple=True, help="End the text at this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(prompt, prompt_file, method, draft_max, typical, async_draft, max_tokens, chat, system, stop, as_json, **opts) -> None:
+def run(prompt, prompt_file, method, draft_max, typical, async_draft, max_tokens, chat, system, stop, as_json,
+        **opts) -> None:
     """Generate one answer.
 
     The prompt is PROMPT, or -f FILE, or stdin (PROMPT '-', or none and stdin piped).

@@ -22,6 +22,7 @@ from test_engine import END, assert_frequencies_match, exact_first_two, random_p
 GREEDY = SamplingConfig(temperature=0)
 CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
 AHEAD = "ggspec-draft-ahead"
+AHEAD2 = SpecConfig("draft", draft_max=2, async_draft=True)
 
 
 def workers() -> list[threading.Thread]:
@@ -119,13 +120,14 @@ def slow_worker(eng: Engine, monkeypatch) -> None:
 def test_closing_a_stream_mid_generation_joins_the_worker(engine, target_path, monkeypatch):
     slow_worker(engine, monkeypatch)
     prompt = random_prompt(5)
-    stream = engine.stream(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    stream = engine.stream(prompt, max_tokens=40, sampling=GREEDY, spec=AHEAD2)
     for _ in range(3):
         next(stream)
     stream.close()
     assert not workers()
+    monkeypatch.undo()
     # the engine is free and its caches consistent: the next answer is still exact
-    got = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    got = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=AHEAD2)
     assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 30)) is None
 
 
@@ -139,7 +141,7 @@ def test_cancel_mid_generation_joins_the_worker(engine, monkeypatch):
         return len(seen) == 3
 
     got = engine.generate(random_prompt(6), max_tokens=40, sampling=GREEDY, on_text=on_text, cancel=cancel,
-                          spec=SpecConfig("draft", draft_max=2, async_draft=True))
+                          spec=AHEAD2)
     assert got.finish_reason == "cancelled" and not workers()
 
 
@@ -179,17 +181,18 @@ def test_an_error_in_the_worker_is_raised_in_the_generating_thread(engine, targe
     monkeypatch.setattr(ctx, "eval", failing_eval)
     prompt = random_prompt(8)
     with pytest.raises(DecodeError, match="test failure") as err:
-        engine.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+        engine.generate(prompt, max_tokens=40, sampling=GREEDY, spec=AHEAD2)
     assert "worker thread" in "".join(err.value.__notes__)
     assert not workers()
     monkeypatch.undo()
-    got = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=True))
+    got = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=AHEAD2)
     assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 30)) is None
 
 
 def test_forcing_off_never_drafts_ahead_and_auto_reports_its_measurements(engine):
     prompt = random_prompt(10)
-    off = engine.generate(prompt, max_tokens=30, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2, async_draft=False))
+    off = engine.generate(prompt, max_tokens=30, sampling=GREEDY,
+                          spec=SpecConfig("draft", draft_max=2, async_draft=False))
     assert off.stats.ahead_rounds == 0 and off.stats.controller is None
     engine.costs.overlap = Overlap()  # a fresh controller tries both ways
     auto = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig("draft", draft_max=2))
