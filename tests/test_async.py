@@ -12,33 +12,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ggspec import BackendConfig, DecodeError, Engine, SamplingConfig, SpecConfig
+from ggspec import DecodeError, Engine, SamplingConfig, SpecConfig
 from ggspec.bench import Variant, async_split_variants
 from ggspec.cli import cli
 from ggspec.controller import EXPLORE_EVERY, Overlap
 from reference import first_divergence, greedy_reference
-from test_engine import END, assert_frequencies_match, exact_first_two, random_prompt
+from test_engine import (CFG, END, GREEDY, assert_frequencies_match, engine, exact_first_two,  # noqa: F401
+                         far_engine, random_prompt)  # engine, far_engine: fixtures, one instance per module
 
-GREEDY = SamplingConfig(temperature=0)
-CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
 AHEAD = "ggspec-draft-ahead"
 AHEAD2 = SpecConfig("draft", draft_max=2, async_draft=True)
 
 
 def workers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == AHEAD]
-
-
-@pytest.fixture(scope="module")
-def engine(target_path, draft_path):
-    with Engine(target_path, draft_path, target_config=CFG) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def far_engine(target_path, other_path):
-    with Engine(target_path, other_path, target_config=CFG) as e:
-        yield e
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
