@@ -28,7 +28,7 @@ from .drafters.auto import AutoDrafter
 from .drafters.eagle import EagleDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.medusa import MedusaDrafter
-from .drafters.model import ModelDrafter
+from .drafters.model import AHEAD, ModelDrafter
 from .errors import BusyError, ContextOverflowError, EngineClosedError
 from .heads import load_heads
 from .heads.eagle import load_eagle
@@ -379,7 +379,7 @@ class Engine:
             depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
             stats.record_round(len(draft.tokens), len(accepted), depth)
             stats.ahead_rounds += ahead
-            stats.ahead_drafts += draft.plan == "ahead"
+            stats.ahead_drafts += draft.plan is AHEAD
             if spec.method == "draft":
                 self.costs.overlap.observe(ahead, tc - ta, len(accepted) + 1)
             if not ahead:  # (a verification sharing the machine with the worker is not the curve's)
@@ -427,12 +427,12 @@ class Engine:
         """With method draft, let the draft model draft the next round while the target
         verifies `draft` (asynchronous drafting) when forced or when the controller finds
         that it pays; True when it started."""
-        if spec.method != "draft" or spec.async_draft is False or not (spec.async_draft or self.costs.overlap.choose()):
+        if spec.method != "draft" or spec.async_draft is False:
             return False
         # the next round, if this draft is accepted whole, follows len(draft) + 1 more tokens
         n = len(draft.tokens) + 1
         budget = self._budget(spec, tokens_left - n, len(committed) + n)
-        if budget <= 0:
+        if budget <= 0 or not (spec.async_draft or self.costs.overlap.choose()):
             return False
         self.drafters["draft"].propose_ahead([*committed, *draft.tokens], budget, sampling, rng)
         return True

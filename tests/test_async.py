@@ -188,11 +188,12 @@ def test_forcing_off_never_drafts_ahead_and_auto_reports_its_measurements(engine
     assert measured["sync_rounds"] >= Overlap.TRIAL and measured["async_rounds"] > 0
 
 
-def test_async_draft_is_refused_for_other_methods():
-    with pytest.raises(ValueError, match="method draft"):
-        SpecConfig("auto", async_draft=True)
+def test_async_draft_is_validated_and_other_methods_ignore_it(engine):
     with pytest.raises(ValueError, match="async_draft"):
         SpecConfig("draft", async_draft="yes")
+    got = engine.generate(random_prompt(11), max_tokens=20, sampling=GREEDY,
+                          spec=SpecConfig("auto", draft_max=2, async_draft=True))
+    assert got.stats.ahead_rounds == 0
 
 
 def run_overlap(overlap: Overlap, rounds: int, seconds: dict[bool, float]) -> list[bool]:

@@ -20,6 +20,9 @@ from ..sampling import sample, softmax_max, warp
 from . import Draft
 
 
+AHEAD = "drafted ahead"  # Draft.plan of a draft that the worker made
+
+
 class _Ahead:
     """One worker run: the next round's draft, drafted after `base` (the committed tokens
     and the draft being verified) and the draft model's own next token, its guess at the
@@ -94,7 +97,7 @@ class ModelDrafter:
             # the draft was accepted whole and the target's token was the guess: the
             # worker's draft follows exactly these tokens
             q = ahead.chain.q
-            return Draft(ahead.chain.tokens[1:budget + 1], None if q is None else q[1:budget + 1], plan="ahead")
+            return Draft(ahead.chain.tokens[1:budget + 1], None if q is None else q[1:budget + 1], plan=AHEAD)
         return self._chain(tokens, budget, sampling, rng)
 
     def _chain(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
