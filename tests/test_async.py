@@ -156,6 +156,25 @@ def test_close_mid_generation_joins_the_worker(target_path, draft_path, where, m
     assert not workers()
 
 
+def test_an_interrupted_wait_for_the_worker_still_joins_it(engine, monkeypatch):
+    """Ctrl-C while the generating thread waits for the worker: the worker is still
+    joined before the generation ends (a second owner of the draft's context otherwise)."""
+    slow_worker(engine, monkeypatch)
+    real_join = threading.Thread.join
+    interrupted = []
+
+    def join(self, timeout=None):
+        if self.name == AHEAD and not interrupted:
+            interrupted.append(self)
+            raise KeyboardInterrupt
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(random_prompt(12), max_tokens=40, sampling=GREEDY, spec=AHEAD2)
+    assert interrupted and not workers()
+
+
 def test_an_error_in_the_worker_is_raised_in_the_generating_thread(engine, target_path, monkeypatch):
     ctx = engine.drafters["draft"].ctx
     real_eval = ctx.eval

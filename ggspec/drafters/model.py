@@ -156,7 +156,7 @@ class ModelDrafter:
     def _join(self, tokens: Sequence[int]) -> _Ahead | None:
         """Wait for the worker (told the committed tokens, so that it stops early when its
         guess turned out wrong); raise its error. None when none ran."""
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is None:
             return None
         if len(tokens) == len(ahead.base) + 1:
@@ -166,6 +166,7 @@ class ModelDrafter:
         else:
             ahead.stop.set()
         ahead.thread.join()
+        self._ahead = None  # (only once joined: an interrupted join leaves it for stop())
         if ahead.error is not None:
             ahead.error.add_note("(raised in the draft model's worker thread, drafting ahead)")
             raise ahead.error
@@ -174,10 +175,11 @@ class ModelDrafter:
     def stop(self) -> None:
         """Stop the worker, if one runs, and wait for it; its draft and error are dropped
         (the context's cache then holds what it decoded: the next sync trims it)."""
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is not None:
             ahead.stop.set()
             ahead.thread.join()
+            self._ahead = None
 
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
         """A rejected draft voids the worker's speculation: stop it now (the next
