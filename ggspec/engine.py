@@ -426,8 +426,10 @@ class Engine:
                      sampling: SamplingConfig, rng: np.random.Generator) -> bool:
         """With method draft, let the draft model draft the next round while the target
         verifies `draft` (asynchronous drafting) when forced or when the controller finds
-        that it pays; True when it started."""
-        if spec.method != "draft" or spec.async_draft is False:
+        that it pays; True when it started. Not chosen for a seeded sampled run: drafting
+        ahead draws differently, and a timing-dependent choice must not change its output."""
+        if spec.method != "draft" or spec.async_draft is False \
+                or (spec.async_draft is None and sampling.seed is not None and not sampling.greedy):
             return False
         # the next round, if this draft is accepted whole, follows len(draft) + 1 more tokens
         n = len(draft.tokens) + 1

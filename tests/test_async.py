@@ -195,6 +195,36 @@ def test_an_error_in_the_worker_is_raised_in_the_generating_thread(engine, targe
     assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 30)) is None
 
 
+def test_how_far_the_worker_got_does_not_change_the_draft_rng(engine, monkeypatch):
+    """A seeded run replays exactly only if the draws of the generating thread do not
+    depend on where the worker was stopped."""
+    drafter, tokens = engine.drafters["draft"], random_prompt(13)
+    drafter.prepare(tokens)
+    sampling = SamplingConfig(temperature=1.0)
+    states = []
+    for slow in (False, True):
+        rng = np.random.default_rng(5)
+        drafter.propose_ahead(tokens, 6, sampling, rng)
+        if slow:
+            slow_worker(engine, monkeypatch)  # from its next decode: stopped after one token
+            drafter.stop()
+        else:
+            time.sleep(0.5)  # it drafts all 7 tokens
+            drafter.stop()
+        states.append(rng.bit_generator.state)
+    assert states[0] == states[1]
+
+
+def test_the_controller_keeps_seeded_sampling_synchronous(far_engine):
+    def run(spec: SpecConfig):
+        return far_engine.generate(random_prompt(13), max_tokens=40, spec=spec,
+                                   sampling=SamplingConfig(temperature=1.0, seed=5))
+
+    chosen = run(SpecConfig("draft", draft_max=3))
+    assert chosen.stats.ahead_rounds == 0
+    assert chosen.tokens == run(SpecConfig("draft", draft_max=3, async_draft=False)).tokens
+
+
 def test_forcing_off_never_drafts_ahead_and_auto_reports_its_measurements(engine):
     prompt = random_prompt(10)
     off = engine.generate(prompt, max_tokens=30, sampling=GREEDY,

@@ -140,9 +140,12 @@ class ModelDrafter:
         """Start a worker drafting the round after the one that verifies up to `tokens`
         (committed tokens and the draft), as if that draft is accepted whole: the draft's
         own next token stands in for the target's, then up to `budget` tokens follow.
-        Until propose() (or stop()) joins it, the worker alone uses the context and rng."""
+        Until propose() (or stop()) joins it, the worker alone uses the context. It draws
+        from a generator seeded by one draw of `rng`: how far it got before being stopped
+        then does not change `rng`, so a seeded run replays exactly."""
         self.stop()
         ahead = self._ahead = _Ahead(list(tokens))
+        rng = np.random.default_rng(rng.integers(2**63))
 
         def work() -> None:
             try:
