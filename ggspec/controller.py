@@ -107,7 +107,7 @@ class CostModel:
         return {"curve": None if self.curve is None else self.curve.tolist(),
                 "correction": None if self.correction is None else self.correction.tolist(),
                 "scale": self.scale, "draft_token": self.draft_token, "state_copy": self.state_copy,
-                "rollback": self.rollback}
+                "rollback": self.rollback, "overlap": self.overlap.state()}
 
     def set_state(self, state: dict) -> None:
         """Take the estimates of state(); ValueError when they do not fit."""
@@ -116,6 +116,7 @@ class CostModel:
         self.curve = curve
         self.scale, self.draft_token = float(state["scale"]), float(state["draft_token"])
         self.state_copy, self.rollback = float(state["state_copy"]), int(state["rollback"])
+        self.overlap.set_state(state["overlap"])
 
 
 def estimates(values, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -142,7 +143,7 @@ class Overlap:
     def __init__(self) -> None:
         self.seconds = np.zeros(2)  # [sync, async]: mean wall seconds of a round
         self.tokens = np.zeros(2)   # [sync, async]: mean tokens committed by a round
-        self.rounds = np.zeros(2, dtype=int)
+        self.rounds = np.zeros(2)   # [sync, async]: rounds counted
         self._last = False  # the way of the latest round
         self._streak = 0    # rounds in a row of the faster way
         self._trial = 0     # rounds of the slower way still to run
@@ -180,6 +181,19 @@ class Overlap:
             self.seconds[i] += w * (seconds - self.seconds[i])
             self.tokens[i] += w * (tokens - self.tokens[i])
         self._last = ahead
+
+    def state(self) -> dict:
+        """The estimates as plain data, to save (ggspec.session)."""
+        return {"seconds": self.seconds.tolist(), "tokens": self.tokens.tolist(), "rounds": self.rounds.tolist(),
+                "last": self._last, "streak": self._streak, "trial": self._trial}
+
+    def set_state(self, state: dict) -> None:
+        """Take the estimates of state(); ValueError when they do not fit."""
+        self.seconds, self.tokens, self.rounds = (estimates(state[k], (2,)) for k in ("seconds", "tokens", "rounds"))
+        self._last, self._streak, self._trial = bool(state["last"]), int(state["streak"]), int(state["trial"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Overlap) and self.state() == other.state()
 
     def report(self) -> dict:
         rate = self.tokens / np.maximum(self.seconds, 1e-12)
