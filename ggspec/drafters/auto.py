@@ -118,15 +118,11 @@ class AutoDrafter:
             return None, 0.0
         tokens, parents, through = trie([copy.tokens[:budget], *(c for c, _ in others)])
         weight = np.array([1, *(k for _, k in others)], dtype=np.float64)
-        depth = np.zeros(len(tokens), dtype=np.intp)
-        for i, p in enumerate(parents):
-            depth[i] = depth[p] + 1 if p >= 0 else 0
-        copied = self.copy_acceptance.chance_at(copy.length + depth, self._ends(tokens), copy.in_prompt)
+        candidates = Tree(tuple(parents))
+        copied = self.copy_acceptance.chance_at(copy.length + candidates.depths - 1, self._ends(tokens),
+                                                copy.in_prompt)
         chances = copied.copy()
-        siblings: dict[int, list[int]] = {}
-        for i, p in enumerate(parents):
-            siblings.setdefault(p, []).append(i)
-        for kids in siblings.values():
+        for kids in candidates.children:
             if len(kids) > 1:
                 first, rest = kids[0], np.array(kids[1:])
                 w = np.array([weight[through[i]].sum() for i in rest])
