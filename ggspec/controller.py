@@ -34,6 +34,11 @@ class CostModel:
     point the calibration got wrong is corrected where it is used.
     t(b) = scale * curve[b - 1] * correction[b - 1].
 
+    draft_token: seconds the draft model takes per drafted token. draft_row: seconds per
+    further row when it first catches up on tokens it has not seen (the tokens committed
+    while it did not draft, a copied head it extends): a batch row costs less than a token
+    drafted alone, and until measured it is taken to cost as much.
+
     state_copy: seconds one save or one restore of the target's recurrent state takes (0:
     the target's cache is cut without copies); rollback: how many rejected tokens its
     memory drops without one (llama.cpp's rollback slots).
@@ -43,7 +48,7 @@ class CostModel:
 
     def __init__(self, curve: np.ndarray | None = None, draft_token: float = 0.0):
         self.reset()
-        self.draft_token = draft_token
+        self.draft_token = self.draft_row = draft_token
         self.state_copy = 0.0
         self.rollback = 0
         if curve is not None:
@@ -53,7 +58,7 @@ class CostModel:
         """Forget every measurement (the machine changed: threads, offloading)."""
         self.curve = self.correction = None
         self.scale = 1.0
-        self.draft_token = 0.0
+        self.draft_token = self.draft_row = 0.0
         self.overlap = Overlap()
 
     @property
@@ -64,7 +69,7 @@ class CostModel:
         self.curve = np.array(curve, dtype=np.float64)  # (b_max,): curve[b - 1] = t(b) when measured
         self.correction = np.ones_like(self.curve)
         self.scale = 1.0
-        self.draft_token = draft_token
+        self.draft_token = self.draft_row = draft_token
 
     @property
     def max_rows(self) -> int:
@@ -98,15 +103,27 @@ class CostModel:
             self.scale += EMA * (ratio - self.scale)
             self.correction[rows - 1] += self.SHAPE_EMA * (ratio / self.scale - self.correction[rows - 1])
 
-    def observe_draft(self, tokens: int, seconds: float) -> None:
-        if tokens > 0:
-            self.draft_token += EMA * (seconds / tokens - self.draft_token)
+    def t_draft(self, tokens: int | np.ndarray, behind: int) -> np.ndarray | float:
+        """Seconds for the draft model to draft `tokens` tokens (an int or an array) when
+        it first decodes `behind` tokens it has not seen (>= 1: the last committed one)."""
+        return np.where(np.asarray(tokens) > 0, tokens * self.draft_token + (behind - 1) * self.draft_row, 0.0)
+
+    def observe_draft(self, tokens: int, seconds: float, behind: int = 1, catch_up: float = 0.0) -> None:
+        """A draft of `tokens` tokens took `seconds`, of which `catch_up` went to its first
+        decode, of `behind` rows (the first token's and the unseen tokens')."""
+        if tokens <= 0:
+            return
+        if behind > 1:
+            extra = max(catch_up - self.draft_token, 0.0) / (behind - 1)
+            self.draft_row += EMA * (extra - self.draft_row)
+            seconds -= (behind - 1) * self.draft_row
+        self.draft_token += EMA * (max(seconds, 0.0) / tokens - self.draft_token)
 
     def state(self) -> dict:
         """The estimates as plain data, to save (ggspec.session)."""
         return {"curve": None if self.curve is None else self.curve.tolist(),
                 "correction": None if self.correction is None else self.correction.tolist(),
-                "scale": self.scale, "draft_token": self.draft_token, "state_copy": self.state_copy,
+                "scale": self.scale, "draft_token": self.draft_token, "draft_row": self.draft_row, "state_copy": self.state_copy,
                 "rollback": self.rollback, "overlap": self.overlap.state()}
 
     def set_state(self, state: dict) -> None:
@@ -115,6 +132,7 @@ class CostModel:
         self.correction = None if curve is None else estimates(state["correction"], curve.shape)
         self.curve = curve
         self.scale, self.draft_token = float(state["scale"]), float(state["draft_token"])
+        self.draft_row = float(state.get("draft_row", self.draft_token))
         self.state_copy, self.rollback = float(state["state_copy"]), int(state["rollback"])
         self.overlap.set_state(state["overlap"])
 
@@ -351,24 +369,26 @@ class Plan:
         return self.lookup + self.model
 
 
-def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostModel) -> tuple[int, float]:
+def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostModel,
+                 behind: int = 1) -> tuple[int, float]:
     """The chain length from `shortest` to len(chances) with the most expected committed
-    tokens per second, and that rate: its first `copied` tokens cost nothing to draft, each
-    later one draft_token."""
+    tokens per second, and that rate: its first `copied` tokens cost nothing to draft, the
+    later ones the draft model's time (catching up on `behind` tokens first)."""
     k = np.arange(shortest, len(chances) + 1)
     gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[k]
-    rate = gain / (costs.t_verify(k + 1) + np.maximum(k - copied, 0) * costs.draft_token
+    rate = gain / (costs.t_verify(k + 1) + costs.t_draft(np.maximum(k - copied, 0), behind + copied)
                    + costs.t_rewind(chances)[k])
     i = int(np.argmax(rate))
     return int(k[i]), float(rate[i])
 
 
 def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | None,
-              budget: int) -> tuple[Plan, float]:
+              budget: int, behind: int = 1) -> tuple[Plan, float]:
     """The plan with the most expected committed tokens per second, and that rate.
 
     lookup: conditional chances of the copied chain's tokens (its length is what lookup
-    offers). The draft model may draft alone or continue after the whole copied chain."""
+    offers). The draft model may draft alone or continue after the whole copied chain;
+    it has not seen the last `behind` committed tokens (1: only the last one)."""
     copied = lookup[:budget]
     n, rate = _best_length(copied, len(copied), 0, costs)  # 0: plain decoding
     best = Plan(lookup=n)
@@ -378,7 +398,7 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
         if prefix == budget:
             continue
         chances = np.concatenate([copied[:prefix], model.chances(budget - prefix)])
-        k, r = _best_length(chances, prefix, prefix + 1, costs)
+        k, r = _best_length(chances, prefix, prefix + 1, costs, behind)
         if r > rate:
             best, rate = Plan(lookup=prefix, model=k - prefix), r
     return best, rate

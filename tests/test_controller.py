@@ -164,19 +164,38 @@ def test_exploring_the_draft_model_weighs_its_catch_up():
     from ggspec.controller import EXPLORE_EVERY
     from ggspec.drafters.auto import AutoDrafter
     from ggspec.drafters.lookup import LookupDrafter
+    from ggspec.drafters.model import ModelDrafter
 
     tokens = list(range(200))
-    model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]))  # 50 tokens behind
+    model = SimpleNamespace(ctx=SimpleNamespace(tokens=tokens[:150]), _known=lambda t: t)  # 50 tokens behind
+    model.behind = lambda t: ModelDrafter.behind(model, t)
     # a CPU: t(1) 100 ms, t(2) 140 ms, a draft token 40 ms -> 10 ms saved a token at best
     auto = AutoDrafter(CostModel(np.array([0.100, 0.140, 0.20]), draft_token=0.040), LookupDrafter(), model,
                        np.zeros(256, dtype=bool))
-    assert auto._explore(tokens) == Plan()  # 48 x 10 ms < 50 x 40 ms
-    model.ctx.tokens = tokens[:198]                # 2 behind: 80 ms to catch up
+    assert auto._explore(tokens) == Plan()  # 48 x 10 ms < 49 more rows x 40 ms
+    model.ctx.tokens = tokens[:198]                # 2 behind: one more row, 40 ms
     assert auto._explore(tokens) == Plan(model=1)
     # a GPU: t(1) 20 ms, t(2) 21 ms, a draft token 2 ms -> 8.5 ms saved a token
     auto.costs.calibrate(np.array([0.020, 0.021, 0.022]), draft_token=0.002)
     model.ctx.tokens = tokens[:150]
-    assert EXPLORE_EVERY * 0.0085 > 50 * 0.002 and auto._explore(tokens) == Plan(model=1)
+    assert EXPLORE_EVERY * 0.0085 > 49 * 0.002 and auto._explore(tokens) == Plan(model=1)
+
+
+def test_draft_model_plans_pay_for_catching_up():
+    """A draft model that missed many tokens first decodes them all: a plan that uses it
+    pays for that, and the time is learnt per row apart from the time per drafted token."""
+    costs = CostModel(np.array([0.100, 0.120, 0.130, 0.140, 0.150]), draft_token=0.010)
+    model = AcceptanceModel(0.9, 4)
+    assert best_plan(costs, chances(0.0, 0), model, budget=4, behind=1)[0].model > 0
+    # 500 unseen tokens at 10 ms a row: 5 s for at most 4 tokens more -> plain decoding
+    assert best_plan(costs, chances(0.0, 0), model, budget=4, behind=500)[0] == Plan()
+    # measured: a first decode of 501 rows took 1.01 s -> 2 ms a further row
+    for _ in range(200):
+        costs.observe_draft(3, 1.01 + 2 * 0.010, behind=501, catch_up=1.01)
+    assert costs.draft_row == pytest.approx(0.002, rel=0.01)
+    assert costs.draft_token == pytest.approx(0.010, rel=0.01)  # not inflated by the catch-up
+    assert costs.t_draft(3, 11) == pytest.approx(3 * 0.010 + 10 * 0.002, rel=0.01)
+    assert costs.t_draft(0, 11) == 0.0
 
 
 def test_oracle_drafts_every_copyable_run_at_the_cheapest_size():

@@ -15,7 +15,6 @@ import numpy as np
 from ..config import MAX_DRAFT, SamplingConfig
 from ..controller import (EXPLORE_EVERY, MATCH_EDGES, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
                           best_plan, best_tree)
-from ..tokens import common_prefix
 from ..tree import Tree, trie
 from . import Draft
 from .eagle import EagleDrafter
@@ -67,7 +66,8 @@ class AutoDrafter:
         tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
             chances = self.copy_acceptance.chances(copy.length, self._ends(copy.tokens), copy.in_prompt)
-            plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget)
+            behind = self.model.behind(tokens) if self.model is not None else 1
+            plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget, behind)
             if self.max_paths > 1 and copy.tokens:
                 tree, tree_rate = self._copy_tree(copy, budget)
                 if tree_rate <= rate:
@@ -94,7 +94,7 @@ class AutoDrafter:
             # what plain sampling gives for that seed, whatever the controller chose
             how = replace(sampling, temperature=0) if sampling.seed is not None else sampling
             tail = self.model.propose([*tokens, *head], plan.model, how, rng)
-            self.costs.observe_draft(len(tail.tokens), time.perf_counter() - t0)
+            self.costs.observe_draft(len(tail.tokens), time.perf_counter() - t0, *self.model.catch_up)
         done = Plan(lookup=len(head), model=len(tail.tokens))
         self.plans[done] += 1
         if tail.q is None:
@@ -149,9 +149,8 @@ class AutoDrafter:
         t1 = self.costs.t_verify(1)
         if self.model is not None:
             saved = t1 - (self.costs.draft_token + self.costs.t_verify(2)) / 2  # per token
-            behind = len(tokens) - common_prefix(self.model.ctx.tokens, tokens)
-            # a one-row decode per token bounds the catch-up (a batch costs less per row)
-            if saved > 0 and EXPLORE_EVERY * saved > behind * self.costs.draft_token:
+            catch_up = self.costs.t_draft(1, self.model.behind(tokens)) - self.costs.draft_token
+            if saved > 0 and EXPLORE_EVERY * saved > catch_up:
                 return Plan(model=1)
         return Plan()
 

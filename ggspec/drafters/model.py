@@ -10,6 +10,7 @@ drawn from, which the worker records as the synchronous path does.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from ..backend import Context
 from ..config import SamplingConfig
 from ..sampling import sample, softmax_max, warp
+from ..tokens import common_prefix
 from . import Draft
 
 
@@ -68,6 +70,7 @@ class ModelDrafter:
         self.p_min = p_min
         self.n_vocab = ctx.n_vocab if n_vocab is None else n_vocab
         self._ahead: _Ahead | None = None
+        self.catch_up = (1, 0.0)  # the last chain's first decode: (rows, seconds)
 
     def _row(self, logits: np.ndarray) -> np.ndarray:
         """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf."""
@@ -82,6 +85,11 @@ class ModelDrafter:
             return tokens
         n = self.ctx.n_vocab
         return [t if t < n else 0 for t in tokens]
+
+    def behind(self, tokens: Sequence[int]) -> int:
+        """Rows the first decode of a chain after `tokens` holds: the tokens its cache
+        lacks, at least the last one (whose logits it needs)."""
+        return len(tokens) - min(common_prefix(self.ctx.tokens, self._known(tokens)), len(tokens) - 1)
 
     def prepare(self, tokens: Sequence[int]) -> None:
         self.stop()
@@ -110,7 +118,9 @@ class ModelDrafter:
         # the last committed token must be decoded here to get its logits
         n = min(self.ctx.sync(tokens), len(tokens) - 1)
         self.ctx.truncate(n)
+        t0 = time.perf_counter()
         logits = self._row(self.ctx.eval(tokens[n:], logits="last")[0])
+        self.catch_up = (len(tokens) - n, time.perf_counter() - t0)
         # the next round keeps only the drafts the target accepted: a recurrent draft
         # model's state is saved here, to come back to
         self.ctx.checkpoint(budget - 1, 0)
