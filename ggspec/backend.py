@@ -749,6 +749,165 @@ class Context(_Owner):
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1))
 
 
+# llama.cpp's staging API (src/llama-ext.h) is exported only as C++ symbols (Itanium ABI:
+# Linux, macOS): looked up by their mangled names in llama-cpp-python's own handle to
+# libllama (each lookup a new function object, argtypes set here); None where absent
+_libllama = llama_cpp.llama_cpp._lib
+
+
+def _staging(mangled: str, restype, argtypes):
+    try:
+        f = _libllama[mangled]
+    except AttributeError:
+        return None
+    f.restype, f.argtypes = restype, argtypes
+    return f
+
+
+_set_embeddings_nextn = _staging("_Z26llama_set_embeddings_nextnP13llama_contextbb", None,
+                                 [ctypes.c_void_p, ctypes.c_bool, ctypes.c_bool])
+_get_embeddings_nextn = _staging("_Z26llama_get_embeddings_nextnP13llama_context",
+                                 ctypes.POINTER(ctypes.c_float), [ctypes.c_void_p])
+
+
+def eagle_graph_missing() -> str | None:
+    """Why llama.cpp's eagle3 graph cannot be driven here (None: it can)."""
+    if _set_embeddings_nextn is None or _get_embeddings_nextn is None:
+        return ("this llama.cpp does not export llama_set_embeddings_nextn / llama_get_embeddings_nextn "
+                "(C++ symbols of its staging API), which return the EAGLE draft's pre-norm output; "
+                "use the numpy EAGLE path (--eagle-backend numpy)")
+    return None
+
+
+class EagleContext(_Owner):
+    """llama.cpp's own eagle3 graph over an EAGLE-3 draft `model`, with its own KV cache.
+
+    encode(): its encoder, fc over the target's three tapped features (rows of 3 * target
+    hidden) -> g. decode(): its one-layer decoder; row i carries token i and g_i (batch
+    embeddings), at positions[i], in sequences seq_ids[i]; returns the logits over the
+    target vocabulary (-inf off the draft's d2t) and the pre-norm output of each row
+    (llama.cpp's "nextn" embeddings, which deeper steps feed back as g). A draft without
+    its own token embedding or output uses the target's: `target` is the context it reads
+    them through (llama.cpp's ctx_other), and must outlive this one (it is held here).
+    """
+
+    def __init__(self, model: Model, target: Context, n_ctx: int, n_seq_max: int):
+        missing = eagle_graph_missing()
+        if missing:
+            raise GgspecError(missing)
+        if model.metadata("general.architecture") != "eagle3":
+            raise ModelFileError(f"{model.path} is not an eagle3 draft")
+        self.model, self.target = model, target
+        n_batch = target.n_batch
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True  # sequences share the cells of the committed rows (seq_cp)
+        params.n_threads = params.n_threads_batch = target.n_threads
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.ctx_other = target.handle
+        if target.cfg.flash_attn is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if target.cfg.flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.n_embd = model.n_embd
+        self.n_embd_enc = 3 * int(model.metadata("eagle3.target_hidden_size"))
+        self._g = np.zeros((n_batch, self.n_embd), dtype=np.float32)  # the decoder's g rows
+        with ExitStack() as stack:
+            handle = llama_cpp.llama_init_from_model(model.handle, params)
+            if not handle:
+                raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for "
+                                     f"the EAGLE draft {model.path}")
+            stack.callback(llama_cpp.llama_free, handle)
+            batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)  # tokens, and g below
+            stack.callback(llama_cpp.llama_batch_free, batch)
+            stack.callback(setattr, batch, "embd", None)  # _g is not the batch's to free
+            batch.embd = self._g.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            enc = llama_cpp.llama_batch_init(n_batch, self.n_embd_enc, 1)  # feature rows
+            stack.callback(llama_cpp.llama_batch_free, enc)
+            self._cleanup = stack.pop_all()
+        self._handle, self._batch, self._enc = handle, batch, enc
+        _set_embeddings_nextn(handle, True, True)  # pre-norm rows of the output rows
+        self._mem = llama_cpp.llama_get_memory(handle)
+        self.n_ctx, self.n_batch, self.n_seq_max = llama_cpp.llama_n_ctx(handle), n_batch, n_seq_max
+        self.n_vocab = model.n_vocab
+        self.busy_seconds = 0.0
+        self._tok = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
+        self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))
+        self._out = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
+        self._features = np.ctypeslib.as_array(enc.embd, shape=(n_batch, self.n_embd_enc))
+        self._enc_pos = np.ctypeslib.as_array(enc.pos, shape=(n_batch,))
+        np.ctypeslib.as_array(enc.n_seq_id, shape=(n_batch,))[:] = 1
+        for i in range(n_batch):
+            enc.seq_id[i][0] = 0
+        np.ctypeslib.as_array(enc.logits, shape=(n_batch,))[:] = 1
+
+    def _free(self) -> None:
+        self._cleanup.close()  # the batches, then the context
+
+    @property
+    def handle(self):
+        if self.model._handle is None or self.target._handle is None:
+            raise RuntimeError("the EagleContext's draft or target is closed")
+        return super().handle
+
+    def _run(self, call, batch) -> None:
+        t0 = time.perf_counter()
+        rc = call(self.handle, batch)
+        self.busy_seconds += time.perf_counter() - t0
+        if rc != 0:
+            raise DecodeError(f"llama.cpp's eagle3 graph failed with code {rc}: "
+                              f"{DECODE_ERRORS.get(rc, 'unknown error')}")
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """g = fc(features) by the eagle3 encoder: (n, 3 * target hidden) -> (n, h), a copy."""
+        features = np.asarray(features, dtype=np.float32)
+        out = np.empty((len(features), self.n_embd), dtype=np.float32)
+        for s in range(0, len(features), self.n_batch):  # the encoder takes one ubatch at a time
+            chunk = features[s:s + self.n_batch]
+            self._features[:len(chunk)] = chunk
+            self._enc.n_tokens = len(chunk)
+            # positions unused by the encoder, but checked: after sequence 0's, as llama.cpp's own driver
+            self._enc_pos[:len(chunk)] = self.seq_pos_max(0) + 1 + np.arange(len(chunk))
+            self._run(llama_cpp.llama_encode, self._enc)
+            out[s:s + len(chunk)] = np.ctypeslib.as_array(_get_embeddings_nextn(self.handle),
+                                                          shape=(len(chunk), self.n_embd))
+        return out
+
+    def decode(self, tokens: Sequence[int], g: np.ndarray, positions: Sequence[int],
+               seq_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """ONE llama_decode of rows (token, g) (at most n_batch). Returns views, valid until
+        the next call: logits (n, n_vocab), pre-norm outputs (n, h). Every row is an output
+        (the eagle3 graph does not select output rows: llama.cpp would return its first ones)."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a batch holds 1 to {self.n_batch} rows, got {n}")
+        b = self._batch
+        b.n_tokens = n
+        self._tok[:n], self._pos[:n], self._out[:n] = tokens, positions, 1
+        self._g[:n] = g
+        for i, ids in enumerate(seq_ids):
+            self._nseq[i] = len(ids)
+            for j, s in enumerate(ids):
+                b.seq_id[i][j] = s
+        self._run(llama_cpp.llama_decode, b)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.handle), shape=(n, self.n_vocab))
+        pre = np.ctypeslib.as_array(_get_embeddings_nextn(self.handle), shape=(n, self.n_embd))
+        return logits, pre
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.handle  # raises once closed
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self.handle
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        self.handle
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq)
+
+
 def _bytes_pointer(data: np.ndarray):
     return data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 

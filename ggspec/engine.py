@@ -25,13 +25,14 @@ from .config import BackendConfig, SamplingConfig, SpecConfig
 from .controller import CostModel
 from .drafters import Draft, Drafter
 from .drafters.auto import AutoDrafter
-from .drafters.eagle import EagleDrafter
+from .drafters.eagle import DEPTH, TOP_K, EagleDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.medusa import MedusaDrafter
 from .drafters.model import AHEAD, ModelDrafter
 from .errors import BusyError, ContextOverflowError, EngineClosedError
 from .heads import load_heads
 from .heads.eagle import load_eagle
+from .heads.eagle_paths import open_path
 from .stats import Stats
 from .text import TextStream
 
@@ -93,6 +94,10 @@ class Engine:
     eagle: an EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; enables
     method "eagle": EAGLE-2 dynamic trees of up to MEDUSA_MAX_NODES nodes; the target's
     context then also copies the draft's three target layers' inputs of every row).
+    eagle_path: how the EAGLE draft is evaluated: "numpy" (from its GGUF tensors, in
+    float32), "llama" (llama.cpp's own eagle3 graph on the file's quantized weights, with
+    the target's GPU layers), or "auto": the faster of the two by one draft depth step
+    timed at start.
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -116,6 +121,7 @@ class Engine:
                  tree_shape: str = "grown",
                  tree_nodes: int = 0,
                  eagle: str | os.PathLike | None = None,
+                 eagle_path: str = "auto",
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
@@ -161,8 +167,10 @@ class Engine:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, self.costs, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
             if eagle_heads is not None:
-                self.drafters["eagle"] = EagleDrafter(self.ctx, self.costs, eagle_heads, MEDUSA_MAX_NODES,
-                                                      tree_nodes)
+                width = min(TOP_K, eagle_heads.vocab_size)
+                path = open_path(eagle_path, eagle_heads, eagle, target_config.local(), self.ctx, stack,
+                                 width, DEPTH)
+                self.drafters["eagle"] = EagleDrafter(self.ctx, self.costs, path, MEDUSA_MAX_NODES, tree_nodes)
             self.drafters["auto"] = AutoDrafter(self.costs, lookup, self.drafters.get("draft"),
                                                 self.target.line_ends(),
                                                 self.drafters.get("eagle") or self.drafters.get("medusa"),

@@ -28,7 +28,7 @@ from ..backend import Context
 from ..config import SamplingConfig
 from ..controller import EMA, CostModel
 from ..heads import nn
-from ..heads.eagle import EagleHeads
+from ..heads.eagle_paths import LlamaPath, NumpyPath
 from ..tree import Tree
 from . import Draft
 
@@ -48,15 +48,14 @@ class _Grown:
 class EagleDrafter:
     name = "eagle"
 
-    def __init__(self, target: Context, costs: CostModel, heads: EagleHeads, max_nodes: int,
+    def __init__(self, target: Context, costs: CostModel, path: NumpyPath | LlamaPath, max_nodes: int,
                  nodes: int = 0, depth: int = DEPTH, top_k: int = TOP_K):
         if not (isinstance(nodes, int) and 0 <= nodes <= max_nodes):
             raise ValueError(f"tree nodes must be an integer from 0 (sized by cost) to "
                              f"{max_nodes}, got {nodes!r}")
-        self.target, self.costs, self.heads = target, costs, heads
+        self.target, self.costs, self.path, self.heads = target, costs, path, path.heads
         self.max_nodes, self.nodes = max_nodes, nodes
-        self.depth, self.top_k = depth, min(top_k, heads.vocab_size)
-        self.cache = heads.new_cache(target.n_ctx + depth * self.top_k)
+        self.depth, self.top_k = depth, min(top_k, self.heads.vocab_size)
         self.draft_seconds = 0.0  # growing a tree, an EMA
         self._accepted = self._expected = 1.0  # accepted and expected tokens per tree, EMAs
         self._pending: tuple[np.ndarray, np.ndarray] | None = None  # (positions, features)
@@ -67,7 +66,7 @@ class EagleDrafter:
         """A new prompt, whose rows before the pending token the target just decoded: the
         draft takes the features of the last decode's rows (it sees at most n_batch of the
         prompt's last tokens; the target's verification keeps the output exact anyway)."""
-        self.cache.truncate(0)
+        self.path.reset()
         self._last = None
         positions, features = self.target.tapped_rows()
         fresh = positions.size and positions[-1] == len(tokens) - 2
@@ -79,27 +78,17 @@ class EagleDrafter:
             return
         positions, features = self._pending
         self._pending = None
-        c = self.cache
-        live = np.flatnonzero(c.positions[:c.n] < positions[0])  # a rewind drops later rows
-        c.truncate(live[-1] + 1 if live.size else 0)
-        n0, n = c.n, len(positions)
-        visible = np.zeros((n, n0 + n), dtype=bool)
-        visible[:, :n0] = True
-        visible[:, n0:] = np.tri(n, dtype=bool)
-        logits, pre = self.heads.step(c, np.asarray(tokens)[positions + 1], self.heads.fuse(features),
-                                      positions, visible)
-        self._last = (logits[-1], pre[-1])
+        self._last = self.path.commit(np.asarray(tokens)[positions + 1], self.path.fuse(features), positions)
 
     def _grow(self, tokens: Sequence[int]) -> _Grown | None:
         """EAGLE-2's dynamic tree from the last committed row's prediction."""
         self._catch_up(tokens)
         if self._last is None:
             return None
-        c, k = self.cache, self.top_k
-        n_committed, root = c.n, len(tokens) - 1  # the pending token's position
+        k = self.top_k
+        root = len(tokens) - 1  # the pending token's position
         logp, pre = nn.log_softmax(self._last[0])[None], self._last[1][None]
         scores = np.zeros(1)
-        ancestors: list[list[int]] = [[]]  # cache rows of each frontier node's path
         all_tok, all_par, all_score = [], [], []
         frontier_ids = np.array([-1])  # index into all_* of each frontier node
         for d in range(self.depth):
@@ -113,21 +102,12 @@ class EagleDrafter:
             if d + 1 == self.depth:
                 break
             best = np.argsort(-cand, kind="stable")[:k]                  # next frontier
-            parent_of = best // k
-            n_new = len(best)
-            visible = np.zeros((n_new, c.n + n_new), dtype=bool)
-            visible[:, :n_committed] = True
-            for i, b in enumerate(best):
-                path = ancestors[parent_of[i]]
-                visible[i, path] = True
-                visible[i, c.n + i] = True
-            new_rows = c.n + np.arange(n_new)
-            logits, pre = self.heads.step(c, top.ravel()[best], pre[parent_of],
-                                          np.full(n_new, root + d), visible)
-            ancestors = [ancestors[parent_of[i]] + [int(new_rows[i])] for i in range(n_new)]
+            parent_of = best // k  # among the frontier (at d = 0: the root alone)
+            logits, pre = self.path.expand(top.ravel()[best], pre[parent_of], root + d,
+                                           parent_of if d else np.full(len(best), -1))
             logp, scores = nn.log_softmax(logits), cand[best]
             frontier_ids = base + best
-        c.truncate(n_committed)
+        self.path.end_tree()
         score = np.asarray(all_score)
         depth_of = np.zeros(len(all_tok), dtype=np.int64)
         for i, p in enumerate(all_par):
