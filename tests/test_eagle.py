@@ -191,3 +191,59 @@ def test_taps_copy_layer_inputs_of_every_row(target_path):
     out_norm = np.ones(d, np.float32)  # tinymodels writes output_norm = 1
     np.testing.assert_allclose(rms_norm(f[:, 2 * d:], out_norm, 1e-5), hidden, atol=2e-3)
     assert not np.allclose(f[:, d:2 * d], f[:, :d])
+
+
+@pytest.mark.parametrize("kind,rel", [(dict(draft_vocab=40), 0.01),
+                                      (dict(draft_vocab=300, own_embd=False, dtype="q8_0"), 0.03),
+                                      (dict(own_embd=False, own_output=False, norm_before_fc=True,
+                                            norm_before_residual=True), 0.01)])
+def test_numpy_and_llama_paths_agree(tmp_path, target_path, kind, rel):
+    """The two evaluators on the same file and inputs: a committed prefix, a rewind, then
+    a tree of three depths (siblings apart, a grandchild under the second node). Fused
+    features, logits and pre-norm outputs agree within 1% of their scale (llama.cpp keeps
+    its KV cache in F16), 3% with Q8_0 weights (llama.cpp quantizes the activations that
+    meet them to 8 bits too; numpy multiplies in float32), and the greedy tree
+    (each node's best child) is the same."""
+    from contextlib import ExitStack
+
+    from ggspec.backend import Context
+    from ggspec.config import BackendConfig
+    from ggspec.heads.eagle_paths import open_path
+
+    path = write_tiny_eagle(tmp_path / "e.gguf", target_path, seed=5, **kind)
+    heads = load_eagle(path, target_path)
+    rng = np.random.default_rng(1)
+    cfg = BackendConfig(n_ctx=128, n_batch=16, n_threads=1)
+    with ExitStack() as stack:
+        target = stack.enter_context(Model(target_path, cfg))
+        ctx = stack.enter_context(Context(target, cfg, n_seq_max=4))
+        paths = [open_path(name, heads, path, cfg, ctx, stack, 4, 3) for name in ("numpy", "llama")]
+        assert [p.name for p in paths] == ["numpy", "llama"]
+        features = rng.standard_normal((20, 3 * heads.cfg.target_hidden)).astype(np.float32)
+        g = [p.fuse(features) for p in paths]
+        _close(*g, rel)
+        toks = rng.integers(0, heads.embd.shape[0], 21)
+        outs = [[p.commit(toks[:20], g[0], np.arange(20)),           # 20 rows: two batches of 16
+                 p.commit(toks[9:13], g[0][8:12], np.arange(8, 12))]  # a rewind to position 8
+                for p in paths]
+        frontier = [np.stack([o[-1][1]] * 4) for o in outs]
+        parents = np.full(4, -1)
+        for d in range(3):
+            tree_toks = rng.integers(0, heads.embd.shape[0], 4)
+            step = [p.expand(tree_toks, f, 12 + d, parents) for p, f in zip(paths, frontier)]
+            outs = [o + [s] for o, s in zip(outs, step)]
+            assert np.array_equal(*(s[0].argmax(1) for s in step))     # the same greedy children
+            frontier = [s[1] for s in step]
+            parents = np.array([1, 1, 0, 3])
+        for p in paths:
+            p.end_tree()
+        for a, b in zip(*outs):
+            _close(a[0], b[0], rel)
+            _close(a[1], b[1], rel)
+
+
+def _close(a, b, rel):
+    fin = np.isfinite(a)
+    assert np.array_equal(fin, np.isfinite(b))
+    scale = np.abs(a[fin]).max()
+    assert np.abs(a[fin] - b[fin]).max() <= rel * scale, (np.abs(a[fin] - b[fin]).max(), scale)

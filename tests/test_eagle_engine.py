@@ -25,10 +25,13 @@ def eagle_path(tmp_path_factory, target_path):
                             draft_vocab=300, own_embd=False)
 
 
-@pytest.fixture(scope="module")
-def eagle_engine(target_path, eagle_path):
-    """Trees of a fixed 16 nodes, whatever they cost (a random draft rarely pays)."""
-    with Engine(target_path, None, target_config=CFG, eagle=eagle_path, tree_nodes=16) as e:
+@pytest.fixture(scope="module", params=["numpy", "llama"])
+def eagle_engine(request, target_path, eagle_path):
+    """Trees of a fixed 16 nodes, whatever they cost (a random draft rarely pays), the
+    draft evaluated by numpy or by llama.cpp's eagle3 graph."""
+    with Engine(target_path, None, target_config=CFG, eagle=eagle_path, tree_nodes=16,
+                eagle_path=request.param) as e:
+        assert e.drafters["eagle"].path.name == request.param
         e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
         yield e
 

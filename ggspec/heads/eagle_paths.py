@@ -103,7 +103,8 @@ class LlamaPath:
         return self.ctx.encode(features)
 
     def _draft_logits(self, logits: np.ndarray) -> np.ndarray:
-        return logits if self._columns is None else logits[:, self._columns]
+        """A copy (the view is llama.cpp's buffer, rewritten by the next decode)."""
+        return logits.copy() if self._columns is None else logits[:, self._columns]
 
     def commit(self, tokens, g, positions) -> tuple[np.ndarray, np.ndarray]:
         ctx, p0 = self.ctx, int(positions[0])
@@ -114,7 +115,7 @@ class LlamaPath:
         for s in range(0, n, step):
             m = min(step, n - s)
             logits, pre = ctx.decode(tokens[s:s + m], g[s:s + m], positions[s:s + m], [[0]] * m)
-        return self._draft_logits(logits)[-1], pre[-1].copy()
+        return self._draft_logits(logits[-1:])[0], pre[-1].copy()
 
     def expand(self, tokens, g, position: int, parents) -> tuple[np.ndarray, np.ndarray]:
         ctx, n = self.ctx, len(tokens)
