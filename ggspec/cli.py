@@ -24,6 +24,7 @@ from .backend import Model, check_vocab_compatible, default_threads, serve_rpc, 
 from .chat import NAMES, ChatSession, Settings, available_methods
 from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
+from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
 from .errors import GgspecError
 from .native import LlamaCpp, check_dir
 from .repl import contents, interrupt_cancels, piped, repl
@@ -103,6 +104,9 @@ _model_options = _options(
     click.option("--eagle", metavar="FILE",
                  help="EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; "
                  "enables --method eagle; `ggspec convert eagle` makes one)."),
+    click.option("--eagle-backend", type=click.Choice(EAGLE_BACKENDS), default="auto", show_default=True,
+                 help="How the EAGLE draft runs: numpy, llama.cpp's eagle3 graph, or the faster "
+                 "(timed at start)."),
     click.option("--tree", "tree_shape", type=click.Choice(list(TREE_SHAPES)), default="grown",
                  show_default=True, help="Shape of medusa trees."),
     click.option("--tree-nodes", type=click.IntRange(0, MEDUSA_MAX_NODES), default=0, show_default=True,
@@ -170,7 +174,7 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
                     spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"),
                     tree_shape=opts.pop("tree_shape"), tree_nodes=opts.pop("tree_nodes"),
-                    eagle=opts.pop("eagle"))
+                    eagle=opts.pop("eagle"), eagle_backend=opts.pop("eagle_backend"))
     if engine.n_ctx != n_ctx:
         click.secho(f"note: llama.cpp rounded the context size up from {n_ctx} to {engine.n_ctx} tokens",
                     dim=True, err=True)

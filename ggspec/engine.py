@@ -94,7 +94,7 @@ class Engine:
     eagle: an EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; enables
     method "eagle": EAGLE-2 dynamic trees of up to MEDUSA_MAX_NODES nodes; the target's
     context then also copies the draft's three target layers' inputs of every row).
-    eagle_path: how the EAGLE draft is evaluated: "numpy" (from its GGUF tensors, in
+    eagle_backend: how the EAGLE draft is evaluated: "numpy" (from its GGUF tensors, in
     float32), "llama" (llama.cpp's own eagle3 graph on the file's quantized weights, with
     the target's GPU layers), or "auto": the faster of the two by one draft depth step
     timed at start.
@@ -121,7 +121,7 @@ class Engine:
                  tree_shape: str = "grown",
                  tree_nodes: int = 0,
                  eagle: str | os.PathLike | None = None,
-                 eagle_path: str = "auto",
+                 eagle_backend: str = "auto",
                  max_tree_paths: int = 1,
                  progress: bool = True):
         target = target or hub.default_model()
@@ -168,7 +168,7 @@ class Engine:
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
             if eagle_heads is not None:
                 width = min(TOP_K, eagle_heads.vocab_size)
-                path = open_path(eagle_path, eagle_heads, eagle, target_config.local(), self.ctx, stack,
+                path = open_path(eagle_backend, eagle_heads, eagle, target_config.local(), self.ctx, stack,
                                  width, DEPTH)
                 self.drafters["eagle"] = EagleDrafter(self.ctx, self.costs, path, MEDUSA_MAX_NODES, tree_nodes)
             self.drafters["auto"] = AutoDrafter(self.costs, lookup, self.drafters.get("draft"),

@@ -30,7 +30,7 @@ def eagle_engine(request, target_path, eagle_path):
     """Trees of a fixed 16 nodes, whatever they cost (a random draft rarely pays), the
     draft evaluated by numpy or by llama.cpp's eagle3 graph."""
     with Engine(target_path, None, target_config=CFG, eagle=eagle_path, tree_nodes=16,
-                eagle_path=request.param) as e:
+                eagle_backend=request.param) as e:
         assert e.drafters["eagle"].path.name == request.param
         e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
         yield e
@@ -118,3 +118,57 @@ def test_cli_runs_eagle_and_names_a_bad_file_in_one_line(target_path, eagle_path
     bad.write_bytes(b"GGUF" + b"\0" * 10)
     assert_one_line_error(invoke("run", "-m", target_path, "--no-draft", "--eagle", bad, *TINY, "hi"),
                           str(bad))
+
+
+def test_auto_backend_takes_the_faster_path_and_numpy_without_the_graph(target_path, eagle_path, monkeypatch):
+    from ggspec import backend
+    from ggspec.errors import GgspecError
+    from ggspec.heads import eagle_paths
+
+    timed = {}
+
+    def fake_step(path, width, history=1, repeats=3):  # llama.cpp's graph twice as fast
+        timed[path.name] = width
+        return {"numpy": 2e-3, "llama": 1e-3}[path.name]
+
+    monkeypatch.setattr(eagle_paths, "step_seconds", fake_step)
+    with Engine(target_path, None, target_config=CFG, eagle=eagle_path) as e:
+        assert e.drafters["eagle"].path.name == "llama" and timed == {"numpy": 8, "llama": 8}
+    monkeypatch.setattr(eagle_paths, "step_seconds", lambda path, *a, **k: {"numpy": 1e-3, "llama": 2e-3}[path.name])
+    with Engine(target_path, None, target_config=CFG, eagle=eagle_path) as e:
+        assert e.drafters["eagle"].path.name == "numpy"
+    with pytest.raises(ValueError, match="must be one of auto, numpy, llama, got 'torch'"):
+        Engine(target_path, None, target_config=CFG, eagle=eagle_path, eagle_backend="torch")
+    monkeypatch.setattr(backend, "_get_embeddings_nextn", None)  # a llama.cpp without the staging API
+    with Engine(target_path, None, target_config=CFG, eagle=eagle_path) as e:
+        assert e.drafters["eagle"].path.name == "numpy"
+    with pytest.raises(GgspecError, match="does not export llama_set_embeddings_nextn.*--eagle-backend numpy"):
+        Engine(target_path, None, target_config=CFG, eagle=eagle_path, eagle_backend="llama")
+
+
+def test_cli_eagle_backend_llama_is_exact(target_path, eagle_path):
+    import json
+
+    from test_cli import TINY, greedy_tokens, invoke
+    got = invoke("run", "-m", target_path, "--no-draft", "--eagle", eagle_path, "--eagle-backend", "llama",
+                 "--tree-nodes", 6, *TINY, "--method", "eagle", "-t", 0, "-n", 12, "--json", "hello world")
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.stdout)
+    assert data["stats"]["draft_tokens"] > 0
+    assert data["tokens"] == greedy_tokens(target_path, [{"role": "user", "content": "hello world"}], 12)
+
+
+def test_step_time_tool_prints_both_paths_against_a_target_decode(target_path, eagle_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parent.parent / "tools" / "eagle_step_time.py"
+    got = subprocess.run([sys.executable, str(tool), "-m", target_path, "--eagle", str(eagle_path), "--depth", "40",
+                          "--repeat", "2", "--threads", "1", "--allow-busy"], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert re.search(r"target decode, 1 row after 40: +[\d.]+ ms", got.stdout)
+    for name in ("numpy", "llama"):
+        assert re.search(rf"eagle depth step, {name} +\(8 nodes\): +[\d.]+ ms = +[\d.]+% of a target decode "
+                         r"\((within|over) the 10% budget\)", got.stdout), got.stdout

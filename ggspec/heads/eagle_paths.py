@@ -31,7 +31,7 @@ from ..backend import Context, EagleContext, Model, eagle_graph_missing
 from ..config import BackendConfig
 from .eagle import EagleHeads
 
-PATHS = ("auto", "numpy", "llama")
+BACKENDS = ("auto", "numpy", "llama")
 
 
 class NumpyPath:
@@ -143,8 +143,8 @@ def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: Back
     target's context; "auto": the faster by one measured depth step (numpy where this
     llama.cpp cannot drive the eagle3 graph). The llama.cpp path loads `file` with `cfg`
     (the target's GPU layers) and puts its model and context on `stack`."""
-    if choice not in PATHS:
-        raise ValueError(f"the EAGLE path must be one of {', '.join(PATHS)}, got {choice!r}")
+    if choice not in BACKENDS:
+        raise ValueError(f"the EAGLE path must be one of {', '.join(BACKENDS)}, got {choice!r}")
     capacity = target.n_ctx + depth * width
     if choice == "numpy" or (choice == "auto" and eagle_graph_missing()):
         return NumpyPath(heads, capacity)
@@ -159,19 +159,20 @@ def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: Back
         return llama
 
 
-def step_seconds(path: NumpyPath | LlamaPath, width: int, repeats: int = 3) -> float:
-    """Seconds one draft depth step of `width` nodes takes on `path` (the fastest of
-    `repeats`, after a warm-up), measured after one committed row; the path is reset."""
+def step_seconds(path: NumpyPath | LlamaPath, width: int, history: int = 1, repeats: int = 3) -> float:
+    """Seconds one draft depth step of `width` nodes takes on `path` after `history`
+    committed rows (the fastest of `repeats`, after a warm-up); the path is reset."""
     h, th = path.heads.cfg.hidden, path.heads.cfg.target_hidden
-    g = path.fuse(np.zeros((1, 3 * th), dtype=np.float32))
+    path.reset()
+    path.commit(np.zeros(history, dtype=np.int64), path.fuse(np.zeros((history, 3 * th), dtype=np.float32)),
+                np.arange(history))
     best = np.inf
     for i in range(repeats + 1):
-        path.reset()
-        path.commit(np.zeros(1, dtype=np.int64), g, np.zeros(1, dtype=np.int64))
         t0 = time.perf_counter()
-        path.expand(np.zeros(width, dtype=np.int64), np.zeros((width, h), dtype=np.float32), 1,
+        path.expand(np.zeros(width, dtype=np.int64), np.zeros((width, h), dtype=np.float32), history,
                     np.full(width, -1))
         if i:  # the first allocates
             best = min(best, time.perf_counter() - t0)
+        path.end_tree()
     path.reset()
     return best
