@@ -349,6 +349,31 @@ class Model(_Owner):
                          "ggspec cannot follow; pass a raw prompt instead")
 
 
+def _context_params(cfg: BackendConfig, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int):
+    """llama_context_params with these sizes, threads and cfg's flash attention."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = n_seq_max
+    params.n_threads = params.n_threads_batch = n_threads
+    if cfg.flash_attn is not None:
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    return params
+
+
+def _open_context(model: Model, params, stack: ExitStack):
+    """A llama_context over model and a llama_batch of params' sizes, freed by stack."""
+    handle = llama_cpp.llama_init_from_model(model.handle, params)
+    if not handle:
+        raise ModelFileError(f"llama.cpp could not create a context of {params.n_ctx} tokens "
+                             f"for {model.path}; try a smaller context size")
+    stack.callback(llama_cpp.llama_free, handle)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, params.n_seq_max)
+    stack.callback(llama_cpp.llama_batch_free, batch)
+    return handle, batch
+
+
 STATE_FLAGS = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY  # the recurrent part only (a hybrid's attention cache is cut)
 
 
@@ -373,16 +398,11 @@ class Context(_Owner):
                              "over it holds one sequence (no tree drafts, no Medusa heads)")
         self.model = model
         self.cfg = cfg
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = cfg.n_ctx
-        params.n_batch = cfg.n_batch
-        params.n_ubatch = cfg.n_batch
-        params.n_seq_max = n_seq_max
+        params = _context_params(cfg, cfg.n_ctx, cfg.n_batch, n_seq_max, cfg.n_threads or default_threads())
         params.n_rs_seq = rollback if model.recurrent else 0
         # one cache that sequences share cells of (trees, seq_cp) or, with
         # shared_cache=False, a cache of n_ctx / n_seq_max cells per independent sequence
         params.kv_unified = n_seq_max > 1 if shared_cache is None else shared_cache
-        params.n_threads = params.n_threads_batch = cfg.n_threads or default_threads()
         params.embeddings = embeddings
         if embeddings:
             params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
@@ -390,17 +410,8 @@ class Context(_Owner):
         self._taps = _Taps(taps, model.n_embd, cfg.n_batch) if taps else None
         if self._taps is not None:
             params.cb_eval = self._taps.callback
-        if cfg.flash_attn is not None:
-            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         with ExitStack() as stack:
-            handle = llama_cpp.llama_init_from_model(model.handle, params)
-            if not handle:
-                raise ModelFileError(f"llama.cpp could not create a context of {cfg.n_ctx} tokens "
-                                     f"for {model.path}; try a smaller context size")
-            stack.callback(llama_cpp.llama_free, handle)
-            batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, n_seq_max)
-            stack.callback(llama_cpp.llama_batch_free, batch)
+            handle, batch = _open_context(model, params, stack)
             self._cleanup = stack.pop_all()
         self._handle = handle
         self._batch = batch
@@ -799,27 +810,15 @@ class EagleContext(_Owner):
             raise ModelFileError(f"{model.path} is not an eagle3 draft")
         self.model, self.target = model, target
         n_batch = target.n_batch
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
-        params.n_seq_max = n_seq_max
+        params = _context_params(target.cfg, n_ctx, n_batch, n_seq_max, target.n_threads)
         params.kv_unified = True  # sequences share the cells of the committed rows (seq_cp)
-        params.n_threads = params.n_threads_batch = target.n_threads
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         params.ctx_other = target.handle
-        if target.cfg.flash_attn is not None:
-            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if target.cfg.flash_attn
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.n_embd = model.n_embd
         self.n_embd_enc = 3 * int(model.metadata("eagle3.target_hidden_size"))
         self._g = np.zeros((n_batch, self.n_embd), dtype=np.float32)  # the decoder's g rows
         with ExitStack() as stack:
-            handle = llama_cpp.llama_init_from_model(model.handle, params)
-            if not handle:
-                raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for "
-                                     f"the EAGLE draft {model.path}")
-            stack.callback(llama_cpp.llama_free, handle)
-            batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)  # tokens, and g below
-            stack.callback(llama_cpp.llama_batch_free, batch)
+            handle, batch = _open_context(model, params, stack)  # the batch: tokens, and g below
             stack.callback(setattr, batch, "embd", None)  # _g is not the batch's to free
             batch.embd = self._g.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             enc = llama_cpp.llama_batch_init(n_batch, self.n_embd_enc, 1)  # feature rows

@@ -32,7 +32,7 @@ from .drafters.model import AHEAD, ModelDrafter
 from .errors import BusyError, ContextOverflowError, EngineClosedError
 from .heads import load_heads
 from .heads.eagle import load_eagle
-from .heads.eagle_paths import open_path
+from .heads.eagle_paths import LlamaPath, open_path
 from .stats import Stats
 from .text import TextStream
 
@@ -171,6 +171,8 @@ class Engine:
                 path = open_path(eagle_backend, eagle_heads, eagle, target_config.local(), self.ctx, stack,
                                  width, DEPTH)
                 self.drafters["eagle"] = EagleDrafter(self.ctx, self.costs, path, MEDUSA_MAX_NODES, tree_nodes)
+                if isinstance(path, LlamaPath):  # its llama_decode time is llama.cpp's, in Stats
+                    self._contexts.append(path.ctx)
             self.drafters["auto"] = AutoDrafter(self.costs, lookup, self.drafters.get("draft"),
                                                 self.target.line_ends(),
                                                 self.drafters.get("eagle") or self.drafters.get("medusa"),
