@@ -172,3 +172,28 @@ def test_step_time_tool_prints_both_paths_against_a_target_decode(target_path, e
     for name in ("numpy", "llama"):
         assert re.search(rf"eagle depth step, {name} +\(8 nodes\): +[\d.]+ ms = +[\d.]+% of a target decode "
                          r"\((within|over) the 10% budget\)", got.stdout), got.stdout
+
+
+def test_both_paths_grow_the_same_tree(target_path, eagle_path):
+    """The same history through numpy and through llama.cpp's eagle3 graph: the same
+    EAGLE-2 tree (tokens, parents, best-first order), chances within 5%."""
+    from contextlib import ExitStack
+
+    from ggspec.drafters.eagle import DEPTH, EagleDrafter
+    from ggspec.heads.eagle_paths import open_path
+
+    with ExitStack() as stack:
+        e = stack.enter_context(Engine(target_path, None, target_config=CFG, eagle=eagle_path,
+                                       eagle_backend="numpy", tree_nodes=16))
+        e.generate(random_prompt(5), max_tokens=3, spec=SpecConfig("eagle"))  # calibrates
+        by_numpy = e.drafters["eagle"]
+        llama = open_path("llama", by_numpy.heads, eagle_path, CFG, e.ctx, stack, by_numpy.top_k, DEPTH)
+        by_llama = EagleDrafter(e.ctx, e.costs, llama, 32, 16)
+        tokens = list(e.ctx.tokens) + [5]
+        for d in (by_numpy, by_llama):
+            d.prepare(tokens)  # the history: what the last decode computed
+            assert d.plan(32, tokens)[0] == 16
+        a, b = by_numpy._grown, by_llama._grown
+    assert len(a.tokens) >= 16 and (a.parents >= 0).any()  # deeper than one step
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.parents, b.parents)
+    np.testing.assert_allclose(a.chances, b.chances, rtol=0.05)
