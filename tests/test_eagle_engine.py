@@ -195,5 +195,14 @@ def test_both_paths_grow_the_same_tree(target_path, eagle_path):
             assert d.plan(32, tokens)[0] == 16
         a, b = by_numpy._grown, by_llama._grown
     assert len(a.tokens) >= 16 and (a.parents >= 0).any()  # deeper than one step
-    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.parents, b.parents)
-    np.testing.assert_allclose(a.chances, b.chances, rtol=0.05)
+
+    def by_path(g):  # node -> its tokens from the root: the order of near ties may differ
+        paths = []
+        for t, p in zip(g.tokens, g.parents):
+            paths.append((*paths[p], int(t)) if p >= 0 else (int(t),))
+        return dict(zip(paths, g.chances))
+
+    pa, pb = by_path(a), by_path(b)
+    clear = [p for p, c in pa.items() if c > 1.05 * a.chances.min()]  # not at the cut-off
+    assert len(clear) >= 16 and all(p in pb for p in clear)
+    np.testing.assert_allclose([pa[p] for p in clear], [pb[p] for p in clear], rtol=0.05)
