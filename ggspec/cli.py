@@ -1,4 +1,4 @@
-"""The ggspec command line: run, chat, serve, bench, pull, models, info, convert.
+"""The ggspec command line: run, chat, serve, bench, pull, models, info, convert, train.
 
 With the chat REPL (repl.py), the only module that prints. A user mistake (GgspecError
 or ValueError) ends as one `Error: ...` line on stderr and exit code 1, never a traceback.
@@ -6,6 +6,7 @@ or ValueError) ends as one `Error: ...` line on stderr and exit code 1, never a 
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import json
 import os
@@ -26,6 +27,7 @@ from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endp
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
 from .errors import GgspecError
+from .heads.collect import CollectConfig
 from .native import LlamaCpp, check_dir
 from .repl import contents, interrupt_cancels, piped, repl
 from .stats import footer
@@ -58,6 +60,7 @@ Examples:
   ggspec pull && ggspec models
   ggspec info model.gguf --draft draft.gguf
   ggspec convert eagle ./EAGLE3-checkpoint eagle.gguf -m model.gguf
+  ggspec train eagle model.gguf --prompts prompts.txt -o eagle.gguf
   ggspec rpc-server --host 192.168.1.7         on another machine; then, here:
   ggspec run --rpc 192.168.1.7:50052 "Explain recursion."
 """)
@@ -633,6 +636,165 @@ def convert_eagle(src, out, target, dtype) -> None:
     from .heads.convert import convert_eagle as run_convert
 
     click.echo(run_convert(src, _local_model(target), out, dtype=dtype))
+
+
+_COLLECT = CollectConfig()
+
+_train_options = _options(
+    click.argument("target", metavar="TARGET"),
+    click.option("--corpus", type=click.Path(exists=True, path_type=Path),
+                 help="Text file, or directory searched recursively: learn the target's "
+                 "predictions over it."),
+    click.option("--prompts", type=click.Path(exists=True, path_type=Path),
+                 help="Prompts, one per line: learn the target's own greedy answers to them "
+                 "(self-distillation; tools/code_prompts.py writes some)."),
+    click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+                 help="GGUF file to write."),
+    click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path),
+                 help="Cache of the collected rows and the checkpoint.  [default: OUTPUT.work]"),
+    click.option("-n", "--max-tokens", type=int, default=_COLLECT.max_tokens, show_default=True,
+                 help="Rows to collect."),
+    click.option("--window", type=int, default=_COLLECT.window, show_default=True,
+                 help="Tokens per llama.cpp pass (prompt and answer)."),
+    click.option("--file-tokens", type=int, default=_COLLECT.file_tokens, show_default=True,
+                 help="Most tokens per corpus file."),
+    click.option("--pattern", default=_COLLECT.pattern, show_default=True,
+                 help="File glob inside a corpus or prompts directory."),
+    click.option("--answer-tokens", type=int, default=_COLLECT.answer_tokens, show_default=True,
+                 help="With --prompts: most tokens per answer."),
+    click.option("--parallel", type=int, default=_COLLECT.parallel, show_default=True,
+                 help="With --prompts: answers decoded together."),
+    click.option("-t", "--threads", type=click.IntRange(min=1), help="llama.cpp threads."),
+    click.option("-ngl", "--gpu-layers", type=int, default=_COLLECT.n_gpu_layers, show_default=True,
+                 help="Target layers to offload (-1: all)."),
+    click.option("-e", "--epochs", type=int, default=4, show_default=True, help="Passes over the data."),
+    click.option("-b", "--batch-size", type=int, help="Rows (medusa) or chunks of --seq-len rows (eagle) per step.  [default: 256, 16]"),
+    click.option("--lr", type=float, help="Adam learning rate, decayed to 10% (cosine).  [default: 1e-3, 5e-4]"),
+    click.option("--held-out", type=float, default=0.1, show_default=True,
+                 help="Share of the files (prompts) kept for evaluation."),
+    click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]),
+                 help="Type of the weight matrices.  [default: f16 (medusa), q8_0 (eagle)]"),
+    click.option("-s", "--seed", type=int, default=0, show_default=True, help="Data order and initialisation."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+)
+
+
+def _collect_config(opts: dict) -> tuple[Path, Path, CollectConfig]:
+    """The target file, the text and how to collect it, from the shared training options."""
+    if (opts["corpus"] is None) == (opts["prompts"] is None):
+        raise click.UsageError("give exactly one of --corpus DIR and --prompts FILE")
+    target = hub.resolve(opts["target"], progress=not opts["quiet"])
+    cfg = CollectConfig(max_tokens=opts["max_tokens"], window=opts["window"],
+                        file_tokens=opts["file_tokens"], pattern=opts["pattern"], seed=opts["seed"],
+                        n_threads=opts["threads"], n_gpu_layers=opts["gpu_layers"],
+                        answers=opts["prompts"] is not None, answer_tokens=opts["answer_tokens"],
+                        parallel=opts["parallel"])
+    return target, opts["corpus"] or opts["prompts"], cfg
+
+
+def _given(opts: dict, **names: str) -> dict:
+    """Config fields from options the user gave (None: the config's default)."""
+    return {field: opts[o] for field, o in names.items() if opts[o] is not None}
+
+
+@cli.group(epilog="""\b
+Examples:
+  python tools/code_prompts.py prompts.txt
+  ggspec train eagle qwen2.5-coder-1.5b --prompts prompts.txt -o eagle.gguf -n 20000
+  ggspec train medusa qwen2.5-coder-1.5b --corpus /usr/lib/python3.11 --pattern '*.py' -o heads.gguf
+""")
+def train() -> None:
+    """Train draft heads for a GGUF target on this machine's CPU.
+
+    Rows are collected through llama.cpp into the work directory and fitted there; run
+    the same command again to resume. The report goes to stdout, progress to stderr.
+    """
+
+
+@train.command("medusa")
+@_train_options
+@click.option("--heads", "n_heads", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Number of heads.")
+@click.option("--residual-layers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Residual layers per head.")
+@click.option("--vocab-size", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Output rows: the most frequent labels (0: the whole vocabulary).")
+@click.option("--untied", is_flag=True, help="Train an output matrix per head instead of the target's, frozen.")
+@click.option("--labels", type=click.Choice(["distill", "corpus"]), default="distill", show_default=True,
+              help="The target's own predictions or the corpus tokens.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW decay.")
+def train_medusa(n_heads, residual_layers, vocab_size, untied, labels, weight_decay, **opts) -> None:
+    """Medusa heads (GGUF, architecture medusa) for TARGET."""
+    from .heads.fit import TrainConfig, train_medusa as run
+
+    target, text, ccfg = _collect_config(opts)
+    tcfg = TrainConfig(n_heads=n_heads, n_layers=residual_layers, vocab_size=vocab_size, tied=not untied,
+                       labels=labels, epochs=opts["epochs"], weight_decay=weight_decay,
+                       heldout=opts["held_out"], seed=opts["seed"],
+                       **_given(opts, batch_size="batch_size", lr="lr", dtype="dtype"))
+    work = opts["work_dir"] or Path(f"{opts['output']}.work")
+    report = run(target, text, opts["output"], work, ccfg, tcfg, progress=not opts["quiet"],
+                 log=lambda s: click.echo(s, err=True))
+    from .heads.report import format_report
+    click.echo(format_report(report))
+
+
+def _layer_ids(ctx, param, value: str | None) -> tuple[int, int, int] | None:
+    """--layers 2,14,25 -> (2, 14, 25)."""
+    if value is None:
+        return None
+    try:
+        layers = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        layers = ()
+    if len(layers) != 3:
+        raise click.BadParameter(f"three layer ids like 2,14,25, got {value!r}")
+    return layers
+
+
+@train.command("eagle")
+@_train_options
+@click.option("--layers", metavar="A,B,C", callback=_layer_ids,
+              help="Target layers whose inputs the draft reads.  [default: 2, n/2, n-3]")
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="Output rows: the target's most frequent predictions, mapped by d2t (0: all).")
+@click.option("--ff", "n_ff", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Feed-forward size of the draft layer.")
+@click.option("--ttt-steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Training-time test: draft steps unrolled, feeding back the draft's own output.")
+@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Optimizer steps (0: --epochs passes).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Consecutive rows per training chunk (the draft's attention span).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between checkpoints in the work directory.")
+@click.option("--resume/--restart", default=True, show_default=True,
+              help="Continue from the work directory's checkpoint, or start the fit over.")
+def train_eagle(layers, draft_vocab, n_ff, ttt_steps, steps, seq_len, checkpoint_every, resume, **opts) -> None:
+    """An EAGLE-3 draft (llama.cpp's eagle3 GGUF) for TARGET, fitted in torch (pip install
+    'ggspec[train]')."""
+    fit_eagle = _eagle_trainer()
+    target, text, ccfg = _collect_config(opts)
+    tcfg = fit_eagle.EagleTrainConfig(
+        layers=layers, draft_vocab=draft_vocab, n_ff=n_ff, ttt_steps=ttt_steps, steps=steps,
+        epochs=opts["epochs"], seq_len=seq_len, heldout=opts["held_out"], seed=opts["seed"],
+        checkpoint_every=checkpoint_every, **_given(opts, batch_size="batch_size", lr="lr", dtype="dtype"))
+    work = opts["work_dir"] or Path(f"{opts['output']}.work")
+    report = fit_eagle.train_eagle(target, text, opts["output"], work, ccfg, tcfg, resume=resume,
+                                   progress=not opts["quiet"], log=lambda s: click.echo(s, err=True))
+    from .heads.report import format_eagle_report
+    click.echo(format_eagle_report(report))
+
+
+def _eagle_trainer():
+    """ggspec.heads.fit_eagle, or one line saying how to install torch."""
+    try:
+        return importlib.import_module("ggspec.heads.fit_eagle")
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise GgspecError("training EAGLE drafts needs torch: pip install 'ggspec[train]' "
+                          "(torch==2.13.0, CPU)") from None
 
 
 def _local_model(arg: str) -> Path:

@@ -1,6 +1,7 @@
 """Stage 1 of head training: run text through the target with llama.cpp and store, per row,
-the final hidden state x_t (float16), the token and the target's greedy prediction
-argmax(logits_t) (the same decode returns both). Resumable.
+the final hidden state x_t (float16; for EAGLE-3 drafts, `layers`: the inputs of those
+target layers, concatenated, tapped from the same decode), the token and the target's
+greedy prediction argmax(logits_t) (the same decode returns both). Resumable.
 
 The text is either a corpus, in windows of `window` tokens (one fresh KV cache each), or,
 with `answers`, the target's own greedy answers to prompts (one prompt per line, in its
@@ -24,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from ..backend import Context, Model
+from ..backend import Context, Model, layer_input_name
 from ..config import BackendConfig
 from .target import TargetInfo, read_target
 
@@ -39,7 +40,8 @@ class CollectConfig:
     context each, so also the longest context seen); file_tokens: most tokens taken from
     one file (variety over depth); count_tokens: corpus tokens counted (tokenized only) to
     choose the heads' reduced vocabulary; pattern: glob for files under a corpus
-    directory; seed: the order in which files (or prompts) are taken.
+    directory; seed: the order in which files (or prompts) are taken; layers: store the
+    inputs of these target layers (concatenated) instead of the final hidden state.
     answers: the corpus holds prompts, one per line, and the rows are the target's greedy
     answers (at most answer_tokens each, after the prompt's last token; prompt and answer
     fit in `window`), decoded `parallel` at a time.
@@ -56,6 +58,7 @@ class CollectConfig:
     answers: bool = False
     answer_tokens: int = 256
     parallel: int = 32
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window, int) and 16 <= self.window <= 8192):
@@ -77,7 +80,8 @@ class CollectConfig:
 class HiddenStates:
     """Collected rows, memory-mapped from a work directory.
 
-    hidden (N, H) float16; tokens (N,) corpus tokens; preds (N,) target argmax at each row;
+    hidden (N, H) float16 (N, len(layers) * H with layers); tokens (N,) corpus tokens;
+    preds (N,) target argmax at each row;
     windows (W, 3): start row, length, file index of each window; counts (n_vocab,)
     token counts of corpus files that were tokenized but not collected.
     """
@@ -94,6 +98,15 @@ class HiddenStates:
     @property
     def n_rows(self) -> int:
         return int(self.windows[:, 1].sum())
+
+    def held_out(self, share: float) -> np.ndarray:
+        """(W,) bool: the windows kept for evaluation, those of the last `share` of the
+        files (the last window when all come from one file)."""
+        files = np.unique(self.windows[:, 2])
+        if len(files) == 1:
+            return np.arange(len(self.windows)) == len(self.windows) - 1
+        held = files[-max(1, int(round(len(files) * share))):]
+        return np.isin(self.windows[:, 2], held)
 
     @classmethod
     def open(cls, work_dir: str | os.PathLike, target: TargetInfo) -> HiddenStates:
@@ -225,6 +238,8 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
                     seed=cfg.seed, count_tokens=cfg.count_tokens)
     if cfg.answers:
         data_key.update(answers=True, answer_tokens=cfg.answer_tokens)
+    if cfg.layers:
+        data_key.update(layers=list(cfg.layers))
     if state is not None and state["data"] != data_key:
         raise ValueError(f"{work} was collected with other settings {state['data']}; "
                          "use another work dir or the same settings")
@@ -245,7 +260,7 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
             _save_npy(work / "tokens.npy", tokens)
             _save_npy(work / "windows.npy", windows)
             np.lib.format.open_memmap(work / "hidden.npy", "w+", np.float16,
-                                      (capacity, model.n_embd)).flush()
+                                      (capacity, model.n_embd * max(1, len(cfg.layers)))).flush()
             _save_npy(work / "preds.npy", np.full(capacity, -1, dtype=np.int32))
             state = dict(data=data_key, fingerprint=dataclasses.asdict(target.fingerprint),
                          n_windows=len(prompts) if cfg.answers else len(windows),
@@ -316,7 +331,7 @@ def _collect_corpus(model: Model, store: _Store, cfg: CollectConfig, progress: b
     windows, state = store.windows, store.state
     bcfg = BackendConfig(n_ctx=max(cfg.window, 64), n_batch=cfg.window,
                          n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
-    with Context(model, bcfg, embeddings=True) as ctx, tqdm(
+    with _context(model, bcfg, cfg) as ctx, tqdm(
             total=int(windows[:, 1].sum()), initial=int(windows[:state["windows_done"], 1].sum()),
             unit="tok", desc="hidden states", disable=not progress) as bar:
         for w in range(state["windows_done"], len(windows)):
@@ -325,9 +340,22 @@ def _collect_corpus(model: Model, store: _Store, cfg: CollectConfig, progress: b
             ids = store.tokens[start:start + length].tolist()
             ctx.clear()
             logits = ctx.eval(ids, logits="all")
-            store.write(start, ids, logits.argmax(axis=1), ctx.hidden(length), None,
+            store.write(start, ids, logits.argmax(axis=1), _rows(ctx, cfg, length), None,
                         time.perf_counter() - t0)
             bar.update(length)
+
+
+def _context(model: Model, bcfg: BackendConfig, cfg: CollectConfig, **kw) -> Context:
+    """A context that returns what is stored: the final hidden states, or the tapped inputs
+    of cfg.layers."""
+    if cfg.layers:
+        return Context(model, bcfg, taps=[layer_input_name(i) for i in cfg.layers], **kw)
+    return Context(model, bcfg, embeddings=True, **kw)
+
+
+def _rows(ctx: Context, cfg: CollectConfig, n: int) -> np.ndarray:
+    """What is stored of the last decode's first n rows (n, width)."""
+    return ctx.tapped(n) if cfg.layers else ctx.hidden(n)
 
 
 @dataclass
@@ -354,7 +382,7 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
                          n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
     slots: list[_Answer | None] = [None] * n_seq
     rows = 1 + cfg.answer_tokens  # per window, if the answer does not end early
-    with Context(model, bcfg, n_seq_max=n_seq, embeddings=True, shared_cache=False) as ctx, tqdm(
+    with _context(model, bcfg, cfg, n_seq_max=n_seq, shared_cache=False) as ctx, tqdm(
             total=rows * len(prompts), initial=rows * len(done), unit="tok", desc="answers",
             disable=not progress) as bar:
         t0 = time.perf_counter()
@@ -367,14 +395,14 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
                     want[-1] = 1
                     logits = ctx.decode(ids, range(len(ids)), [[s]] * len(ids), want)
                     slots[s] = _Answer(i, len(ids) - 1, [ids[-1]], [int(logits[0].argmax())],
-                                       [ctx.hidden(len(ids))[-1].astype(np.float16)])
+                                       [_rows(ctx, cfg, len(ids))[-1].astype(np.float16)])
             live = [s for s, slot in enumerate(slots) if slot is not None]
             if not live:
                 break
             answers = [slots[s] for s in live]
             logits = ctx.decode([a.preds[-1] for a in answers], [a.start + len(a.tokens) for a in answers],
                                 [[s] for s in live], np.ones(len(live), np.int8))
-            preds, hidden = logits.argmax(axis=1), ctx.hidden(len(live)).astype(np.float16)
+            preds, hidden = logits.argmax(axis=1), _rows(ctx, cfg, len(live)).astype(np.float16)
             for j, (s, a) in enumerate(zip(live, answers)):
                 a.tokens.append(a.preds[-1])
                 a.preds.append(int(preds[j]))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .collect import CollectConfig, HiddenStates, save_atomic, collect
 from .medusa import MedusaHeads, save_heads
-from .nn import residual_stack, residual_stack_backward, softmax_xent
+from .nn import cosine_lr, residual_stack, residual_stack_backward, softmax_xent
 from .report import TrainReport, Split, to_rows, evaluate, tree_acceptance
 
 LABELS = ("distill", "corpus")
@@ -99,13 +99,9 @@ def _labels(data: HiddenStates, n_heads: int, kind: str) -> tuple[np.ndarray, np
 def _split(data: HiddenStates, cfg: TrainConfig) -> tuple[Split, Split]:
     """Training and held-out rows: the last `heldout` share of the files is held out."""
     labels, greedy = _labels(data, cfg.n_heads, cfg.labels)
-    files = np.unique(data.windows[:, 2])
-    n_held = max(1, int(round(len(files) * cfg.heldout)))
-    held_files = set(files[-n_held:].tolist()) if len(files) > 1 else set()
     parts: dict[bool, list[np.ndarray]] = {True: [], False: []}
-    for i, (start, length, f) in enumerate(data.windows):
-        is_held = (f in held_files) if held_files else (i == len(data.windows) - 1)
-        parts[is_held].append(np.arange(start, start + length))
+    for (start, length, _), is_held in zip(data.windows, data.held_out(cfg.heldout)):
+        parts[bool(is_held)].append(np.arange(start, start + length))
     if not parts[False] or not parts[True]:
         raise ValueError("need at least two windows to keep some for evaluation")
     out = []
@@ -240,7 +236,7 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: TrainConfig = Tr
             loss, count, grads, _ = _forward_backward(x, y_train[idx], params.arrays["w"],
                                                       params.arrays["b"], out, cfg.tied, True)
             scale = 1.0 / max(count, 1)
-            lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * params.step / total)))
+            lr = cosine_lr(cfg.lr, params.step, total)
             params.update({k: g * scale for k, g in grads.items()}, lr, cfg.weight_decay)
             bar.set_postfix(loss=f"{loss * scale:.3f}", refresh=False)
             bar.update(1)

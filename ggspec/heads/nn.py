@@ -7,6 +7,8 @@ log-softmax helpers that proposing, training and evaluation share.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -34,6 +36,11 @@ def top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     zt = np.take_along_axis(z, top, axis=-1)
     order = np.argsort(-zt, axis=-1, kind="stable")
     return np.take_along_axis(top, order, axis=-1), np.take_along_axis(zt, order, axis=-1)
+
+
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """The learning rate at `step` of `total`: lr decayed to 10% over the run (cosine)."""
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
 
 
 # ---------------------------------------------------------------------------------------

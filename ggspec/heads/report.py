@@ -140,3 +140,64 @@ def format_report(report: TrainReport) -> str:
     lines.append("greedy trees on held-out rows: " + ", ".join(
         f"{n} nodes -> {1 + a:.2f} tokens/round" for n, a in report.trees.items()))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# EAGLE-3 drafts: accuracy per draft step and simulated chains
+# ---------------------------------------------------------------------------------------
+
+CHAIN_DEPTHS = (3, 4, 5)
+
+
+@dataclass(frozen=True)
+class StepAccuracy:
+    """Held-out accuracy of the draft's step k (k = 1: g from the target's features; k > 1:
+    g is the draft's own output of step k - 1), whose label is the target's greedy token
+    k + 1 positions after the row."""
+
+    step: int
+    top1: float
+    chain_top1: float  # on rows where steps 1..k-1 were right: P(step k right | earlier right)
+    loss: float        # mean cross-entropy over rows whose label is in the draft vocabulary
+    n: int
+
+
+@dataclass(frozen=True)
+class EagleReport:
+    path: Path
+    n_train: int
+    n_heldout: int
+    vocab_coverage: float  # share of held-out labels inside the draft vocabulary
+    before: list[StepAccuracy]
+    after: list[StepAccuracy]
+    chains: dict[int, float]  # chain depth -> simulated mean committed tokens per round
+    steps: int
+    seconds: float
+    flops_per_row: float  # of one training pass (forward and backward) over one row
+
+
+def chain_tokens(chain_top1: Sequence[float], depths: Sequence[int] = CHAIN_DEPTHS) -> dict[int, float]:
+    """Mean committed tokens per greedy round with a draft chain of depth D, from the
+    conditional per-step accuracies a_k: E = 1 + sum_{d=1..D} prod_{k=1..d} a_k (the bonus
+    token, plus draft token d whenever steps 1..d are all right); a_k for k beyond the
+    measured steps is the last one's."""
+    a = np.asarray(chain_top1, dtype=np.float64)
+    out = {}
+    for depth in depths:
+        ak = np.concatenate([a, np.full(max(depth - len(a), 0), a[-1])])[:depth]
+        out[depth] = float(1 + np.cumprod(ak).sum())
+    return out
+
+
+def format_eagle_report(report: EagleReport) -> str:
+    lines = [f"wrote {report.path}: {report.steps} steps in {report.seconds:.0f} s, "
+             f"{report.n_train:,} training rows, {report.n_heldout:,} held-out rows, "
+             f"draft vocabulary covers {report.vocab_coverage:.1%} of held-out labels, "
+             f"{report.flops_per_row / 1e9:.2f} GFLOP per row per pass",
+             "step  top-1 (start)  chain top-1  loss (start)"]
+    for a, b in zip(report.before, report.after):
+        lines.append(f"{b.step:>4}  {b.top1:6.1%} ({a.top1:5.1%})  {b.chain_top1:10.1%}"
+                     f"  {b.loss:5.2f} ({a.loss:5.2f})")
+    lines.append("greedy chains on held-out rows: " + ", ".join(
+        f"depth {d} -> {t:.2f} tokens/round" for d, t in report.chains.items()))
+    return "\n".join(lines)
