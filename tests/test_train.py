@@ -276,18 +276,18 @@ def test_bad_config():
         CollectConfig(max_tokens=10)
 
 
-def test_tool_script(tmp_path, target_path, corpus, capsys):
-    import importlib.util
-    path = Path(__file__).resolve().parent.parent / "tools" / "train_medusa.py"
-    spec = importlib.util.spec_from_file_location("train_medusa", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_cli_trains_medusa_heads(tmp_path, target_path, corpus):
+    from click.testing import CliRunner
+    from ggspec.cli import cli
+
     out = tmp_path / "h.gguf"
-    rc = tool.main([target_path, str(corpus), str(out), "-n", "300", "--window", "64", "-t", "1",
-                    "--heads", "2", "--vocab-size", "50", "-e", "1", "-q"])
-    assert rc == 0, capsys.readouterr().err
-    assert "head  top-1" in capsys.readouterr().out
+    r = CliRunner().invoke(cli, ["train", "medusa", target_path, "--corpus", str(corpus), "-o", str(out),
+                                 "-n", "300", "--window", "64", "-t", "1", "--heads", "2",
+                                 "--vocab-size", "50", "-e", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "head  top-1" in r.stdout
     assert load_heads(out, target_path).n_heads == 2
     assert (tmp_path / "h.gguf.work" / "checkpoint.npz").exists()
-    assert tool.main([target_path, str(tmp_path / "nope"), str(tmp_path / "x.gguf"), "-q"]) == 1
-    assert "corpus not found" in capsys.readouterr().err
+    r = CliRunner().invoke(cli, ["train", "medusa", target_path, "--corpus", str(tmp_path / "nope"),
+                                 "-o", str(tmp_path / "x.gguf"), "-q"])
+    assert r.exit_code == 2 and "does not exist" in r.output, r.output

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write code-generation prompts, one per line, from the documented functions and classes
 of a Python source tree (the standard library by default): training prompts for
-`tools/train_medusa.py --answers`, where the target's own answers are the training data.
+`ggspec train eagle|medusa --prompts`, where the target's own answers are the training data.
 
     python tools/code_prompts.py prompts.txt
     python tools/code_prompts.py prompts.txt --source /path/to/project --limit 2000
