@@ -12,7 +12,7 @@ import pytest
 
 import ggspec.heads.collect
 from ggspec.heads import MedusaHeads, TargetFingerprint, load_heads, read_target
-from ggspec.backend import Context, Model
+from ggspec.backend import Context, Model, layer_input_name
 from ggspec.config import BackendConfig
 from ggspec.heads.collect import CollectConfig, HiddenStates, collect, plan_prompts
 from ggspec.heads.fit import TrainConfig, _forward_backward, _labels, reduced_vocab, train
@@ -156,18 +156,23 @@ def test_collection_resumes(tmp_path, target_path, corpus):
         collect(target_path, corpus, work, CollectConfig(max_tokens=400, window=32), progress=False)
 
 
-def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path):
+@pytest.mark.parametrize("layers", [(), (0, 1, 1)])
+def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path, layers):
     """With answers=True the rows are prompt + the target's greedy answer, decoded several
     sequences per llama_decode: each answer equals plain one-sequence greedy decoding, and
-    each row's hidden state equals that of the same tokens evaluated alone."""
+    each row's hidden state (with `layers`: the inputs of those layers) equals that of the
+    same tokens evaluated alone."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\n\nthe cat\nprint hello\ndef lambda\nyes no\n")
     cfg = CollectConfig(max_tokens=1000, window=96, answers=True, answer_tokens=20, parallel=3,
-                        n_threads=1)
+                        n_threads=1, layers=layers)
     data = collect(target_path, prompts, tmp_path / "work", cfg, progress=False)
     assert sorted(data.windows[:, 2].tolist()) == list(range(5))  # every prompt, each in one window
     assert data.n_rows == int(data.windows[:, 1].sum()) == len(data.tokens) == len(data.hidden)
-    with Model(target_path) as model, Context(model, BackendConfig(n_ctx=64), embeddings=True) as ctx:
+    assert data.hidden.shape[1] == 64 * max(1, len(layers))
+    taps = [layer_input_name(i) for i in layers]
+    with Model(target_path) as model, Context(model, BackendConfig(n_ctx=64), embeddings=not taps,
+                                              taps=taps) as ctx:
         planned = plan_prompts(model, prompts, cfg)
         for start, length, i in data.windows:
             tokens, prompt = data.tokens[start:start + length].tolist(), planned[i]
@@ -179,7 +184,8 @@ def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path):
             assert first_divergence(got, ref) is None
             ctx.clear()
             ctx.eval(prompt[:-1] + tokens, logits="all")
-            np.testing.assert_allclose(data.hidden[start:start + length], ctx.hidden(len(prompt) + length - 1)[-length:],
+            rows = ctx.tapped if taps else ctx.hidden
+            np.testing.assert_allclose(data.hidden[start:start + length], rows(len(prompt) + length - 1)[-length:],
                                        atol=2e-2, rtol=1e-2)
 
 

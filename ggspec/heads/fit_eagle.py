@@ -37,7 +37,7 @@ from .eagle import EagleConfig, EagleWeights, save_eagle
 from .fit import reduced_vocab
 from .nn import cosine_lr
 from .report import (CHAIN_DEPTHS, EagleReport, StepAccuracy, chain_tokens, to_rows)
-from .target import TargetInfo
+from .target import TargetInfo, read_target
 
 STEP_DECAY = 0.8  # loss weight of step k: STEP_DECAY ** (k - 1)
 _CHECKPOINT = "eagle-checkpoint.pt"
@@ -372,8 +372,6 @@ def train_eagle(target_path: str | os.PathLike, corpus: str | os.PathLike, out_p
                 train_cfg: EagleTrainConfig = EagleTrainConfig(), *, resume: bool = True,
                 progress: bool = True, log: Callable[[str], None] | None = None) -> EagleReport:
     """Collect the features of `corpus` (cached in `work_dir`), fit the draft, write the GGUF."""
-    from .target import read_target
-
     target = read_target(target_path)
     layers = train_cfg.layers or default_layers(target.n_layer)
     train_cfg = dataclasses.replace(train_cfg, layers=tuple(layers))

@@ -128,12 +128,15 @@ def tree_acceptance(heads: MedusaHeads, data: HiddenStates, split: Split,
 
 
 
+def _summary(report: TrainReport | EagleReport, vocabulary: str) -> str:
+    return (f"wrote {report.path}: {report.steps} steps in {report.seconds:.0f} s, "
+            f"{report.n_train:,} training rows, {report.n_heldout:,} held-out rows, "
+            f"{vocabulary} covers {report.vocab_coverage:.1%} of held-out labels")
+
+
 def format_report(report: TrainReport) -> str:
     """The report as a few lines of text."""
-    lines = [f"wrote {report.path}: {report.steps} steps in {report.seconds:.0f} s, "
-             f"{report.n_train:,} training rows, {report.n_heldout:,} held-out rows, "
-             f"vocabulary covers {report.vocab_coverage:.1%} of held-out labels",
-             "head  top-1 (start)  top-5 (start)  chain top-1  loss (start)"]
+    lines = [_summary(report, "vocabulary"), "head  top-1 (start)  top-5 (start)  chain top-1  loss (start)"]
     for a, b in zip(report.before, report.after):
         lines.append(f"{b.head:>4}  {b.top1:6.1%} ({a.top1:5.1%})  {b.top5:6.1%} ({a.top5:5.1%})"
                      f"  {b.chain_top1:10.1%}  {b.loss:5.2f} ({a.loss:5.2f})")
@@ -190,10 +193,9 @@ def chain_tokens(chain_top1: Sequence[float], depths: Sequence[int] = CHAIN_DEPT
 
 
 def format_eagle_report(report: EagleReport) -> str:
-    lines = [f"wrote {report.path}: {report.steps} steps in {report.seconds:.0f} s, "
-             f"{report.n_train:,} training rows, {report.n_heldout:,} held-out rows, "
-             f"draft vocabulary covers {report.vocab_coverage:.1%} of held-out labels, "
-             f"{report.flops_per_row / 1e9:.2f} GFLOP per row per pass",
+    """The report as a few lines of text."""
+    lines = [_summary(report, "draft vocabulary")
+             + f", {report.flops_per_row / 1e9:.2f} GFLOP per row per pass",
              "step  top-1 (start)  chain top-1  loss (start)"]
     for a, b in zip(report.before, report.after):
         lines.append(f"{b.step:>4}  {b.top1:6.1%} ({a.top1:5.1%})  {b.chain_top1:10.1%}"
