@@ -156,6 +156,13 @@ def test_cli_trains_a_draft_that_decodes_exactly(target_path, corpus, tmp_path):
     assert got.stats.draft_rounds >= 5
 
 
+def test_features_beyond_float16_are_refused(features, tmp_path):
+    hidden = np.array(features.hidden)
+    hidden[3, 5] = np.inf  # what float16 storage makes of an activation above 65504
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        train(dataclasses.replace(features, hidden=hidden), tmp_path / "e.gguf", SMALL, progress=False)
+
+
 def test_cli_errors_are_one_line(target_path, tmp_path, monkeypatch):
     runner = CliRunner()
     empty = tmp_path / "empty"

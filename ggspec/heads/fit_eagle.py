@@ -296,6 +296,10 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: EagleTrainConfig
     if data.hidden.shape[1] != 3 * ecfg.target_hidden:
         raise ValueError(f"{data.path} holds features of width {data.hidden.shape[1]}, not "
                          f"3 x {ecfg.target_hidden}: collect them with layers={list(ecfg.target_layers)}")
+    for s in range(0, data.n_rows, 65536):
+        if not np.isfinite(data.hidden[s:s + 65536]).all():
+            raise ValueError(f"{data.path} holds features beyond float16's range (inf): the "
+                             f"target's layers {list(ecfg.target_layers)} have outliers; tap other --layers")
     held_windows = data.held_out(cfg.heldout)
     if held_windows.all() or not held_windows.any():
         raise ValueError("need at least two windows to keep some for evaluation")
