@@ -668,7 +668,7 @@ _train_options = _options(
     click.option("-ngl", "--gpu-layers", type=int, default=_COLLECT.n_gpu_layers, show_default=True,
                  help="Target layers to offload (-1: all)."),
     click.option("-e", "--epochs", type=int, default=4, show_default=True, help="Passes over the data."),
-    click.option("-b", "--batch-size", type=int, help="Rows (medusa) or chunks of --seq-len rows (eagle) per step.  [default: 256, 16]"),
+    click.option("-b", "--batch-size", type=int, help="Rows (medusa) or chunks of --seq-len rows (eagle) per step.  [default: 256, 8]"),
     click.option("--lr", type=float, help="Adam learning rate, decayed to 10% (cosine).  [default: 1e-3, 5e-4]"),
     click.option("--held-out", type=float, default=0.1, show_default=True,
                  help="Share of the files (prompts) kept for evaluation."),
@@ -764,8 +764,8 @@ def _layer_ids(ctx, param, value: str | None) -> tuple[int, int, int] | None:
               help="Training-time test: draft steps unrolled, feeding back the draft's own output.")
 @click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Optimizer steps (0: --epochs passes).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
-              help="Consecutive rows per training chunk (the draft's attention span).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Consecutive rows of a window per training chunk (the draft's attention span).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between checkpoints in the work directory.")
 @click.option("--resume/--restart", default=True, show_default=True,

@@ -161,7 +161,7 @@ def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path, lay
     """With answers=True the rows are prompt + the target's greedy answer, decoded several
     sequences per llama_decode: each answer equals plain one-sequence greedy decoding, and
     each row's hidden state (with `layers`: the inputs of those layers) equals that of the
-    same tokens evaluated alone."""
+    same tokens evaluated alone; with `layers` a window holds the whole prompt."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\n\nthe cat\nprint hello\ndef lambda\nyes no\n")
     cfg = CollectConfig(max_tokens=1000, window=96, answers=True, answer_tokens=20, parallel=3,
@@ -176,16 +176,18 @@ def test_answers_are_the_targets_greedy_continuations(tmp_path, target_path, lay
         planned = plan_prompts(model, prompts, cfg)
         for start, length, i in data.windows:
             tokens, prompt = data.tokens[start:start + length].tolist(), planned[i]
-            assert tokens[0] == prompt[-1]  # the prompt's last row, then the answer
-            answer, last = tokens[1:], int(data.preds[start + length - 1])
+            lead = prompt if layers else prompt[-1:]  # (the prompt as context,) its last row,
+            assert tokens[:len(lead)] == lead         # then the answer
+            assert (data.preds[start:start + len(lead) - 1] == -1).all()  # context: no labels
+            answer, last = tokens[len(lead):], int(data.preds[start + length - 1])
             assert len(answer) == 20 or last in model.eog
             got = answer if last in model.eog else answer + [last]
             ref = greedy_reference(target_path, prompt, 21)
             assert first_divergence(got, ref) is None
             ctx.clear()
-            ctx.eval(prompt[:-1] + tokens, logits="all")
+            ctx.eval(prompt + answer, logits="all")
             rows = ctx.tapped if taps else ctx.hidden
-            np.testing.assert_allclose(data.hidden[start:start + length], rows(len(prompt) + length - 1)[-length:],
+            np.testing.assert_allclose(data.hidden[start:start + length], rows(len(prompt + answer))[-length:],
                                        atol=2e-2, rtol=1e-2)
 
 

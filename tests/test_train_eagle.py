@@ -137,11 +137,15 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(features, tmp_pat
     assert [s.loss for s in resumed.after] == pytest.approx([s.loss for s in whole.after], rel=1e-5)
 
 
-def test_cli_trains_a_draft_that_decodes_exactly(target_path, corpus, tmp_path):  # noqa: F811
-    out = tmp_path / "eagle.gguf"
-    args = ["train", "eagle", target_path, "--corpus", str(corpus), "-o", str(out), "-n", "600",
-            "--window", "64", "-t", "1", "--layers", "0,1,1", "--draft-vocab", "100", "--ff", "64",
-            "--steps", "6", "-b", "4", "--seq-len", "32", "--held-out", "0.25", "--dtype", "q8_0", "-q"]
+def test_cli_trains_a_draft_on_the_targets_answers_that_decodes_exactly(target_path, tmp_path):
+    """Self-distillation on the target's greedy answers to prompts (their rows as context)."""
+    out, prompts = tmp_path / "eagle.gguf", tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nthe cat\nprint hello\ndef lambda\nyes no\nimport data\n"
+                       "class World\nfor i in range\n")
+    args = ["train", "eagle", target_path, "--prompts", str(prompts), "-o", str(out), "-n", "600",
+            "--window", "96", "--answer-tokens", "24", "--parallel", "4", "-t", "1", "--layers", "0,1,1",
+            "--draft-vocab", "100", "--ff", "64", "--steps", "6", "-b", "4", "--seq-len", "32",
+            "--held-out", "0.25", "--dtype", "q8_0", "-q"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "greedy chains on held-out rows" in result.stdout and "step  top-1" in result.stdout

@@ -44,7 +44,8 @@ class CollectConfig:
     inputs of these target layers (concatenated) instead of the final hidden state.
     answers: the corpus holds prompts, one per line, and the rows are the target's greedy
     answers (at most answer_tokens each, after the prompt's last token; prompt and answer
-    fit in `window`), decoded `parallel` at a time.
+    fit in `window`), decoded `parallel` at a time; with `layers` a window also holds the
+    prompt's earlier rows, unlabelled (pred -1): the context an EAGLE draft attends to.
     """
 
     max_tokens: int = 50_000
@@ -251,6 +252,8 @@ def collect(target_path: str | os.PathLike, corpus: str | os.PathLike,
         if state is None:
             if cfg.answers:  # windows are added as answers finish
                 capacity = len(prompts) * (1 + cfg.answer_tokens)
+                if cfg.layers:
+                    capacity += sum(len(p) - 1 for p in prompts)
                 tokens, windows = np.zeros(capacity, np.int32), np.zeros((0, 3), np.int64)
                 counts = np.zeros(model.n_vocab, dtype=np.int64)
             else:
@@ -364,7 +367,8 @@ class _Answer:
     last token on."""
 
     index: int
-    start: int  # position of the prompt's last token, the first row
+    start: int  # position of the first row: the prompt's last token, or 0 with its context
+    context: int  # unlabelled prompt rows before the prompt's last token
     tokens: list[int]
     preds: list[int]
     hidden: list[np.ndarray]
@@ -394,8 +398,10 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
                     want = np.zeros(len(ids), np.int8)
                     want[-1] = 1
                     logits = ctx.decode(ids, range(len(ids)), [[s]] * len(ids), want)
-                    slots[s] = _Answer(i, len(ids) - 1, [ids[-1]], [int(logits[0].argmax())],
-                                       [_rows(ctx, cfg, len(ids))[-1].astype(np.float16)])
+                    first = 0 if cfg.layers else len(ids) - 1
+                    context = len(ids) - 1 - first
+                    slots[s] = _Answer(i, first, context, list(ids[first:]), [-1] * context + [int(logits[0].argmax())],
+                                       list(_rows(ctx, cfg, len(ids))[first:].astype(np.float16)))
             live = [s for s, slot in enumerate(slots) if slot is not None]
             if not live:
                 break
@@ -407,7 +413,7 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
                 a.tokens.append(a.preds[-1])
                 a.preds.append(int(preds[j]))
                 a.hidden.append(hidden[j])
-                if int(preds[j]) in model.eog or len(a.tokens) == rows:
+                if int(preds[j]) in model.eog or len(a.tokens) - a.context == rows:
                     n = len(a.tokens)
                     store.write(n_rows, a.tokens, a.preds, np.stack(a.hidden), (n_rows, n, a.index),
                                 time.perf_counter() - t0)

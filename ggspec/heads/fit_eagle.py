@@ -63,8 +63,8 @@ class EagleTrainConfig:
     ttt_steps: int = 3
     epochs: int = 4
     steps: int = 0
-    batch_size: int = 16
-    seq_len: int = 256
+    batch_size: int = 8
+    seq_len: int = 512
     lr: float = 5e-4
     heldout: float = 0.1
     seed: int = 0
@@ -305,7 +305,8 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: EagleTrainConfig
         raise ValueError("need at least two windows to keep some for evaluation")
     n_vocab = target.n_vocab
     train_rows = np.concatenate([np.arange(s, s + n) for s, n, _ in data.windows[~held_windows]])
-    d2t = reduced_vocab(np.bincount(data.preds[train_rows], minlength=n_vocab), cfg.draft_vocab)
+    labels = data.preds[train_rows]  # -1: a prompt row, context without a label
+    d2t = reduced_vocab(np.bincount(labels[labels >= 0], minlength=n_vocab), cfg.draft_vocab)
     vocab = n_vocab if d2t is None else len(d2t)
     label_rows = to_rows(np.arange(n_vocab), d2t, n_vocab)
     used = np.unique(data.tokens)  # the target's embedding rows the data needs, frozen
@@ -363,7 +364,8 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: EagleTrainConfig
 
     after = evaluate(model, held, d2t, n_eval, cfg.batch_size)
     held_rows = np.concatenate([np.arange(s + 1, s + n) for s, n, _ in data.windows[held_windows]])
-    coverage = float(np.mean(label_rows[data.preds[held_rows]] >= 0))  # of the step-1 labels
+    labels = data.preds[held_rows]
+    coverage = float(np.mean(label_rows[labels[labels >= 0]] >= 0))  # of the step-1 labels
     path = save_eagle(out_path, ecfg, model.weights(d2t), target.path, dtype=cfg.dtype,
                       name=f"eagle3-{target.fingerprint.architecture}")
     return EagleReport(Path(path), int(len(train_rows)), after[0].n, coverage,
