@@ -93,7 +93,8 @@ def test_written_file_loads_and_numpy_matches_torch(trained, features, target_pa
         for name, p in model.named_parameters():
             p.copy_(torch.from_numpy(np.array(getattr(heads.w, name))))
     batches = Batches.of(features, np.array([0]), 24, used, np.zeros(len(used), np.int64))
-    feats, tokens, _ = batches.get(np.array([0]), 3)
+    batch = batches.get(np.array([0]), 3)
+    feats, tokens = batch.features, batch.tokens
     with torch.no_grad():
         want = [z[0].numpy() for z in model(feats, tokens, 3)]
     t = 24

@@ -400,7 +400,8 @@ def _collect_answers(model: Model, prompts: list[list[int]], store: _Store,
                     logits = ctx.decode(ids, range(len(ids)), [[s]] * len(ids), want)
                     first = 0 if cfg.layers else len(ids) - 1
                     context = len(ids) - 1 - first
-                    slots[s] = _Answer(i, first, context, list(ids[first:]), [-1] * context + [int(logits[0].argmax())],
+                    slots[s] = _Answer(i, first, context, list(ids[first:]),
+                                       [-1] * context + [int(logits[0].argmax())],
                                        list(_rows(ctx, cfg, len(ids))[first:].astype(np.float16)))
             live = [s for s, slot in enumerate(slots) if slot is not None]
             if not live:

@@ -203,6 +203,18 @@ class EagleDraft(torch.nn.Module):
                             output_norm=a["output_norm"], output=a["output"], d2t=d2t)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """features (B, T, 3 th) float32; tokens (B, T, K): embedding rows of each step's input
+    token; labels (B, T, K): target ids, -1 past the window's end or on a prompt row;
+    rows (B, T, K): the labels' draft vocabulary rows, -1 also outside it."""
+
+    features: torch.Tensor
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+
+
 @dataclass
 class Batches:
     """Chunks of at most seq_len consecutive rows of one window, and the arrays of a batch."""
@@ -224,9 +236,9 @@ class Batches:
             ends.append(np.full(len(s), start + length))
         return cls(data, np.concatenate(starts), np.concatenate(ends), token_index, label_rows, seq_len)
 
-    def get(self, chunks: np.ndarray, n_steps: int) -> tuple[torch.Tensor, ...]:
-        """features (B, T, 3 th) float32, input token rows (B, T, n_steps) and labels
-        (B, T, n_steps): target ids, -1 past the window's end."""
+    def get(self, chunks: np.ndarray, n_steps: int) -> Batch:
+        """The chunks' rows, each step's input token and label (step k of row P: token P+k,
+        label pred P+k)."""
         rows = self.starts[chunks][:, None] + np.arange(self.seq_len)          # (B, T)
         ends = self.ends[chunks][:, None]
         inside = rows < ends
@@ -235,9 +247,10 @@ class Batches:
         later = rows[..., None] + np.arange(1, n_steps + 1)                    # (B, T, K)
         ok = later < ends[..., None]
         at = np.where(ok, later, 0)
-        tokens = np.where(ok, self.token_index[self.data.tokens[at]], 0)
         labels = np.where(ok, self.data.preds[at], -1)
-        return torch.from_numpy(feats), torch.from_numpy(tokens), torch.from_numpy(labels)
+        tokens = np.where(ok, self.token_index[self.data.tokens[at]], 0)
+        rows_out = np.where(labels >= 0, self.label_rows[np.maximum(labels, 0)], -1)
+        return Batch(*(torch.from_numpy(a) for a in (feats, tokens, labels, rows_out)))
 
 
 def _step_loss(logits: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -258,15 +271,15 @@ def evaluate(model: EagleDraft, batches: Batches, d2t: np.ndarray | None, n_step
     conditional top-1 and the loss on the chunks of `batches`."""
     hits, present, nll, n_nll = [], [], np.zeros(n_steps), np.zeros(n_steps)
     for s in range(0, len(batches.starts), batch_size):
-        feats, tokens, labels = batches.get(np.arange(s, min(s + batch_size, len(batches.starts))), n_steps)
-        rows = torch.from_numpy(batches.label_rows[np.maximum(labels.numpy(), 0)]).masked_fill(labels < 0, -1)
-        logits = model(feats, tokens, n_steps)
+        batch = batches.get(np.arange(s, min(s + batch_size, len(batches.starts))), n_steps)
+        logits = model(batch.features, batch.tokens, n_steps)
         top = np.stack([z.argmax(-1).numpy() for z in logits], -1)          # (B, T, K)
         top = top if d2t is None else d2t[top]
-        hits.append((top == labels.numpy()).reshape(-1, n_steps))
-        present.append((labels.numpy() >= 0).reshape(-1, n_steps))
+        labels = batch.labels.numpy()
+        hits.append((top == labels).reshape(-1, n_steps))
+        present.append((labels >= 0).reshape(-1, n_steps))
         for k, z in enumerate(logits):
-            y = rows[..., k].reshape(-1)
+            y = batch.rows[..., k].reshape(-1)
             ok = y >= 0
             if ok.any():
                 nll[k] += torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1])[ok], y[ok],
@@ -346,12 +359,10 @@ def train(data: HiddenStates, out_path: str | os.PathLike, cfg: EagleTrainConfig
         while step < total:
             epoch, i = divmod(step, steps_per_epoch)
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(batches.starts))
-            feats, tokens, labels = batches.get(np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size]),
-                                                cfg.ttt_steps)
-            rows = torch.from_numpy(label_rows[np.maximum(labels.numpy(), 0)]).masked_fill(labels < 0, -1)
+            batch = batches.get(np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size]), cfg.ttt_steps)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, step, total)
-            loss = _step_loss(model(feats, tokens, cfg.ttt_steps), rows)
+            loss = _step_loss(model(batch.features, batch.tokens, cfg.ttt_steps), batch.rows)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
