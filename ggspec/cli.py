@@ -28,6 +28,7 @@ from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
 from .errors import GgspecError
 from .heads.collect import CollectConfig
+from .heads.report import format_eagle_report, format_report
 from .native import LlamaCpp, check_dir
 from .repl import contents, interrupt_cancels, piped, repl
 from .stats import footer
@@ -707,7 +708,8 @@ def train() -> None:
     """Train draft heads for a GGUF target on this machine's CPU.
 
     Rows are collected through llama.cpp into the work directory and fitted there; run
-    the same command again to resume. The report goes to stdout, progress to stderr.
+    the same command again to resume. Prints the written path; the report and progress
+    go to stderr.
     """
 
 
@@ -725,7 +727,7 @@ def train() -> None:
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW decay.")
 def train_medusa(n_heads, residual_layers, vocab_size, untied, labels, weight_decay, **opts) -> None:
     """Medusa heads (GGUF, architecture medusa) for TARGET."""
-    from .heads.fit import TrainConfig, train_medusa as run
+    from .heads.fit import TrainConfig, train_medusa as fit_medusa
 
     target, text, ccfg = _collect_config(opts)
     tcfg = TrainConfig(n_heads=n_heads, n_layers=residual_layers, vocab_size=vocab_size, tied=not untied,
@@ -733,10 +735,10 @@ def train_medusa(n_heads, residual_layers, vocab_size, untied, labels, weight_de
                        heldout=opts["held_out"], seed=opts["seed"],
                        **_given(opts, batch_size="batch_size", lr="lr", dtype="dtype"))
     work = opts["work_dir"] or Path(f"{opts['output']}.work")
-    report = run(target, text, opts["output"], work, ccfg, tcfg, progress=not opts["quiet"],
-                 log=lambda s: click.echo(s, err=True))
-    from .heads.report import format_report
-    click.echo(format_report(report))
+    report = fit_medusa(target, text, opts["output"], work, ccfg, tcfg, progress=not opts["quiet"],
+                        log=lambda s: click.echo(s, err=True))
+    click.echo(format_report(report), err=True)
+    click.echo(report.path)
 
 
 def _layer_ids(ctx, param, value: str | None) -> tuple[int, int, int] | None:
@@ -782,8 +784,8 @@ def train_eagle(layers, draft_vocab, n_ff, ttt_steps, steps, seq_len, checkpoint
     work = opts["work_dir"] or Path(f"{opts['output']}.work")
     report = fit_eagle.train_eagle(target, text, opts["output"], work, ccfg, tcfg, resume=resume,
                                    progress=not opts["quiet"], log=lambda s: click.echo(s, err=True))
-    from .heads.report import format_eagle_report
-    click.echo(format_eagle_report(report))
+    click.echo(format_eagle_report(report), err=True)
+    click.echo(report.path)
 
 
 def _eagle_trainer():

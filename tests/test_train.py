@@ -293,7 +293,7 @@ def test_cli_trains_medusa_heads(tmp_path, target_path, corpus):
                                  "-n", "300", "--window", "64", "-t", "1", "--heads", "2",
                                  "--vocab-size", "50", "-e", "1", "-q"])
     assert r.exit_code == 0, r.output
-    assert "head  top-1" in r.stdout
+    assert r.stdout.strip() == str(out) and "head  top-1" in r.stderr
     assert load_heads(out, target_path).n_heads == 2
     assert (tmp_path / "h.gguf.work" / "checkpoint.npz").exists()
     r = CliRunner().invoke(cli, ["train", "medusa", target_path, "--corpus", str(tmp_path / "nope"),

@@ -149,7 +149,8 @@ def test_cli_trains_a_draft_on_the_targets_answers_that_decodes_exactly(target_p
             "--held-out", "0.25", "--dtype", "q8_0", "-q"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "greedy chains on held-out rows" in result.stdout and "step  top-1" in result.stdout
+    assert result.stdout.strip() == str(out)
+    assert "greedy chains on held-out rows" in result.stderr and "step  top-1" in result.stderr
     assert (tmp_path / "eagle.gguf.work" / "eagle-checkpoint.pt").exists()
     cfg = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
     with Engine(target_path, None, target_config=cfg, eagle=str(out), tree_nodes=8) as e:
