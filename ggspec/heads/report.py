@@ -195,7 +195,7 @@ def chain_tokens(chain_top1: Sequence[float], depths: Sequence[int] = CHAIN_DEPT
 def format_eagle_report(report: EagleReport) -> str:
     """The report as a few lines of text."""
     lines = [_summary(report, "draft vocabulary")
-             + f", {report.flops_per_row / 1e9:.2f} GFLOP per row per pass",
+             + f", {report.flops_per_row / 1e9:.3g} GFLOP per row per pass",
              "step  top-1 (start)  chain top-1  loss (start)"]
     for a, b in zip(report.before, report.after):
         lines.append(f"{b.step:>4}  {b.top1:6.1%} ({a.top1:5.1%})  {b.chain_top1:10.1%}"
