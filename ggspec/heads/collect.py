@@ -82,7 +82,7 @@ class HiddenStates:
     """Collected rows, memory-mapped from a work directory.
 
     hidden (N, H) float16 (N, len(layers) * H with layers); tokens (N,) corpus tokens;
-    preds (N,) target argmax at each row;
+    preds (N,) target argmax at each row (-1: a prompt row kept only as context);
     windows (W, 3): start row, length, file index of each window; counts (n_vocab,)
     token counts of corpus files that were tokenized but not collected.
     """
@@ -364,7 +364,7 @@ def _rows(ctx: Context, cfg: CollectConfig, n: int) -> np.ndarray:
 @dataclass
 class _Answer:
     """One prompt being answered in a sequence of the batch: its rows from the prompt's
-    last token on."""
+    last token on (with layers: from its first)."""
 
     index: int
     start: int  # position of the first row: the prompt's last token, or 0 with its context
