@@ -47,9 +47,9 @@ def test_collection_stores_the_tapped_layer_inputs(features, target_path):
     ids = features.tokens[start:start + length].tolist()
     with Model(target_path) as m, Context(m, BackendConfig(n_ctx=64, n_batch=64, n_threads=1),
                                           taps=[layer_input_name(i) for i in LAYERS]) as ctx:
-        logits = ctx.eval(ids, logits="all")
+        logits = ctx.eval(ids, logits="all")  # a view of llama.cpp's buffer: used inside `with`
+        np.testing.assert_array_equal(features.preds[start:start + length], logits.argmax(axis=1))
         np.testing.assert_allclose(features.hidden[start:start + length], ctx.tapped(length), rtol=2e-3, atol=2e-3)
-    np.testing.assert_array_equal(features.preds[start:start + length], logits.argmax(axis=1))
     print(f"collected {features.n_rows / features.seconds:.0f} rows/s", file=sys.stderr)
 
 
