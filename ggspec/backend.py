@@ -126,6 +126,7 @@ for _name, _res, _args in [
 ]:
     getattr(_ggml, _name).restype, getattr(_ggml, _name).argtypes = _res, _args
 _GGML_TYPE_F32 = 0
+_NAME_OFFSET = _GgmlTensor.name.offset
 
 
 def layer_input_name(layer: int) -> str:
@@ -149,10 +150,14 @@ class _Taps:
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
 
     def _eval(self, tensor, ask, user_data) -> bool:
+        # llama.cpp asks about every node of the graph (about a thousand a decode): the
+        # name alone answers almost all of them, read without building the struct
+        taps = self.index.get(ctypes.string_at(tensor + _NAME_OFFSET))
+        if taps is None:
+            return not ask
         t = ctypes.cast(tensor, ctypes.POINTER(_GgmlTensor)).contents
-        taps = self.index.get(t.name)
         if ask:  # do we want this tensor's data once it is computed?
-            return taps is not None and t.type == _GGML_TYPE_F32 and t.ne[0] == self.n_embd
+            return t.type == _GGML_TYPE_F32 and t.ne[0] == self.n_embd
         n, s = t.ne[1], self.seen[taps[0]]  # a decode split in ubatches calls once per ubatch
         block = np.empty((n, self.n_embd), dtype=np.float32)
         _ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, 0, block.nbytes)

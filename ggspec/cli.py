@@ -105,8 +105,8 @@ _model_options = _options(
     click.option("--heads", metavar="FILE|default",
                  help="Medusa heads GGUF for the target, or 'default' for the shipped ones "
                  "(enables --method medusa)."),
-    click.option("--eagle", metavar="FILE",
-                 help="EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; "
+    click.option("--eagle", metavar="FILE|default",
+                 help="EAGLE-3 draft GGUF for the target, or 'default' for the shipped one (llama.cpp's eagle3 format; "
                  "enables --method eagle; `ggspec convert eagle` makes one)."),
     click.option("--eagle-backend", type=click.Choice(EAGLE_BACKENDS), default="auto", show_default=True,
                  help="How the EAGLE draft runs: numpy, llama.cpp's eagle3 graph, or the faster "

@@ -91,7 +91,8 @@ class Engine:
     tree_nodes: a fixed number of tree nodes per medusa round (at most MEDUSA_MAX_NODES,
     and spec.draft_max); 0 sizes each tree by the measured verification cost (no tree
     where none pays).
-    eagle: an EAGLE-3 draft GGUF for the target (llama.cpp's eagle3 format; enables
+    eagle: an EAGLE-3 draft GGUF for the target, or "default" for the draft shipped for a
+    registry target (llama.cpp's eagle3 format; enables
     method "eagle": EAGLE-2 dynamic trees of up to MEDUSA_MAX_NODES nodes; the target's
     context then also copies the draft's three target layers' inputs of every row).
     eagle_backend: how the EAGLE draft is evaluated: "numpy" (from its GGUF tensors, in
@@ -131,6 +132,10 @@ class Engine:
             heads = hub.default_heads(str(target))
             if heads is None:
                 raise ValueError(f"no Medusa heads are shipped for {target}; give a heads file")
+        if eagle == DEFAULT:
+            eagle = hub.default_heads(str(target), "eagle")
+            if eagle is None:
+                raise ValueError(f"no EAGLE draft is shipped for {target}; give an EAGLE-3 GGUF file")
         if draft is not None and draft_config is not None and draft_config.n_ctx < target_config.n_ctx:
             raise ValueError(f"the draft's context ({draft_config.n_ctx} tokens) is smaller than the "
                              f"target's ({target_config.n_ctx}): the draft follows the whole text; "

@@ -50,6 +50,7 @@ class ModelEntry:
     draft: str | None
     description: str
     heads: str | None = None  # Medusa heads shipped with ggspec, relative to models/
+    eagle: str | None = None  # EAGLE-3 draft shipped with ggspec, relative to models/
 
 
 def _load() -> dict:
@@ -70,6 +71,7 @@ def registry() -> dict[str, ModelEntry]:
             draft=t.get("draft"),
             description=t.get("description", ""),
             heads=t.get("heads"),
+            eagle=t.get("eagle"),
         )
         for name, t in _load()["models"].items()
     }
@@ -86,10 +88,12 @@ def default_draft(name: str) -> str | None:
     return entry.draft if entry else None
 
 
-def default_heads(name: str) -> Path | None:
-    """The Medusa heads file shipped for registry model `name`, if any."""
+def default_heads(name: str, kind: str = "heads") -> Path | None:
+    """The draft heads file shipped for registry model `name`, if any: kind "heads"
+    (Medusa) or "eagle" (EAGLE-3)."""
     entry = registry().get(name)
-    return REGISTRY_PATH.parent / entry.heads if entry and entry.heads else None
+    shipped = getattr(entry, kind) if entry else None
+    return REGISTRY_PATH.parent / shipped if shipped else None
 
 
 def cache_dir() -> Path:

@@ -206,3 +206,14 @@ def test_both_paths_grow_the_same_tree(target_path, eagle_path):
     clear = [p for p, c in pa.items() if c > 1.05 * a.chances.min()]  # not at the cut-off
     assert len(clear) >= 16 and all(p in pb for p in clear)
     np.testing.assert_allclose([pa[p] for p in clear], [pb[p] for p in clear], rtol=0.05)
+
+
+def test_default_eagle_is_the_registry_s_shipped_file(target_path):
+    """`eagle="default"` takes the file the registry ships for a registry target; for any
+    other target it says that none is shipped."""
+    from ggspec import hub
+
+    shipped = hub.default_heads(hub.default_model(), "eagle")
+    assert shipped is not None and shipped.is_file() and shipped.parent.name == "heads"
+    with pytest.raises(ValueError, match="no EAGLE draft is shipped for .*target.gguf"):
+        Engine(target_path, None, eagle="default")

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.real
 # logit gap is below this may flip between them, and then the continuations may part
 REAL_NEAR_TIE = 0.5
 MEDUSA_TOKENS_PER_ROUND = 1.4  # shipped heads, 8-node trees: measured 1.96 here (earlier heads: 1.41)
+EAGLE_TOKENS_PER_ROUND = 1.5  # shipped EAGLE-3 draft, 16-node trees: measured EAGLE_MEASURED here
 PROMPTS = {
     "code": "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
     "prose": "Explain in a short paragraph why the sky is blue.",
@@ -61,3 +62,20 @@ def test_shipped_heads_draft_trees_the_target_accepts():
     per_round = len(got.tokens) / got.stats.rounds
     print(f"medusa, 8-node trees: {per_round:.2f} tokens per round")
     assert per_round >= MEDUSA_TOKENS_PER_ROUND
+
+
+def test_shipped_eagle_draft_grows_trees_the_target_accepts():
+    """Greedy eagle with the shipped EAGLE-3 draft (`--eagle default`) and 16-node trees
+    equals plain greedy decoding and commits clearly more than one token a round."""
+    target = hub.pull("qwen2.5-coder-1.5b")
+    with Engine("qwen2.5-coder-1.5b", None, target_config=BackendConfig(n_ctx=1024),
+                eagle="default", tree_nodes=16) as e:
+        prompt = e.tokenize([{"role": "user", "content": PROMPTS["code"]}])
+        ref = greedy_reference(str(target), prompt, 96, n_ctx=1024, n_threads=2)
+        got = e.generate(prompt, max_tokens=96, sampling=SamplingConfig(temperature=0),
+                         spec=SpecConfig("eagle", draft_max=16))
+    problem = first_divergence(got.tokens, ref, REAL_NEAR_TIE)
+    assert problem is None, problem
+    per_round = len(got.tokens) / got.stats.rounds
+    print(f"eagle, 16-node trees: {per_round:.2f} tokens per round")
+    assert per_round >= EAGLE_TOKENS_PER_ROUND
