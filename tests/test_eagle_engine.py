@@ -36,6 +36,28 @@ def eagle_engine(request, target_path, eagle_path):
         yield e
 
 
+def test_no_tree_is_grown_for_a_while_after_none_paid(eagle_engine, target_path, monkeypatch):
+    """Where verifying any node costs more than it brings, growing the tree is wasted: after
+    such a round the next 1, 2, 4, ... rounds grow none (their rows wait and go through the
+    draft in one batch), and the output stays plain greedy decoding."""
+    eagle = eagle_engine.drafters["eagle"]
+    monkeypatch.setattr(eagle, "nodes", 0)  # sized by cost
+    fix_costs(eagle.costs, 1.0 + 5.0 * np.arange(33), monkeypatch)  # a row costs 5 tokens
+    grown, committed = [], []
+    grow, commit = eagle._grow, eagle.path.commit
+    monkeypatch.setattr(eagle, "_grow", lambda tokens: grown.append(len(tokens)) or grow(tokens))
+    monkeypatch.setattr(eagle.path, "commit", lambda tok, g, pos: committed.append(len(pos)) or commit(tok, g, pos))
+    prompt = random_prompt(71)
+    ref = greedy_reference(target_path, prompt, 40)
+    got = eagle_engine.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
+                                spec=SpecConfig("eagle", draft_max=16))
+    assert first_divergence(got.tokens, ref) is None and got.stats.draft_rounds == 0
+    first = grown[0]
+    assert np.diff(grown).tolist()[:4] == [2, 3, 5, 9] and len(grown) < 10  # waits of 1, 2, 4, 8
+    assert committed[1:4] == [2, 3, 5]  # the waiting rows, each time in one batch
+    assert first == len(prompt)  # round one grew a tree
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_greedy_eagle_equals_plain_greedy_decoding(eagle_engine, target_path, seed):
     prompt = random_prompt(70 + seed)

@@ -14,6 +14,11 @@ cumulative log-probability make the tree; its size n maximises the expected comm
 tokens per second, (1 + sum of the first n nodes' chances) / (t_verify(n + 1) + t_draft),
 by the engine's cost model, each node's chance being exp(cumulative log-probability)
 scaled by the measured ratio of accepted to expected tokens. Zero nodes: a plain round.
+
+Growing a tree costs draft steps whether or not any node is worth verifying: after a round
+whose best tree was empty, the next 1, 2, 4, ... (at most EXPLORE_EVERY) rounds are plain
+without growing one, and the committed rows' features wait; the round that grows again
+runs them through the draft in one batch.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 
 from ..backend import Context
 from ..config import SamplingConfig
-from ..controller import EMA, CostModel
+from ..controller import EMA, EXPLORE_EVERY, CostModel
 from ..heads import nn
 from ..heads.eagle_paths import LlamaPath, NumpyPath
 from ..tree import Tree
@@ -58,7 +63,8 @@ class EagleDrafter:
         self.depth, self.top_k = depth, min(top_k, self.heads.vocab_size)
         self.draft_seconds = 0.0  # growing a tree, an EMA
         self._accepted = self._expected = 1.0  # accepted and expected tokens per tree, EMAs
-        self._pending: tuple[np.ndarray, np.ndarray] | None = None  # (positions, features)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (positions, features) not yet run
+        self._wait = self._backoff = 0  # plain rounds left without growing; the next wait
         self._last: tuple[np.ndarray, np.ndarray] | None = None     # (logits (V,), pre (h,))
         self._grown: _Grown | None = None
 
@@ -70,14 +76,16 @@ class EagleDrafter:
         self._last = None
         positions, features = self.target.tapped_rows()
         fresh = positions.size and positions[-1] == len(tokens) - 2
-        self._pending = (positions.copy(), features.copy()) if fresh else None
+        self._pending = [(positions.copy(), features.copy())] if fresh else []
+        self._wait = self._backoff = 0
 
     def _catch_up(self, tokens: Sequence[int]) -> None:
         """Run the committed pairs (tokens[P+1], g_P) through the draft."""
-        if self._pending is None:
+        if not self._pending:
             return
-        positions, features = self._pending
-        self._pending = None
+        positions = np.concatenate([p for p, _ in self._pending])
+        features = np.concatenate([f for _, f in self._pending])
+        self._pending = []
         self._last = self.path.commit(np.asarray(tokens)[positions + 1], self.path.fuse(features), positions)
 
     def _grow(self, tokens: Sequence[int]) -> _Grown | None:
@@ -129,6 +137,10 @@ class EagleDrafter:
         if not self.costs.calibrated or budget < 1:
             self._catch_up(tokens)
             return 0, 0.0
+        if self._wait and not self.nodes:
+            self._wait -= 1
+            return 0, 0.0
+        self._catch_up(tokens)  # (rows that waited: not the tree's cost)
         t0 = time.perf_counter()
         grown = self._grow(tokens)
         self.draft_seconds += EMA * (time.perf_counter() - t0 - self.draft_seconds)
@@ -141,6 +153,8 @@ class EagleDrafter:
         n = np.arange(m + 1)
         rate = gain / (self.costs.t_verify(n + 1) + np.where(n > 0, self.draft_seconds, 0.0))
         best = min(self.nodes, m) if self.nodes else int(np.argmax(rate))
+        self._backoff = 0 if best else min(max(2 * self._backoff, 1), EXPLORE_EVERY)
+        self._wait = self._backoff
         return best, float(rate[best])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
@@ -171,7 +185,7 @@ class EagleDrafter:
         positions, features = self.target.tapped_rows()
         rows = [0, *(i + 1 for i in nodes)]
         start = positions[0]
-        self._pending = (start + np.arange(len(rows)), features[rows].copy())
+        self._pending.append((start + np.arange(len(rows)), features[rows].copy()))
         if isinstance(draft.plan, float):
             self._accepted += EMA * (len(nodes) - self._accepted)
             self._expected += EMA * (draft.plan - self._expected)
