@@ -1,6 +1,7 @@
 """Two ways to evaluate an EAGLE-3 draft, with one interface: numpy from the GGUF tensors
 (EagleHeads, the reference; runs anywhere) and llama.cpp's own eagle3 graph on the same
-file (backend.EagleContext: the file's quantized kernels, GPU offload).
+file (backend.EagleContext: the file's quantized kernels, GPU offload). An EAGLE-1/2 draft
+(heads.eagle1.Eagle1Heads, whose fuse is the identity) has the numpy path only.
 
 Both keep the draft's own KV cache: committed rows (token P+1, g_P) at position P in
 sequence 0, then one draft tree, a depth at a time. A node of depth d sits at position
@@ -30,6 +31,7 @@ import numpy as np
 from ..backend import Context, EagleContext, Model, eagle_graph_missing
 from ..config import BackendConfig
 from .eagle import EagleHeads
+from .eagle1 import Eagle1Heads
 
 BACKENDS = ("auto", "numpy", "llama")
 
@@ -39,7 +41,7 @@ class NumpyPath:
 
     name = "numpy"
 
-    def __init__(self, heads: EagleHeads, capacity: int):
+    def __init__(self, heads: EagleHeads | Eagle1Heads, capacity: int):
         self.heads = heads
         self.cache = heads.new_cache(capacity)
         self._root = 0                        # committed rows (cache rows before the tree)
@@ -137,7 +139,7 @@ class LlamaPath:
         self._bank, self._parent_seqs = 0, np.zeros(0, dtype=np.int64)
 
 
-def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: BackendConfig,
+def open_path(choice: str, heads: EagleHeads | Eagle1Heads, file: str | os.PathLike, cfg: BackendConfig,
               target: Context, stack: ExitStack, width: int, depth: int) -> NumpyPath | LlamaPath:
     """The evaluator `choice` names for trees `width` wide and `depth` deep after the
     target's context; "auto": the faster by one measured depth step (numpy where this
@@ -146,7 +148,9 @@ def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: Back
     if choice not in BACKENDS:
         raise ValueError(f"the EAGLE path must be one of {', '.join(BACKENDS)}, got {choice!r}")
     capacity = target.n_ctx + depth * width
-    if choice == "numpy" or (choice == "auto" and eagle_graph_missing()):
+    if heads.features == "hidden" and choice == "llama":
+        raise ValueError("an EAGLE-1/2 draft (eagle1) runs in numpy only: llama.cpp has no graph for it")
+    if choice == "numpy" or (choice == "auto" and (heads.features == "hidden" or eagle_graph_missing())):
         return NumpyPath(heads, capacity)
     with ExitStack() as own:  # closes the llama.cpp path unless it is chosen
         model = own.enter_context(Model(file, cfg))

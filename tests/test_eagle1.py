@@ -1,0 +1,197 @@
+"""EAGLE-1/2 drafts (ggspec's eagle1 GGUF): SafeAILab checkpoints convert and compute what
+an independent torch forward of the checkpoint computes; malformed files give one-line
+errors; in the engine (numpy path, the target's last hidden states as features) greedy
+output equals plain greedy decoding and sampled output follows the target."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
+from ggspec.errors import ModelFileError
+from ggspec.heads.convert import convert_eagle
+from ggspec.heads.eagle1 import load_eagle1, open_eagle
+from ggspec.heads.target import read_target
+from reference import first_divergence, greedy_reference
+from test_eagle import _rewrite
+from test_engine import random_prompt
+from tinymodels import write_tiny_eagle1
+
+CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
+HEADS, KV, FF = 4, 2, 96
+
+
+def checkpoint(tmp_path, target_path, *, biases=True, fmt="safetensors", seed=0):
+    """A random SafeAILab EAGLE-1/2 checkpoint for the tiny target: config.json (the
+    target's Llama config with one layer) and its state dict, as cnets1.Model saves it."""
+    info = read_target(target_path)
+    h, n_vocab = info.fingerprint.embedding_length, info.n_vocab
+    hd = h // HEADS
+    rng = np.random.default_rng(seed)
+
+    def lin(o, i, gain=1.0):
+        return (rng.standard_normal((o, i)) * gain / np.sqrt(i)).astype(np.float32)
+
+    def vec(n):
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    state = {"fc.weight": lin(h, 2 * h), "embed_tokens.weight": rng.standard_normal((n_vocab, h)).astype(np.float32),
+             "layers.0.self_attn.q_proj.weight": lin(HEADS * hd, h, 2.0),
+             "layers.0.self_attn.k_proj.weight": lin(KV * hd, h), "layers.0.self_attn.v_proj.weight": lin(KV * hd, h),
+             "layers.0.self_attn.o_proj.weight": lin(h, HEADS * hd),
+             "layers.0.post_attention_layernorm.weight": (1 + vec(h)).astype(np.float32),
+             "layers.0.mlp.gate_proj.weight": lin(FF, h), "layers.0.mlp.up_proj.weight": lin(FF, h),
+             "layers.0.mlp.down_proj.weight": lin(h, FF)}
+    if biases:
+        state.update({"fc.bias": vec(h), "layers.0.self_attn.q_proj.bias": vec(HEADS * hd),
+                      "layers.0.self_attn.k_proj.bias": vec(KV * hd), "layers.0.self_attn.v_proj.bias": vec(KV * hd)})
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": h,
+              "num_attention_heads": HEADS, "num_key_value_heads": KV, "intermediate_size": FF,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": n_vocab, "bias": biases,
+              "qkv_bias": biases}
+    d = tmp_path / f"eagle1-{fmt}"
+    d.mkdir()
+    if fmt == "bin":
+        torch = pytest.importorskip("torch")
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, d / "pytorch_model.bin")
+    else:
+        save_file(state, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(config))
+    return d, state
+
+
+def torch_forward(state, target_out, tokens, feats, eps=1e-5, base=10000.0):
+    """The checkpoint's own maths as SafeAILab's cnets1.Model and HF Llama compute them
+    (rotate_half RoPE on the unpermuted q/k, causal attention, no input norm, the target's
+    lm_head on the layer output), in float64 torch."""
+    torch = pytest.importorskip("torch")
+    s = {k: torch.from_numpy(v).double() for k, v in state.items()}
+    lin = torch.nn.functional.linear
+    n, h = feats.shape
+    hd = h // HEADS
+    x = lin(torch.cat([s["embed_tokens.weight"][torch.from_numpy(tokens)], torch.from_numpy(feats).double()], -1),
+            s["fc.weight"], s.get("fc.bias"))
+
+    def proj(name, heads):
+        return lin(x, s[f"layers.0.self_attn.{name}.weight"], s.get(f"layers.0.self_attn.{name}.bias")
+                   ).view(n, heads, hd).transpose(0, 1)                  # (heads, n, hd)
+
+    inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)
+    emb = torch.cat([ang, ang], -1)
+
+    def rot(t):
+        return t * emb.cos() + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * emb.sin()
+
+    q, k, v = rot(proj("q_proj", HEADS)), rot(proj("k_proj", KV)), proj("v_proj", KV)
+    k, v = k.repeat_interleave(HEADS // KV, 0), v.repeat_interleave(HEADS // KV, 0)
+    a = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+    y = x + lin(a.transpose(0, 1).reshape(n, h), s["layers.0.self_attn.o_proj.weight"])
+    m = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * s["layers.0.post_attention_layernorm.weight"]
+    mlp = lin(torch.nn.functional.silu(lin(m, s["layers.0.mlp.gate_proj.weight"])) * lin(m, s["layers.0.mlp.up_proj.weight"]),
+              s["layers.0.mlp.down_proj.weight"])
+    return ((y + mlp) @ torch.tensor(target_out, dtype=torch.float64).T).numpy()
+
+
+@pytest.mark.parametrize("biases,fmt", [(True, "safetensors"), (False, "safetensors"), (True, "bin")])
+def test_converted_checkpoint_computes_what_torch_computes(tmp_path, target_path, biases, fmt):
+    src, state = checkpoint(tmp_path, target_path, biases=biases, fmt=fmt)
+    out = convert_eagle(src, target_path, tmp_path / "e1.gguf", dtype="f32")
+    heads = open_eagle(out, target_path)
+    assert heads.features == "hidden" and heads.vocab_size == read_target(target_path).n_vocab
+    assert (heads.w.bq is not None) is biases and (heads.w.fc_bias is not None) is biases
+    np.testing.assert_array_equal(heads.w.wv, state["layers.0.self_attn.v_proj.weight"])
+    assert not np.array_equal(heads.w.wq, state["layers.0.self_attn.q_proj.weight"])  # permuted
+    rng = np.random.default_rng(1)
+    n = 7
+    tokens = rng.integers(0, heads.embd.shape[0], n)
+    feats = rng.standard_normal((n, heads.cfg.hidden)).astype(np.float32)
+    z, pre = heads.step(heads.new_cache(8), tokens, heads.fuse(feats), np.arange(n), np.tri(n, dtype=bool))
+    want = torch_forward(state, heads.out, tokens, feats)
+    assert np.abs(z - want).max() < 1e-4 * np.abs(want).max()
+    assert pre.shape == (n, heads.cfg.hidden)
+
+
+def test_bad_checkpoints_and_files_fail_with_one_line(tmp_path, target_path):
+    src, state = checkpoint(tmp_path, target_path)
+    del state["layers.0.mlp.up_proj.weight"]
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ModelFileError, match="lacks ffn_up"):
+        convert_eagle(src, target_path, tmp_path / "x.gguf")
+    good = write_tiny_eagle1(tmp_path / "good.gguf", target_path)
+    S, U = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
+    cases = [(dict(drop_tensor="blk.0.ffn_up.weight"), "missing tensor blk.0.ffn_up.weight"),
+             (dict(drop_tensor="blk.0.attn_k.bias"), "all three or none"),
+             (dict(tensor=("fc.weight", np.zeros((64, 10), np.float32))), r"fc.weight has shape \(64, 10\)"),
+             (dict(drop_key="eagle1.target.vocab_hash"), "missing metadata key eagle1.target.vocab_hash"),
+             (dict(set_key=("eagle1.target.vocab_hash", "0" * 64, S)), "made for another target"),
+             (dict(set_key=("eagle1.attention.head_count", 5, U)), "must split into 5 heads")]
+    for i, (change, message) in enumerate(cases):
+        bad = _rewrite(good, tmp_path / f"bad{i}.gguf", **change)
+        with pytest.raises(ModelFileError, match=message) as e:
+            load_eagle1(bad, target_path)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def eagle1_engine(tmp_path_factory, target_path):
+    """Trees of a fixed 16 nodes from a random EAGLE-1/2 draft with biases."""
+    path = write_tiny_eagle1(tmp_path_factory.mktemp("eagle1") / "eagle1.gguf", target_path)
+    with Engine(target_path, None, target_config=CFG, eagle=path, tree_nodes=16) as e:
+        assert e.drafters["eagle"].path.name == "numpy" and e.ctx.embeddings
+        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
+        yield e
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_eagle1_equals_plain_greedy_decoding(eagle1_engine, target_path, seed):
+    prompt = random_prompt(170 + seed)
+    ref = greedy_reference(target_path, prompt, 40)
+    got = eagle1_engine.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
+                                 spec=SpecConfig("eagle", draft_max=16))
+    assert first_divergence(got.tokens, ref) is None
+    assert got.stats.draft_rounds >= 5 and len(got.stats.position_proposed) >= 2  # deep trees
+
+
+def test_eagle1_draft_reads_the_target_s_last_hidden_states(eagle1_engine):
+    """The pending features are the rows Context.hidden() gave: the output layer's input."""
+    eagle = eagle1_engine.drafters["eagle"]
+    prompt = random_prompt(93)
+    eagle1_engine.generate(prompt, max_tokens=3, spec=SpecConfig("eagle"))
+    positions, hidden = eagle1_engine.ctx.hidden_rows()
+    assert hidden.shape == (len(positions), eagle.heads.cfg.hidden) and np.isfinite(hidden).all()
+    logits = eagle1_engine.ctx.decode([5], [len(eagle1_engine.ctx.tokens)], None, np.ones(1))
+    row = eagle1_engine.ctx.hidden(1)[0]
+    # the target's output layer on its hidden state gives its logits: the same feature
+    np.testing.assert_allclose(row @ eagle.heads.out.T, logits[0], rtol=1e-3, atol=1e-3)
+    eagle1_engine.ctx.truncate(len(eagle1_engine.ctx.tokens))
+
+
+def test_sampled_eagle1_follows_the_target_distribution(eagle1_engine, target_path):
+    from test_engine import exact_first_two, sample_first_two
+    prompt = random_prompt(191, 6)
+    exact = exact_first_two(target_path, prompt, 0.9, 0)
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    stats = sample_first_two(eagle1_engine, prompt, 8_000, sampling, SpecConfig("eagle"), exact,
+                             max_tokens=4)
+    assert stats.draft_rounds >= 8_000
+
+
+def test_eagle1_runs_in_numpy_only_and_from_the_cli(tmp_path, target_path):
+    import json as js
+
+    from test_cli import TINY, greedy_tokens, invoke
+    path = write_tiny_eagle1(tmp_path / "e1.gguf", target_path)
+    with pytest.raises(ValueError, match="numpy only"):
+        Engine(target_path, None, target_config=CFG, eagle=path, eagle_backend="llama")
+    got = invoke("run", "-m", target_path, "--no-draft", "--eagle", path, "--tree-nodes", 6,
+                 *TINY, "--method", "eagle", "-t", 0, "-n", 12, "--json", "hello world")
+    assert got.exit_code == 0, got.output
+    data = js.loads(got.stdout)
+    assert data["stats"]["method"] == "eagle" and data["stats"]["draft_tokens"] > 0
+    assert data["tokens"] == greedy_tokens(target_path, [{"role": "user", "content": "hello world"}], 12)
