@@ -159,17 +159,20 @@ def test_greedy_eagle1_equals_plain_greedy_decoding(eagle1_engine, target_path, 
 
 
 def test_eagle1_draft_reads_the_target_s_last_hidden_states(eagle1_engine):
-    """The pending features are the rows Context.hidden() gave: the output layer's input."""
+    """The features the drafter keeps for the committed rows are the target's output-layer
+    inputs at those positions, as a fresh context computes them over the same text."""
+    from ggspec.backend import Context
     eagle = eagle1_engine.drafters["eagle"]
-    prompt = random_prompt(93)
-    eagle1_engine.generate(prompt, max_tokens=3, spec=SpecConfig("eagle"))
-    positions, hidden = eagle1_engine.ctx.hidden_rows()
-    assert hidden.shape == (len(positions), eagle.heads.cfg.hidden) and np.isfinite(hidden).all()
-    logits = eagle1_engine.ctx.decode([5], [len(eagle1_engine.ctx.tokens)], None, np.ones(1))
-    row = eagle1_engine.ctx.hidden(1)[0]
-    # the target's output layer on its hidden state gives its logits: the same feature
-    np.testing.assert_allclose(row @ eagle.heads.out.T, logits[0], rtol=1e-3, atol=1e-3)
-    eagle1_engine.ctx.truncate(len(eagle1_engine.ctx.tokens))
+    eagle1_engine.generate(random_prompt(93), max_tokens=6, sampling=SamplingConfig(temperature=0),
+                           spec=SpecConfig("eagle", draft_max=16))
+    positions, features = eagle._pending
+    tokens = list(eagle1_engine.ctx.tokens)
+    assert len(positions) >= 1 and positions[-1] < len(tokens)
+    with Context(eagle1_engine.target, CFG, embeddings=True) as fresh:
+        n = positions[-1] + 1
+        fresh.decode(tokens[:n], list(range(n)), None, np.zeros(n))
+        want = fresh.hidden(n)[positions]
+        np.testing.assert_allclose(features, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
 def test_sampled_eagle1_follows_the_target_distribution(eagle1_engine, target_path):
@@ -195,3 +198,14 @@ def test_eagle1_runs_in_numpy_only_and_from_the_cli(tmp_path, target_path):
     data = js.loads(got.stdout)
     assert data["stats"]["method"] == "eagle" and data["stats"]["draft_tokens"] > 0
     assert data["tokens"] == greedy_tokens(target_path, [{"role": "user", "content": "hello world"}], 12)
+
+
+def test_cli_converts_an_eagle1_checkpoint(tmp_path, target_path):
+    from click.testing import CliRunner
+
+    from ggspec.cli import cli
+    src, _ = checkpoint(tmp_path, target_path)
+    r = CliRunner().invoke(cli, ["convert", "eagle", str(src), str(tmp_path / "c.gguf"), "-m", target_path])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(tmp_path / "c.gguf")
+    assert open_eagle(tmp_path / "c.gguf", target_path).features == "hidden"
