@@ -159,20 +159,26 @@ def test_greedy_eagle1_equals_plain_greedy_decoding(eagle1_engine, target_path, 
 
 
 def test_eagle1_draft_reads_the_target_s_last_hidden_states(eagle1_engine):
-    """The features the drafter keeps for the committed rows are the target's output-layer
-    inputs at those positions, as a fresh context computes them over the same text."""
+    """The features the drafter takes from a decode are the target's output-layer inputs
+    at those positions, as one-token decodes of the same text compute them."""
     from ggspec.backend import Context
+    from ggspec.drafters.eagle import EagleDrafter
+    from ggspec.heads.eagle_paths import NumpyPath
     eagle = eagle1_engine.drafters["eagle"]
-    eagle1_engine.generate(random_prompt(93), max_tokens=6, sampling=SamplingConfig(temperature=0),
-                           spec=SpecConfig("eagle", draft_max=16))
-    positions, features = eagle._pending
-    tokens = list(eagle1_engine.ctx.tokens)
-    assert len(positions) >= 1 and positions[-1] < len(tokens)
-    with Context(eagle1_engine.target, CFG, embeddings=True) as fresh:
-        n = positions[-1] + 1
-        fresh.decode(tokens[:n], list(range(n)), None, np.zeros(n))
-        want = fresh.hidden(n)[positions]
-        np.testing.assert_allclose(features, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    tokens = random_prompt(93)[:12]
+    n = len(tokens) - 1
+    with Context(eagle1_engine.target, CFG, embeddings=True) as batch, \
+            Context(eagle1_engine.target, CFG, embeddings=True) as single:
+        batch.decode(tokens[:n], list(range(n)), None, np.zeros(n))
+        drafter = EagleDrafter(batch, eagle.costs, NumpyPath(eagle.heads, 64), 16)
+        drafter.prepare(tokens)  # the rows before the pending token: all n
+        positions, features = drafter._pending
+        want = []
+        for p in range(n):
+            single.decode(tokens[p:p + 1], [p], None, np.zeros(1))
+            want.append(single.hidden(1)[0].copy())
+    np.testing.assert_array_equal(positions, np.arange(n))
+    np.testing.assert_allclose(features, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
 def test_sampled_eagle1_follows_the_target_distribution(eagle1_engine, target_path):
