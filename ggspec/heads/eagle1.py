@@ -39,7 +39,7 @@ File format (shapes numpy (rows, cols); h is the target's embedding length):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,24 +114,13 @@ def _shapes(cfg: Eagle1Config, n_vocab: int) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass
-class Eagle1Heads:
-    """An EAGLE-1/2 draft, ready to evaluate (float32; the target's tensors filled in).
-    Same interface as heads.eagle.EagleHeads; its features are the target's last hidden
-    states (Context.hidden_rows), not tapped layer inputs."""
+class Eagle1Heads(EagleHeads):
+    """An EAGLE-1/2 draft, ready to evaluate (float32; the target's tensors filled in):
+    EagleHeads' interface and cache, cfg an Eagle1Config, w Eagle1Weights, out the
+    target's output rows (n_vocab, h), d2t None. Its features are the target's last
+    hidden states (Context.hidden_rows), not tapped layer inputs."""
 
-    cfg: Eagle1Config
-    w: Eagle1Weights
-    embd: np.ndarray = field(repr=False)     # (n_vocab, h) token embeddings in use
-    out: np.ndarray = field(repr=False)      # (n_vocab, h) the target's output rows
-    d2t = None                               # the target's whole vocabulary
     features = "hidden"
-
-    @property
-    def vocab_size(self) -> int:
-        return self.out.shape[0]
-
-    def new_cache(self, capacity: int) -> EagleCache:
-        return EagleCache.empty(self.cfg, capacity)
 
     def fuse(self, features: np.ndarray) -> np.ndarray:
         """The target's hidden states are the draft's f as they are: (n, h) float32."""
@@ -149,9 +138,6 @@ class Eagle1Heads:
             x = x + w.fc_bias
         pre = feed_forward(c, w, x + attend(c, w, cache, x, positions, visible, w.bq, w.bk, w.bv))
         return pre @ self.out.T, pre
-
-    def target_ids(self, rows: np.ndarray) -> np.ndarray:
-        return rows
 
 
 def save_eagle1(path: str | os.PathLike, cfg: Eagle1Config, w: Eagle1Weights,
@@ -209,6 +195,6 @@ def load_eagle1(path: str | os.PathLike, target: str | os.PathLike | TargetInfo)
     return Eagle1Heads(cfg, w, embd, info.output_rows())
 
 
-def open_eagle(path: str | os.PathLike, target: str | os.PathLike | TargetInfo) -> EagleHeads | Eagle1Heads:
+def open_eagle(path: str | os.PathLike, target: str | os.PathLike | TargetInfo) -> EagleHeads:
     """The EAGLE draft in GGUF `path`, by its architecture: eagle1 (EAGLE-1/2) or eagle3."""
     return (load_eagle1 if is_eagle1(path) else load_eagle)(path, target)

@@ -31,7 +31,6 @@ import numpy as np
 from ..backend import Context, EagleContext, Model, eagle_graph_missing
 from ..config import BackendConfig
 from .eagle import EagleHeads
-from .eagle1 import Eagle1Heads
 
 BACKENDS = ("auto", "numpy", "llama")
 
@@ -41,7 +40,7 @@ class NumpyPath:
 
     name = "numpy"
 
-    def __init__(self, heads: EagleHeads | Eagle1Heads, capacity: int):
+    def __init__(self, heads: EagleHeads, capacity: int):
         self.heads = heads
         self.cache = heads.new_cache(capacity)
         self._root = 0                        # committed rows (cache rows before the tree)
@@ -139,7 +138,7 @@ class LlamaPath:
         self._bank, self._parent_seqs = 0, np.zeros(0, dtype=np.int64)
 
 
-def open_path(choice: str, heads: EagleHeads | Eagle1Heads, file: str | os.PathLike, cfg: BackendConfig,
+def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: BackendConfig,
               target: Context, stack: ExitStack, width: int, depth: int) -> NumpyPath | LlamaPath:
     """The evaluator `choice` names for trees `width` wide and `depth` deep after the
     target's context; "auto": the faster by one measured depth step (numpy where this
