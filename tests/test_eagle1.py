@@ -92,8 +92,8 @@ def torch_forward(state, target_out, tokens, feats, eps=1e-5, base=10000.0):
     a = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
     y = x + lin(a.transpose(0, 1).reshape(n, h), s["layers.0.self_attn.o_proj.weight"])
     m = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * s["layers.0.post_attention_layernorm.weight"]
-    mlp = lin(torch.nn.functional.silu(lin(m, s["layers.0.mlp.gate_proj.weight"])) * lin(m, s["layers.0.mlp.up_proj.weight"]),
-              s["layers.0.mlp.down_proj.weight"])
+    gate, up = lin(m, s["layers.0.mlp.gate_proj.weight"]), lin(m, s["layers.0.mlp.up_proj.weight"])
+    mlp = lin(torch.nn.functional.silu(gate) * up, s["layers.0.mlp.down_proj.weight"])
     return ((y + mlp) @ torch.tensor(target_out, dtype=torch.float64).T).numpy()
 
 
