@@ -146,7 +146,6 @@ class _Taps:
         self.n_embd = n_embd
         self.rows = np.zeros((n_batch, len(names) * n_embd), dtype=np.float32)
         self.seen = np.zeros(len(names), dtype=np.int64)  # rows filled per tap this decode
-        self.positions = np.zeros(0, dtype=np.int64)      # of the rows of the last decode
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
 
     def _eval(self, tensor, ask, user_data) -> bool:
@@ -427,6 +426,7 @@ class Context(_Owner):
         self.n_rs_seq = llama_cpp.llama_n_rs_seq(handle)  # 0 where the architecture has no rollback
         self.n_threads = params.n_threads
         self.embeddings = embeddings
+        self._positions = np.zeros(0, dtype=np.int64)  # of the rows of the last decode (taps, embeddings)
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []
         self._stale = False  # the cache may hold cells beyond `tokens` (a call was interrupted)
@@ -495,7 +495,8 @@ class Context(_Owner):
         n_out = int(np.count_nonzero(want))
         if self._taps is not None:
             self._taps.seen[:] = 0
-            self._taps.positions = np.array(positions, dtype=np.int64)
+        if self._taps is not None or self.embeddings:
+            self._positions = np.array(positions, dtype=np.int64)
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(handle, b)
         # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
@@ -545,8 +546,14 @@ class Context(_Owner):
     def tapped_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions (n,), tapped tensors (n, n_taps * n_embd)) of every row of the last
         decode (views, valid until the next decode)."""
-        n = len(self._taps.positions) if self._taps is not None else 0
-        return self._taps.positions if n else np.zeros(0, np.int64), self.tapped(n)
+        n = len(self._positions) if self._taps is not None else 0
+        return self._positions[:n], self.tapped(n)
+
+    def hidden_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions (n,), output embeddings (n, n_embd)) of every row of the last decode
+        (views, valid until the next decode; embeddings=True)."""
+        n = len(self._positions)
+        return self._positions, self.hidden(n) if n else np.zeros((0, self.model.n_embd), np.float32)
 
     def eval(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
         """Append `tokens` to sequence 0 at the next positions, in n_batch chunks.

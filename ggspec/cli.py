@@ -106,8 +106,9 @@ _model_options = _options(
                  help="Medusa heads GGUF for the target, or 'default' for the shipped ones "
                  "(enables --method medusa)."),
     click.option("--eagle", metavar="FILE|default",
-                 help="EAGLE-3 draft GGUF for the target, or 'default' for the shipped one (llama.cpp's eagle3 format; "
-                 "enables --method eagle; `ggspec convert eagle` makes one)."),
+                 help="EAGLE draft GGUF for the target, or 'default' for the shipped one (EAGLE-3 in llama.cpp's "
+                 "eagle3 format, or EAGLE-1/2 in ggspec's eagle1; enables --method eagle; `ggspec convert eagle` "
+                 "makes one)."),
     click.option("--eagle-backend", type=click.Choice(EAGLE_BACKENDS), default="auto", show_default=True,
                  help="How the EAGLE draft runs: numpy, llama.cpp's eagle3 graph, or the faster "
                  "(timed at start)."),
@@ -629,10 +630,12 @@ def convert() -> None:
 @click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
               help="Type of the weight matrices.")
 def convert_eagle(src, out, target, dtype) -> None:
-    """An EAGLE-3 checkpoint to llama.cpp's eagle3 GGUF.
+    """An EAGLE checkpoint to GGUF: EAGLE-3 to llama.cpp's eagle3, EAGLE-1/2 to ggspec's eagle1.
 
-    SRC is a directory with config.json and *.safetensors in the SafeAILab / SpecForge
-    layout (midlayer.*) or the speculators layout (layers.0.*). Prints the written path.
+    SRC is a directory with config.json and *.safetensors (or pytorch_model.bin, read
+    with torch): EAGLE-3 in the SafeAILab / SpecForge layout (midlayer.*) or the
+    speculators layout (layers.0.*); EAGLE-1/2 as SafeAILab's cnets1.py saves it (fc over
+    [embedding ; hidden state], layers.0.*), told apart by the tensors. Prints the written path.
     """
     from .heads.convert import convert_eagle as run_convert
 

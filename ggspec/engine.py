@@ -31,7 +31,7 @@ from .drafters.medusa import MedusaDrafter
 from .drafters.model import AHEAD, ModelDrafter
 from .errors import BusyError, ContextOverflowError, EngineClosedError
 from .heads import load_heads
-from .heads.eagle import load_eagle
+from .heads.eagle1 import open_eagle
 from .heads.eagle_paths import LlamaPath, open_path
 from .stats import Stats
 from .text import TextStream
@@ -91,14 +91,16 @@ class Engine:
     tree_nodes: a fixed number of tree nodes per medusa round (at most MEDUSA_MAX_NODES,
     and spec.draft_max); 0 sizes each tree by the measured verification cost (no tree
     where none pays).
-    eagle: an EAGLE-3 draft GGUF for the target, or "default" for the draft shipped for a
-    registry target (llama.cpp's eagle3 format; enables
+    eagle: an EAGLE draft GGUF for the target, or "default" for the draft shipped for a
+    registry target: EAGLE-3 (llama.cpp's eagle3 format) or EAGLE-1/2 (ggspec's eagle1
+    format, heads.eagle1), told apart by the file's architecture; enables
     method "eagle": EAGLE-2 dynamic trees of up to MEDUSA_MAX_NODES nodes; the target's
-    context then also copies the draft's three target layers' inputs of every row).
+    context then also copies the draft's three target layers' inputs of every row
+    (EAGLE-3) or outputs its last hidden state of every row (EAGLE-1/2).
     eagle_backend: how the EAGLE draft is evaluated: "numpy" (from its GGUF tensors, in
     float32), "llama" (llama.cpp's own eagle3 graph on the file's quantized weights, with
-    the target's GPU layers), or "auto": the faster of the two by one draft depth step
-    timed at start.
+    the target's GPU layers; EAGLE-3 only), or "auto": the faster of the two by one draft
+    depth step timed at start (numpy for EAGLE-1/2).
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
 
@@ -149,12 +151,14 @@ class Engine:
         self.rng = np.random.default_rng()  # seeds each generation without a seed (saved with the session)
         with ExitStack() as stack:
             self.target = stack.enter_context(Model(hub.resolve(str(target), progress=progress), target_config))
-            eagle_heads = load_eagle(eagle, self.target) if eagle is not None else None
-            taps = [layer_input_name(i) for i in eagle_heads.cfg.target_layers] if eagle_heads else []
+            eagle_heads = open_eagle(eagle, self.target) if eagle is not None else None
+            eagle_reads = eagle_heads.features if eagle_heads is not None else None
+            hidden = heads is not None or eagle_reads == "hidden"  # Medusa, EAGLE-1/2
+            taps = [layer_input_name(i) for i in eagle_heads.cfg.target_layers] if eagle_reads == "taps" else []
             if heads is not None or eagle_heads is not None:
                 max_tree_paths = max(max_tree_paths, MEDUSA_MAX_NODES)
             self.ctx = stack.enter_context(Context(self.target, target_config, n_seq_max=max_tree_paths,
-                                                   embeddings=heads is not None, rollback=spec.draft_max,
+                                                   embeddings=hidden, rollback=spec.draft_max,
                                                    taps=taps))
             self._contexts = [self.ctx]
             self.draft: Model | None = None

@@ -105,9 +105,9 @@ def test_numpy_forward_matches_llama_cpp_graph(tmp_path, target_path, draft_voca
 
 
 def _rewrite(src, dst, *, drop_key=None, set_key=None, drop_tensor=None, tensor=None):
-    """A copy of eagle3 file src with one key or tensor changed."""
+    """A copy of draft file src (eagle3, eagle1) with one key or tensor changed."""
     r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, "eagle3")
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
     for f in r.fields.values():
         if f.name.startswith("GGUF.") or f.name in ("general.architecture", drop_key):
             continue

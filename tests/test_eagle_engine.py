@@ -1,5 +1,6 @@
 """Method `eagle` in the engine: an EAGLE-3 draft (eagle3 GGUF) grows EAGLE-2 dynamic
-trees from the target's tapped layer inputs; the target verifies each tree in one batch;
+trees from the target's tapped layer inputs (an EAGLE-1/2 draft, eagle1 GGUF, from its
+last hidden states); the target verifies each tree in one batch;
 greedy output equals plain greedy decoding and sampled output follows the target."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from ggspec.errors import ModelFileError
 from reference import first_divergence, greedy_reference
 from test_engine import random_prompt
 from test_medusa import fix_costs
-from tinymodels import write_tiny_eagle
+from tinymodels import write_tiny_eagle, write_tiny_eagle1
 
 CFG = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
 
@@ -25,13 +26,18 @@ def eagle_path(tmp_path_factory, target_path):
                             draft_vocab=300, own_embd=False)
 
 
-@pytest.fixture(scope="module", params=["numpy", "llama"])
-def eagle_engine(request, target_path, eagle_path):
+@pytest.fixture(scope="module", params=["numpy", "llama", "eagle1"])
+def eagle_engine(request, target_path, eagle_path, tmp_path_factory):
     """Trees of a fixed 16 nodes, whatever they cost (a random draft rarely pays), the
-    draft evaluated by numpy or by llama.cpp's eagle3 graph."""
-    with Engine(target_path, None, target_config=CFG, eagle=eagle_path, tree_nodes=16,
-                eagle_backend=request.param) as e:
-        assert e.drafters["eagle"].path.name == request.param
+    EAGLE-3 draft evaluated by numpy or by llama.cpp's eagle3 graph, or an EAGLE-1/2 draft
+    with fc and q/k/v biases (numpy; the target's last hidden states as features)."""
+    path, backend = eagle_path, request.param
+    if request.param == "eagle1":
+        path, backend = write_tiny_eagle1(tmp_path_factory.mktemp("eagle1") / "eagle1.gguf", target_path), "numpy"
+    with Engine(target_path, None, target_config=CFG, eagle=path, tree_nodes=16,
+                eagle_backend=backend) as e:
+        assert e.drafters["eagle"].path.name == backend
+        assert e.ctx.embeddings is (request.param == "eagle1")
         e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
         yield e
 

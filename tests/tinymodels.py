@@ -523,3 +523,31 @@ def write_tiny_eagle(path: str | os.PathLike[str], target: str | os.PathLike[str
                      token_embd=rng.standard_normal((info.n_vocab, h)).astype(np.float32)
                      if own_embd else None)
     return save_eagle(path, cfg, w, target, dtype=dtype)
+
+
+def write_tiny_eagle1(path: str | os.PathLike[str], target: str | os.PathLike[str], *, seed: int = 0,
+                      biases: bool = True, own_embd: bool = False, dtype: str = "f32") -> Path:
+    """Write a random EAGLE-1/2 draft (ggspec's eagle1 format) for tiny `target`: its
+    width, 4 heads over 2 kv heads, ff 96; fc and q/k/v biases when `biases`; its own
+    token embedding or the target's."""
+    from ggspec.heads.eagle1 import Eagle1Config, Eagle1Weights, save_eagle1
+    from ggspec.heads.target import read_target
+
+    info = read_target(target)
+    h, ff = info.fingerprint.embedding_length, 96
+    cfg = Eagle1Config(hidden=h, n_head=4, n_head_kv=2, n_ff=ff, rms_eps=1e-5)
+    rng = np.random.default_rng(seed)
+    kv = 2 * h // 4
+
+    def lin(n_out, n_in, gain=1.0):
+        return (rng.standard_normal((n_out, n_in)) * gain / np.sqrt(n_in)).astype(np.float32)
+
+    def vec(n):
+        return (0.1 * rng.standard_normal(n)).astype(np.float32) if biases else None
+
+    w = Eagle1Weights(fc=lin(h, 2 * h), wq=lin(h, h, 2.0), wk=lin(kv, h), wv=lin(kv, h), wo=lin(h, h),
+                      ffn_norm=(1 + 0.1 * rng.standard_normal(h)).astype(np.float32),
+                      ffn_gate=lin(ff, h), ffn_up=lin(ff, h), ffn_down=lin(h, ff),
+                      fc_bias=vec(h), bq=vec(h), bk=vec(kv), bv=vec(kv),
+                      token_embd=rng.standard_normal((info.n_vocab, h)).astype(np.float32) if own_embd else None)
+    return save_eagle1(path, cfg, w, target, dtype=dtype)

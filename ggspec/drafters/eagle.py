@@ -1,8 +1,9 @@
-"""EAGLE-3 drafts: a one-layer draft reads three of the target's hidden states and grows an
-EAGLE-2 dynamic token tree; the target verifies the tree in one llama_decode.
+"""EAGLE drafts: a one-layer draft reads the target's hidden states and grows an EAGLE-2
+dynamic token tree; the target verifies the tree in one llama_decode.
 
-Features: the target's context taps the inputs of the draft's three target layers for
-every row of every decode (backend taps). After a round, the committed rows' features
+Features: for EAGLE-3 the target's context taps the inputs of the draft's three target
+layers for every row of every decode (backend taps); for EAGLE-1/2 (heads.eagle1) it
+outputs its last hidden state of every row (embeddings). After a round, the committed rows' features
 g_P and the committed tokens give the pairs (token P+1, g_P); running them through the
 draft fills its KV cache and its last row predicts the token after the pending one.
 
@@ -59,6 +60,9 @@ class EagleDrafter:
             raise ValueError(f"tree nodes must be an integer from 0 (sized by cost) to "
                              f"{max_nodes}, got {nodes!r}")
         self.target, self.costs, self.path, self.heads = target, costs, path, path.heads
+        # the features of every row of the target's last decode: EAGLE-3 its tapped layer
+        # inputs, EAGLE-1/2 its last hidden states
+        self._rows = target.hidden_rows if self.heads.features == "hidden" else target.tapped_rows
         self.max_nodes, self.nodes = max_nodes, nodes
         self.depth, self.top_k = depth, min(top_k, self.heads.vocab_size)
         self.draft_seconds = 0.0  # growing a tree, an EMA
@@ -74,7 +78,7 @@ class EagleDrafter:
         prompt's last tokens; the target's verification keeps the output exact anyway)."""
         self.path.reset()
         self._last = None
-        positions, features = self.target.tapped_rows()
+        positions, features = self._rows()
         fresh = positions.size and positions[-1] == len(tokens) - 2
         self._pending = [(positions.copy(), features.copy())] if fresh else []
         self._wait = self._backoff = 0
@@ -182,7 +186,7 @@ class EagleDrafter:
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
         # features of the committed rows of the verification: the pending row and the
         # accepted nodes (any drafter's draft: one row per token after the pending one)
-        positions, features = self.target.tapped_rows()
+        positions, features = self._rows()
         rows = [0, *(i + 1 for i in nodes)]
         start = positions[0]
         self._pending.append((start + np.arange(len(rows)), features[rows].copy()))

@@ -1,4 +1,5 @@
-"""Published head checkpoints (safetensors + config.json) to ggspec / llama.cpp GGUF files.
+"""Published head checkpoints (safetensors or pytorch .bin + config.json) to ggspec /
+llama.cpp GGUF files. `convert_eagle` tells the EAGLE generations apart by the tensors.
 
 EAGLE-3 checkpoints come in two layouts, both converted to llama.cpp's eagle3 GGUF exactly
 as its converter (conversion/llama.py) does:
@@ -12,6 +13,11 @@ as its converter (conversion/llama.py) does:
 q/k rows are permuted from HF's rotate_half layout to llama.cpp's adjacent-pair RoPE.
 The target layers are config `eagle_aux_hidden_state_layer_ids`, else [2, n/2, n-3] of
 the target's n layers (EAGLE-3's default).
+
+EAGLE-1/2 checkpoints (SafeAILab EAGLE, model/cnets1.py; `fc.weight` (h, 2h), optional
+`fc.bias`, `layers.0.*` without input_layernorm, q/k/v biases with config qkv_bias,
+optional `embed_tokens.weight`; pytorch_model.bin read with torch) become ggspec's eagle1
+GGUF (heads.eagle1), q/k rows and biases permuted the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 from ..errors import ModelFileError
 from .eagle import EagleConfig, EagleWeights, load_eagle, save_eagle
+from .eagle1 import Eagle1Config, Eagle1Weights, load_eagle1, save_eagle1
 from .target import read_target
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
@@ -80,23 +87,44 @@ _TOP = {"fc.weight": "fc", "norm.weight": "output_norm", "lm_head.weight": "outp
 _IGNORED = ("t2d",)
 
 
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a PyTorch state dict file (pytorch_model.bin), as read_safetensors
+    gives them; needs torch (the optional `train` extra)."""
+    try:
+        import torch
+    except ImportError:
+        raise ModelFileError(f"reading {path} needs torch: pip install 'ggspec[train]' (or save the "
+                             "checkpoint as safetensors)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds (pickle, zip, runtime) on a bad file
+        raise ModelFileError(f"{path} is not a PyTorch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ModelFileError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {name: t.float().numpy() if t.is_floating_point() else t.numpy()
+            for name, t in state.items() if isinstance(t, torch.Tensor)}
+
+
 def read_eagle_checkpoint(src: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """config.json and the tensors of an EAGLE-3 checkpoint directory (every
-    *.safetensors in it), renamed to the SpecForge layout (`midlayer.*`)."""
+    """config.json and the tensors of an EAGLE checkpoint directory (every *.safetensors
+    in it, else every *.bin), the layer renamed to the SpecForge layout (`midlayer.*`)."""
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise ModelFileError(f"{src} is not an EAGLE-3 checkpoint directory (no config.json)")
+        raise ModelFileError(f"{src} is not an EAGLE checkpoint directory (no config.json)")
     try:
         config = json.loads((src / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{src / 'config.json'} is not JSON ({e})") from None
     config = {**config, **config.get("transformer_layer_config", {})}  # speculators nests it
     files = sorted(src.glob("*.safetensors"))
+    read = read_safetensors
     if not files:
-        raise ModelFileError(f"no .safetensors files in {src}")
+        files, read = sorted(src.glob("*.bin")), read_torch_bin
+    if not files:
+        raise ModelFileError(f"no .safetensors (or pytorch .bin) files in {src}")
     tensors = {}
     for f in files:
-        for name, a in read_safetensors(f).items():
+        for name, a in read(f).items():
             name = name.removeprefix("model.")
             if name.startswith("layers.0."):
                 name = "midlayer." + name[len("layers.0."):]
@@ -104,21 +132,46 @@ def read_eagle_checkpoint(src: str | os.PathLike) -> tuple[dict, dict[str, np.nd
     return config, tensors
 
 
-def convert_eagle(src: str | os.PathLike, target: str | os.PathLike, out: str | os.PathLike, *,
-                  dtype: str = "f16") -> Path:
-    """Write the EAGLE-3 checkpoint directory `src` (SpecForge or speculators layout) as an
-    eagle3 GGUF for `target` (a GGUF path: its tokenizer goes into the file)."""
-    config, t = read_eagle_checkpoint(src)
-    info = read_target(target)
+def is_eagle1_checkpoint(config: dict, tensors: dict[str, np.ndarray]) -> bool:
+    """EAGLE-1/2 (SafeAILab cnets1.py): fc over [embedding ; hidden] (2h wide), no
+    hidden_norm; EAGLE-3's fc reads 3 target hidden states and its layer has hidden_norm."""
+    fc = tensors.get("fc.weight")
+    return ("midlayer.hidden_norm.weight" not in tensors and fc is not None and fc.ndim == 2
+            and fc.shape[1] == 2 * config.get("hidden_size", -1))
 
+
+def _needs(src, config: dict):
     def need(key):
         if key not in config:
             raise ModelFileError(f"{src}/config.json has no {key}")
         return config[key]
 
     if need("num_hidden_layers") != 1:
-        raise ModelFileError(f"{src}: an EAGLE-3 draft has one decoder layer, config says "
+        raise ModelFileError(f"{src}: an EAGLE draft has one decoder layer, config says "
                              f"{config['num_hidden_layers']}")
+    return need
+
+
+def _verified(path: Path, load, info) -> Path:
+    """`path` if it loads for the target (shapes, ids, fingerprint); else removed."""
+    try:
+        load(path, info)
+    except ModelFileError:
+        path.unlink()
+        raise
+    return path
+
+
+def convert_eagle(src: str | os.PathLike, target: str | os.PathLike, out: str | os.PathLike, *,
+                  dtype: str = "f16") -> Path:
+    """Write the EAGLE checkpoint directory `src` as a GGUF for `target` (a GGUF path):
+    EAGLE-3 (SpecForge or speculators layout) as llama.cpp's eagle3 (with the target's
+    tokenizer), EAGLE-1/2 (SafeAILab cnets1.py) as ggspec's eagle1 (heads.eagle1)."""
+    config, t = read_eagle_checkpoint(src)
+    info = read_target(target)
+    if is_eagle1_checkpoint(config, t):
+        return _convert_eagle1(src, config, t, info, out, dtype)
+    need = _needs(src, config)
     n = info.n_layer
     layers = config.get("eagle_aux_hidden_state_layer_ids") or [2, n // 2, n - 3]
     n_head = need("num_attention_heads")
@@ -153,9 +206,45 @@ def convert_eagle(src: str | os.PathLike, target: str | os.PathLike, out: str | 
                           name=Path(src).name)
     except (ValueError, TypeError) as e:
         raise ModelFileError(f"{src}: cannot convert ({e})") from None
+    return _verified(path, load_eagle, info)
+
+
+# HF name (SafeAILab EAGLE-1/2, after the `midlayer.` renaming) -> Eagle1Weights field
+_EAGLE1 = {"fc.weight": "fc", "fc.bias": "fc_bias", "embed_tokens.weight": "token_embd",
+           "midlayer.self_attn.q_proj.weight": "wq", "midlayer.self_attn.q_proj.bias": "bq",
+           "midlayer.self_attn.k_proj.weight": "wk", "midlayer.self_attn.k_proj.bias": "bk",
+           "midlayer.self_attn.v_proj.weight": "wv", "midlayer.self_attn.v_proj.bias": "bv",
+           "midlayer.self_attn.o_proj.weight": "wo", "midlayer.post_attention_layernorm.weight": "ffn_norm",
+           "midlayer.mlp.gate_proj.weight": "ffn_gate", "midlayer.mlp.up_proj.weight": "ffn_up",
+           "midlayer.mlp.down_proj.weight": "ffn_down"}
+_EAGLE1_OPTIONAL = ("fc_bias", "bq", "bk", "bv", "token_embd")
+
+
+def _convert_eagle1(src, config: dict, t: dict[str, np.ndarray], info, out, dtype: str) -> Path:
+    """An EAGLE-1/2 checkpoint (fc over [embedding ; hidden], one layer without its input
+    norm, the target's lm_head) as an eagle1 GGUF."""
+    need = _needs(src, config)
+    n_head = need("num_attention_heads")
+    n_head_kv = config.get("num_key_value_heads") or n_head
+    fields = {}
+    for name, a in t.items():
+        if name in _EAGLE1:
+            fields[_EAGLE1[name]] = a
+        elif not name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
+            raise ModelFileError(f"{src}: unexpected tensor {name!r} in an EAGLE-1/2 checkpoint")
+    missing = [k for k in _EAGLE1.values() if k not in fields and k not in _EAGLE1_OPTIONAL]
+    if missing:
+        raise ModelFileError(f"{src}: the checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
+    for w, b, heads in (("wq", "bq", n_head), ("wk", "bk", n_head_kv)):
+        fields[w] = _permute(fields[w], heads)
+        if fields.get(b) is not None:
+            fields[b] = _permute(fields[b], heads)
     try:
-        load_eagle(path, info)  # shapes, ids and the target: the file must load
-    except ModelFileError:
-        path.unlink()
-        raise
-    return path
+        cfg = Eagle1Config(hidden=need("hidden_size"), n_head=n_head, n_head_kv=n_head_kv,
+                           n_ff=need("intermediate_size"), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+                           rope_base=float(config.get("rope_theta", 10000.0)),
+                           context_length=int(config.get("max_position_embeddings", 4096)))
+        path = save_eagle1(out, cfg, Eagle1Weights(**fields), info, dtype=dtype, name=Path(src).name)
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{src}: cannot convert ({e})") from None
+    return _verified(path, load_eagle1, info)

@@ -54,6 +54,13 @@ ARCH = "eagle3"
 Q = gguf.GGMLQuantizationType
 
 
+def check_heads(cfg) -> None:
+    """The attention shape of a draft config (EagleConfig, Eagle1Config) is usable."""
+    if cfg.hidden % cfg.n_head or cfg.n_head % cfg.n_head_kv or cfg.head_dim % 2:
+        raise ValueError(f"hidden {cfg.hidden} must split into {cfg.n_head} heads of an even "
+                         f"size, in groups over {cfg.n_head_kv} kv heads")
+
+
 @dataclass(frozen=True)
 class EagleConfig:
     """The draft's shape. target_layers: the target layers whose inputs it reads."""
@@ -75,9 +82,7 @@ class EagleConfig:
         return self.hidden // self.n_head
 
     def __post_init__(self) -> None:
-        if self.hidden % self.n_head or self.n_head % self.n_head_kv or self.head_dim % 2:
-            raise ValueError(f"hidden {self.hidden} must split into {self.n_head} heads of an even "
-                             f"size, in groups over {self.n_head_kv} kv heads")
+        check_heads(self)
         if len(self.target_layers) != 3:
             raise ValueError(f"EAGLE-3 reads exactly 3 target layers, got {self.target_layers}")
 
@@ -135,8 +140,41 @@ class EagleCache:
     positions: np.ndarray
     n: int = 0
 
+    @classmethod
+    def empty(cls, cfg, capacity: int) -> EagleCache:
+        shape = (capacity, cfg.n_head_kv, cfg.head_dim)
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(capacity, np.int64))
+
     def truncate(self, n: int) -> None:
         self.n = min(self.n, n)
+
+
+def attend(cfg, w, cache: EagleCache, x: np.ndarray, positions: np.ndarray, visible: np.ndarray,
+           bq=None, bk=None, bv=None) -> np.ndarray:
+    """The draft layer's attention: append rows x (n, in) at `positions` to `cache` as
+    keys and values (RoPE on q and k; optional biases) and return attn_output of the
+    attention of each row over the cache rows it sees (visible (n, cache.n + n))."""
+    n = len(x)
+    pos = np.asarray(positions, dtype=np.int64)
+
+    def proj(wt, b, heads):
+        y = x @ wt.T
+        return (y if b is None else y + b).reshape(n, heads, cfg.head_dim)
+
+    q = nn.rope(proj(w.wq, bq, cfg.n_head), pos, cfg.rope_base)
+    k = nn.rope(proj(w.wk, bk, cfg.n_head_kv), pos, cfg.rope_base)
+    v = proj(w.wv, bv, cfg.n_head_kv)
+    s, end = cache.n, cache.n + n
+    if end > len(cache.k):
+        raise ValueError(f"the draft's cache holds {len(cache.k)} rows, {end} needed")
+    cache.k[s:end], cache.v[s:end], cache.positions[s:end] = k, v, pos
+    cache.n = end
+    return nn.attention(q, cache.k[:end], cache.v[:end], np.asarray(visible, bool)) @ w.wo.T
+
+
+def feed_forward(cfg, w, f: np.ndarray) -> np.ndarray:
+    """f + ffn_down(SiLU(ffn_gate n) * ffn_up n), n = rms(f) * ffn_norm."""
+    return f + nn.swiglu(nn.rms_norm(f, w.ffn_norm, cfg.rms_eps), w.ffn_gate, w.ffn_up, w.ffn_down)
 
 
 @dataclass
@@ -148,15 +186,14 @@ class EagleHeads:
     embd: np.ndarray = field(repr=False)     # (n_vocab, h) token embeddings in use
     out: np.ndarray = field(repr=False)      # (V, h) output rows in use
     d2t: np.ndarray | None = None            # (V,) target ids of the output rows
+    features = "taps"                        # it reads the target's tapped layer inputs
 
     @property
     def vocab_size(self) -> int:
         return self.out.shape[0]
 
     def new_cache(self, capacity: int) -> EagleCache:
-        shape = (capacity, self.cfg.n_head_kv, self.cfg.head_dim)
-        return EagleCache(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
-                          np.zeros(capacity, np.int64))
+        return EagleCache.empty(self.cfg, capacity)
 
     def fuse(self, features: np.ndarray) -> np.ndarray:
         """g = fc(features): (n, 3 th) -> (n, h)."""
@@ -176,19 +213,8 @@ class EagleHeads:
         g = np.asarray(g, dtype=np.float32).reshape(n, c.hidden)
         g_norm = nn.rms_norm(g, w.attn_norm_2, c.rms_eps)
         x = np.concatenate([e, g_norm], axis=1)                          # (n, 2h)
-        pos = np.asarray(positions, dtype=np.int64)
-        q = nn.rope((x @ w.wq.T).reshape(n, c.n_head, c.head_dim), pos, c.rope_base)
-        k = nn.rope((x @ w.wk.T).reshape(n, c.n_head_kv, c.head_dim), pos, c.rope_base)
-        v = (x @ w.wv.T).reshape(n, c.n_head_kv, c.head_dim)
-        s, end = cache.n, cache.n + n
-        if end > len(cache.k):
-            raise ValueError(f"the draft's cache holds {len(cache.k)} rows, {end} needed")
-        cache.k[s:end], cache.v[s:end], cache.positions[s:end] = k, v, pos
-        cache.n = end
-        a = nn.attention(q, cache.k[:end], cache.v[:end], np.asarray(visible, bool)) @ w.wo.T
-        f = a + (g_norm if c.norm_before_residual else g)
-        pre = f + nn.swiglu(nn.rms_norm(f, w.ffn_norm, c.rms_eps), w.ffn_gate, w.ffn_up,
-                            w.ffn_down)
+        a = attend(c, w, cache, x, positions, visible)
+        pre = feed_forward(c, w, a + (g_norm if c.norm_before_residual else g))
         logits = nn.rms_norm(pre, w.output_norm, c.rms_eps) @ self.out.T
         return logits, pre
 
@@ -212,8 +238,21 @@ def save_eagle(path: str | os.PathLike, cfg: EagleConfig, w: EagleWeights,
     if (w.d2t is not None) and w.output is None:
         raise ValueError("d2t maps the rows of the draft's own output; there is none")
     path = Path(path)
-    wr = gguf.GGUFWriter(path, ARCH)
-    wr.add_name(name or "eagle3")
+    wr = layer_writer(path, ARCH, cfg, info.n_vocab, name)
+    wr.add_array(f"{ARCH}.target_layers", [int(i) for i in cfg.target_layers])
+    wr.add_uint32(f"{ARCH}.target_hidden_size", cfg.target_hidden)
+    wr.add_bool(f"{ARCH}.norm_before_residual", cfg.norm_before_residual)
+    wr.add_bool(f"{ARCH}.norm_before_fc", cfg.norm_before_fc)
+    _copy_tokenizer(wr, info)
+    add_tensors(wr, TENSORS, w, qtype)
+    write(wr)
+    return path
+
+
+def layer_writer(path: Path, arch: str, cfg, n_vocab: int, name: str | None) -> gguf.GGUFWriter:
+    """A GGUFWriter for `arch` with the draft layer's keys (EagleConfig, Eagle1Config)."""
+    wr = gguf.GGUFWriter(path, arch)
+    wr.add_name(name or arch)
     wr.add_block_count(1)
     wr.add_embedding_length(cfg.hidden)
     wr.add_feed_forward_length(cfg.n_ff)
@@ -223,13 +262,14 @@ def save_eagle(path: str | os.PathLike, cfg: EagleConfig, w: EagleWeights,
     wr.add_layer_norm_rms_eps(cfg.rms_eps)
     wr.add_rope_freq_base(cfg.rope_base)
     wr.add_rope_dimension_count(cfg.head_dim)
-    wr.add_vocab_size(info.n_vocab)
-    wr.add_array(f"{ARCH}.target_layers", [int(i) for i in cfg.target_layers])
-    wr.add_uint32(f"{ARCH}.target_hidden_size", cfg.target_hidden)
-    wr.add_bool(f"{ARCH}.norm_before_residual", cfg.norm_before_residual)
-    wr.add_bool(f"{ARCH}.norm_before_fc", cfg.norm_before_fc)
-    _copy_tokenizer(wr, info)
-    for tname, attr in TENSORS.items():
+    wr.add_vocab_size(n_vocab)
+    return wr
+
+
+def add_tensors(wr: gguf.GGUFWriter, names: dict[str, str], w, qtype: Q) -> None:
+    """The fields of weights `w` under their GGUF names (None: left out): vectors F32,
+    d2t I64, matrices in `qtype`."""
+    for tname, attr in names.items():
         a = getattr(w, attr)
         if a is None:
             continue
@@ -239,8 +279,6 @@ def save_eagle(path: str | os.PathLike, cfg: EagleConfig, w: EagleWeights,
             wr.add_tensor(tname, np.ascontiguousarray(a, dtype=np.float32))
         else:
             add_matrix(wr, tname, a, qtype)
-    write(wr)
-    return path
 
 
 def _copy_tokenizer(wr: gguf.GGUFWriter, info: TargetInfo) -> None:
@@ -257,6 +295,26 @@ def _copy_tokenizer(wr: gguf.GGUFWriter, info: TargetInfo) -> None:
             wr.add_key_value(f.name, f.contents(), vtype)
 
 
+def read_config(f: HeadFile, arch: str, config: type, **extra):
+    """The draft layer's keys of `arch` (and `extra` fields) as a `config` (EagleConfig,
+    Eagle1Config); sizes below 1 or that do not split into heads are one-line errors."""
+    if f.number(f"{arch}.block_count") != 1:
+        raise f.bad(f"{arch}.block_count must be 1 (one decoder layer)")
+    values = dict(hidden=f.number(f"{arch}.embedding_length"), n_head=f.number(f"{arch}.attention.head_count"),
+                  n_ff=f.number(f"{arch}.feed_forward_length"),
+                  rms_eps=f.real(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+                  rope_base=f.real(f"{arch}.rope.freq_base", 10000.0),
+                  context_length=f.number(f"{arch}.context_length", 4096), **extra)
+    values["n_head_kv"] = f.number(f"{arch}.attention.head_count_kv", values["n_head"])
+    sizes = [values[k] for k in ("hidden", "n_head", "n_head_kv", "n_ff", "target_hidden") if k in values]
+    if min(sizes) < 1:
+        raise f.bad(f"invalid sizes: {sizes}")
+    try:
+        return config(**values)
+    except ValueError as e:
+        raise f.bad(str(e)) from None
+
+
 def load_eagle(path: str | os.PathLike, target: str | os.PathLike | TargetInfo) -> EagleHeads:
     """Read and validate an eagle3 GGUF for `target` (a GGUF path, a loaded Model or
     read_target()). Raises ModelFileError naming the file and the problem."""
@@ -266,25 +324,10 @@ def load_eagle(path: str | os.PathLike, target: str | os.PathLike | TargetInfo) 
     layers = f.field(f"{ARCH}.target_layers")
     if not (isinstance(layers, list) and len(layers) == 3 and all(isinstance(i, int) for i in layers)):
         raise f.bad(f"{ARCH}.target_layers must hold 3 layer ids, got {layers!r:.60}")
-    if f.number(f"{ARCH}.block_count") != 1:
-        raise f.bad(f"{ARCH}.block_count must be 1 (one decoder layer)")
-    cfg_values = dict(
-        hidden=f.number(f"{ARCH}.embedding_length"), n_head=f.number(f"{ARCH}.attention.head_count"),
-        n_ff=f.number(f"{ARCH}.feed_forward_length"), target_layers=tuple(layers),
-        target_hidden=f.number(f"{ARCH}.target_hidden_size"),
-        rms_eps=f.real(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_base=f.real(f"{ARCH}.rope.freq_base", 10000.0),
-        context_length=f.number(f"{ARCH}.context_length", 4096),
-        norm_before_residual=bool(f.field(f"{ARCH}.norm_before_residual", required=False)),
-        norm_before_fc=bool(f.field(f"{ARCH}.norm_before_fc", required=False)))
-    cfg_values["n_head_kv"] = f.number(f"{ARCH}.attention.head_count_kv", cfg_values["n_head"])
-    sizes = [cfg_values[k] for k in ("hidden", "n_head", "n_head_kv", "n_ff", "target_hidden")]
-    if min(sizes) < 1:
-        raise f.bad(f"invalid sizes: {sizes}")
-    try:
-        cfg = EagleConfig(**cfg_values)
-    except ValueError as e:
-        raise f.bad(str(e)) from None
+    cfg = read_config(f, ARCH, EagleConfig, target_layers=tuple(layers),
+                      target_hidden=f.number(f"{ARCH}.target_hidden_size"),
+                      norm_before_residual=bool(f.field(f"{ARCH}.norm_before_residual", required=False)),
+                      norm_before_fc=bool(f.field(f"{ARCH}.norm_before_fc", required=False)))
     tokens = f.header.kv.get(KEY_TOKENS)
     if not isinstance(tokens, Array) or tokens.items is None:
         raise f.bad(f"no {KEY_TOKENS}: an eagle3 file carries its target's vocabulary")

@@ -1,6 +1,7 @@
 """Two ways to evaluate an EAGLE-3 draft, with one interface: numpy from the GGUF tensors
 (EagleHeads, the reference; runs anywhere) and llama.cpp's own eagle3 graph on the same
-file (backend.EagleContext: the file's quantized kernels, GPU offload).
+file (backend.EagleContext: the file's quantized kernels, GPU offload). An EAGLE-1/2 draft
+(heads.eagle1.Eagle1Heads, whose fuse is the identity) has the numpy path only.
 
 Both keep the draft's own KV cache: committed rows (token P+1, g_P) at position P in
 sequence 0, then one draft tree, a depth at a time. A node of depth d sits at position
@@ -146,7 +147,9 @@ def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: Back
     if choice not in BACKENDS:
         raise ValueError(f"the EAGLE path must be one of {', '.join(BACKENDS)}, got {choice!r}")
     capacity = target.n_ctx + depth * width
-    if choice == "numpy" or (choice == "auto" and eagle_graph_missing()):
+    if heads.features == "hidden" and choice == "llama":
+        raise ValueError("an EAGLE-1/2 draft (eagle1) runs in numpy only: llama.cpp has no graph for it")
+    if choice == "numpy" or (choice == "auto" and (heads.features == "hidden" or eagle_graph_missing())):
         return NumpyPath(heads, capacity)
     with ExitStack() as own:  # closes the llama.cpp path unless it is chosen
         model = own.enter_context(Model(file, cfg))
