@@ -152,7 +152,7 @@ def test_eagle1_draft_reads_the_target_s_last_hidden_states(target_path, tmp_pat
         batch.decode(tokens[:n], list(range(n)), None, np.zeros(n))
         drafter = EagleDrafter(batch, CostModel(), NumpyPath(heads, 64), 16)
         drafter.prepare(tokens)  # the rows before the pending token: all n
-        positions, features = drafter._pending
+        (positions, features), = drafter._pending
         want = []
         for p in range(n):
             single.decode(tokens[p:p + 1], [p], None, np.zeros(1))
