@@ -48,6 +48,8 @@ def test_no_tree_is_grown_for_a_while_after_none_paid(eagle_engine, target_path,
     draft in one batch), and the output stays plain greedy decoding."""
     eagle = eagle_engine.drafters["eagle"]
     monkeypatch.setattr(eagle, "nodes", 0)  # sized by cost
+    monkeypatch.setattr(eagle, "_wait", 0)
+    monkeypatch.setattr(eagle, "_backoff", 0)
     fix_costs(eagle.costs, 1.0 + 5.0 * np.arange(33), monkeypatch)  # a row costs 5 tokens
     grown, committed = [], []
     grow, commit = eagle._grow, eagle.path.commit
@@ -62,6 +64,11 @@ def test_no_tree_is_grown_for_a_while_after_none_paid(eagle_engine, target_path,
     assert np.diff(grown).tolist()[:4] == [2, 3, 5, 9] and len(grown) < 10  # waits of 1, 2, 4, 8
     assert committed[1:4] == [2, 3, 5]  # the waiting rows, each time in one batch
     assert first == len(prompt)  # round one grew a tree
+    before, waiting = len(grown), eagle._wait
+    again = eagle_engine.generate(prompt, max_tokens=min(waiting, 8), sampling=SamplingConfig(temperature=0),
+                                  spec=SpecConfig("eagle", draft_max=16))
+    assert waiting > 0 and len(grown) == before  # the next prompt goes on waiting
+    assert again.tokens == got.tokens[:len(again.tokens)]
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -19,7 +19,8 @@ scaled by the measured ratio of accepted to expected tokens. Zero nodes: a plain
 Growing a tree costs draft steps whether or not any node is worth verifying: after a round
 whose best tree was empty, the next 1, 2, 4, ... (at most EXPLORE_EVERY) rounds are plain
 without growing one, and the committed rows' features wait; the round that grows again
-runs them through the draft in one batch.
+runs them through the draft in one batch. The wait carries over to the next prompt (what
+the costs allowed on the last answer still holds).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class EagleDrafter:
         positions, features = self._rows()
         fresh = positions.size and positions[-1] == len(tokens) - 2
         self._pending = [(positions.copy(), features.copy())] if fresh else []
-        self._wait = self._backoff = 0
 
     def _catch_up(self, tokens: Sequence[int]) -> None:
         """Run the committed pairs (tokens[P+1], g_P) through the draft."""
