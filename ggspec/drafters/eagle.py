@@ -93,8 +93,8 @@ class EagleDrafter:
         self._last = self.path.commit(np.asarray(tokens)[positions + 1], self.path.fuse(features), positions)
 
     def _grow(self, tokens: Sequence[int]) -> _Grown | None:
-        """EAGLE-2's dynamic tree from the last committed row's prediction."""
-        self._catch_up(tokens)
+        """EAGLE-2's dynamic tree from the last committed row's prediction (the draft has
+        caught up)."""
         if self._last is None:
             return None
         k = self.top_k
@@ -138,13 +138,13 @@ class EagleDrafter:
         """Grow the tree and choose its size (0: none) and its expected committed tokens
         per second."""
         self._grown = None
-        if not self.costs.calibrated or budget < 1:
-            self._catch_up(tokens)
-            return 0, 0.0
-        if self._wait and not self.nodes:
+        ready = self.costs.calibrated and budget >= 1
+        if ready and self._wait and not self.nodes:
             self._wait -= 1
             return 0, 0.0
         self._catch_up(tokens)  # (rows that waited: not the tree's cost)
+        if not ready:
+            return 0, 0.0
         t0 = time.perf_counter()
         grown = self._grow(tokens)
         self.draft_seconds += EMA * (time.perf_counter() - t0 - self.draft_seconds)
