@@ -53,7 +53,7 @@ def test_no_tree_is_grown_for_a_while_after_none_paid(eagle_engine, target_path,
     fix_costs(eagle.costs, 1.0 + 5.0 * np.arange(33), monkeypatch)  # a row costs 5 tokens
     grown, committed = [], []
     grow, commit = eagle._grow, eagle.path.commit
-    monkeypatch.setattr(eagle, "_grow", lambda tokens: grown.append(len(tokens)) or grow(tokens))
+    monkeypatch.setattr(eagle, "_grow", lambda tokens, limit: grown.append(len(tokens)) or grow(tokens, limit))
     monkeypatch.setattr(eagle.path, "commit", lambda tok, g, pos: committed.append(len(pos)) or commit(tok, g, pos))
     prompt = random_prompt(71)
     ref = greedy_reference(target_path, prompt, 40)
@@ -101,6 +101,31 @@ def test_trees_are_best_first_and_sized_by_the_cost_curve(eagle_engine, monkeypa
     fix_costs(eagle.costs, 1.0 + 0.9 * np.arange(33), monkeypatch)  # each row costs 0.9 token
     eagle.prepare(tokens)
     assert eagle.plan(32, tokens)[0] == 0
+
+
+def test_depth_steps_expand_only_nodes_inside_the_best_tree(eagle_engine, monkeypatch):
+    """Where a third row costs more than any node can bring, the steps after the first
+    expand at most the two nodes a tree can hold, and stop once no new node gets into it;
+    with nearly free rows, top_k of them."""
+    eagle = eagle_engine.drafters["eagle"]
+    prompt = random_prompt(98)
+    eagle_engine.generate(prompt, max_tokens=2, spec=SpecConfig("eagle"))
+    monkeypatch.setattr(eagle, "nodes", 0)  # sized by cost
+    monkeypatch.setattr(eagle, "_accepted", 1e4)  # every chance counts as (nearly) certain
+    widths: list[int] = []
+    expand = eagle.path.expand
+    monkeypatch.setattr(eagle.path, "expand", lambda tok, *a: widths.append(len(tok)) or expand(tok, *a))
+    tokens = list(eagle_engine.ctx.tokens) + [5]
+    for curve, most in (([1.0] * 3 + [1e3] * 30, 2), ([1.0] + [1.0001] * 32, eagle.top_k)):
+        fix_costs(eagle.costs, curve, monkeypatch)
+        widths.clear()
+        eagle.prepare(tokens)
+        n, _ = eagle.plan(32, tokens)
+        if most == 2:
+            assert n == 2 and widths[0] == 2 and max(widths) <= 2
+        else:
+            assert n == min(32, len(eagle._grown.tokens)) and widths[:2] == [most, most] \
+                and len(widths) == eagle.depth - 1  # (deeper, the best 32 leave out a few)
 
 
 def test_auto_considers_eagle_and_stays_exact(eagle_engine, target_path, monkeypatch):

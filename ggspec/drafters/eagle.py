@@ -10,7 +10,9 @@ draft fills its KV cache and its last row predicts the token after the pending o
 The tree (SafeAILab's topK_genrate): depth 1 holds the top `top_k` tokens of that
 prediction; each further depth expands the `top_k` frontier nodes of highest cumulative
 log-probability, all in one batched draft step (each node feeds its parent's pre-norm
-output back as g), and keeps their children's top `top_k`. Of all nodes, the best by
+output back as g), and keeps their children's top `top_k`. Of the frontier only the nodes
+inside the best tree found so far are expanded (none left: the tree is done), so where
+extra rows cost much (a CPU) the steps narrow to what can be verified. Of all nodes, the best by
 cumulative log-probability make the tree; its size n maximises the expected committed
 tokens per second, (1 + sum of the first n nodes' chances) / (t_verify(n + 1) + t_draft),
 by the engine's cost model, each node's chance being exp(cumulative log-probability)
@@ -92,9 +94,12 @@ class EagleDrafter:
         self._pending = []
         self._last = self.path.commit(np.asarray(tokens)[positions + 1], self.path.fuse(features), positions)
 
-    def _grow(self, tokens: Sequence[int]) -> _Grown | None:
-        """EAGLE-2's dynamic tree from the last committed row's prediction (the draft has
-        caught up)."""
+    def _grow(self, tokens: Sequence[int], limit: int) -> _Grown | None:
+        """EAGLE-2's dynamic tree of at most `limit` nodes from the last committed row's
+        prediction (the draft has caught up). A depth step expands only frontier nodes
+        inside the best tree found so far: a node outside it cannot bring children into
+        it (a child is never likelier than its parent), so where extra rows are dear (a
+        CPU) the steps stay narrow and cheap."""
         if self._last is None:
             return None
         k = self.top_k
@@ -113,7 +118,12 @@ class EagleDrafter:
             all_score += cand.tolist()
             if d + 1 == self.depth:
                 break
+            ranked = np.sort(all_score)[::-1]
+            n, _ = self._size(np.exp(ranked), limit, 0.0)  # (growing costs what it costs)
             best = np.argsort(-cand, kind="stable")[:k]                  # next frontier
+            best = best[cand[best] >= ranked[n - 1]] if n else best[:0]
+            if not best.size:
+                break
             parent_of = best // k  # among the frontier (at d = 0: the root alone)
             logits, pre = self.path.expand(top.ravel()[best], pre[parent_of], root + d,
                                            parent_of if d else np.full(len(best), -1))
@@ -146,19 +156,27 @@ class EagleDrafter:
         if not ready:
             return 0, 0.0
         t0 = time.perf_counter()
-        grown = self._grow(tokens)
+        grown = self._grow(tokens, min(budget, self.max_nodes))
         self.draft_seconds += EMA * (time.perf_counter() - t0 - self.draft_seconds)
         if grown is None:
             return 0, 0.0
         self._grown = grown
-        m = min(budget, len(grown.tokens))
-        calibration = self._accepted / self._expected  # how far the chances run over or under
-        gain = 1 + np.concatenate([[0.0], np.cumsum(calibration * grown.chances[:m])])
-        n = np.arange(m + 1)
-        rate = gain / (self.costs.t_verify(n + 1) + np.where(n > 0, self.draft_seconds, 0.0))
-        best = min(self.nodes, m) if self.nodes else int(np.argmax(rate))
+        best, rate = self._size(grown.chances, budget, self.draft_seconds)
         self._backoff = 0 if best else min(max(2 * self._backoff, 1), EXPLORE_EVERY)
         self._wait = self._backoff
+        return best, rate
+
+    def _size(self, chances: np.ndarray, limit: int, draft_seconds: float) -> tuple[int, float]:
+        """How many of the nodes with these chances (best first) to verify, at most
+        `limit` (the fixed size when set), and that tree's expected committed tokens per
+        second, its growing costing draft_seconds; each chance is scaled by the measured
+        ratio of accepted to expected tokens."""
+        m = min(limit, len(chances))
+        calibration = self._accepted / self._expected  # how far the chances run over or under
+        gain = 1 + np.concatenate([[0.0], np.cumsum(calibration * chances[:m])])
+        n = np.arange(m + 1)
+        rate = gain / (self.costs.t_verify(n + 1) + np.where(n > 0, draft_seconds, 0.0))
+        best = min(self.nodes, m) if self.nodes else int(np.argmax(rate))
         return best, float(rate[best])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
