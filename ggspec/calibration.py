@@ -72,17 +72,9 @@ def _store() -> Path:
     return hub.cache_dir() / FILE
 
 
-def _read() -> dict:
-    try:
-        data = json.loads(_store().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def cached_curve(ctx: Context, rows: int) -> np.ndarray | None:
     """The stored curve for this context, when it covers `rows` rows."""
-    entry = _read().get(context_key(ctx))
+    entry = hub.read_json(_store()).get(context_key(ctx))
     try:
         curve = np.asarray(entry["seconds"], dtype=np.float64)
     except (TypeError, KeyError, ValueError):
@@ -95,19 +87,11 @@ def cached_curve(ctx: Context, rows: int) -> np.ndarray | None:
 def store_curve(ctx: Context, curve: np.ndarray) -> None:
     """Add this context's curve to the store (written atomically; a failure to write is
     only a lost cache)."""
-    data = _read()
+    data = hub.read_json(_store())
     data[context_key(ctx)] = {"model": ctx.model.path.name, "threads": ctx.n_threads,
                               "depth": len(ctx.tokens), "measured": time.time(),
                               "seconds": [float(s) for s in curve]}
-    path = _store()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        print(f"ggspec: could not save the calibration to {path}: {e}", file=sys.stderr)
+    hub.write_json(_store(), data, "the calibration")
 
 
 def verify_curve(ctx: Context, rows: int, *, progress: bool = True) -> np.ndarray:

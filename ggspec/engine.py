@@ -17,7 +17,7 @@ from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
-from . import calibration, hub, session
+from . import calibration, experience, hub, session
 from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_speculative, accept_tree_match,
                          accept_tree_typical)
 from .backend import Context, Model, check_vocab_compatible, layer_input_name
@@ -103,6 +103,8 @@ class Engine:
     depth step timed at start (numpy for EAGLE-1/2).
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
+    remember: start the acceptance estimates from what earlier engines with the same model
+    files learnt, and store them after each generation that learns (ggspec.experience).
 
     One generation runs at a time. generate() and stream() called from another thread
     while one runs wait for it to finish (or raise BusyError with wait=False).
@@ -126,6 +128,7 @@ class Engine:
                  eagle: str | os.PathLike | None = None,
                  eagle_backend: str = "auto",
                  max_tree_paths: int = 1,
+                 remember: bool = True,
                  progress: bool = True):
         target = target or hub.default_model()
         if draft == DEFAULT:
@@ -186,6 +189,10 @@ class Engine:
                                                 self.target.line_ends(),
                                                 self.drafters.get("eagle") or self.drafters.get("medusa"),
                                                 max_paths=self.ctx.n_seq_max)
+            self.remember = remember
+            self.files_key = experience.key([self.target.path, self.draft and self.draft.path, heads, eagle])
+            if remember:
+                experience.recall(self)
             self._progress = progress
             self._resources = stack.pop_all()
         self._check_batch(spec)
@@ -428,6 +435,8 @@ class Engine:
         stats.llama_seconds = self._busy() - busy1
         stats.generated_tokens = len(generated)
         stats.finish_reason = finish
+        if self.remember and spec.method in ("auto", "medusa", "eagle"):
+            experience.remember(self)
         if isinstance(drafter, AutoDrafter):
             stats.controller = drafter.report()
         elif spec.method == "draft" and spec.async_draft is None:

@@ -102,6 +102,28 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ggspec"
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object a cache file holds; {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: Path, data: dict, what: str) -> None:
+    """Write a cache file atomically; a failure to write loses only the cache (said on
+    stderr, naming `what` was not saved)."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"ggspec: could not save {what} to {path}: {e}", file=sys.stderr)
+
+
 def _entry(name: str) -> ModelEntry:
     models = registry()
     if name not in models:

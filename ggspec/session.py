@@ -71,7 +71,7 @@ def save(engine: Engine, path: str | os.PathLike, chat: dict | None = None) -> N
         header["caches"] = {role: {"tokens": list(ctx.tokens), "offset": int(o), "length": int(b.size)}
                             for (role, ctx), o, b in zip(contexts.items(), offsets, blobs)}
         header["controller"] = {name: None if part is None else part.state()
-                                for name, part in _estimators(engine).items()}
+                                for name, part in estimators(engine).items()}
         header["rng"] = engine.rng.bit_generator.state
         header["chat"] = chat
     text = json.dumps(header, ensure_ascii=False).encode()
@@ -169,7 +169,7 @@ def _contexts(engine: Engine) -> dict[str, Context]:
     return {"target": engine.ctx, **({"draft": draft.ctx} if draft is not None else {})}
 
 
-def _estimators(engine: Engine) -> dict:
+def estimators(engine: Engine) -> dict:
     """What learns from the rounds (each with state() and set_state()), None where absent."""
     return {"costs": engine.costs, "auto": engine.drafters["auto"], "medusa": engine.drafters.get("medusa"),
             "eagle": engine.drafters.get("eagle")}
@@ -222,20 +222,20 @@ def _restore(engine: Engine, header: dict, blobs: memoryview) -> None:
     if set(header["caches"]) != set(contexts):
         raise ValueError(f"caches for {sorted(header['caches'])}, this engine has {sorted(contexts)}")
     caches = {role: (_cache(blobs, header["caches"][role], ctx), ctx) for role, ctx in contexts.items()}
-    estimators = _estimators(engine)
+    parts = estimators(engine)
     saved = header["controller"]
-    if set(saved) != set(estimators):
-        raise ValueError(f"estimates of {sorted(saved)}, this engine has {sorted(estimators)}")
-    before = {name: part.state() for name, part in estimators.items() if part is not None}
+    if set(saved) != set(parts):
+        raise ValueError(f"estimates of {sorted(saved)}, this engine has {sorted(parts)}")
+    before = {name: part.state() for name, part in parts.items() if part is not None}
     replaced: list[tuple[Context, np.ndarray, list[int]]] = []
     try:
         for name, state in before.items():
-            estimators[name].set_state(saved[name])
+            parts[name].set_state(saved[name])
         for (data, tokens), ctx in caches.values():
             replaced.append((ctx, *ctx.load_state(data, tokens)))
     except BaseException:
         for name, state in before.items():
-            estimators[name].set_state(state)
+            parts[name].set_state(state)
         for ctx, data, tokens in replaced:
             ctx.load_state(data, tokens)
         raise

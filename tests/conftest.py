@@ -17,6 +17,24 @@ def calibration_store(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def experience_store(tmp_path_factory):
+    """What engines in tests learn goes to a file of their own, not the user's cache."""
+    from ggspec import experience
+    path = tmp_path_factory.mktemp("experience") / experience.FILE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experience, "_store", lambda: path)
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def forget_experience(experience_store):
+    """Each test's engines start from the built-in starting guesses: what one test's
+    engines learnt is forgotten when it ends."""
+    yield
+    experience_store.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

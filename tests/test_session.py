@@ -33,7 +33,7 @@ def state(eng: Engine) -> dict:
     contexts = session._contexts(eng)
     return {"tokens": {role: list(ctx.tokens) for role, ctx in contexts.items()},
             "kv": {role: bytes(ctx.save_state()) for role, ctx in contexts.items()},
-            "estimates": {name: part.state() for name, part in session._estimators(eng).items() if part},
+            "estimates": {name: part.state() for name, part in session.estimators(eng).items() if part},
             "rng": eng.rng.bit_generator.state}
 
 
