@@ -3,6 +3,7 @@ a noise-free way to compare controller changes in seconds instead of benchmark m
 
     python tools/replay_auto.py record answers.json -n 192     # the target's greedy answers (once)
     python tools/replay_auto.py replay answers.json -k 16      # auto's lookup plans, replayed
+    python tools/replay_auto.py replay answers.json --fresh   # each as an engine's first answer
 
 At greedy the committed tokens do not depend on the drafts, so a replay commits the same
 answer and only its rounds differ: each round costs t(rows) from the calibration, and the
@@ -65,7 +66,7 @@ def accepted_nodes(draft: Draft, truth: list[int]) -> list[int]:
     return nodes
 
 
-def replay(data: dict, k: int, repetitions: int, paths: int = 1) -> dict[str, tuple[float, float]]:
+def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = False) -> dict[str, tuple[float, float]]:
     curve = np.asarray(data["_curve"])
     if len(curve) < k + 1:
         raise SystemExit(f"Error: the recorded curve covers {len(curve)} rows; record with --rows {k + 1}")
@@ -76,6 +77,8 @@ def replay(data: dict, k: int, repetitions: int, paths: int = 1) -> dict[str, tu
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repetitions):
         for name in names:
+            if fresh:  # from the starting guesses, as an engine's first answer
+                auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
             prompt, out = data[name]["prompt"], data[name]["output"]
             committed, pos, seconds = list(prompt), 0, 0.0
             auto.prepare(committed)
@@ -121,6 +124,8 @@ def main() -> None:
     rep.add_argument("-r", "--repetitions", type=int, default=3)
     rep.add_argument("--paths", type=int, default=1, help="candidate trees of up to this many paths")
     rep.add_argument("--curve", type=float, nargs="+", help="t(b) / t(1) for b = 1, 2, ... instead of the recorded curve")
+    rep.add_argument("--fresh", action="store_true",
+                     help="each workload from the starting guesses (an engine's first answer), not after the others")
     args = ap.parse_args()
     if args.command == "record":
         record(args.path, args.max_tokens, args.rows)
@@ -130,7 +135,7 @@ def main() -> None:
     print("workload  auto   known acceptance")
     if args.curve:
         data["_curve"] = args.curve
-    for name, (ratio, bound) in replay(data, args.draft_max, args.repetitions, args.paths).items():
+    for name, (ratio, bound) in replay(data, args.draft_max, args.repetitions, args.paths, args.fresh).items():
         print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x")
 
 
