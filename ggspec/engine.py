@@ -190,7 +190,8 @@ class Engine:
                                                 self.drafters.get("eagle") or self.drafters.get("medusa"),
                                                 max_paths=self.ctx.n_seq_max)
             self.remember = remember
-            self.files_key = experience.key([self.target.path, self.draft and self.draft.path, heads, eagle])
+            self.files = (self.target.path, self.draft and self.draft.path, heads, eagle)  # (None: absent)
+            self.files_key = experience.key(self.files)
             if remember:
                 experience.recall(self)
             self._progress = progress

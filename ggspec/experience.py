@@ -9,7 +9,8 @@ costs are not here: the calibration store (ggspec.calibration) keeps those.
 
 Stored in experience.json in the cache directory, under a key naming the model files
 (path, size, modification time) of the target, the draft model and the heads; saved after
-every generation with a drafter that learns (auto, medusa, eagle). Estimates that do not fit
+every generation with a drafter that learns (auto, medusa, eagle), dropping what was kept
+for files that no longer exist. Estimates that do not fit
 this engine are ignored: it keeps its starting guesses.
 """
 
@@ -20,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from . import hub, session
 
@@ -34,7 +35,7 @@ def _store() -> Path:
     return hub.cache_dir() / FILE
 
 
-def key(files: list[str | os.PathLike | None]) -> str:
+def key(files: Sequence[str | os.PathLike | None]) -> str:
     """A digest naming these model files (None: absent)."""
     facts = []
     for f in files:
@@ -67,8 +68,10 @@ def recall(engine: Engine) -> None:
 
 
 def remember(engine: Engine) -> None:
-    """Store what the engine's learners know now, for its model files."""
-    data = hub.read_json(_store())
-    data[engine.files_key] = {"saved": time.time(),
+    """Store what the engine's learners know now, for its model files (and drop what was
+    stored for files that are gone)."""
+    data = {k: v for k, v in hub.read_json(_store()).items()
+            if isinstance(v, dict) and all(Path(f).exists() for f in v.get("files", ()))}
+    data[engine.files_key] = {"files": [str(f) for f in engine.files if f is not None], "saved": time.time(),
                               **{name: part.state() for name, part in _learners(engine).items()}}
     hub.write_json(_store(), data, "what the controller learnt")

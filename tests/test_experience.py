@@ -62,6 +62,18 @@ def test_estimates_that_do_not_fit_are_ignored(target_path, experience_store):
     assert key in json.loads(experience_store.read_text())
 
 
+def test_what_was_kept_for_files_that_are_gone_is_dropped(target_path, tmp_path, experience_store):
+    gone = tmp_path / "gone.gguf"
+    gone.write_bytes(b"x")
+    experience_store.write_text(json.dumps({"old": {"files": [str(gone)], "auto": {}},
+                                            "kept": {"files": [target_path], "auto": {}}}))
+    gone.unlink()
+    with Engine(target_path, None, target_config=CFG) as eng:
+        _learn(eng)
+        key = eng.files_key
+    assert sorted(json.loads(experience_store.read_text())) == sorted(["kept", key])
+
+
 def test_the_key_changes_with_the_file(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"a")
