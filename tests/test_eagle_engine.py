@@ -122,7 +122,7 @@ def test_depth_steps_expand_only_nodes_inside_the_best_tree(eagle_engine, monkey
         eagle.prepare(tokens)
         n, _ = eagle.plan(32, tokens)
         if most == 2:
-            assert n == 2 and widths[0] == 2 and max(widths) <= 2
+            assert 1 <= n <= 2 and max(widths) <= 2
         else:
             assert n == min(32, len(eagle._grown.tokens)) and widths[:2] == [most, most] \
                 and len(widths) == eagle.depth - 1  # (deeper, the best 32 leave out a few)
