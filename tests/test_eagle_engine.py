@@ -128,6 +128,25 @@ def test_depth_steps_expand_only_nodes_inside_the_best_tree(eagle_engine, monkey
                 and len(widths) == eagle.depth - 1  # (deeper, the best 32 leave out a few)
 
 
+def test_deeper_steps_read_the_embedding_of_target_ids(eagle_engine, monkeypatch):
+    """A node expanded by a depth step is fed as its target token id (the embedding is the
+    target's), not as its row of the reduced draft vocabulary."""
+    eagle = eagle_engine.drafters["eagle"]
+    prompt = random_prompt(99)
+    eagle_engine.generate(prompt, max_tokens=2, spec=SpecConfig("eagle"))
+    fed: list[list[int]] = []
+    expand = eagle.path.expand
+    monkeypatch.setattr(eagle.path, "expand", lambda tok, *a: fed.append(np.asarray(tok).tolist()) or expand(tok, *a))
+    tokens = list(eagle_engine.ctx.tokens) + [5]
+    eagle.prepare(tokens)
+    eagle.plan(32, tokens)
+    ids = eagle.heads.target_ids(np.arange(eagle.heads.vocab_size))
+    if np.array_equal(ids, np.arange(len(ids))):
+        pytest.skip("this draft predicts the whole target vocabulary: its rows are target ids")
+    assert fed and set(sum(fed, [])) <= set(ids.tolist())
+    assert set(fed[0]) <= set(eagle._grown.tokens.tolist())  # the first depth's best nodes
+
+
 def test_auto_considers_eagle_and_stays_exact(eagle_engine, target_path, monkeypatch):
     fix_costs(eagle_engine.costs, np.full(33, eagle_engine.costs.t_verify(1)), monkeypatch)  # free rows
     monkeypatch.setattr(eagle_engine.drafters["eagle"], "_accepted", 1e4)  # as if very good

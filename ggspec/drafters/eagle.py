@@ -125,7 +125,8 @@ class EagleDrafter:
             if not best.size:
                 break
             parent_of = best // k  # among the frontier (at d = 0: the root alone)
-            logits, pre = self.path.expand(top.ravel()[best], pre[parent_of], root + d,
+            # (fed as target ids: the draft's token embedding is the target's)
+            logits, pre = self.path.expand(self.heads.target_ids(top.ravel()[best]), pre[parent_of], root + d,
                                            parent_of if d else np.full(len(best), -1))
             logp, scores = nn.log_softmax(logits), cand[best]
             frontier_ids = base + best
