@@ -8,23 +8,21 @@ from tinymodels import write_tiny_llama
 
 
 @pytest.fixture(scope="session", autouse=True)
-def calibration_store(tmp_path_factory):
-    """Calibrations measured by tests go to a file of their own, not the user's cache."""
-    from ggspec import calibration
-    path = tmp_path_factory.mktemp("calibration") / calibration.FILE
+def cache_dir(tmp_path_factory):
+    """Calibrations measured and estimates learnt by tests go to files of their own, not
+    the user's cache."""
+    from ggspec import calibration, experience
+    path = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(calibration, "_store", lambda: path)
+        for store in (calibration, experience):
+            mp.setattr(store, "_store", lambda name=store.FILE: path / name)
         yield path
 
 
-@pytest.fixture(scope="session", autouse=True)
-def experience_store(tmp_path_factory):
-    """What engines in tests learn goes to a file of their own, not the user's cache."""
+@pytest.fixture
+def experience_store(cache_dir):
     from ggspec import experience
-    path = tmp_path_factory.mktemp("experience") / experience.FILE
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(experience, "_store", lambda: path)
-        yield path
+    return cache_dir / experience.FILE
 
 
 @pytest.fixture(autouse=True)
