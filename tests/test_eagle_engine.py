@@ -106,7 +106,7 @@ def test_trees_are_best_first_and_sized_by_the_cost_curve(eagle_engine, monkeypa
 def test_depth_steps_expand_only_nodes_inside_the_best_tree(eagle_engine, monkeypatch):
     """Where a third row costs more than any node can bring, the steps after the first
     expand at most the two nodes a tree can hold, and stop once no new node gets into it;
-    with nearly free rows, top_k of them."""
+    for a tree of 32 nodes, top_k of them."""
     eagle = eagle_engine.drafters["eagle"]
     prompt = random_prompt(98)
     eagle_engine.generate(prompt, max_tokens=2, spec=SpecConfig("eagle"))
@@ -118,14 +118,15 @@ def test_depth_steps_expand_only_nodes_inside_the_best_tree(eagle_engine, monkey
     tokens = list(eagle_engine.ctx.tokens) + [5]
     for curve, most in (([1.0] * 3 + [1e3] * 30, 2), ([1.0] + [1.0001] * 32, eagle.top_k)):
         fix_costs(eagle.costs, curve, monkeypatch)
+        if most > 2:  # (sized by cost, a peaked random draft's rates can tie in floats)
+            monkeypatch.setattr(eagle, "nodes", 32)
         widths.clear()
         eagle.prepare(tokens)
         n, _ = eagle.plan(32, tokens)
         if most == 2:
             assert 1 <= n <= 2 and max(widths) <= 2
         else:
-            assert n == min(32, len(eagle._grown.tokens)) and widths[:2] == [most, most] \
-                and len(widths) == eagle.depth - 1  # (deeper, the best 32 leave out a few)
+            assert n == min(32, len(eagle._grown.tokens)) and widths[:2] == [most, most]
 
 
 def test_deeper_steps_read_the_embedding_of_target_ids(eagle_engine, monkeypatch):
@@ -144,7 +145,7 @@ def test_deeper_steps_read_the_embedding_of_target_ids(eagle_engine, monkeypatch
     if np.array_equal(ids, np.arange(len(ids))):
         pytest.skip("this draft predicts the whole target vocabulary: its rows are target ids")
     assert fed and set(sum(fed, [])) <= set(ids.tolist())
-    assert set(fed[0]) <= set(eagle._grown.tokens.tolist())  # the first depth's best nodes
+    assert fed[0][0] == eagle._grown.tokens[0]  # the best node of all, expanded first
 
 
 def test_auto_considers_eagle_and_stays_exact(eagle_engine, target_path, monkeypatch):
