@@ -190,7 +190,8 @@ class Engine:
                                                 self.drafters.get("eagle") or self.drafters.get("medusa"),
                                                 max_paths=self.ctx.n_seq_max)
             self.remember = remember
-            self.files = (self.target.path, self.draft and self.draft.path, heads, eagle)  # (None: absent)
+            self.files = tuple(None if f is None else Path(f).resolve()  # (None: absent)
+                               for f in (self.target.path, self.draft and self.draft.path, heads, eagle))
             self.files_key = experience.key(self.files)
             if remember:
                 experience.recall(self)

@@ -10,15 +10,14 @@ costs are not here: the calibration store (ggspec.calibration) keeps those.
 Stored in experience.json in the cache directory, under a key naming the model files
 (path, size, modification time) of the target, the draft model and the heads; saved after
 every generation with a drafter that learns (auto, medusa, eagle), dropping what was kept
-for files that no longer exist. Estimates that do not fit
-this engine are ignored: it keeps its starting guesses.
+for files that no longer exist. Estimates that do not fit this engine are ignored: it
+keeps its starting guesses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -35,16 +34,9 @@ def _store() -> Path:
     return hub.cache_dir() / FILE
 
 
-def key(files: Sequence[str | os.PathLike | None]) -> str:
-    """A digest naming these model files (None: absent)."""
-    facts = []
-    for f in files:
-        if f is None:
-            facts.append(None)
-            continue
-        path = Path(f).resolve()
-        st = path.stat()
-        facts.append([str(path), st.st_size, st.st_mtime_ns])
+def key(files: Sequence[Path | None]) -> str:
+    """A digest naming these model files (absolute paths; None: absent)."""
+    facts = [None if f is None else [str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
 
 
