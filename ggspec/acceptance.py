@@ -35,10 +35,11 @@ class Verdict:
 def accept_greedy(target_logits: np.ndarray, draft: Sequence[int] | np.ndarray) -> Verdict:
     """Keep the longest prefix where the draft equals the target's argmax; commit the next argmax."""
     k = _chain_length(target_logits, draft)
-    top = np.argmax(target_logits, axis=-1)  # (k + 1,)
-    mismatch = np.flatnonzero(top[:k] != draft)
-    n = int(mismatch[0]) if mismatch.size else k
-    return Verdict(n, int(top[n]))
+    top = target_logits.argmax(axis=1).tolist()  # (k + 1,)
+    n = 0
+    while n < k and top[n] == draft[n]:
+        n += 1
+    return Verdict(n, top[n])
 
 
 def accept_speculative(

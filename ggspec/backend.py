@@ -204,6 +204,7 @@ class Model(_Owner):
         # Granite-hybrid, Qwen3-Next, ...): its memory cannot drop the last tokens it read
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(handle) or llama_cpp.llama_model_is_hybrid(handle))
         self._piece = ctypes.create_string_buffer(256)
+        self._bytes: dict[int, bytes] = {}  # token_bytes, as tokens are first rendered
         self._markers: list[Marker] | None = None  # the control tokens, read on first use
 
     def _free(self) -> None:
@@ -260,6 +261,12 @@ class Model(_Owner):
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes `token` contributes to generated text (control tokens render empty)."""
+        data = self._bytes.get(token)
+        if data is None:
+            data = self._bytes[token] = self._render(token)
+        return data
+
+    def _render(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         if n < 0:
             self._piece = ctypes.create_string_buffer(-n)
@@ -268,7 +275,7 @@ class Model(_Owner):
 
     def line_ends(self) -> np.ndarray:
         """(n_vocab,) bool: which tokens' text holds a line break."""
-        return np.array([b"\n" in self.token_bytes(t) for t in range(self.n_vocab)])
+        return np.array([b"\n" in self._render(t) for t in range(self.n_vocab)])
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
@@ -445,9 +452,10 @@ class Context(_Owner):
         self._single_sequence()
 
     def _single_sequence(self) -> None:
-        """Every batch row in sequence 0 (set once; a tree batch sets its own ids)."""
+        """Every batch row in sequence 0 only (set once; a tree batch sets its own ids)."""
         for i in range(self.n_batch):
             self._batch.seq_id[i][0] = 0
+        self._nseq[:] = 1
         self._tree_ids = False
 
     def _free(self) -> None:
@@ -479,12 +487,14 @@ class Context(_Owner):
         handle = self.handle  # before writing into the batch, which close() frees too
         b = self._batch
         b.n_tokens = n
-        self._tok[:n] = tokens
-        self._pos[:n] = positions
-        self._out[:n] = want
+        if n == 1:  # a plain round: ctypes writes cost less than numpy's here
+            b.token[0], b.pos[0], b.logits[0] = int(tokens[0]), int(positions[0]), int(want[0])
+        else:
+            self._tok[:n] = tokens
+            self._pos[:n] = positions
+            self._out[:n] = want
         if seq_ids is None:
-            self._nseq[:n] = 1
-            if self._tree_ids:  # a tree batch left other first ids: back to sequence 0
+            if self._tree_ids:  # a tree batch left other ids: back to sequence 0
                 self._single_sequence()
         else:
             self._tree_ids = True
@@ -492,7 +502,7 @@ class Context(_Owner):
                 self._nseq[i] = len(ids)
                 for j, s in enumerate(ids):
                     b.seq_id[i][j] = s
-        n_out = int(np.count_nonzero(want))
+        n_out = int(want[0]) if n == 1 else int(np.count_nonzero(want))
         if self._taps is not None:
             self._taps.seen[:] = 0
         if self._taps is not None or self.embeddings:
@@ -500,7 +510,7 @@ class Context(_Owner):
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(handle, b)
         # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
-        ptr = llama_cpp.llama_get_logits(handle) if rc == 0 and n_out else None
+        address = _logits_address(handle) if rc == 0 and n_out else None
         self.busy_seconds += time.perf_counter() - t0
         if rc != 0:
             reason = DECODE_ERRORS.get(rc, "unknown error")
@@ -509,19 +519,19 @@ class Context(_Owner):
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
-            return self._logits_view(ptr, n)[np.asarray(want) != 0]
-        return self._logits_view(ptr, n_out)
+            return self._logits_view(address, n)[np.asarray(want) != 0]
+        return self._logits_view(address, n_out)
 
-    def _logits_view(self, ptr, rows: int) -> np.ndarray:
+    def _logits_view(self, address: int, rows: int) -> np.ndarray:
         """A (rows, n_vocab) view of llama.cpp's logits buffer, made once per buffer
         address and row count (building one costs more than a plain round's other Python
         work once llama_decode has cooled the CPU caches)."""
-        key = (ctypes.cast(ptr, ctypes.c_void_p).value, rows)
-        view = self._views.get(key)
+        view = self._views.get((address, rows))
         if view is None:
             if len(self._views) > 64:  # llama.cpp moved its buffer: the old views are stale
                 self._views.clear()
-            view = self._views[key] = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+            data = (ctypes.c_float * (rows * self.n_vocab)).from_address(address)
+            view = self._views[address, rows] = np.ctypeslib.as_array(data).reshape(rows, self.n_vocab)
         return view
 
     def hidden(self, n_rows: int) -> np.ndarray:
@@ -572,10 +582,8 @@ class Context(_Owner):
         step = self.n_batch
         for start in range(0, n, step):
             chunk = tokens[start:start + step]
-            want = np.zeros(len(chunk), dtype=np.int8)
-            if logits == "all":
-                want[:] = 1
-            elif logits == "last" and start + step >= n:
+            want = [int(logits == "all")] * len(chunk)
+            if logits == "last" and start + step >= n:
                 want[-1] = 1
             p0 = len(self.tokens)
             # the mirror grows only after a successful decode: an interrupt or error in
@@ -633,6 +641,8 @@ class Context(_Owner):
         between, it is still a prefix of the cache. Where the memory cannot drop them (a
         recurrent state past its rollback slots), the state saved by checkpoint() at or
         before n is restored (else the memory is cleared) and the tokens up to n replayed."""
+        if n >= len(self.tokens) and not self._stale:
+            return  # nothing beyond n (a plain round, a draft accepted whole)
         self._stale = True
         kept = self.tokens[:n]
         del self.tokens[n:]
@@ -776,6 +786,12 @@ class Context(_Owner):
 # Linux, macOS): looked up by their mangled names in llama-cpp-python's own handle to
 # libllama (each lookup a new function object, argtypes set here); None where absent
 _libllama = llama_cpp.llama_cpp._lib
+
+
+# llama_get_logits returning the address as an int (llama_cpp's binding returns a pointer
+# object, which costs a cast per round to key the cached views)
+_logits_address = _libllama["llama_get_logits"]
+_logits_address.restype, _logits_address.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 
 
 def _staging(mangled: str, restype, argtypes):

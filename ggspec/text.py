@@ -37,6 +37,9 @@ class TextStream:
         return out
 
     def _release(self) -> str:
+        if not self._stops:
+            out, self._held = self._held, ""
+            return out
         hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
         if hits:
             # a stop string is complete: emit what precedes it and end

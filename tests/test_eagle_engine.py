@@ -88,6 +88,7 @@ def test_trees_are_best_first_and_sized_by_the_cost_curve(eagle_engine, monkeypa
     monkeypatch.setattr(eagle, "nodes", 0)  # sized by cost
     monkeypatch.setattr(eagle, "draft_seconds", 0.0)
     monkeypatch.setattr(eagle, "_accepted", 100.0)  # as if the draft were very good
+    monkeypatch.setattr(eagle, "_expected", 1.0)
     fix_costs(eagle.costs, [1.0] + [1.0001] * 32, monkeypatch)  # nearly free rows: a full tree
     tokens = list(eagle_engine.ctx.tokens) + [5]
     eagle.prepare(tokens)  # what the last decode computed is the history
@@ -97,8 +98,8 @@ def test_trees_are_best_first_and_sized_by_the_cost_curve(eagle_engine, monkeypa
     assert np.all(np.diff(g.chances) <= 1e-12)                      # best first
     assert np.all(g.parents < np.arange(len(g.parents)))            # parents first
     assert np.all(g.chances[g.parents[g.parents >= 0]] >= g.chances[g.parents >= 0])
-    monkeypatch.setattr(eagle, "_accepted", 1.0)
-    fix_costs(eagle.costs, 1.0 + 0.9 * np.arange(33), monkeypatch)  # each row costs 0.9 token
+    monkeypatch.setattr(eagle, "_accepted", 0.5)  # half of what the chances promise: no node
+    fix_costs(eagle.costs, 1.0 + 0.9 * np.arange(33), monkeypatch)  # brings the 0.9 token a row costs
     eagle.prepare(tokens)
     assert eagle.plan(32, tokens)[0] == 0
 

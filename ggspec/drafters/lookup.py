@@ -144,15 +144,15 @@ class CopySource:
 
     def match(self, max_tokens: int) -> Match:
         """Follow the source over the tokens added since the last call, or search anew."""
-        n = len(self._tokens)
+        tokens = self._tokens
+        n = len(tokens)
         h = self._h
         m = n - self._at
         followed = None
         if self._length and m > 0:
             end = int(self._ends[-1])
-            same = h[end:end + m] == h[self._at:n]
-            hits = m if same.all() else int(np.argmin(same))
-            proposed = tuple(h[end:end + min(hits + 1, m)].tolist())
+            hits = common_prefix(tokens[end:end + m], tokens[self._at:n])
+            proposed = tuple(tokens[end:end + min(hits + 1, m)])
             ends = self._ends
             same = h[ends[:, None] + np.arange(m)] == h[self._at:n]  # (sources, m)
             alternative = None
@@ -170,7 +170,7 @@ class CopySource:
         if not self._length:
             return Match([], followed=followed)
         end = int(self._ends[-1])
-        return Match(h[end:min(end + max_tokens, n)].tolist(), self._length, followed, end < self.prompt_len)
+        return Match(tokens[end:min(end + max_tokens, n)], self._length, followed, end < self.prompt_len)
 
 
     def alternatives(self, max_tokens: int, max_count: int) -> list[tuple[list[int], int]]:
