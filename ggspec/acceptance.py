@@ -35,11 +35,10 @@ class Verdict:
 def accept_greedy(target_logits: np.ndarray, draft: Sequence[int] | np.ndarray) -> Verdict:
     """Keep the longest prefix where the draft equals the target's argmax; commit the next argmax."""
     k = _chain_length(target_logits, draft)
-    top = target_logits.argmax(axis=1).tolist()  # (k + 1,)
-    n = 0
-    while n < k and top[n] == draft[n]:
-        n += 1
-    return Verdict(n, top[n])
+    for n in range(k + 1):  # rows past the first mismatch are not read
+        top = int(target_logits[n].argmax())
+        if n == k or top != draft[n]:
+            return Verdict(n, top)
 
 
 def accept_speculative(
