@@ -153,16 +153,22 @@ class CopySource:
             end = int(self._ends[-1])
             hits = common_prefix(tokens[end:end + m], tokens[self._at:n])
             proposed = tuple(tokens[end:end + min(hits + 1, m)])
-            ends = self._ends
-            same = h[ends[:, None] + np.arange(m)] == h[self._at:n]  # (sources, m)
+            others = self._ends[:-1]  # the other sources (the followed one is the last)
             alternative = None
-            if hits < m:  # the sources that agreed up to the wrong token: did another differ, and rightly?
-                up_to = ends[same[:, :hits].all(axis=1)]
-                if np.any(h[up_to + hits] != h[end + hits]):
-                    alternative = bool(np.any(h[up_to + hits] == h[self._at + hits]))
+            if others.size:
+                same = h[others[:, None] + np.arange(m)] == h[self._at:n]  # (sources, m)
+                still = others[same.all(axis=1)]
+                if hits < m:  # the sources that agreed up to the wrong token: did another differ, and rightly?
+                    up_to = others[same[:, :hits].all(axis=1)]
+                    if np.any(h[up_to + hits] != h[end + hits]):
+                        alternative = bool(np.any(h[up_to + hits] == h[self._at + hits]))
+            else:
+                still = others
             followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative)
             # the sources that continued as the text did stay sources, of a longer match
-            self._ends = ends[same.all(axis=1)] + m
+            if hits == m:
+                still = np.append(still, end)
+            self._ends = still + m
             self._length = self._length + m if self._ends.size else 0
         if not self._length:
             self._length, self._ends = longest_match(h[:n])
