@@ -489,10 +489,12 @@ class Context(_Owner):
         b.n_tokens = n
         if n == 1:  # a plain round: ctypes writes cost less than numpy's here
             b.token[0], b.pos[0], b.logits[0] = int(tokens[0]), int(positions[0]), int(want[0])
+            n_out = int(want[0])
         else:
             self._tok[:n] = tokens
             self._pos[:n] = positions
             self._out[:n] = want
+            n_out = int(np.count_nonzero(want))
         if seq_ids is None:
             if self._tree_ids:  # a tree batch left other ids: back to sequence 0
                 self._single_sequence()
@@ -502,7 +504,6 @@ class Context(_Owner):
                 self._nseq[i] = len(ids)
                 for j, s in enumerate(ids):
                     b.seq_id[i][j] = s
-        n_out = int(want[0]) if n == 1 else int(np.count_nonzero(want))
         if self._taps is not None:
             self._taps.seen[:] = 0
         if self._taps is not None or self.embeddings:

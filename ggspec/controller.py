@@ -271,8 +271,7 @@ class AcceptanceModel:
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
 # the recent hit rate: RECENT_EDGES likewise.
 MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
-RECENT_EDGES = np.array([0.0, 0.25, 0.5, 0.75])
-RECENT_EDGES_LIST = RECENT_EDGES.tolist()
+RECENT_EDGES = (0.0, 0.25, 0.5, 0.75)
 RECENT_EMA = 1 / 8  # the recent hit rate weighs about the last eight outcomes
 # starting guesses by match length, replaced by measurements on this engine's answers
 MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.85, 0.9, 0.9])
@@ -315,7 +314,7 @@ class MatchAcceptance:
 
     @property
     def row(self) -> int:
-        return bisect.bisect_right(RECENT_EDGES_LIST, self.recent) - 1
+        return bisect.bisect_right(RECENT_EDGES, self.recent) - 1
 
     def chances(self, match_len: int, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens;
@@ -378,14 +377,9 @@ def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostMod
     tokens per second, and that rate: its first `copied` tokens cost nothing to draft, the
     later ones the draft model's time (catching up on `behind` tokens first)."""
     k = np.arange(shortest, len(chances) + 1)
-    gain = expected_accepted(chances)
-    gain = 1 + (gain[k - 1] if shortest else np.concatenate([[0.0], gain]))
-    seconds = costs.t_verify(k + 1)
-    if len(chances) > copied:  # some tokens are the draft model's
-        seconds = seconds + costs.t_draft(np.maximum(k - copied, 0), behind + copied)
-    if costs.state_copy:
-        seconds = seconds + costs.t_rewind(chances)[k]
-    rate = gain / seconds
+    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[k]
+    rate = gain / (costs.t_verify(k + 1) + costs.t_draft(np.maximum(k - copied, 0), behind + copied)
+                   + costs.t_rewind(chances)[k])
     i = int(np.argmax(rate))
     return int(k[i]), float(rate[i])
 

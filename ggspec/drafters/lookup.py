@@ -154,7 +154,7 @@ class CopySource:
             hits = common_prefix(tokens[end:end + m], tokens[self._at:n])
             proposed = tuple(tokens[end:end + min(hits + 1, m)])
             others = self._ends[:-1]  # the other sources (the followed one is the last)
-            alternative = None
+            alternative, still = None, others
             if others.size:
                 same = h[others[:, None] + np.arange(m)] == h[self._at:n]  # (sources, m)
                 still = others[same.all(axis=1)]
@@ -162,8 +162,6 @@ class CopySource:
                     up_to = others[same[:, :hits].all(axis=1)]
                     if np.any(h[up_to + hits] != h[end + hits]):
                         alternative = bool(np.any(h[up_to + hits] == h[self._at + hits]))
-            else:
-                still = others
             followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative)
             # the sources that continued as the text did stay sources, of a longer match
             if hits == m:
