@@ -115,9 +115,10 @@ def assert_next_logits_match_a_fresh_prefill(ctx, model_path: str, committed: li
     with Model(model_path) as model, Context(model, CFG) as fresh:
         fresh.eval(committed[:-1], logits="none")
         want = fresh.eval(committed[-1:], logits="last")[0].copy()
-    # batches of other sizes round differently (here up to ~4e-3 on logits of spread 3);
+    # batches of other sizes round differently (typically up to ~4e-3 on logits of spread 3,
+    # once 2.07e-2 on one of 717 logits after a long history of mixed batch sizes);
     # a missing, extra or wrong cached token moves logits by O(1)
-    np.testing.assert_allclose(got, want, atol=2e-2)
+    np.testing.assert_allclose(got, want, atol=5e-2)
 
 
 def test_chat_turns_cancelled_at_random_points_keep_the_cache_and_the_transcript(target_path, draft_path):
