@@ -517,4 +517,7 @@ class Engine:
         return "medusa" in self.drafters or "eagle" in self.drafters
 
     def _busy(self) -> float:
-        return sum(c.busy_seconds for c in self._contexts)
+        """Seconds this thread has waited on llama.cpp: inside llama_decode, or for the
+        draft model's worker (its decodes while this thread went on do not count)."""
+        draft = self.drafters.get("draft")
+        return sum(c.busy_seconds for c in self._contexts) - (draft.hidden_seconds if draft is not None else 0.0)

@@ -26,8 +26,8 @@ class Stats:
     decode_seconds: float = 0.0      # wall time after prefill
     draft_seconds: float = 0.0       # time spent proposing (drafter's llama.cpp + Python)
     verify_seconds: float = 0.0      # time in the target's verification decodes
-    llama_seconds: float = 0.0       # time inside llama_decode, target and draft (overlapping
-                                     # when drafting ahead: it may then exceed decode_seconds)
+    llama_seconds: float = 0.0       # time waiting on llama.cpp: inside llama_decode, target and
+                                     # draft, or for the draft model drafting ahead
     ahead_rounds: int = 0            # rounds whose verification ran with the draft model drafting ahead
     ahead_drafts: int = 0            # rounds whose draft was drafted ahead (the guess held)
     finish_reason: str = ""

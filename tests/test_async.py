@@ -309,3 +309,28 @@ def test_cli_run_with_async_draft_and_draft_threads(target_path, draft_path):
     refused = CliRunner().invoke(cli, ["run", "-m", target_path, "-d", draft_path, "--method", "lookup",
                                        "--async-draft", "hello"])
     assert refused.exit_code != 0 and "--method draft" in refused.output
+
+
+def test_decodes_drafted_ahead_during_the_verification_are_not_counted_as_waiting(engine, monkeypatch):
+    """llama_seconds is the time the engine waited on llama.cpp: the worker's decodes that
+    ran while the target verified are hidden, so the Python overhead stays the rest.
+    Here each target decode takes 40 ms and each draft decode 5 ms: the worker's chain
+    of up to 3 decodes fits inside the verification."""
+    import ggspec.backend as backend
+
+    decode = backend.llama_cpp.llama_decode
+    target = engine.ctx.handle
+
+    def slow(handle, batch):
+        time.sleep(0.04 if handle == target else 0.005)
+        return decode(handle, batch)
+
+    monkeypatch.setattr(backend.llama_cpp, "llama_decode", slow)
+    draft = engine.drafters["draft"]
+    hidden = draft.hidden_seconds
+    got = engine.generate(random_prompt(11), max_tokens=24, sampling=GREEDY, spec=AHEAD2)
+    s = got.stats
+    assert s.ahead_rounds > 5
+    assert draft.hidden_seconds - hidden > 0.005 * s.ahead_rounds  # at least one draft decode a round was hidden
+    assert 0 < s.llama_seconds < s.decode_seconds
+    assert 0 < s.overhead_seconds < 0.3 * s.decode_seconds

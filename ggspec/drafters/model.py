@@ -38,6 +38,7 @@ class _Ahead:
         self.chain = Draft([])         # [guess, *next round's draft] with their q
         self.error: Exception | None = None
         self.thread: threading.Thread | None = None
+        self.busy = 0.0  # seconds the worker spent inside llama_decode
 
     def go_on(self, out: list[int]) -> bool:
         """Called after each drafted token. The worker writes guess before it reads bonus
@@ -71,6 +72,8 @@ class ModelDrafter:
         self.n_vocab = ctx.n_vocab if n_vocab is None else n_vocab
         self._ahead: _Ahead | None = None
         self.catch_up = (1, 0.0)  # the last chain's first decode: (rows, seconds)
+        # seconds the worker spent inside llama_decode while the caller did not wait for it
+        self.hidden_seconds = 0.0
 
     def _row(self, logits: np.ndarray) -> np.ndarray:
         """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf."""
@@ -158,10 +161,12 @@ class ModelDrafter:
         rng = np.random.default_rng(rng.integers(2**63))
 
         def work() -> None:
+            busy = self.ctx.busy_seconds
             try:
                 ahead.chain = self._chain(ahead.base, budget + 1, sampling, rng, ahead.go_on)
             except Exception as e:  # handed to the main thread by _join
                 ahead.error = e
+            ahead.busy = self.ctx.busy_seconds - busy
 
         ahead.thread = threading.Thread(target=work, name="ggspec-draft-ahead", daemon=True)
         ahead.thread.start()
@@ -178,7 +183,7 @@ class ModelDrafter:
                 ahead.stop.set()
         else:
             ahead.stop.set()
-        ahead.thread.join()
+        self._wait(ahead)
         self._ahead = None  # (only once joined: an interrupted join leaves it for stop())
         if ahead.error is not None:
             ahead.error.add_note("(raised in the draft model's worker thread, drafting ahead)")
@@ -191,8 +196,14 @@ class ModelDrafter:
         ahead = self._ahead
         if ahead is not None:
             ahead.stop.set()
-            ahead.thread.join()
+            self._wait(ahead)
             self._ahead = None
+
+    def _wait(self, ahead: _Ahead) -> None:
+        """Join the worker; its llama.cpp time that the wait did not cover was hidden."""
+        t0 = time.perf_counter()
+        ahead.thread.join()
+        self.hidden_seconds += max(ahead.busy - (time.perf_counter() - t0), 0.0)
 
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
         """A rejected draft voids the worker's speculation: stop it now (the next
