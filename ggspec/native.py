@@ -5,7 +5,9 @@ and `llama-speculative-simple` (llama.cpp's speculative decoding, one --spec-typ
 llama-cpp-python vendors. Each run is a subprocess on the same GGUF files, threads, context
 size and prompt text as the engine; its decode speed is parsed from what the tool logs:
 
-    llama-completion          common_perf_print:        eval time =  3545.21 ms /    63 runs   (...)
+    llama-completion          common_perf_print: prompt eval time =   161.38 ms /     8 tokens (...)
+                              common_perf_print:        eval time =  3545.21 ms /    63 runs   (...)
+                              common_perf_print:       total time =  3721.42 ms /    71 tokens
     llama-speculative-simple  decoded   64 tokens in    3.105 seconds, speed:   20.611 t/s
                               n_drafted = 40 / n_accept  = 31
 """
@@ -163,6 +165,7 @@ def _layers(n: int) -> str:
 
 _PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 _EVAL = re.compile(r":\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs")
+_TOTAL = re.compile(r"total time =\s*([\d.]+) ms")
 _ENCODED = re.compile(r"encoded\s+(\d+) tokens in")
 _DECODED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
 _DRAFTED = re.compile(r"n_drafted\s*=\s*(\d+)")
@@ -178,10 +181,12 @@ def _find(pattern: re.Pattern, text: str, what: str) -> re.Match:
 
 def parse_completion(stderr: str) -> NativeRun:
     """llama-completion's timings: one decode call ("run") per generated token after the
-    prompt, timed inside llama.cpp (sampling excluded)."""
+    prompt, over the wall time after the prompt (its total less the prompt's evaluation:
+    decoding, sampling and the tool's own work, as ggspec's decode time counts them)."""
     prompt = _find(_PROMPT_EVAL, stderr, "'prompt eval time'")
-    ms, runs = _find(_EVAL, stderr, "'eval time'").groups()
-    return NativeRun(prompt_tokens=int(prompt.group(2)), tokens=int(runs), seconds=float(ms) / 1000)
+    runs = _find(_EVAL, stderr, "'eval time'").group(2)
+    total = float(_find(_TOTAL, stderr, "'total time'").group(1))
+    return NativeRun(prompt_tokens=int(prompt.group(2)), tokens=int(runs), seconds=(total - float(prompt.group(1))) / 1000)
 
 
 def parse_speculative(stderr: str) -> NativeRun:

@@ -97,8 +97,8 @@ def test_draft_simple_runs_only_with_a_draft_model(tmp_path):
 
 def test_parse_llama_completion_output():
     run = parse_completion((DATA / "llama-completion.stderr.txt").read_text())
-    assert run == NativeRun(prompt_tokens=433, tokens=47, seconds=pytest.approx(19.12214))
-    assert run.tokens_per_second == pytest.approx(47 / 19.12214)
+    assert run == NativeRun(prompt_tokens=433, tokens=47, seconds=pytest.approx(28.33558 - 9.18605))  # total - prompt
+    assert run.tokens_per_second == pytest.approx(47 / 19.14953)
     assert (run.drafted, run.accepted) == (0, 0)
 
 
@@ -115,6 +115,9 @@ def test_parse_llama_speculative_simple_output(mode):
 def test_output_without_timings_is_refused():
     with pytest.raises(ValueError, match="'eval time'"):
         parse_completion("common_perf_print: prompt eval time = 1.0 ms / 3 tokens (...)\n")
+    with pytest.raises(ValueError, match="'total time'"):
+        parse_completion("common_perf_print: prompt eval time = 1.0 ms / 3 tokens (...)\n"
+                         "common_perf_print:        eval time = 9.0 ms / 2 runs (...)\n")
     with pytest.raises(ValueError, match="'decoded N tokens'"):
         parse_speculative((DATA / "llama-completion.stderr.txt").read_text())
 
