@@ -29,7 +29,7 @@ from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
 from .errors import GgspecError
 from .heads.collect import CollectConfig
 from .heads.report import format_eagle_report, format_report
-from .native import LlamaCpp, check_dir
+from .native import MODES as NATIVE_MODES, LlamaCpp, check_dir
 from .repl import contents, interrupt_cancels, piped, repl
 from .stats import footer
 from .tree import TREE_SHAPES
@@ -410,11 +410,14 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @click.option("--native", "native_dir", type=click.Path(), metavar="DIR",
               help="Also run llama.cpp's llama-completion and llama-speculative-simple from DIR "
                    "(built by tools/build_llama_cpp.py).")
+@click.option("--native-mode", "native_modes", multiple=True, type=click.Choice(NATIVE_MODES[1:]),
+              help="With --native: a llama.cpp speculative mode to run (repeatable; llama-completion's plain "
+                   "decoding always runs, as llama.cpp's baseline).  [default: every mode the models allow]")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw tok/s and acceptance by position (needs matplotlib).")
 def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy, repetitions, max_tokens, chat,
-          native_dir, as_json, plot, **opts) -> None:
+          native_dir, native_modes, as_json, plot, **opts) -> None:
     """Compare methods and draft lengths.
 
     Workloads: code (write a function), edit (add type hints to a 60-line module: the
@@ -425,6 +428,8 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
     """
     if plot:
         benchmark.pyplot()  # fail before the long run, not after
+    if native_modes and native_dir is None:
+        raise click.UsageError("--native-mode chooses among llama.cpp's modes: add --native DIR")
     if native_dir is not None:
         if opts["rpc"] or opts["draft_rpc"]:
             raise click.UsageError("--native runs llama.cpp's tools on this machine only; drop --rpc or --native")
@@ -454,8 +459,12 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
                 raise GgspecError(f"{e}; use --threads 2 or more") from None
         else:
             grid = benchmark.variants(methods or [(m, ()) for m in available_methods(engine)], ks, async_draft)
-        native = None if native_dir is None else LlamaCpp(
-            native_dir, engine.target.path, engine.draft.path if engine.draft else None, threads, engine.n_ctx, *layers)
+        try:
+            native = None if native_dir is None else LlamaCpp(
+                native_dir, engine.target.path, engine.draft.path if engine.draft else None, threads, engine.n_ctx,
+                *layers, modes=tuple(native_modes) or None)
+        except ValueError as e:
+            raise GgspecError(f"--native-mode: {e}; load one with -d/--draft") from None
         runs = len(grid) + (len(native.variants()) if native else 0)
         with tqdm(total=len(workloads) * runs * repetitions, desc="bench", unit="run",
                   leave=False, disable=None) as bar:

@@ -92,7 +92,8 @@ def check_dir(directory: str | os.PathLike) -> Path:
 class LlamaCpp:
     """llama.cpp's binaries in `directory`, run on the engine's models and settings.
     n_gpu_layers -1 offloads every layer, as BackendConfig does; n_gpu_layers_draft None:
-    as the target."""
+    as the target. modes: the modes to run (plain always runs: it is the baseline); None:
+    every mode these models allow."""
 
     directory: Path
     target: Path
@@ -101,13 +102,20 @@ class LlamaCpp:
     n_ctx: int
     n_gpu_layers: int = -1
     n_gpu_layers_draft: int | None = None
+    modes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "directory", check_dir(self.directory))
+        for mode in self.modes or ():
+            NativeVariant(mode)  # refuses an unknown one
+        if self.draft is None and "draft-simple" in (self.modes or ()):
+            raise ValueError("llama.cpp draft-simple needs a draft model")
 
     def variants(self) -> list[NativeVariant]:
-        """Every mode these models allow: draft-simple needs a draft model."""
-        return [NativeVariant(m) for m in MODES if m != "draft-simple" or self.draft is not None]
+        """plain, then the chosen modes (every one these models allow when none was chosen:
+        draft-simple needs a draft model), in MODES order."""
+        chosen = MODES if self.modes is None else ("plain", *self.modes)
+        return [NativeVariant(m) for m in MODES if m in chosen and (m != "draft-simple" or self.draft is not None)]
 
     def command(self, variant: NativeVariant, prompt_file: Path, max_tokens: int,
                 sampling: SamplingConfig) -> list[str]:

@@ -79,6 +79,30 @@ def test_each_speculative_mode_is_one_spec_type_of_llama_speculative_simple(llam
         assert (opts["-md"], opts["-ngld"], opts["-td"]) == ("/m/draft.gguf", "all", "2")
 
 
+def test_native_modes_choose_what_runs_after_plain(tmp_path):
+    bin_dir = fake_binaries(tmp_path / "bin")
+    chosen = LlamaCpp(bin_dir, Path("t.gguf"), Path("d.gguf"), 2, 2048, modes=("ngram-mod", "draft-simple"))
+    assert [v.mode for v in chosen.variants()] == ["plain", "draft-simple", "ngram-mod"]  # MODES order
+    assert [v.mode for v in LlamaCpp(bin_dir, Path("t.gguf"), None, 2, 2048, modes=()).variants()] == ["plain"]
+    with pytest.raises(ValueError, match="draft-simple needs a draft model"):
+        LlamaCpp(bin_dir, Path("t.gguf"), None, 2, 2048, modes=("draft-simple",))
+    with pytest.raises(ValueError, match="unknown llama.cpp mode 'ngram'"):
+        LlamaCpp(bin_dir, Path("t.gguf"), None, 2, 2048, modes=("ngram",))
+
+
+def test_bench_native_mode_errors(tmp_path, target_path):
+    runner = CliRunner()
+    got = runner.invoke(cli, ["bench", "-m", str(target_path), "--native-mode", "ngram-mod", "--allow-busy"])
+    assert got.exit_code == 2 and "--native-mode chooses among llama.cpp's modes: add --native DIR" in got.output
+    got = runner.invoke(cli, ["bench", "-m", str(target_path), "--no-draft", "--native", str(fake_binaries(tmp_path / "b")),
+                              "--native-mode", "draft-simple", "--allow-busy", "-w", "code"])
+    assert got.exit_code == 1
+    assert got.output.strip().splitlines()[-1] == ("Error: --native-mode: llama.cpp draft-simple needs a draft model; "
+                                                   "load one with -d/--draft")
+    got = runner.invoke(cli, ["bench", "-m", str(target_path), "--native-mode", "ngram"])
+    assert got.exit_code == 2 and "'ngram' is not one of" in got.output
+
+
 def test_gpu_layers_follow_the_engine_settings(tmp_path):
     llama = LlamaCpp(fake_binaries(tmp_path / "bin"), Path("t.gguf"), Path("d.gguf"), 4, 2048,
                      n_gpu_layers=0, n_gpu_layers_draft=12)
