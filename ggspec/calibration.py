@@ -1,8 +1,11 @@
 """Measure what a verification costs on this machine, once, and remember it on disk.
 
 A calibration times one llama_decode of b rows after the cached tokens for every b the
-controller may use (once each; the rounds that follow correct the points they use), and
-one draft-model token. It is
+controller may use, in PASSES passes over the sizes (up, then down), keeping each size's
+fastest (the rounds that follow correct the points they use), and one draft-model token.
+Every size is measured alike: a curve whose t(1) were the best of more tries than the other
+points would overstate every other point against it, and a size that looks too dear is
+never tried, so never corrected. It is
 stored in calibration.json in the cache directory under a key naming everything that
 changes the figures: the model file (path, size, modification time), the context's
 settings (threads, batch, GPU layers, flash attention, sequences, embeddings, rollback slots),
@@ -27,7 +30,7 @@ from .backend import Context
 
 DENSE_ROWS = 33   # every size up to here is measured (CPU kernels favour some sizes, e.g.
 STRIDE = 8        # multiples of 16); above it every STRIDE-th one
-BASELINE_REPEATS = 3  # t(1), the plain round every plan is weighed against: the fastest of 3
+PASSES = 2        # timings of each size: the fastest counts
 FILE = "calibration.json"
 
 
@@ -38,7 +41,8 @@ def context_key(ctx: Context) -> str:
     cfg = ctx.cfg
     facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
              cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
-             llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count()]
+             llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count(),
+             ("passes", PASSES)]  # (curves stored before passes were measured another way)
     if ctx.n_rs_seq:  # rollback slots (recurrent models); absent, the keys stored before them hold
         facts.append(("rollback slots", ctx.n_rs_seq))
     if cfg.rpc or cfg.tensor_split:  # split across RPC servers: likewise only then
@@ -60,7 +64,7 @@ def measure(ctx: Context, rows: int) -> np.ndarray:
     ctx.truncate(n)
     sizes = measured_sizes(rows)
     seconds = dict.fromkeys(sizes, np.inf)
-    for b in [1] * (BASELINE_REPEATS - 1) + sizes:  # once each (rounds correct them later)
+    for b in [b for i in range(PASSES) for b in (sizes if i % 2 == 0 else sizes[::-1])]:
         t0 = time.perf_counter()
         ctx.eval(filler * b, logits="all")
         seconds[b] = min(seconds[b], time.perf_counter() - t0)

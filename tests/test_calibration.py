@@ -108,3 +108,26 @@ def test_an_engine_reuses_the_stored_calibration(store, measured, target_path):
             eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
             assert eng.costs.calibrated and eng.costs.max_rows == SpecConfig().draft_max + 1
     assert len(measured) == 1
+
+
+def test_every_size_is_timed_in_each_pass_and_its_fastest_kept(target_path, monkeypatch):
+    """Each size alike (t(1) too): PASSES timings, up then down, the fastest kept. Here a
+    decode of b rows takes b seconds on a clock that adds 10 s to every first-pass timing."""
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Model(target_path, cfg) as model, Context(model, cfg) as ctx:
+        ctx.eval([1, 2, 3], logits="none")
+        sizes, clock = [], [0.0]
+        real_eval = ctx.eval
+
+        def fake_eval(tokens, logits="last"):
+            sizes.append(len(tokens))
+            clock[0] += len(tokens) + (10.0 if len(sizes) <= 1 + 5 else 0.0)  # warm-up + first pass
+            return real_eval(tokens, logits=logits)
+
+        monkeypatch.setattr(ctx, "eval", fake_eval)
+        monkeypatch.setattr(calibration.time, "perf_counter", lambda: clock[0])
+        curve = calibration.measure(ctx, 5)
+        assert ctx.tokens == [1, 2, 3]
+    assert calibration.PASSES == 2
+    assert sizes == [1, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1]  # warm-up, up, down
+    assert curve.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
