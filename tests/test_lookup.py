@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ggspec.drafters import lookup
-from ggspec.drafters.lookup import SEARCH_MAX, CopySource, LookupDrafter, longest_match
+from ggspec.drafters.lookup import MANY, SEARCH_MAX, CopySource, History, LookupDrafter
 
 
 def reference_longest(history, max_len=SEARCH_MAX):
@@ -61,19 +61,51 @@ def test_suffix_is_never_its_own_match():
     assert found.tokens == [4] and found.length == 1
 
 
+@pytest.mark.parametrize("many", [MANY, 0])  # 0: every search compares as arrays
 @pytest.mark.parametrize("seed", range(60))
-def test_longest_match_equals_brute_force(seed):
+def test_longest_match_equals_brute_force(seed, many, monkeypatch):
+    monkeypatch.setattr(lookup, "MANY", many)
     rng = random.Random(seed)
     history = [rng.randrange(rng.choice([2, 3, 5])) for _ in range(rng.randrange(1, 120))]
     max_len = rng.choice([1, 3, 8, SEARCH_MAX])
-    length, ends = longest_match(np.array(history, dtype=np.int32), max_len)
-    assert (length, ends.tolist()) == reference_longest(history, max_len)
+    assert History(history).longest_match(max_len) == reference_longest(history, max_len)
 
 
+@pytest.mark.parametrize("copies", [MANY // 2, MANY + 1, 5 * MANY])
+def test_many_long_candidates_equal_brute_force(copies):
+    """A line repeated many times: every copy agrees with the suffix for SEARCH_MAX
+    tokens or almost, and a frequent pair followed by different text each time."""
+    rng = random.Random(copies)
+    line = [rng.randrange(1000) for _ in range(SEARCH_MAX + 8)]
+    history = [t for i in range(copies) for t in line[:SEARCH_MAX - i % 3]] + line[:SEARCH_MAX]
+    assert History(history).longest_match() == reference_longest(history)
+    history = [t for _ in range(copies) for t in (7, 8, rng.randrange(3), rng.randrange(1000))] + [1, 7, 8]
+    assert History(history).longest_match() == reference_longest(history)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_history_cut_back_equals_a_rebuild(seed):
+    rng = random.Random(seed)
+    tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 80))]
+    history = History(tokens)
+    history.array()
+    for _ in range(10):
+        n = rng.randrange(len(tokens) + 1)
+        tokens = tokens[:n] + [rng.randrange(4) for _ in range(rng.randrange(5))]
+        history.cut(n)
+        history.extend(tokens[n:])
+        rebuilt = History(tokens)
+        assert history.tokens == tokens
+        assert (history._one, history._two) == (rebuilt._one, rebuilt._two)
+        assert history.array().tolist() == tokens
+
+
+@pytest.mark.parametrize("many", [MANY, 0])  # 0: every source is followed as arrays
 @pytest.mark.parametrize("seed", range(40))
-def test_followed_source_is_a_valid_match_at_least_as_long_as_a_search(seed):
+def test_followed_source_is_a_valid_match_at_least_as_long_as_a_search(seed, many, monkeypatch):
     """Fed in random chunks (and sometimes rewound), the source always matches the
     history's suffix, and is at least as long as what a fresh search finds."""
+    monkeypatch.setattr(lookup, "MANY", many)
     rng = random.Random(seed)
     source, history = CopySource(), []
     for _ in range(30):
@@ -81,12 +113,12 @@ def test_followed_source_is_a_valid_match_at_least_as_long_as_a_search(seed):
             history = history[:rng.randrange(len(history))]
         history = history + [rng.randrange(3) for _ in range(rng.choice([0, 1, 1, 2, 5]))]
         source.sync(history)
-        assert source.history.tolist() == history
+        assert source.history == history
         found = source.match(6)
         fresh = source_after(history, 6)
         assert found.length >= fresh.length
         if found.length:
-            for end in source._ends.tolist():  # every source matches; the most recent is copied
+            for end in source._ends:  # every source matches; the most recent is copied
                 assert end < len(history)
                 assert history[end - found.length:end] == history[len(history) - found.length:]
             assert found.tokens == history[source._ends[-1]:source._ends[-1] + 6]
@@ -99,7 +131,7 @@ def test_an_accepted_copy_is_followed_without_searching(monkeypatch):
     first = drafter.match(history, 4)
     assert first.tokens == text[5:9] and first.length == 5
     searches = []
-    monkeypatch.setattr(lookup, "longest_match", lambda *a: searches.append(a) or (0, lookup._EMPTY))
+    monkeypatch.setattr(History, "longest_match", lambda *a: searches.append(a) or (0, []))
     history += text[5:8]  # three drafts accepted, then the target's own token agrees too
     history += [text[8]]
     followed = drafter.match(history, 4)
@@ -181,3 +213,21 @@ def test_a_source_in_the_prompt_is_told_apart_from_one_in_the_output():
     out = prompt + [1, 2, 3, 4, 1, 2]
     found = drafter.match(out, 4)
     assert found.tokens == [3, 4, 1, 2] and not found.in_prompt    # copies the answer
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_sources_compared_as_arrays_or_lists_give_the_same_matches(seed, monkeypatch):
+    """Many sources are followed (and many candidates searched) as arrays, few as lists:
+    both give the same matches, reports and alternatives."""
+    def run(many):
+        monkeypatch.setattr(lookup, "MANY", many)
+        rng = random.Random(seed)
+        source, history, seen = CopySource(), [], []
+        for _ in range(60):
+            if rng.random() < 0.1 and history:
+                history = history[:rng.randrange(len(history))]
+            history = history + [rng.randrange(rng.choice([2, 4])) for _ in range(rng.choice([1, 2, 5, 9]))]
+            source.sync(history)
+            seen.append((source.match(8), source.alternatives(8, 3), list(source._ends)))
+        return seen
+    assert run(0) == run(10 ** 9)

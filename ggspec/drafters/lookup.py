@@ -1,14 +1,16 @@
 """Prompt lookup: copy what followed the longest earlier match of the text just written.
 
-The history (prompt, then output) lives in a growing int32 array. A *match* is the
+The history (prompt, then output) is a list of token ids, with where each token and each
+pair of adjacent tokens occurs (kept as it grows or is cut back). A *match* is the
 longest suffix h[n-L:n] that also ends at an earlier position e < n; its *source* is the
 most recent such e, and the draft is what followed it there, h[e:e+k]. The continuation
 may run into the suffix itself, which is how repetition loops are predicted: in
 ``a b c a b c`` the suffix ``a b c`` last occurred at the start, followed by ``a b c``.
 
-Search: the earlier positions whose token equals the last one, then, for all of them at
-once, how many tokens before agree with the suffix (one vectorised comparison of windows
-of up to SEARCH_MAX tokens): O(n) for the first step, then O(candidates x SEARCH_MAX).
+Search: the earlier occurrences of the last pair of tokens (of the last token when the
+pair never occurred), then, one token further back at a time, those that still agree
+with the suffix, up to SEARCH_MAX tokens: no pass over the whole history, and work in
+proportion to the candidates and how far they agree.
 
 Following: once a source is found it is followed forward. When the tokens committed
 since are exactly what the source continued with, the source advances with them and the
@@ -19,6 +21,7 @@ length is the drafter's confidence: the controller estimates acceptance by it
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,25 +33,87 @@ from . import Draft
 
 SEARCH_MAX = 32  # longest match a search measures; following lets a match grow beyond it
 MAX_ALTERNATIVES = 64  # other sources read for candidate continuations, most recent first
-_EMPTY = np.zeros(0, dtype=np.int64)
+MANY = 32  # more candidates (sources) than this are compared as arrays, fewer as lists
 
 
-def longest_match(h: np.ndarray, max_len: int = SEARCH_MAX) -> tuple[int, np.ndarray]:
-    """(L, ends): the longest L <= max_len such that h[-L:] == h[e-L:e] for some e <
-    len(h), and every such e in ascending order; (0, empty) when the last token never
-    occurred before."""
-    n = len(h)
-    if n < 2:
-        return 0, _EMPTY
-    ends = np.flatnonzero(h[:n - 1] == h[n - 1]) + 1  # h[e - 1] == h[n - 1], e <= n - 1
-    if ends.size == 0:
-        return 0, _EMPTY
-    back = np.arange(min(max_len, n - 1))
-    at = ends[:, None] - 1 - back                           # (c, w) positions compared
-    same = (h[np.maximum(at, 0)] == h[n - 1 - back]) & (at >= 0)
-    lengths = np.cumprod(same, axis=1).sum(axis=1)         # (c,) agreeing tokens from the end
-    best = int(lengths.max())
-    return best, ends[lengths == best]
+class History:
+    """A token history and where each token and each pair of adjacent tokens occurs: for
+    a token x, the ascending ends e with h[e - 1] == x; for a pair (x, y), those with
+    h[e - 2:e] == [x, y]. Kept as the history grows and is cut back."""
+
+    def __init__(self, tokens: Sequence[int] = ()) -> None:
+        self.tokens: list[int] = []
+        self._one: defaultdict[int, list[int]] = defaultdict(list)
+        self._two: defaultdict[tuple[int, int], list[int]] = defaultdict(list)
+        self._array = np.zeros(1024, dtype=np.int32)
+        self._arrayed = 0  # how many of the tokens _array holds
+        self.extend(tokens)
+
+    def extend(self, new: Sequence[int]) -> None:
+        h, one, two = self.tokens, self._one, self._two
+        e = len(h)
+        prev = h[-1] if h else None
+        for x in new:
+            e += 1
+            one[x].append(e)
+            if e > 1:
+                two[prev, x].append(e)
+            prev = x
+        h.extend(new)
+
+    def cut(self, n: int) -> None:
+        """Keep the first n tokens."""
+        h, one, two = self.tokens, self._one, self._two
+        for e in range(len(h), n, -1):  # each end is the last of its lists
+            x = h[e - 1]
+            one[x].pop()
+            if not one[x]:
+                del one[x]
+            if e > 1:
+                pair = h[e - 2], x
+                two[pair].pop()
+                if not two[pair]:
+                    del two[pair]
+        del h[n:]
+        self._arrayed = min(self._arrayed, n)
+
+    def array(self) -> np.ndarray:
+        """The tokens as an array (n,), copied over as far as they were not yet."""
+        n = len(self.tokens)
+        if len(self._array) < n:
+            self._array = np.concatenate([self._array[:self._arrayed], np.zeros(2 * n, dtype=np.int32)])
+        self._array[self._arrayed:n] = self.tokens[self._arrayed:n]
+        self._arrayed = n
+        return self._array[:n]
+
+    def longest_match(self, max_len: int = SEARCH_MAX) -> tuple[int, list[int]]:
+        """(L, ends): the longest L <= max_len such that h[-L:] == h[e-L:e] for some e <
+        len(h), and every such e in ascending order; (0, []) when the last token never
+        occurred before."""
+        h = self.tokens
+        n = len(h)
+        if n < 2:
+            return 0, []
+        ends = self._two.get((h[-2], h[-1]), []) if max_len > 1 else []
+        if len(ends) < 2:  # the last pair never occurred before: a match of one token, or none
+            ends = self._one[h[-1]]
+            return (1, ends[:-1]) if len(ends) > 1 else (0, [])
+        ends, length = ends[:-1], 2  # (the last is the suffix itself)
+        if len(ends) > MANY:  # how much further back each agrees, at once
+            a, e = self.array(), np.fromiter(ends, np.int64, len(ends))
+            back = np.arange(length, min(max_len, n - 1))
+            at = e[:, None] - 1 - back                           # (c, w) positions compared
+            same = (a[np.maximum(at, 0)] == a[n - 1 - back]) & (at >= 0)
+            further = np.cumprod(same, axis=1).sum(axis=1)      # (c,) agreeing tokens beyond the pair
+            best = further.max()
+            return length + int(best), e[further == best].tolist()
+        while length < max_len:  # keep the ends that agree with the suffix one token further back
+            x = h[n - 1 - length]
+            longer = [e for e in ends if e > length and h[e - 1 - length] == x]
+            if not longer:
+                break
+            ends, length = longer, length + 1
+        return length, ends
 
 
 def copyable(context: Sequence[int], output: Sequence[int]) -> np.ndarray:
@@ -105,94 +170,91 @@ class CopySource:
     """The token history and the copy source being followed."""
 
     def __init__(self) -> None:
-        self._h = np.zeros(1024, dtype=np.int32)
-        self._tokens: list[int] = []  # the same history as a list, to compare with callers'
+        self._history = History()
         # sources: every e with h[e - length:e] == h[n - length:n], e < n, ascending; the
         # last (most recent) is the one followed
-        self._ends = _EMPTY
+        self._ends: list[int] = []
         self._length = 0  # 0: no source
         self._at = 0      # the history length the source was valid for
         self.prompt_len = 0  # history before this is the prompt
 
     def __len__(self) -> int:
-        return len(self._tokens)
+        return len(self._history.tokens)
 
     @property
-    def history(self) -> np.ndarray:
-        return self._h[:len(self._tokens)]
+    def history(self) -> list[int]:
+        return self._history.tokens
 
     def sync(self, tokens: Sequence[int]) -> None:
         """Make the history equal `tokens`, keeping the common prefix."""
-        h = self._tokens
-        n = common_prefix(h, tokens)
-        if n < len(h):
-            del h[n:]
+        h = self._history
+        n = common_prefix(h.tokens, tokens)
+        if n < len(h.tokens):
+            h.cut(n)
             if n < self._at:  # the text the source matched changed
                 self._length = 0
-        new = tokens[n:]
-        if new:
-            end = len(h) + len(new)
-            if end > len(self._h):
-                self._h = np.concatenate([self._h, np.zeros(max(end, len(self._h)), dtype=np.int32)])
-            self._h[len(h):end] = new
-            h.extend(new)
+        h.extend(tokens[n:])
 
     def forget(self) -> None:
         """Drop the source (a new prompt: its tokens are not the target's to predict)."""
         self._length = 0
-        self._at = self.prompt_len = len(self._tokens)
+        self._at = self.prompt_len = len(self._history.tokens)
 
     def match(self, max_tokens: int) -> Match:
         """Follow the source over the tokens added since the last call, or search anew."""
-        tokens = self._tokens
-        n = len(tokens)
-        h = self._h
+        h = self._history.tokens
+        n = len(h)
         m = n - self._at
         followed = None
         if self._length and m > 0:
-            end = int(self._ends[-1])
-            hits = common_prefix(tokens[end:end + m], tokens[self._at:n])
-            proposed = tuple(tokens[end:end + min(hits + 1, m)])
-            others = self._ends[:-1]  # the other sources (the followed one is the last)
-            alternative, still = None, others
-            if others.size:
-                same = h[others[:, None] + np.arange(m)] == h[self._at:n]  # (sources, m)
-                still = others[same.all(axis=1)]
-                if hits < m:  # the sources that agreed up to the wrong token: did another differ, and rightly?
-                    up_to = others[same[:, :hits].all(axis=1)]
-                    if np.any(h[up_to + hits] != h[end + hits]):
-                        alternative = bool(np.any(h[up_to + hits] == h[self._at + hits]))
-            followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative)
-            # the sources that continued as the text did stay sources, of a longer match
+            end = self._ends[-1]
+            new = h[self._at:n]
+            hits = common_prefix(h[end:end + m], new)
+            # the other sources that continued as the text did stay sources, of a longer match;
+            # after: the tokens after those that agreed up to the wrong token
+            if len(self._ends) > MANY + 1:
+                a, o = self._history.array(), np.fromiter(self._ends, np.int64, len(self._ends))[:-1]
+                same = a[o[:, None] + np.arange(m)] == a[self._at:n]  # (sources, m)
+                stay = (o[same.all(axis=1)] + m).tolist()
+                after = a[o[same[:, :hits].all(axis=1)] + hits].tolist() if hits < m else []
+            else:
+                others = self._ends[:-1]
+                stay = [e + m for e in others if h[e:e + m] == new]
+                after = [h[e + hits] for e in others if h[e:e + hits] == new[:hits]] if hits < m else []
+            # did another source differ from the followed one at the wrong token, and rightly?
+            alternative = new[hits] in after if any(y != h[end + hits] for y in after) else None
+            followed = Followed(self._length, tuple(h[end:end + min(hits + 1, m)]), hits, end < self.prompt_len,
+                                alternative)
             if hits == m:
-                still = np.append(still, end)
-            self._ends = still + m
-            self._length = self._length + m if self._ends.size else 0
+                stay.append(end + m)
+            self._ends = stay
+            self._length = self._length + m if stay else 0
         if not self._length:
-            self._length, self._ends = longest_match(h[:n])
+            self._length, self._ends = self._history.longest_match()
         self._at = n
         if not self._length:
             return Match([], followed=followed)
-        end = int(self._ends[-1])
-        return Match(tokens[end:min(end + max_tokens, n)], self._length, followed, end < self.prompt_len)
-
+        end = self._ends[-1]
+        return Match(h[end:min(end + max_tokens, n)], self._length, followed, end < self.prompt_len)
 
     def alternatives(self, max_tokens: int, max_count: int) -> list[tuple[list[int], int]]:
         """Up to max_count continuations of the other sources of the current match that
         differ from the followed one's, most recent first, each with how many sources
         continue so (after match())."""
-        n = len(self._tokens)
         if not self._length:
             return []
-        h = self._h
-        first = h[self._ends[-1]:min(self._ends[-1] + max_tokens, n)].tolist()
+        h = self._history.tokens
+        n = len(h)
+        ends = self._ends
+        first = h[ends[-1]:min(ends[-1] + max_tokens, n)]
         seen: dict[tuple[int, ...], int] = {}
-        for e in self._ends[-2::-1][:MAX_ALTERNATIVES].tolist():
-            cont = tuple(h[e:min(e + max_tokens, n)].tolist())
-            if list(cont) == first[:len(cont)]:
+        for e in reversed(ends[max(len(ends) - 1 - MAX_ALTERNATIVES, 0):-1]):
+            cont = h[e:min(e + max_tokens, n)]
+            if cont == first[:len(cont)]:
                 continue
-            if cont in seen or len(seen) < max_count:
-                seen[cont] = seen.get(cont, 0) + 1
+            key = tuple(cont)
+            if key in seen or len(seen) < max_count:
+                seen[key] = seen.get(key, 0) + 1
         return [(list(c), k) for c, k in seen.items()]
 
 
