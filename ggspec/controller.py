@@ -319,7 +319,7 @@ class MatchAcceptance:
     def chances(self, match_len: int, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens;
         line_ends (k,): which of them end a line."""
-        return self.chance_at(match_len + np.arange(len(line_ends)), line_ends, in_prompt)
+        return self.chance_at(np.arange(match_len, match_len + len(line_ends)), line_ends, in_prompt)
 
     def chance_at(self, lengths: np.ndarray, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
@@ -336,15 +336,15 @@ class MatchAcceptance:
         it proposed more, line_ends being longer) a wrong one. line_ends: which of the
         tokens it proposed end a line."""
         source = int(in_prompt)
-        buckets = self.bucket(match_len + np.arange(len(line_ends)))
-        for i, (end, b) in enumerate(zip(line_ends.tolist(), buckets.tolist())):
+        for i, end in enumerate(line_ends.tolist()):  # (element by element: a few tokens)
             hit = float(i < hits)
+            b = bisect.bisect_right(MATCH_EDGES, match_len + i) - 1  # = bucket(match_len + i)
             at = (source, self.row, int(end))
             _learn(self.p[at], self._seen[at], b, hit, self.PRIOR_WEIGHT)
-            near = slice(max(b - 1, 0), b + 2)
             hits_at, trials_at = self.hits[at], self.trials[at]
-            hits_at[near] += self.NEIGHBOUR * hit
-            trials_at[near] += self.NEIGHBOUR
+            for near in range(max(b - 1, 0), min(b + 2, len(MATCH_EDGES))):
+                hits_at[near] += self.NEIGHBOUR * hit
+                trials_at[near] += self.NEIGHBOUR
             hits_at[b] += (1 - self.NEIGHBOUR) * hit
             trials_at[b] += 1 - self.NEIGHBOUR
             self.recent += RECENT_EMA * (hit - self.recent)
@@ -371,17 +371,22 @@ class Plan:
         return self.lookup + self.model
 
 
-def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostModel,
+def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostModel, verify: np.ndarray,
                  behind: int = 1) -> tuple[int, float]:
     """The chain length from `shortest` to len(chances) with the most expected committed
     tokens per second, and that rate: its first `copied` tokens cost nothing to draft, the
-    later ones the draft model's time (catching up on `behind` tokens first)."""
-    k = np.arange(shortest, len(chances) + 1)
-    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[k]
-    rate = gain / (costs.t_verify(k + 1) + costs.t_draft(np.maximum(k - copied, 0), behind + copied)
-                   + costs.t_rewind(chances)[k])
+    later ones the draft model's time (catching up on `behind` tokens first).
+    verify: t_verify(1), ..., t_verify(len(chances) + 1) at least."""
+    k = len(chances)
+    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[shortest:]  # (k + 1 - shortest,)
+    cost = verify[shortest:k + 1]
+    if k > copied:  # (t_draft and t_rewind add zeros when nothing is drafted or copied)
+        cost = cost + costs.t_draft(np.arange(shortest - copied, k + 1 - copied).clip(0), behind + copied)
+    if costs.state_copy:
+        cost = cost + costs.t_rewind(chances)[shortest:]
+    rate = gain / cost
     i = int(np.argmax(rate))
-    return int(k[i]), float(rate[i])
+    return shortest + i, float(rate[i])
 
 
 def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | None,
@@ -392,7 +397,8 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
     offers). The draft model may draft alone or continue after the whole copied chain;
     it has not seen the last `behind` committed tokens (1: only the last one)."""
     copied = lookup[:budget]
-    n, rate = _best_length(copied, len(copied), 0, costs)  # 0: plain decoding
+    verify = costs.t_verify(np.arange(1, (budget if model is not None else len(copied)) + 2))
+    n, rate = _best_length(copied, len(copied), 0, costs, verify)  # 0: plain decoding
     best = Plan(lookup=n)
     if model is None:
         return best, rate
@@ -400,7 +406,7 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
         if prefix == budget:
             continue
         chances = np.concatenate([copied[:prefix], model.chances(budget - prefix)])
-        k, r = _best_length(chances, prefix, prefix + 1, costs, behind)
+        k, r = _best_length(chances, prefix, prefix + 1, costs, verify, behind)
         if r > rate:
             best, rate = Plan(lookup=prefix, model=k - prefix), r
     return best, rate
