@@ -80,7 +80,8 @@ class CostModel:
         """Seconds to verify `rows` rows (an int or an array of them); beyond the
         calibrated range the cost grows linearly from the last point."""
         b = np.minimum(rows, len(self.curve))
-        return self.scale * self.curve[b - 1] * self.correction[b - 1] * rows / b
+        i = b - 1
+        return self.scale * self.curve[i] * self.correction[i] * rows / b
 
     def t_rewind(self, chances: np.ndarray) -> np.ndarray:
         """Expected seconds spent undoing rejections for chains of 0..k tokens with these

@@ -137,7 +137,7 @@ class AutoDrafter:
 
     def _ends(self, tokens: Sequence[int]) -> np.ndarray:
         """Which of `tokens` end a line (bool, len(tokens))."""
-        return self.line_ends[np.asarray(tokens, dtype=np.intp)]
+        return self.line_ends[list(tokens)]  # (a list: one call, and never read as a multi-axis index)
 
     def _explore(self, tokens: Sequence[int]) -> Plan:
         """After many plain rounds, draft one draft-model token to re-measure its
