@@ -398,6 +398,8 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
     offers). The draft model may draft alone or continue after the whole copied chain;
     it has not seen the last `behind` committed tokens (1: only the last one)."""
     copied = lookup[:budget]
+    if model is None and not len(copied):  # plain decoding is the only plan
+        return Plan(), float(1 / costs.t_verify(1))
     verify = costs.t_verify(np.arange(1, (budget if model is not None else len(copied)) + 2))
     n, rate = _best_length(copied, len(copied), 0, costs, verify)  # 0: plain decoding
     best = Plan(lookup=n)

@@ -129,6 +129,55 @@ def test_an_answers_outcomes_inform_the_neighbouring_match_lengths():
     assert after[3] == before[3]                                        # others nothing
 
 
+def test_an_outcome_counts_for_its_match_length_and_half_for_each_neighbour_at_the_edges_too():
+    acc = MatchAcceptance()
+    acc.observe(match_len=1, line_ends=inside(1), hits=1, in_prompt=True)       # the first bucket
+    acc.observe(match_len=500, line_ends=inside(1), hits=0, in_prompt=False)    # the last bucket
+    row = acc.row
+    assert acc.trials[1, :, 0].sum() == acc.trials[0, :, 0].sum() == 1.5
+    np.testing.assert_array_equal(acc.hits[1].sum(axis=(0, 1))[:3], [1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(acc.trials[0].sum(axis=(0, 1))[-3:], [0.0, 0.5, 1.0])
+    assert acc.hits[0].sum() == 0.0 and row == acc.row
+
+
+def brute_best_plan(costs, copied, model, budget, behind):
+    """Every plan's rate from the cost model's own terms, one plan at a time; the first
+    best in best_plan's order (copy only, shortest first; then the model after the whole
+    copy, then the model alone; a later plan only when strictly better)."""
+    def rate(chances, k, prefix):
+        gain = 1 + (expected_accepted(chances)[k - 1] if k else 0.0)
+        draft = costs.t_draft(max(k - prefix, 0), behind + prefix) if model is not None else 0.0
+        return gain / (costs.t_verify(k + 1) + draft + costs.t_rewind(chances)[k])
+    copied = copied[:budget]
+    best = max(((rate(copied, k, len(copied)), -k) for k in range(len(copied) + 1)))
+    plan, r = Plan(lookup=-best[1]), best[0]
+    for prefix in sorted({0, len(copied)}, reverse=True) if model is not None else ():
+        if prefix == budget:
+            continue
+        chances = np.concatenate([copied[:prefix], model.chances(budget - prefix)])
+        for k in range(prefix + 1, len(chances) + 1):
+            if rate(chances, k, prefix) > r:
+                plan, r = Plan(lookup=prefix, model=k - prefix), rate(chances, k, prefix)
+    return plan, r
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_best_plan_is_the_best_of_all_plans_one_by_one(seed):
+    rng = np.random.default_rng(seed)
+    costs = CostModel(np.cumsum(rng.uniform(0.05, 1.0, rng.integers(2, 18))), draft_token=rng.uniform(0, 0.5))
+    costs.correction = rng.uniform(0.8, 1.2, costs.max_rows)
+    costs.scale, costs.draft_row = rng.uniform(0.5, 2.0), rng.uniform(0, 0.5)
+    costs.state_copy, costs.rollback = rng.choice([0.0, 0.0, 0.1]), int(rng.integers(0, 3))
+    copied = rng.uniform(0, 1, rng.integers(0, 17)) ** rng.choice([0.2, 1.0])
+    model = AcceptanceModel(0.5, 16) if rng.random() < 0.6 else None
+    if model is not None:
+        model.alpha = rng.uniform(0, 1, 16)
+    budget, behind = int(rng.integers(0, 17)), int(rng.integers(1, 4))
+    plan, rate = best_plan(costs, copied, model, budget, behind)
+    want, want_rate = brute_best_plan(costs, copied, model, budget, behind)
+    assert plan == want and rate == pytest.approx(want_rate, rel=1e-12)
+
+
 def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():
     costs = CostModel(np.array([1.0, 1.5, 2.0, 3.0]))
     for _ in range(200):
