@@ -10,7 +10,10 @@ may run into the suffix itself, which is how repetition loops are predicted: in
 Search: the earlier occurrences of the last pair of tokens (of the last token when the
 pair never occurred), then, one token further back at a time, those that still agree
 with the suffix, up to SEARCH_MAX tokens: no pass over the whole history, and work in
-proportion to the candidates and how far they agree.
+proportion to the candidates and how far they agree. Past MANY candidates (a frequent
+pair, a line repeated many times) they are compared all at once as arrays instead, as
+are more than MANY sources being followed: list operations cost little per call but
+per element, array operations the reverse.
 
 Following: once a source is found it is followed forward. When the tokens committed
 since are exactly what the source continued with, the source advances with them and the
@@ -50,6 +53,7 @@ class History:
         self.extend(tokens)
 
     def extend(self, new: Sequence[int]) -> None:
+        """Append `new` to the tokens."""
         h, one, two = self.tokens, self._one, self._two
         e = len(h)
         prev = h[-1] if h else None
