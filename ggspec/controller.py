@@ -229,8 +229,9 @@ def expected_accepted(chances: np.ndarray) -> np.ndarray:
 def _learn(p: np.ndarray, n: np.ndarray, i: int, outcome: float, prior: float) -> None:
     """Move estimate p[i] toward outcome: a mean over the first observations (the prior
     counting as `prior` of them), an exponential moving average after that."""
-    n[i] += 1
-    p[i] += max(1.0 / (n[i] + prior), EMA) * (outcome - p[i])
+    seen, value = float(n[i]) + 1, float(p[i])  # (as floats: one read and one write of each)
+    n[i] = seen
+    p[i] = value + max(1.0 / (seen + prior), EMA) * (outcome - value)
 
 
 class AcceptanceModel:
