@@ -39,6 +39,13 @@ MAX_ALTERNATIVES = 64  # other sources read for candidate continuations, most re
 MANY = 32  # more candidates (sources) than this are compared as arrays, fewer as lists
 
 
+def as_ends(ends: list[int] | np.ndarray) -> list[int] | np.ndarray:
+    """Positions as searches and sources keep them: a list of MANY or fewer, else an array."""
+    if len(ends) > MANY:
+        return ends if isinstance(ends, np.ndarray) else np.fromiter(ends, np.int64, len(ends))
+    return ends if isinstance(ends, list) else ends.tolist()
+
+
 class History:
     """A token history and where each token and each pair of adjacent tokens occurs: for
     a token x, the ascending ends e with h[e - 1] == x; for a pair (x, y), those with
@@ -90,10 +97,10 @@ class History:
         self._arrayed = n
         return self._array[:n]
 
-    def longest_match(self, max_len: int = SEARCH_MAX) -> tuple[int, list[int]]:
+    def longest_match(self, max_len: int = SEARCH_MAX) -> tuple[int, list[int] | np.ndarray]:
         """(L, ends): the longest L <= max_len such that h[-L:] == h[e-L:e] for some e <
-        len(h), and every such e in ascending order; (0, []) when the last token never
-        occurred before."""
+        len(h), and every such e in ascending order (as_ends); (0, []) when the last token
+        never occurred before."""
         h = self.tokens
         n = len(h)
         if n < 2:
@@ -101,16 +108,16 @@ class History:
         ends = self._two.get((h[-2], h[-1]), []) if max_len > 1 else []
         if len(ends) < 2:  # the last pair never occurred before: a match of one token, or none
             ends = self._one[h[-1]]
-            return (1, ends[:-1]) if len(ends) > 1 else (0, [])
+            return (1, as_ends(ends[:-1])) if len(ends) > 1 else (0, [])
         ends, length = ends[:-1], 2  # (the last is the suffix itself)
         if len(ends) > MANY:  # how much further back each agrees, at once
-            a, e = self.array(), np.fromiter(ends, np.int64, len(ends))
+            a, e = self.array(), as_ends(ends)
             back = np.arange(length, min(max_len, n - 1))
             at = e[:, None] - 1 - back                           # (c, w) positions compared
             same = (a[np.maximum(at, 0)] == a[n - 1 - back]) & (at >= 0)
             further = np.cumprod(same, axis=1).sum(axis=1)      # (c,) agreeing tokens beyond the pair
             best = further.max()
-            return length + int(best), e[further == best].tolist()
+            return length + int(best), as_ends(e[further == best])
         while length < max_len:  # keep the ends that agree with the suffix one token further back
             x = h[n - 1 - length]
             longer = [e for e in ends if e > length and h[e - 1 - length] == x]
@@ -177,7 +184,7 @@ class CopySource:
         self._history = History()
         # sources: every e with h[e - length:e] == h[n - length:n], e < n, ascending; the
         # last (most recent) is the one followed
-        self._ends: list[int] = []
+        self._ends: list[int] | np.ndarray = []
         self._length = 0  # 0: no source
         self._at = 0      # the history length the source was valid for
         self.prompt_len = 0  # history before this is the prompt
@@ -211,34 +218,36 @@ class CopySource:
         m = n - self._at
         followed = None
         if self._length and m > 0:
-            end = self._ends[-1]
+            end = int(self._ends[-1])
             new = h[self._at:n]
             hits = common_prefix(h[end:end + m], new)
             # the other sources that continued as the text did stay sources, of a longer match;
             # after: the tokens after those that agreed up to the wrong token
-            if len(self._ends) > MANY + 1:
-                a, o = self._history.array(), np.fromiter(self._ends, np.int64, len(self._ends))[:-1]
+            if isinstance(self._ends, np.ndarray):  # many: compared all at once
+                a, o = self._history.array(), self._ends[:-1]
                 same = a[o[:, None] + np.arange(m)] == a[self._at:n]  # (sources, m)
-                stay = (o[same.all(axis=1)] + m).tolist()
+                stay = o[same.all(axis=1)] + m
                 after = a[o[same[:, :hits].all(axis=1)] + hits].tolist() if hits < m else []
+                if hits == m:
+                    stay = np.append(stay, end + m)
             else:
                 others = self._ends[:-1]
                 stay = [e + m for e in others if h[e:e + m] == new]
                 after = [h[e + hits] for e in others if h[e:e + hits] == new[:hits]] if hits < m else []
+                if hits == m:
+                    stay.append(end + m)
             # did another source differ from the followed one at the wrong token, and rightly?
             alternative = new[hits] in after if any(y != h[end + hits] for y in after) else None
             followed = Followed(self._length, tuple(h[end:end + min(hits + 1, m)]), hits, end < self.prompt_len,
                                 alternative)
-            if hits == m:
-                stay.append(end + m)
-            self._ends = stay
-            self._length = self._length + m if stay else 0
+            self._ends = as_ends(stay)
+            self._length = self._length + m if len(stay) else 0
         if not self._length:
             self._length, self._ends = self._history.longest_match()
         self._at = n
         if not self._length:
             return Match([], followed=followed)
-        end = self._ends[-1]
+        end = int(self._ends[-1])
         return Match(h[end:min(end + max_tokens, n)], self._length, followed, end < self.prompt_len)
 
     def alternatives(self, max_tokens: int, max_count: int) -> list[tuple[list[int], int]]:
@@ -250,7 +259,8 @@ class CopySource:
         h = self._history.tokens
         n = len(h)
         ends = self._ends
-        first = h[ends[-1]:min(ends[-1] + max_tokens, n)]
+        end = int(ends[-1])
+        first = h[end:min(end + max_tokens, n)]
         seen: dict[tuple[int, ...], int] = {}
         for e in reversed(ends[max(len(ends) - 1 - MAX_ALTERNATIVES, 0):-1]):
             cont = h[e:min(e + max_tokens, n)]
