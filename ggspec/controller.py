@@ -80,8 +80,7 @@ class CostModel:
         """Seconds to verify `rows` rows (an int or an array of them); beyond the
         calibrated range the cost grows linearly from the last point."""
         b = np.minimum(rows, len(self.curve))
-        i = b - 1
-        return self.scale * self.curve[i] * self.correction[i] * rows / b
+        return self.scale * self.curve[b - 1] * self.correction[b - 1] * rows / b
 
     def t_rewind(self, chances: np.ndarray) -> np.ndarray:
         """Expected seconds spent undoing rejections for chains of 0..k tokens with these
@@ -338,9 +337,9 @@ class MatchAcceptance:
         it proposed more, line_ends being longer) a wrong one. line_ends: which of the
         tokens it proposed end a line."""
         source = int(in_prompt)
-        for i, end in enumerate(line_ends.tolist()):  # (element by element: a few tokens)
+        buckets = self.bucket(np.arange(match_len, match_len + len(line_ends))).tolist()
+        for i, (end, b) in enumerate(zip(line_ends.tolist(), buckets)):  # (element by element: a few tokens)
             hit = float(i < hits)
-            b = bisect.bisect_right(MATCH_EDGES, match_len + i) - 1  # = bucket(match_len + i)
             at = (source, self.row, int(end))
             _learn(self.p[at], self._seen[at], b, hit, self.PRIOR_WEIGHT)
             hits_at, trials_at = self.hits[at], self.trials[at]
