@@ -387,7 +387,7 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @cli.command()
 @_model_options
 @click.option("-w", "--workload", "names", multiple=True, type=click.Choice([*benchmark.WORKLOADS, "all"]),
-              help="Built-in workload (repeatable).  [default: all]")
+              help="Built-in workload (repeatable).  [default: all, or none with --prompt-file]")
 @click.option("--prompt-file", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Add a workload: the file's text as the user message (repeatable).")
 @click.option("--method", "methods", multiple=True, callback=_method_list, metavar="METHOD[:K,...]",
@@ -434,8 +434,8 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
         if opts["rpc"] or opts["draft_rpc"]:
             raise click.UsageError("--native runs llama.cpp's tools on this machine only; drop --rpc or --native")
         native_dir = check_dir(native_dir)
-    workloads = [benchmark.WORKLOADS[n] for n in
-                 (benchmark.WORKLOADS if not names or "all" in names else dict.fromkeys(names))]
+    every = "all" in names or not (names or prompt_file)  # (prompt files alone: only they run)
+    workloads = [benchmark.WORKLOADS[n] for n in (benchmark.WORKLOADS if every else dict.fromkeys(names))]
     workloads += [benchmark.workload_from_file(p) for p in prompt_file]
     sampling = _sampling(opts)
     ks = ks or (_SPEC.draft_max,)

@@ -111,6 +111,15 @@ def test_bench_command_json(target_path, draft_path, tmp_path):
     assert cells == [(w, m, k) for w in ("code", "extra") for m, k in (("none", None), ("draft", 2), ("draft", 3))]
 
 
+def test_bench_with_prompt_files_alone_runs_only_them(target_path, tmp_path):
+    extra = tmp_path / "mine.txt"
+    extra.write_text("hello world")
+    got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--threads", "1", "--prompt-file", str(extra),
+                                   "--method", "none", "-n", "2", "-r", "1", "--json", "--allow-busy"])
+    assert got.exit_code == 0, got.output
+    assert {r["workload"] for r in json.loads(got.stdout)["rows"]} == {"mine"}
+
+
 def test_bench_command_table(target_path):
     got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--threads", "1", "-w", "prose", "-n", "4",
                                    "--allow-busy"])
