@@ -8,15 +8,12 @@ points would overstate every other point against it, and a size that looks too d
 never tried, so never corrected.
 
 A row attends to every cached token, so a verification costs more the deeper the context:
-on the default pair here (tools/cost_curve.py), 16 rows cost 6.7 t(1) after 10 cached tokens,
-8.3 t(1) after 600, and 8.7 t(1) after 3000, where t(1) itself has grown by 60%. So the same sizes are
-timed again DEEPER tokens further on, and what each cached token adds is fitted as one
-cost per row (a row attends to every cached token: the cost grows with rows x depth); the
-cost model adds it at the depth of each round. (One figure for every size: fitted per size,
-a shallow calibration finds t(1) flat, which it stops being deeper in the context, and the
-level correction that follows then overstates every other size.) Not for a recurrent
-target: its state does not grow with the tokens, and it could not be cut back to where the
-calibration started.
+on the default pair, 16 rows cost 7.1 t(1) after 10 cached tokens and 8.4-8.7 t(1) after
+300-600, while t(1) itself barely moves. So the same sizes are timed again DEEPER tokens
+further on, and the growth per cached token is fitted as a + b * rows (attention's cost is
+linear in the rows and the depth); the cost model adds it at the depth of each round. (Not
+for a recurrent target: its state does not grow with the tokens, and it could not be cut
+back to where the calibration started.)
 
 Stored in calibration.json in the cache directory under a key naming everything that
 changes the figures: the model file (path, size, modification time), the context's
@@ -56,7 +53,7 @@ def context_key(ctx: Context) -> str:
     facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
              cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
              llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count(),
-             ("passes", PASSES), ("deeper, per row", DEEPER)]  # (curves stored before were measured another way)
+             ("passes", PASSES), ("deeper", DEEPER)]  # (curves stored before were measured another way)
     if ctx.n_rs_seq:  # rollback slots (recurrent models); absent, the keys stored before them hold
         facts.append(("rollback slots", ctx.n_rs_seq))
     if cfg.rpc or cfg.tensor_split:  # split across RPC servers: likewise only then
@@ -85,8 +82,9 @@ def measure(ctx: Context, rows: int) -> tuple[np.ndarray, np.ndarray]:
         ctx.eval(filler * deeper, logits="none")
         deep = _time_sizes(ctx, filler, sizes)
         ctx.truncate(n)
-        per_row = np.dot(sizes, deep - shallow) / np.dot(sizes, sizes) / deeper  # (least squares through 0)
-        slope = max(per_row, 0.0) * sizes
+        a, b = np.linalg.lstsq(np.stack([np.ones(len(sizes)), sizes], axis=1), (deep - shallow) / deeper,
+                               rcond=None)[0]
+        slope = np.maximum(a + b * sizes, 0.0)
     curve = np.maximum(shallow - n * slope, 0.5 * shallow)  # (at no depth; never below half what was seen)
     every = np.arange(1, rows + 1)
     return np.interp(every, sizes, curve), np.interp(every, sizes, slope)
