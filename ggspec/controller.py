@@ -26,16 +26,14 @@ EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before tryi
 class CostModel:
     """Seconds per target verification of b rows and per draft-model token.
 
-    The shape of the verification curve comes from a calibration (ggspec.calibration):
-    its cost at no depth, and what each cached token adds (`slope`: the rows attend to
-    them); the engine sets `depth` before each round. It need not grow monotonically (on
-    a CPU, 16 rows can cost less than 15: the matrix kernels work in tiles). Its level
-    follows the rounds actually run: each verification of b rows moves `scale` toward
-    observed / calibrated, so a measurement at any size keeps the whole curve current
-    (the machine warms up, or is shared); and a size's own correction follows, slowly,
-    how its rounds compare with that level, so a point the calibration got wrong is
-    corrected where it is used.
-    t(b) = scale * (curve[b - 1] + depth * slope[b - 1]) * correction[b - 1].
+    The shape of the verification curve comes from a calibration (ggspec.calibration);
+    it need not grow monotonically (on a CPU, 16 rows can cost less than 15: the matrix
+    kernels work in tiles). Its level follows the rounds actually run: each verification
+    of b rows moves `scale` toward observed / calibrated, so a measurement at any size
+    keeps the whole curve current (the KV cache deepens, the machine warms up); and a
+    size's own correction follows, slowly, how its rounds compare with that level, so a
+    point the calibration got wrong is corrected where it is used.
+    t(b) = scale * curve[b - 1] * correction[b - 1].
 
     draft_token: seconds the draft model takes per drafted token. draft_row: seconds per
     further row when it first catches up on tokens it has not seen (the tokens committed
@@ -59,8 +57,7 @@ class CostModel:
 
     def reset(self) -> None:
         """Forget every measurement (the machine changed: threads, offloading)."""
-        self.curve = self.correction = self.slope = None
-        self.depth = 0  # tokens in the target's cache before the round being planned
+        self.curve = self.correction = None
         self.scale = 1.0
         self.draft_token = self.draft_row = 0.0
         self.overlap = Overlap()
@@ -69,9 +66,8 @@ class CostModel:
     def calibrated(self) -> bool:
         return self.curve is not None
 
-    def calibrate(self, curve: np.ndarray, draft_token: float = 0.0, slope: np.ndarray | None = None) -> None:
-        self.curve = np.array(curve, dtype=np.float64)  # (b_max,): curve[b - 1] = t(b) at no depth
-        self.slope = np.zeros_like(self.curve) if slope is None else np.array(slope, dtype=np.float64)
+    def calibrate(self, curve: np.ndarray, draft_token: float = 0.0) -> None:
+        self.curve = np.array(curve, dtype=np.float64)  # (b_max,): curve[b - 1] = t(b) when measured
         self.correction = np.ones_like(self.curve)
         self.scale = 1.0
         self.draft_token = self.draft_row = draft_token
@@ -84,7 +80,7 @@ class CostModel:
         """Seconds to verify `rows` rows (an int or an array of them); beyond the
         calibrated range the cost grows linearly from the last point."""
         b = np.minimum(rows, len(self.curve))
-        return self.scale * (self.curve[b - 1] + self.depth * self.slope[b - 1]) * self.correction[b - 1] * rows / b
+        return self.scale * self.curve[b - 1] * self.correction[b - 1] * rows / b
 
     def t_rewind(self, chances: np.ndarray) -> np.ndarray:
         """Expected seconds spent undoing rejections for chains of 0..k tokens with these
@@ -104,7 +100,7 @@ class CostModel:
 
     def observe_verify(self, rows: int, seconds: float) -> None:
         if self.curve is not None and rows <= len(self.curve):
-            ratio = seconds / (self.curve[rows - 1] + self.depth * self.slope[rows - 1])
+            ratio = seconds / self.curve[rows - 1]
             self.scale += EMA * (ratio - self.scale)
             self.correction[rows - 1] += self.SHAPE_EMA * (ratio / self.scale - self.correction[rows - 1])
 
@@ -128,7 +124,6 @@ class CostModel:
         """The estimates as plain data, to save (ggspec.session)."""
         return {"curve": None if self.curve is None else self.curve.tolist(),
                 "correction": None if self.correction is None else self.correction.tolist(),
-                "slope": None if self.slope is None else self.slope.tolist(),
                 "scale": self.scale, "draft_token": self.draft_token, "draft_row": self.draft_row, "state_copy": self.state_copy,
                 "rollback": self.rollback, "overlap": self.overlap.state()}
 
@@ -136,8 +131,6 @@ class CostModel:
         """Take the estimates of state(); ValueError when they do not fit."""
         curve = None if state["curve"] is None else estimates(state["curve"])
         self.correction = None if curve is None else estimates(state["correction"], curve.shape)
-        # (saved before the depth was measured: none)
-        self.slope = None if curve is None else estimates(state.get("slope") or np.zeros_like(curve), curve.shape)
         self.curve = curve
         self.scale, self.draft_token = float(state["scale"]), float(state["draft_token"])
         self.draft_row = float(state.get("draft_row", self.draft_token))

@@ -388,7 +388,6 @@ class Engine:
                 break
             # propose
             budget = self._budget(spec, max_tokens - len(generated), len(committed))
-            self.costs.depth = len(committed) - 1  # (the pending token is verified with the draft)
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
             if draft.tree is None:  # a recurrent target's state may be saved here (the cost model counts it apart)
@@ -482,9 +481,8 @@ class Engine:
         draft = self.drafters.get("draft")
         draft_token = 0.0
         if draft is not None and len(draft.ctx.tokens) + 2 <= draft.ctx.n_ctx:
-            draft_token = float(calibration.verify_curve(draft.ctx, 1, progress=self._progress)[0][0])
-        curve, slope = calibration.verify_curve(self.ctx, rows, progress=self._progress)
-        self.costs.calibrate(curve, draft_token, slope)
+            draft_token = float(calibration.verify_curve(draft.ctx, 1, progress=self._progress)[0])
+        self.costs.calibrate(calibration.verify_curve(self.ctx, rows, progress=self._progress), draft_token)
         self.costs.state_copy, self.costs.rollback = self.ctx.time_state_copy(), self.ctx.n_rs_seq
 
     def _take(self, token: int, from_draft: bool, generated: list[int], text: TextStream,

@@ -167,7 +167,6 @@ def test_best_plan_is_the_best_of_all_plans_one_by_one(seed):
     costs = CostModel(np.cumsum(rng.uniform(0.05, 1.0, rng.integers(2, 18))), draft_token=rng.uniform(0, 0.5))
     costs.correction = rng.uniform(0.8, 1.2, costs.max_rows)
     costs.scale, costs.draft_row = rng.uniform(0.5, 2.0), rng.uniform(0, 0.5)
-    costs.slope, costs.depth = rng.uniform(0, 1e-3, costs.max_rows), int(rng.integers(0, 2000))
     costs.state_copy, costs.rollback = rng.choice([0.0, 0.0, 0.1]), int(rng.integers(0, 3))
     copied = rng.uniform(0, 1, rng.integers(0, 17)) ** rng.choice([0.2, 1.0])
     model = AcceptanceModel(0.5, 16) if rng.random() < 0.6 else None
@@ -185,25 +184,6 @@ def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():
         costs.observe_verify(1, 2.0)  # the machine (or the context depth) doubled t(1)
     np.testing.assert_allclose(costs.t_verify(np.arange(1, 5)), [2.0, 3.0, 4.0, 6.0], rtol=1e-3)
     assert costs.t_verify(8) == pytest.approx(12.0, rel=1e-3)  # linear beyond the curve
-
-
-def test_verification_costs_grow_with_the_depth_as_calibrated():
-    costs = CostModel()
-    costs.calibrate(np.array([1.0, 1.5, 2.0, 3.0]), slope=np.array([0.0, 1e-3, 2e-3, 3e-3]))
-    np.testing.assert_allclose(costs.t_verify(np.arange(1, 5)), [1.0, 1.5, 2.0, 3.0])
-    costs.depth = 500
-    np.testing.assert_allclose(costs.t_verify(np.arange(1, 5)), [1.0, 2.0, 3.0, 4.5])
-    for _ in range(50):
-        costs.observe_verify(4, 4.5)  # as calibrated at this depth: nothing to correct
-    assert costs.scale == pytest.approx(1.0) and costs.t_verify(4) == pytest.approx(4.5)
-    state = costs.state()
-    again = CostModel()
-    again.set_state(state)
-    again.depth = 500
-    assert again.t_verify(4) == pytest.approx(4.5)
-    del state["slope"]  # (saved before the depth was measured)
-    again.set_state(state)
-    assert again.t_verify(4) == pytest.approx(3.0)
 
 
 def test_engine_follows_the_controller(target_path, draft_path, monkeypatch):

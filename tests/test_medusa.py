@@ -35,9 +35,8 @@ def medusa_engine(target_path, heads_path):
 
 
 def fix_costs(costs, curve, monkeypatch):
-    """Make the engine's cost model report `curve` (seconds by rows, at every depth) until the test ends."""
+    """Make the engine's cost model report `curve` (seconds by rows) until the test ends."""
     monkeypatch.setattr(costs, "curve", np.asarray(curve, dtype=np.float64))
-    monkeypatch.setattr(costs, "slope", np.zeros(len(curve)))
     monkeypatch.setattr(costs, "correction", np.ones(len(curve)))
     monkeypatch.setattr(costs, "scale", 1.0)
     monkeypatch.setattr(costs, "observe_verify", lambda *args: None)

@@ -6,8 +6,8 @@ a noise-free way to compare controller changes in seconds instead of benchmark m
     python tools/replay_auto.py replay answers.json --fresh   # each as an engine's first answer
 
 At greedy the committed tokens do not depend on the drafts, so a replay commits the same
-answer and only its rounds differ: each round costs t(rows) at its depth from the
-calibration, and the ratio is the sum of t(1) over the tokens / the sum of the rounds' t. `replay` prints, per workload, auto's ratio when
+answer and only its rounds differ: each round costs t(rows) from the calibration, and the
+ratio is n * t(1) / (sum of the rounds' t). `replay` prints, per workload, auto's ratio when
 the workloads follow each other (as in `ggspec bench`, the estimates carried over), and the
 same copy sources with each proposal's accepted length known in advance (the best length
 for each round chosen myopically): the part of the gap to the copy oracle that better
@@ -38,8 +38,7 @@ def record(path: str, max_tokens: int, rows: int) -> None:
             prompt = engine.tokenize(_prompt_text(engine, workload, True, max_tokens))
             answer = engine.generate(prompt, max_tokens=max_tokens, sampling=GREEDY, spec=SpecConfig("none"))
             data[name] = {"prompt": prompt, "output": answer.tokens}
-        curve, slope = calibration.verify_curve(engine.ctx, rows)
-        data["_curve"], data["_slope"] = curve.tolist(), slope.tolist()
+        data["_curve"] = calibration.verify_curve(engine.ctx, rows).tolist()
         data["_line_ends"] = np.flatnonzero(engine.target.line_ends()).tolist()
         data["_n_vocab"] = engine.target.n_vocab
     with open(path, "w") as f:
@@ -69,59 +68,47 @@ def accepted_nodes(draft: Draft, truth: list[int]) -> list[int]:
 
 def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = False) -> dict[str, tuple[float, float]]:
     curve = np.asarray(data["_curve"])
-    slope = np.asarray(data.get("_slope") or np.zeros_like(curve))  # (recorded before the depth was measured: none)
     if len(curve) < k + 1:
         raise SystemExit(f"Error: the recorded curve covers {len(curve)} rows; record with --rows {k + 1}")
     names = [n for n in data if not n.startswith("_")]
     line_ends = np.zeros(data["_n_vocab"], dtype=bool)
     line_ends[data["_line_ends"]] = True
-
-    def drafter() -> AutoDrafter:
-        costs = CostModel()
-        costs.calibrate(curve, slope=slope)
-        return AutoDrafter(costs, LookupDrafter(), None, line_ends, max_paths=paths)
-
-    auto = drafter()
+    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repetitions):
         for name in names:
             if fresh:  # from the starting guesses, as an engine's first answer
-                auto = drafter()
+                auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
             prompt, out = data[name]["prompt"], data[name]["output"]
-            committed, pos, seconds, plain = list(prompt), 0, 0.0, 0.0
+            committed, pos, seconds = list(prompt), 0, 0.0
             auto.prepare(committed)
             while pos < len(out):
-                depth = auto.costs.depth = len(committed) - 1
                 draft = auto.propose(committed, min(k, len(out) - pos - 1), GREEDY, None)
                 nodes = accepted_nodes(draft, out[pos:])
                 n = len(nodes)
-                seconds += curve[len(draft.tokens)] + depth * slope[len(draft.tokens)]
-                plain += (n + 1) * curve[0] + slope[0] * (n + 1) * (depth + n / 2)  # (the same tokens one by one)
+                seconds += curve[len(draft.tokens)]
                 auto.accept(draft, nodes)
                 committed += out[pos:pos + n + 1]
                 pos += n + 1
-            ratios[name].append(plain / seconds)
-    return {n: (float(np.median(r)), known(data[n], curve, slope, k)) for n, r in ratios.items()}
+            ratios[name].append(len(out) * curve[0] / seconds)
+    return {n: (float(np.median(r)), known(data[n], curve, k)) for n, r in ratios.items()}
 
 
-def known(answer: dict, curve: np.ndarray, slope: np.ndarray, k: int) -> float:
+def known(answer: dict, curve: np.ndarray, k: int) -> float:
     """The same copy sources, each round drafting the best length given how many of the
     source's tokens will be accepted."""
     prompt, out = answer["prompt"], answer["output"]
     lookup = LookupDrafter(min_match=1)
-    committed, pos, seconds, plain = list(prompt), 0, 0.0, 0.0
+    committed, pos, seconds = list(prompt), 0, 0.0
     lookup.prepare(committed)
     while pos < len(out):
-        depth = len(committed) - 1
         right = accepted(lookup.match(committed, min(k, len(out) - pos - 1)).tokens, out[pos:])
         lengths = np.arange(right + 1)
-        t = curve[lengths] + depth * slope[lengths]
-        n = int(lengths[np.argmax((lengths + 1) / t)])
-        seconds += t[n]
-        plain += (n + 1) * curve[0] + slope[0] * (n + 1) * (depth + n / 2)
+        n = int(lengths[np.argmax((lengths + 1) / curve[lengths])])
+        seconds += curve[n]
         committed += out[pos:pos + n + 1]
         pos += n + 1
-    return float(plain / seconds)
+    return float(len(out) * curve[0] / seconds)
 
 
 def main() -> None:
@@ -147,7 +134,7 @@ def main() -> None:
         data = json.load(f)
     print("workload  auto   known acceptance")
     if args.curve:
-        data["_curve"], data["_slope"] = args.curve, None  # (in units of t(1), at every depth)
+        data["_curve"] = args.curve
     for name, (ratio, bound) in replay(data, args.draft_max, args.repetitions, args.paths, args.fresh).items():
         print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x")
 
