@@ -11,6 +11,12 @@ changes the figures: the model file (path, size, modification time), the context
 settings (threads, batch, GPU layers, flash attention, sequences, embeddings, rollback slots),
 llama.cpp's build and this machine's CPU. Any change of those measures again. A
 calibration taken while other processes were busy is used but not stored.
+
+The cost model refines the curve from the rounds it runs (ggspec.controller.CostModel:
+a correction per size). The curve is timed just after the first prompt, and rounds deep in
+a context cost more, the larger more so; one answer runs too few rounds of each size to
+learn that. So the corrections are stored beside the curve after each generation that
+uses it (`correction`), and the next engine with the same key starts from them.
 """
 
 from __future__ import annotations
@@ -95,6 +101,33 @@ def store_curve(ctx: Context, curve: np.ndarray) -> None:
     data[context_key(ctx)] = {"model": ctx.model.path.name, "threads": ctx.n_threads,
                               "depth": len(ctx.tokens), "measured": time.time(),
                               "seconds": [float(s) for s in curve]}
+    hub.write_json(_store(), data, "the calibration")
+
+
+def stored_correction(ctx: Context, rows: int) -> np.ndarray | None:
+    """The cost model's per-size corrections stored for this context's curve (rows,), when
+    there are that many and they are sane."""
+    entry = hub.read_json(_store()).get(context_key(ctx))
+    try:
+        correction = np.asarray(entry["correction"], dtype=np.float64)[:rows]
+    except (TypeError, KeyError, ValueError):
+        return None
+    if correction.shape != (rows,) or not np.all(np.isfinite(correction) & (correction > 0)):
+        return None
+    return correction
+
+
+def store_correction(ctx: Context, correction: np.ndarray) -> None:
+    """Store the cost model's per-size corrections beside this context's stored curve (none
+    stored: nothing to refine). Sizes beyond them keep what was stored."""
+    data = hub.read_json(_store())
+    entry = data.get(context_key(ctx))
+    if not isinstance(entry, dict) or not isinstance(entry.get("seconds"), list):
+        return
+    stored = entry.get("correction")
+    kept = stored if isinstance(stored, list) and len(stored) == len(entry["seconds"]) else [1.0] * len(entry["seconds"])
+    n = min(len(correction), len(kept))
+    entry["correction"] = [float(c) for c in correction[:n]] + kept[n:]
     hub.write_json(_store(), data, "the calibration")
 
 

@@ -104,7 +104,8 @@ class Engine:
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
     remember: start the acceptance estimates from what earlier engines with the same model
-    files learnt, and store them after each generation that learns (ggspec.experience).
+    files learnt, and store them after each generation that learns (ggspec.experience);
+    likewise the cost model's corrections of the stored calibration (ggspec.calibration).
 
     One generation runs at a time. generate() and stream() called from another thread
     while one runs wait for it to finish (or raise BusyError with wait=False).
@@ -439,6 +440,8 @@ class Engine:
         stats.finish_reason = finish
         if self.remember and spec.method in ("auto", "medusa", "eagle"):
             experience.remember(self)
+            if self.costs.calibrated:
+                calibration.store_correction(self.ctx, self.costs.correction)
         if isinstance(drafter, AutoDrafter):
             stats.controller = drafter.report()
         elif spec.method == "draft" and spec.async_draft is None:
@@ -483,6 +486,9 @@ class Engine:
         if draft is not None and len(draft.ctx.tokens) + 2 <= draft.ctx.n_ctx:
             draft_token = float(calibration.verify_curve(draft.ctx, 1, progress=self._progress)[0])
         self.costs.calibrate(calibration.verify_curve(self.ctx, rows, progress=self._progress), draft_token)
+        refined = calibration.stored_correction(self.ctx, rows) if self.remember else None
+        if refined is not None:
+            self.costs.correction = refined
         self.costs.state_copy, self.costs.rollback = self.ctx.time_state_copy(), self.ctx.n_rs_seq
 
     def _take(self, token: int, from_draft: bool, generated: list[int], text: TextStream,

@@ -131,3 +131,52 @@ def test_every_size_is_timed_in_each_pass_and_its_fastest_kept(target_path, monk
     assert calibration.PASSES == 2
     assert sizes == [1, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1]  # warm-up, up, down
     assert curve.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def engine_corrections(target_path, monkeypatch, remember=True):
+    """An engine's cost-model corrections after an auto generation during which no round
+    corrected them (so they are what it started from)."""
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    from ggspec.controller import CostModel
+    monkeypatch.setattr(CostModel, "observe_verify", lambda self, rows, seconds: None)
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, None, target_config=cfg, progress=False, remember=remember) as eng:
+        eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
+        return eng.costs.correction.copy()
+
+
+def stored_entry(store):
+    (entry,) = json.loads(store.read_text()).values()
+    return entry
+
+
+def test_the_cost_models_corrections_are_stored_and_the_next_engine_starts_from_them(store, target_path,
+                                                                                     monkeypatch):
+    first = engine_corrections(target_path, monkeypatch)
+    entry = stored_entry(store)
+    assert entry["correction"] == [1.0] * len(entry["seconds"]) and np.all(first == 1.0)
+    refined = np.linspace(0.9, 1.3, len(entry["seconds"]))
+    entry["correction"] = refined.tolist()  # (as rounds deep in a context would have taught)
+    store.write_text(json.dumps({key: entry for key in json.loads(store.read_text())}))
+    np.testing.assert_array_equal(engine_corrections(target_path, monkeypatch), refined)
+    np.testing.assert_array_equal(stored_entry(store)["correction"], refined)
+
+
+@pytest.mark.parametrize("bad", [[float("nan")] * 17, [1.0, 2.0], [-1.0] * 17, "x"])
+def test_stored_corrections_that_do_not_fit_are_ignored(store, target_path, monkeypatch, bad):
+    engine_corrections(target_path, monkeypatch)
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["correction"] = bad
+    store.write_text(json.dumps(data))
+    assert np.all(engine_corrections(target_path, monkeypatch) == 1.0)
+
+
+def test_an_engine_that_does_not_remember_neither_reads_nor_writes_corrections(store, target_path, monkeypatch):
+    engine_corrections(target_path, monkeypatch)
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["correction"] = [1.5] * len(entry["seconds"])
+    store.write_text(json.dumps(data))
+    assert np.all(engine_corrections(target_path, monkeypatch, remember=False) == 1.0)
+    assert all(entry["correction"] == [1.5] * len(entry["seconds"]) for entry in json.loads(store.read_text()).values())
