@@ -16,7 +16,8 @@ The cost model refines the curve from the rounds it runs (ggspec.controller.Cost
 a correction per size). The curve is timed just after the first prompt, and rounds deep in
 a context cost more, the larger more so; one answer runs too few rounds of each size to
 learn that. So the corrections are stored beside the curve after each generation that
-uses it (`correction`), and the next engine with the same key starts from them.
+uses it (`correction`; not after one during which other processes were busy), and the
+next engine with the same key starts from them.
 """
 
 from __future__ import annotations

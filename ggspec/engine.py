@@ -17,7 +17,7 @@ from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
-from . import calibration, experience, hub, session
+from . import calibration, experience, hub, machine, session
 from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_speculative, accept_tree_match,
                          accept_tree_typical)
 from .backend import Context, Model, check_vocab_compatible, layer_input_name
@@ -367,6 +367,8 @@ class Engine:
         emitted: list[str] = []
         generated: list[int] = []
 
+        learns = self.remember and spec.method in ("auto", "medusa", "eagle")
+        others = machine.snapshot() if learns else None  # (what other processes ran meanwhile)
         # prefill everything but the last prompt token, which round one verifies
         t0 = time.perf_counter()
         stats.cached_tokens = self.ctx.sync(prompt[:-1])
@@ -438,9 +440,9 @@ class Engine:
         stats.llama_seconds = self._busy() - busy1
         stats.generated_tokens = len(generated)
         stats.finish_reason = finish
-        if self.remember and spec.method in ("auto", "medusa", "eagle"):
+        if learns:
             experience.remember(self)
-            if self.costs.calibrated:
+            if self.costs.calibrated and not machine.busy_since(others):  # (a busy machine bends the shape)
                 calibration.store_correction(self.ctx, self.costs.correction)
         if isinstance(drafter, AutoDrafter):
             stats.controller = drafter.report()

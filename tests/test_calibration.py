@@ -180,3 +180,16 @@ def test_an_engine_that_does_not_remember_neither_reads_nor_writes_corrections(s
     store.write_text(json.dumps(data))
     assert np.all(engine_corrections(target_path, monkeypatch, remember=False) == 1.0)
     assert all(entry["correction"] == [1.5] * len(entry["seconds"]) for entry in json.loads(store.read_text()).values())
+
+
+def test_corrections_learnt_while_other_processes_were_busy_are_not_stored(store, target_path, monkeypatch):
+    engine_corrections(target_path, monkeypatch)
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["correction"] = [1.5] * len(entry["seconds"])
+    store.write_text(json.dumps(data))
+    monkeypatch.setattr(machine, "busy_since", lambda before: ["make (42): 99%"])
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
+    assert all(entry["correction"] == [1.5] * len(entry["seconds"]) for entry in json.loads(store.read_text()).values())
