@@ -150,46 +150,44 @@ def stored_entry(store):
     return entry
 
 
+def store_corrections(store, target_path, monkeypatch, make):
+    """Let an engine calibrate and store its curve, then replace the stored corrections by
+    make(entry); returns what was stored."""
+    engine_corrections(target_path, monkeypatch)
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["correction"] = make(entry)
+    store.write_text(json.dumps(data))
+    return stored_entry(store)["correction"]
+
+
 def test_the_cost_models_corrections_are_stored_and_the_next_engine_starts_from_them(store, target_path,
                                                                                      monkeypatch):
     first = engine_corrections(target_path, monkeypatch)
     entry = stored_entry(store)
     assert entry["correction"] == [1.0] * len(entry["seconds"]) and np.all(first == 1.0)
-    refined = np.linspace(0.9, 1.3, len(entry["seconds"]))
-    entry["correction"] = refined.tolist()  # (as rounds deep in a context would have taught)
-    store.write_text(json.dumps({key: entry for key in json.loads(store.read_text())}))
+    refined = store_corrections(store, target_path, monkeypatch,  # (as rounds deep in a context would teach)
+                                lambda e: np.linspace(0.9, 1.3, len(e["seconds"])).tolist())
     np.testing.assert_array_equal(engine_corrections(target_path, monkeypatch), refined)
     np.testing.assert_array_equal(stored_entry(store)["correction"], refined)
 
 
 @pytest.mark.parametrize("bad", [[float("nan")] * 17, [1.0, 2.0], [-1.0] * 17, "x"])
 def test_stored_corrections_that_do_not_fit_are_ignored(store, target_path, monkeypatch, bad):
-    engine_corrections(target_path, monkeypatch)
-    data = json.loads(store.read_text())
-    for entry in data.values():
-        entry["correction"] = bad
-    store.write_text(json.dumps(data))
+    store_corrections(store, target_path, monkeypatch, lambda e: bad)
     assert np.all(engine_corrections(target_path, monkeypatch) == 1.0)
 
 
 def test_an_engine_that_does_not_remember_neither_reads_nor_writes_corrections(store, target_path, monkeypatch):
-    engine_corrections(target_path, monkeypatch)
-    data = json.loads(store.read_text())
-    for entry in data.values():
-        entry["correction"] = [1.5] * len(entry["seconds"])
-    store.write_text(json.dumps(data))
+    stored = store_corrections(store, target_path, monkeypatch, lambda e: [1.5] * len(e["seconds"]))
     assert np.all(engine_corrections(target_path, monkeypatch, remember=False) == 1.0)
-    assert all(entry["correction"] == [1.5] * len(entry["seconds"]) for entry in json.loads(store.read_text()).values())
+    assert stored_entry(store)["correction"] == stored
 
 
 def test_corrections_learnt_while_other_processes_were_busy_are_not_stored(store, target_path, monkeypatch):
-    engine_corrections(target_path, monkeypatch)
-    data = json.loads(store.read_text())
-    for entry in data.values():
-        entry["correction"] = [1.5] * len(entry["seconds"])
-    store.write_text(json.dumps(data))
+    stored = store_corrections(store, target_path, monkeypatch, lambda e: [1.5] * len(e["seconds"]))
     monkeypatch.setattr(machine, "busy_since", lambda before: ["make (42): 99%"])
     from ggspec import Engine, SamplingConfig, SpecConfig
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
         eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
-    assert all(entry["correction"] == [1.5] * len(entry["seconds"]) for entry in json.loads(store.read_text()).values())
+    assert stored_entry(store)["correction"] == stored
