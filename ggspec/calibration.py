@@ -125,8 +125,8 @@ def store_correction(ctx: Context, correction: np.ndarray) -> None:
     entry = data.get(context_key(ctx))
     if not isinstance(entry, dict) or not isinstance(entry.get("seconds"), list):
         return
-    stored = entry.get("correction")
-    kept = stored if isinstance(stored, list) and len(stored) == len(entry["seconds"]) else [1.0] * len(entry["seconds"])
+    stored, rows = entry.get("correction"), len(entry["seconds"])
+    kept = stored if isinstance(stored, list) and len(stored) == rows else [1.0] * rows
     n = min(len(correction), len(kept))
     entry["correction"] = [float(c) for c in correction[:n]] + kept[n:]
     hub.write_json(_store(), data, "the calibration")
