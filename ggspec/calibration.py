@@ -85,14 +85,20 @@ def _store() -> Path:
 
 def cached_curve(ctx: Context, rows: int) -> np.ndarray | None:
     """The stored curve for this context, when it covers `rows` rows."""
+    return _stored(ctx, "seconds", rows)
+
+
+def _stored(ctx: Context, name: str, rows: int) -> np.ndarray | None:
+    """The first `rows` numbers stored as `name` for this context, when there are that
+    many and all are finite and positive."""
     entry = hub.read_json(_store()).get(context_key(ctx))
     try:
-        curve = np.asarray(entry["seconds"], dtype=np.float64)
+        values = np.asarray(entry[name], dtype=np.float64)
     except (TypeError, KeyError, ValueError):
         return None
-    if curve.ndim != 1 or len(curve) < rows or not np.all(np.isfinite(curve) & (curve > 0)):
+    if values.ndim != 1 or len(values) < rows or not np.all(np.isfinite(values) & (values > 0)):
         return None
-    return curve[:rows]
+    return values[:rows]
 
 
 def store_curve(ctx: Context, curve: np.ndarray) -> None:
@@ -108,14 +114,7 @@ def store_curve(ctx: Context, curve: np.ndarray) -> None:
 def stored_correction(ctx: Context, rows: int) -> np.ndarray | None:
     """The cost model's per-size corrections stored for this context's curve (rows,), when
     there are that many and they are sane."""
-    entry = hub.read_json(_store()).get(context_key(ctx))
-    try:
-        correction = np.asarray(entry["correction"], dtype=np.float64)[:rows]
-    except (TypeError, KeyError, ValueError):
-        return None
-    if correction.shape != (rows,) or not np.all(np.isfinite(correction) & (correction > 0)):
-        return None
-    return correction
+    return _stored(ctx, "correction", rows)
 
 
 def store_correction(ctx: Context, correction: np.ndarray) -> None:
