@@ -59,8 +59,35 @@ class CostModel:
         """Forget every measurement (the machine changed: threads, offloading)."""
         self.curve = self.correction = None
         self.scale = 1.0
+        self._table: np.ndarray | None = None  # t(1..b_max), made when first asked for
         self.draft_token = self.draft_row = 0.0
         self.overlap = Overlap()
+
+    # curve, correction and scale: setting any of them (tests replace them whole) makes
+    # t(b) be computed again when next asked for
+    @property
+    def curve(self) -> np.ndarray | None:
+        return self._curve
+
+    @curve.setter
+    def curve(self, value: np.ndarray | None) -> None:
+        self._curve, self._table = value, None
+
+    @property
+    def correction(self) -> np.ndarray | None:
+        return self._correction
+
+    @correction.setter
+    def correction(self, value: np.ndarray | None) -> None:
+        self._correction, self._table = value, None
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale, self._table = value, None
 
     @property
     def calibrated(self) -> bool:
@@ -80,7 +107,18 @@ class CostModel:
         """Seconds to verify `rows` rows (an int or an array of them); beyond the
         calibrated range the cost grows linearly from the last point."""
         b = np.minimum(rows, len(self.curve))
-        return self.scale * self.curve[b - 1] * self.correction[b - 1] * rows / b
+        return self.table[b - 1] * rows / b
+
+    def t_verify_upto(self, rows: int) -> np.ndarray:
+        """t_verify(1), ..., t_verify(rows): (rows,)."""
+        return self.table[:rows] if rows <= len(self.curve) else self.t_verify(np.arange(1, rows + 1))
+
+    @property
+    def table(self) -> np.ndarray:
+        """t(b) for every calibrated b: (b_max,)."""
+        if self._table is None:
+            self._table = self.scale * self.curve * self.correction
+        return self._table
 
     def t_rewind(self, chances: np.ndarray) -> np.ndarray:
         """Expected seconds spent undoing rejections for chains of 0..k tokens with these
@@ -101,7 +139,7 @@ class CostModel:
     def observe_verify(self, rows: int, seconds: float) -> None:
         if self.curve is not None and rows <= len(self.curve):
             ratio = seconds / self.curve[rows - 1]
-            self.scale += EMA * (ratio - self.scale)
+            self.scale += EMA * (ratio - self.scale)  # (which also drops the table)
             self.correction[rows - 1] += self.SHAPE_EMA * (ratio / self.scale - self.correction[rows - 1])
 
     def t_draft(self, tokens: int | np.ndarray, behind: int) -> np.ndarray | float:
@@ -220,11 +258,6 @@ class Overlap:
                 "async_tokens_per_second": round(float(rate[1]), 2), "async_rounds": int(self.rounds[1])}
 
 
-def expected_accepted(chances: np.ndarray) -> np.ndarray:
-    """E[accepted] for chains of length 1..k from conditional acceptance chances (k,)."""
-    return np.cumsum(np.cumprod(chances))
-
-
 def _learn(p: np.ndarray, n: np.ndarray, i: int, outcome: float, prior: float) -> None:
     """Move estimate p[i] toward outcome: a mean over the first observations (the prior
     counting as `prior` of them), an exponential moving average after that."""
@@ -324,8 +357,9 @@ class MatchAcceptance:
 
     def chance_at(self, lengths: np.ndarray, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
-        cell = (int(in_prompt), self.row, line_ends.astype(np.intp), self.bucket(lengths))
-        return (self.hits[cell] + self.ANSWER_PRIOR * self.p[cell]) / (self.trials[cell] + self.ANSWER_PRIOR)
+        at = (int(in_prompt), self.row)  # (line end, length bucket) tables: (2, buckets)
+        table = (self.hits[at] + self.ANSWER_PRIOR * self.p[at]) / (self.trials[at] + self.ANSWER_PRIOR)
+        return table[line_ends.view(np.uint8), self.bucket(lengths)]
 
     def observe_alternative(self, right: bool) -> None:
         """Where the followed source was wrong and another source differed from it: was
@@ -379,13 +413,16 @@ def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostMod
     later ones the draft model's time (catching up on `behind` tokens first).
     verify: t_verify(1), ..., t_verify(len(chances) + 1) at least."""
     k = len(chances)
-    gain = 1 + np.concatenate([[0.0], expected_accepted(chances)])[shortest:]  # (k + 1 - shortest,)
+    gain = np.empty(k + 1)  # gain[j] = 1 + E[accepted] of the first j tokens
+    gain[0] = 1.0
+    np.cumprod(chances, out=gain[1:])
+    np.cumsum(gain, out=gain)
     cost = verify[shortest:k + 1]
-    if k > copied:  # (t_draft and t_rewind add zeros when nothing is drafted or copied)
-        cost = cost + costs.t_draft(np.arange(shortest - copied, k + 1 - copied).clip(0), behind + copied)
-    if costs.state_copy:
+    if k > copied:  # (the candidates that draft start after their copied tokens: shortest > copied)
+        cost = cost + costs.t_draft(np.arange(shortest - copied, k + 1 - copied), behind + copied)
+    if costs.state_copy:  # (t_rewind adds zeros where nothing is undone)
         cost = cost + costs.t_rewind(chances)[shortest:]
-    rate = gain / cost
+    rate = gain[shortest:] / cost
     i = int(np.argmax(rate))
     return shortest + i, float(rate[i])
 
@@ -400,7 +437,7 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
     copied = lookup[:budget]
     if model is None and not len(copied):  # plain decoding is the only plan
         return Plan(), float(1 / costs.t_verify(1))
-    verify = costs.t_verify(np.arange(1, (budget if model is not None else len(copied)) + 2))
+    verify = costs.t_verify_upto((budget if model is not None else len(copied)) + 1)
     n, rate = _best_length(copied, len(copied), 0, costs, verify)  # 0: plain decoding
     best = Plan(lookup=n)
     if model is None:
