@@ -15,9 +15,9 @@ calibration taken while other processes were busy is used but not stored.
 The cost model refines the curve from the rounds it runs (ggspec.controller.CostModel:
 a correction per size). The curve is timed just after the first prompt, and rounds deep in
 a context cost more, the larger more so; one answer runs too few rounds of each size to
-learn that. So the corrections are stored beside the curve after each generation that
-uses it (`correction`; not after one during which other processes were busy), and the
-next engine with the same key starts from them.
+learn that. So the corrections are stored beside the curve (`correction`; by the engine,
+with what its generations learnt, not when other processes were busy since the last
+store), and the next engine with the same key starts from them.
 """
 
 from __future__ import annotations

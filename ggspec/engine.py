@@ -37,6 +37,7 @@ from .stats import Stats
 from .text import TextStream
 
 Prompt = str | Sequence[int] | Sequence[dict]
+REMEMBER_EVERY = 30.0  # seconds: what generations learn is stored at most this often (and at close)
 DEFAULT = "default"  # draft / heads: whatever the registry pairs with the target
 MEDUSA_MAX_NODES = 32  # largest head tree; the controller usually picks far fewer on a CPU
 
@@ -104,8 +105,11 @@ class Engine:
     max_tree_paths: the most root-to-leaf paths a tree draft may have (each is a
     llama.cpp sequence of the target's context); 1 means chains only.
     remember: start the acceptance estimates from what earlier engines with the same model
-    files learnt, and store them after each generation that learns (ggspec.experience);
+    files learnt, and store what the generations that learn taught them (ggspec.experience);
     likewise the cost model's corrections of the stored calibration (ggspec.calibration).
+    They are stored after a generation once REMEMBER_EVERY seconds have passed since the
+    first unstored one, and when the engine closes: a generation does not wait for file
+    writes.
 
     One generation runs at a time. generate() and stream() called from another thread
     while one runs wait for it to finish (or raise BusyError with wait=False).
@@ -197,6 +201,8 @@ class Engine:
             if remember:
                 experience.recall(self)
             self._progress = progress
+            self._unstored: machine.Snapshot | None = None  # since the first generation not stored
+            stack.callback(self._store)  # (last in, first out: before the contexts are freed)
             self._resources = stack.pop_all()
         self._check_batch(spec)
 
@@ -368,7 +374,8 @@ class Engine:
         generated: list[int] = []
 
         learns = self.remember and spec.method in ("auto", "medusa", "eagle")
-        others = machine.snapshot() if learns else None  # (what other processes ran meanwhile)
+        if learns and self._unstored is None:
+            self._unstored = machine.snapshot()  # (what other processes run meanwhile)
         # prefill everything but the last prompt token, which round one verifies
         t0 = time.perf_counter()
         stats.cached_tokens = self.ctx.sync(prompt[:-1])
@@ -440,15 +447,24 @@ class Engine:
         stats.llama_seconds = self._busy() - busy1
         stats.generated_tokens = len(generated)
         stats.finish_reason = finish
-        if learns:
-            experience.remember(self)
-            if self.costs.calibrated and not machine.busy_since(others):  # (a busy machine bends the shape)
-                calibration.store_correction(self.ctx, self.costs.correction)
+        if learns and time.monotonic() - self._unstored.at >= REMEMBER_EVERY:
+            self._store()
         if isinstance(drafter, AutoDrafter):
             stats.controller = drafter.report()
         elif spec.method == "draft" and spec.async_draft is None:
             stats.controller = {"async_draft": self.costs.overlap.report()}
         return Result(text="".join(emitted), tokens=generated, finish_reason=finish, stats=stats)
+
+    def _store(self) -> None:
+        """Store what the generations since the last store learnt: the acceptance estimates,
+        and the cost model's corrections unless other processes were busy meanwhile (a
+        busy machine bends the curve's shape)."""
+        if self._unstored is None:
+            return
+        experience.remember(self)
+        if self.costs.calibrated and not machine.busy_since(self._unstored):
+            calibration.store_correction(self.ctx, self.costs.correction)
+        self._unstored = None
 
     def _budget(self, spec: SpecConfig, tokens_left: int, n_committed: int) -> int:
         """Tokens a round may draft: the next round's pending token must fit too; none

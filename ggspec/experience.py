@@ -8,9 +8,10 @@ a one-shot `ggspec run` drafts like a server that has answered for a while. The 
 costs are not here: the calibration store (ggspec.calibration) keeps those.
 
 Stored in experience.json in the cache directory, under a key naming the model files
-(path, size, modification time) of the target, the draft model and the heads; saved after
-every generation with a drafter that learns (auto, medusa, eagle), dropping what was kept
-for files that no longer exist. Estimates that do not fit this engine are ignored: it
+(path, size, modification time) of the target, the draft model and the heads; saved by
+the engine (ggspec.engine.REMEMBER_EVERY: at most every 30 seconds, and when it closes) after
+generations with a drafter that learns (auto, medusa, eagle), dropping what was kept for
+files that no longer exist. Estimates that do not fit this engine are ignored: it
 keeps its starting guesses.
 """
 

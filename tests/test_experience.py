@@ -80,3 +80,20 @@ def test_the_key_changes_with_the_file(tmp_path):
     one = experience.key([f, None])
     f.write_bytes(b"ab")
     assert experience.key([f, None]) != one and experience.key([f, f]) != experience.key([f, None])
+
+
+def test_what_generations_learn_is_stored_at_most_every_so_often_and_at_close(target_path, experience_store,
+                                                                            monkeypatch):
+    import ggspec.engine
+    with Engine(target_path, None, target_config=CFG) as eng:
+        _learn(eng)
+        assert not experience_store.exists()  # no answer waits for a file write
+        monkeypatch.setattr(ggspec.engine, "REMEMBER_EVERY", 0.0)
+        learnt = _learn(eng)  # the first unstored generation is now old enough
+        stored = json.loads(experience_store.read_text())[eng.files_key]["auto"]["copy_acceptance"]["p"]
+        np.testing.assert_array_equal(stored, learnt)
+        monkeypatch.setattr(ggspec.engine, "REMEMBER_EVERY", 3600.0)
+        last = _learn(eng)
+        assert not np.array_equal(last, learnt)
+    stored = json.loads(experience_store.read_text())[eng.files_key]["auto"]["copy_acceptance"]["p"]
+    np.testing.assert_array_equal(stored, last)  # stored when the engine closed

@@ -101,6 +101,9 @@ def test_an_engine_saved_and_loaded_goes_on_as_it_would_have(target_path, draft_
         assert after.stats.cached_tokens == went_on.stats.cached_tokens == len(prompt) + len(first.tokens) - 1
 
 
+DERIVED = {"_table"}  # caches computed again from the saved estimates when next used
+
+
 def test_the_controllers_estimates_and_the_random_state_come_back(target_path, draft_path, tmp_path):
     file = tmp_path / "auto.ggs"
     with engine(target_path, draft_path) as a, engine(target_path, draft_path) as b:
@@ -123,6 +126,8 @@ def test_the_controllers_estimates_and_the_random_state_come_back(target_path, d
         for x, y in learners:
             assert vars(x).keys() == vars(y).keys()
             for name, value in vars(x).items():
+                if name in DERIVED:
+                    continue
                 assert np.array_equal(value, vars(y)[name]), f"{type(x).__name__}.{name} was not restored"
         assert auto_b._streak == auto_a._streak
 
