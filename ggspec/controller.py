@@ -23,6 +23,21 @@ EMA = 0.1           # weight of a new observation, once the prior has been outwe
 EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before trying the other
 
 
+class _Input:
+    """An attribute the cost model's table of t(b) is computed from: setting it (tests
+    replace them whole) drops the table, computed again when next asked for."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = "_" + name
+
+    def __get__(self, model: CostModel | None, owner: type | None = None):
+        return self if model is None else getattr(model, self.name)
+
+    def __set__(self, model: CostModel, value) -> None:
+        setattr(model, self.name, value)
+        model._table = None
+
+
 class CostModel:
     """Seconds per target verification of b rows and per draft-model token.
 
@@ -47,6 +62,10 @@ class CostModel:
 
     SHAPE_EMA = 0.05
 
+    curve = _Input()       # (b_max,): curve[b - 1] = t(b) when calibrated, else None
+    correction = _Input()  # (b_max,)
+    scale = _Input()
+
     def __init__(self, curve: np.ndarray | None = None, draft_token: float = 0.0):
         self.reset()
         self.draft_token = self.draft_row = draft_token
@@ -63,38 +82,12 @@ class CostModel:
         self.draft_token = self.draft_row = 0.0
         self.overlap = Overlap()
 
-    # curve, correction and scale: setting any of them (tests replace them whole) makes
-    # t(b) be computed again when next asked for
-    @property
-    def curve(self) -> np.ndarray | None:
-        return self._curve
-
-    @curve.setter
-    def curve(self, value: np.ndarray | None) -> None:
-        self._curve, self._table = value, None
-
-    @property
-    def correction(self) -> np.ndarray | None:
-        return self._correction
-
-    @correction.setter
-    def correction(self, value: np.ndarray | None) -> None:
-        self._correction, self._table = value, None
-
-    @property
-    def scale(self) -> float:
-        return self._scale
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        self._scale, self._table = value, None
-
     @property
     def calibrated(self) -> bool:
         return self.curve is not None
 
     def calibrate(self, curve: np.ndarray, draft_token: float = 0.0) -> None:
-        self.curve = np.array(curve, dtype=np.float64)  # (b_max,): curve[b - 1] = t(b) when measured
+        self.curve = np.array(curve, dtype=np.float64)
         self.correction = np.ones_like(self.curve)
         self.scale = 1.0
         self.draft_token = self.draft_row = draft_token
