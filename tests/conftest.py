@@ -28,7 +28,9 @@ def experience_store(cache_dir):
 @pytest.fixture(autouse=True)
 def forget_experience(experience_store):
     """Each test's engines start from the built-in starting guesses: what one test's
-    engines learnt is forgotten when it ends."""
+    engines learnt is forgotten when it ends, and what engines shared by a module's tests
+    stored when they closed (after the last test's own teardown) when the next test starts."""
+    experience_store.unlink(missing_ok=True)
     yield
     experience_store.unlink(missing_ok=True)
 
