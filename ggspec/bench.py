@@ -1,8 +1,9 @@
 """Benchmarks: workloads x speculation variants, measured side by side in one process.
 
 `run_grid` returns data (one Row per workload and variant); `table` and `plot` present it.
-Every variant runs on the same Engine, interleaved within each repetition, so the ratio to
-plain decoding (`none`) compares runs taken under the same conditions. With llama.cpp's own
+Every variant runs on the same Engine, interleaved within each repetition (every other
+repetition in reverse order), so the ratio to plain decoding (`none`) compares runs taken
+under the same conditions. With llama.cpp's own
 tools (`native`), each repetition also runs them on the same prompt right after ggspec's.
 """
 
@@ -313,7 +314,8 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
     copying from the prompt and output with perfect foresight would reach at the largest
     draft length of the grid. With `native`, every llama.cpp mode runs the same prompt text
     right after ggspec's variants in each repetition; its rows get ratios to ggspec's
-    `none` and to llama.cpp's plain decoding of the same repetition.
+    `none` and to llama.cpp's plain decoding of the same repetition. Odd repetitions run
+    the variants (llama.cpp's modes included) in reverse order.
     """
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
@@ -329,34 +331,33 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
     natives = native.variants() if native is not None else []
     rows = [[Row(w.name, v, Stats(method=v.method)) for v in [*grid, *natives]] for w in workloads]
+    runs = [*((j, v) for j, v in enumerate(grid)), *((j, v) for j, v in enumerate(natives, start=len(grid)))]
     for r in range(repetitions):
         seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + r)
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
-            speeds = []
-            for j, (variant, spec) in enumerate(zip(grid, specs)):
-                engine.set_threads(*(variant.threads or loaded))
-                result = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=spec)
-                stats = result.stats
+            speeds = np.zeros(len(runs))
+            # every other repetition runs the variants in reverse order: a steady drift in
+            # the machine's speed then favours none of them in the medians
+            for j, variant in (runs if r % 2 == 0 else runs[::-1]):
+                if j < len(grid):
+                    engine.set_threads(*(variant.threads or loaded))
+                    result = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=specs[j])
+                    stats = result.stats
+                    if r == 0 and variant.method == "none":
+                        rows[i][j].oracle = _oracle(engine, prompt, result.tokens, max(s.draft_max for s in specs))
+                else:
+                    stats = _native_stats(native.run(variant, texts[i], max_tokens, seeded), variant, workload, prompt)
                 rows[i][j].stats = stats if r == 0 else rows[i][j].stats + stats
-                if r == 0 and variant.method == "none":
-                    rows[i][j].oracle = _oracle(engine, prompt, result.tokens, max(s.draft_max for s in specs))
-                speeds.append(stats.decode_tokens_per_second)
-                if on_run is not None:
-                    on_run(workload, variant, r, stats)
-            native_speeds = []
-            for j, variant in enumerate(natives, start=len(grid)):
-                stats = _native_stats(native.run(variant, texts[i], max_tokens, seeded), variant, workload, prompt)
-                rows[i][j].stats = stats if r == 0 else rows[i][j].stats + stats
-                speeds.append(stats.decode_tokens_per_second)
-                native_speeds.append(stats.decode_tokens_per_second)
+                speeds[j] = stats.decode_tokens_per_second
                 if on_run is not None:
                     on_run(workload, variant, r, stats)
             if grid[0].method == "none" and speeds[0] > 0:
                 for j, speed in enumerate(speeds):
-                    rows[i][j].ratios.append(speed / speeds[0])
-            if native_speeds and natives[0].mode == "plain" and native_speeds[0] > 0:
+                    rows[i][j].ratios.append(float(speed / speeds[0]))
+            native_speeds = speeds[len(grid):]
+            if len(native_speeds) and natives[0].mode == "plain" and native_speeds[0] > 0:
                 for j, speed in enumerate(native_speeds, start=len(grid)):
-                    rows[i][j].native_ratios.append(speed / native_speeds[0])
+                    rows[i][j].native_ratios.append(float(speed / native_speeds[0]))
     engine.set_threads(*loaded)
     return [row for per_workload in rows for row in per_workload]
 

@@ -74,6 +74,15 @@ def test_grid_rows_sum_the_repetitions_and_compare_with_plain_decoding(rows):
     assert data["stats"]["generated_tokens"] == 24
 
 
+def test_every_other_repetition_runs_the_variants_in_reverse_order(engine):
+    calls = []
+    rows = run_grid(engine, [WORKLOADS["code"]], variants([("lookup", ())], [2]), repetitions=3, max_tokens=4,
+                    on_run=lambda workload, variant, r, stats: calls.append((r, variant.label)))
+    assert calls == [(0, "none"), (0, "lookup k=2"), (1, "lookup k=2"), (1, "none"), (2, "none"), (2, "lookup k=2")]
+    assert rows[0].ratios == [1.0, 1.0, 1.0]  # each repetition's ratio is to its own `none`
+    assert len(rows[1].ratios) == 3
+
+
 def test_table_has_a_line_per_row(rows):
     lines = table(rows).splitlines()
     assert lines[0].split()[:3] == ["workload", "method", "tok/s"]
