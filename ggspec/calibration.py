@@ -3,14 +3,14 @@
 A calibration times one llama_decode of b rows after the cached tokens for every b the
 controller may use, in PASSES passes over the sizes (up, then down), keeping each size's
 fastest (the rounds that follow correct the points they use), and one draft-model token.
-Every size is measured alike: a curve whose t(1) were the best of more tries than the other
-points would overstate every other point against it, and a size that looks too dear is
-never tried, so never corrected. It is
-stored in calibration.json in the cache directory under a key naming everything that
-changes the figures: the model file (path, size, modification time), the context's
-settings (threads, batch, GPU layers, flash attention, sequences, embeddings, rollback slots),
-llama.cpp's build and this machine's CPU. Any change of those measures again. A
-calibration taken while other processes were busy is used but not stored.
+Every size is measured alike: a curve whose t(1) were the best of more tries than the
+other points would overstate every other point against it, and a size that looks too dear
+is never tried, so never corrected. It is stored in calibration.json in the state
+directory (ggspec.hub.state_dir) under a key naming everything that changes the figures:
+the model file (path, size, modification time), the context's settings (threads, batch,
+GPU layers, flash attention, sequences, embeddings, rollback slots), llama.cpp's build and
+this machine's CPU. Any change of those measures again. A calibration taken while other
+processes were busy is used but not stored.
 
 The cost model refines the curve from the rounds it runs (ggspec.controller.CostModel:
 a correction per size). The curve is timed just after the first prompt, and rounds deep in
@@ -80,7 +80,7 @@ def measure(ctx: Context, rows: int) -> np.ndarray:
 
 
 def _store() -> Path:
-    return hub.cache_dir() / FILE
+    return hub.state_dir() / FILE
 
 
 def cached_curve(ctx: Context, rows: int) -> np.ndarray | None:

@@ -7,12 +7,12 @@ engines with the same model files learnt instead of from the built-in starting g
 a one-shot `ggspec run` drafts like a server that has answered for a while. The verification
 costs are not here: the calibration store (ggspec.calibration) keeps those.
 
-Stored in experience.json in the cache directory, under a key naming the model files
-(path, size, modification time) of the target, the draft model and the heads; saved by
-the engine (ggspec.engine.REMEMBER_EVERY: at most every 30 seconds, and when it closes) after
-generations with a drafter that learns (auto, medusa, eagle), dropping what was kept for
-files that no longer exist. Estimates that do not fit this engine are ignored: it
-keeps its starting guesses.
+Stored in experience.json in the state directory (ggspec.hub.state_dir), under a key
+naming the model files (path, size, modification time) of the target, the draft model and
+the heads; saved by the engine (ggspec.engine.REMEMBER_EVERY: at most every 30 seconds,
+and when it closes) after generations with a drafter that learns (auto, medusa, eagle),
+dropping what was kept for files that no longer exist. Estimates that do not fit this
+engine are ignored: it keeps its starting guesses.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ FILE = "experience.json"
 
 
 def _store() -> Path:
-    return hub.cache_dir() / FILE
+    return hub.state_dir() / FILE
 
 
 def key(files: Sequence[Path | None]) -> str:

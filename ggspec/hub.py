@@ -102,6 +102,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ggspec"
 
 
+def state_dir() -> Path:
+    """Where what ggspec measures and learns on this machine is kept (calibration.json,
+    experience.json): $GGSPEC_STATE if set, else the cache directory."""
+    env = os.environ.get("GGSPEC_STATE")
+    return Path(env).expanduser() if env else cache_dir()
+
+
 def read_json(path: Path) -> dict:
     """The JSON object a cache file holds; {} when it is missing or unreadable."""
     try:

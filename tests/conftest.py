@@ -9,13 +9,11 @@ from tinymodels import write_tiny_llama
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory):
-    """Calibrations measured and estimates learnt by tests go to files of their own, not
-    the user's cache."""
-    from ggspec import calibration, experience
-    path = tmp_path_factory.mktemp("cache")
+    """Calibrations measured and estimates learnt by tests, in this process and in the
+    ggspec processes tests start, go to files of their own, not the user's."""
+    path = tmp_path_factory.mktemp("state")
     with pytest.MonkeyPatch.context() as mp:
-        for store in (calibration, experience):
-            mp.setattr(store, "_store", lambda name=store.FILE: path / name)
+        mp.setenv("GGSPEC_STATE", str(path))
         yield path
 
 

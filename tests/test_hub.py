@@ -315,3 +315,20 @@ def test_a_killed_writers_partial_file_is_removed(cache, sources):
     (cache / "fake.gguf.x1y2.partial").write_bytes(b"half")
     assert hub.pull("fake-model", progress=False).read_bytes() == PAYLOAD
     assert not list(cache.glob("*.partial"))
+
+
+def test_what_is_measured_and_learnt_lives_in_ggspec_state_else_the_cache(monkeypatch, tmp_path):
+    from ggspec import calibration, experience
+    monkeypatch.setenv("GGSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GGSPEC_STATE", str(tmp_path / "state"))
+    assert calibration._store() == tmp_path / "state" / "calibration.json"
+    assert experience._store() == tmp_path / "state" / "experience.json"
+    monkeypatch.delenv("GGSPEC_STATE")
+    assert calibration._store() == tmp_path / "cache" / "calibration.json"
+    assert experience._store() == tmp_path / "cache" / "experience.json"
+
+
+def test_ggspec_processes_started_by_tests_keep_their_state_apart_from_the_users(cache_dir):
+    got = subprocess.run([sys.executable, "-c", "from ggspec import hub; print(hub.state_dir())"],
+                         capture_output=True, text=True, check=True)
+    assert Path(got.stdout.strip()) == cache_dir != hub.cache_dir()
