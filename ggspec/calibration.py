@@ -10,7 +10,8 @@ directory (ggspec.hub.state_dir) under a key naming everything that changes the 
 the model file (path, size, modification time), the context's settings (threads, batch,
 GPU layers, flash attention, sequences, embeddings, rollback slots), llama.cpp's build and
 this machine's CPU. Any change of those measures again. A calibration taken while other
-processes were busy is used but not stored.
+processes were busy is used but not stored. Storing one drops what was stored for model
+files that are gone.
 
 The cost model refines the curve from the rounds it runs (ggspec.controller.CostModel:
 a correction per size). The curve is timed just after the first prompt, and rounds deep in
@@ -103,10 +104,10 @@ def _stored(ctx: Context, name: str, rows: int) -> np.ndarray | None:
 
 def store_curve(ctx: Context, curve: np.ndarray) -> None:
     """Add this context's curve to the store (written atomically; a failure to write is
-    only a lost cache)."""
-    data = hub.read_json(_store())
-    data[context_key(ctx)] = {"model": ctx.model.path.name, "threads": ctx.n_threads,
-                              "depth": len(ctx.tokens), "measured": time.time(),
+    only a lost cache), and drop what was stored for model files that are gone."""
+    data = hub.entries_for_files_that_exist(_store())
+    data[context_key(ctx)] = {"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
+                              "threads": ctx.n_threads, "depth": len(ctx.tokens), "measured": time.time(),
                               "seconds": [float(s) for s in curve]}
     hub.write_json(_store(), data, "the calibration")
 

@@ -63,8 +63,7 @@ def recall(engine: Engine) -> None:
 def remember(engine: Engine) -> None:
     """Store what the engine's learners know now, for its model files (and drop what was
     stored for files that are gone)."""
-    data = {k: v for k, v in hub.read_json(_store()).items()
-            if isinstance(v, dict) and all(Path(f).exists() for f in v.get("files", ()))}
+    data = hub.entries_for_files_that_exist(_store())
     data[engine.files_key] = {"files": [str(f) for f in engine.files if f is not None], "saved": time.time(),
                               **{name: part.state() for name, part in _learners(engine).items()}}
     hub.write_json(_store(), data, "what the controller learnt")

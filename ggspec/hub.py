@@ -118,6 +118,13 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def entries_for_files_that_exist(path: Path) -> dict:
+    """The entries of a store of what was measured or learnt per model file (read_json),
+    less those whose "files" no longer all exist (entries without "files" are kept)."""
+    return {k: v for k, v in read_json(path).items()
+            if isinstance(v, dict) and all(Path(f).exists() for f in v.get("files", ()))}
+
+
 def write_json(path: Path, data: dict, what: str) -> None:
     """Write a cache file atomically; a failure to write loses only the cache (said on
     stderr, naming `what` was not saved)."""

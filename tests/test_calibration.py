@@ -191,3 +191,15 @@ def test_corrections_learnt_while_other_processes_were_busy_are_not_stored(store
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
         eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
     assert stored_entry(store)["correction"] == stored
+
+
+def test_what_was_stored_for_model_files_that_are_gone_is_dropped(store, measured, target_path, tmp_path):
+    gone = tmp_path / "gone.gguf"
+    shutil.copy(target_path, gone)
+    curve_for(gone)
+    store.write_text(json.dumps({**json.loads(store.read_text()), "older": {"seconds": [0.1]}}))
+    gone.unlink()
+    curve_for(target_path)  # the next store
+    kept = json.loads(store.read_text())
+    assert len(kept) == 2 and "older" in kept  # (entries stored before "files" was kept stay)
+    assert [entry["files"] for key, entry in kept.items() if key != "older"] == [[str(os.path.realpath(target_path))]]
