@@ -3,8 +3,8 @@
 `run_grid` returns data (one Row per workload and variant); `table` and `plot` present it.
 Every variant runs on the same Engine, interleaved within each repetition (every other
 repetition in reverse order), so the ratio to plain decoding (`none`) compares runs taken
-under the same conditions. With llama.cpp's own
-tools (`native`), each repetition also runs them on the same prompt right after ggspec's.
+under the same conditions. With llama.cpp's own tools (`native`), each repetition also
+runs them on the same prompt right after ggspec's.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
     natives = native.variants() if native is not None else []
     rows = [[Row(w.name, v, Stats(method=v.method)) for v in [*grid, *natives]] for w in workloads]
-    runs = [*((j, v) for j, v in enumerate(grid)), *((j, v) for j, v in enumerate(natives, start=len(grid)))]
+    runs = list(enumerate([*grid, *natives]))  # (column, variant): ggspec's, then llama.cpp's
     for r in range(repetitions):
         seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + r)
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
