@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from tinymodels import write_tiny_llama
+
+
+def pytest_configure(config):
+    # tests press Ctrl-C in the ggspec processes they start, as a person at a terminal
+    # would; a test run started where SIGINT is ignored (a script's background job) would
+    # pass that on to them, and the rpc server and the chat prompt would not hear it
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
