@@ -18,7 +18,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory):
+def state_dir(tmp_path_factory):
     """Calibrations measured and estimates learnt by tests, in this process and in the
     ggspec processes tests start, go to files of their own, not the user's."""
     path = tmp_path_factory.mktemp("state")
@@ -28,9 +28,9 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def experience_store(cache_dir):
+def experience_store(state_dir):
     from ggspec import experience
-    return cache_dir / experience.FILE
+    return state_dir / experience.FILE
 
 
 @pytest.fixture(autouse=True)

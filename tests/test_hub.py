@@ -328,7 +328,7 @@ def test_what_is_measured_and_learnt_lives_in_ggspec_state_else_the_cache(monkey
     assert experience._store() == tmp_path / "cache" / "experience.json"
 
 
-def test_ggspec_processes_started_by_tests_keep_their_state_apart_from_the_users(cache_dir):
+def test_ggspec_processes_started_by_tests_keep_their_state_apart_from_the_users(state_dir):
     got = subprocess.run([sys.executable, "-c", "from ggspec import hub; print(hub.state_dir())"],
                          capture_output=True, text=True, check=True)
-    assert Path(got.stdout.strip()) == cache_dir != hub.cache_dir()
+    assert Path(got.stdout.strip()) == state_dir != hub.cache_dir()
