@@ -16,7 +16,7 @@ from ggspec import DecodeError, Engine, SamplingConfig, SpecConfig
 from ggspec.bench import Variant, async_split_variants
 from ggspec.cli import cli
 from ggspec.controller import EXPLORE_EVERY, Overlap
-from reference import first_divergence, greedy_reference
+from reference import assert_same_logits, first_divergence, greedy_reference
 from test_engine import (CFG, END, GREEDY, assert_frequencies_match, engine, exact_first_two,  # noqa: F401
                          far_engine, random_prompt)  # engine, far_engine: fixtures, one instance per module
 
@@ -87,7 +87,7 @@ def test_draft_cache_after_rejected_speculation_matches_a_fresh_prefill(far_engi
     ctx.truncate(n)
     cached = ctx.eval(committed[n:], logits="last")[0].copy()
     fresh = greedy_reference(other_path, prompt, 1, forced=got.tokens).logits[0]
-    np.testing.assert_allclose(cached, fresh, atol=1e-3)
+    assert_same_logits(cached, fresh)
 
 
 def slow_worker(eng: Engine, monkeypatch) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from ggspec import (BackendConfig, BusyError, ContextOverflowError, Engine, ModelFileError,
                     SamplingConfig, SpecConfig, Stats, VocabMismatchError)
-from reference import first_divergence, greedy_reference
+from reference import assert_same_logits, first_divergence, greedy_reference
 from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
 
 GREEDY = SamplingConfig(temperature=0)
@@ -89,7 +89,7 @@ def test_kv_cache_after_many_rejections_matches_a_fresh_prefill(far_engine, targ
     cached = ctx.eval([committed[-1]], logits="last")[0].copy()
     # the reference feeds the committed tokens one per decode, as plain decoding would
     fresh = greedy_reference(target_path, prompt, 1, forced=got.tokens).logits[0]
-    np.testing.assert_allclose(cached, fresh, atol=1e-3)
+    assert_same_logits(cached, fresh)
 
 
 END = VOCAB.n_vocab  # outcome "generation ended": an end-of-generation token, or none left

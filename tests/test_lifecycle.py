@@ -13,7 +13,7 @@ import pytest
 from ggspec import BackendConfig, Engine, EngineClosedError, SamplingConfig, SpecConfig
 from ggspec.backend import Context, Model
 from ggspec.chat import ChatSession, Settings
-from reference import greedy_reference
+from reference import assert_same_logits, greedy_reference
 from test_engine import CFG, GREEDY, random_prompt
 
 
@@ -171,7 +171,7 @@ def assert_cache_holds_its_mirror(ctx: Context, model_path: str) -> None:
     got = ctx.eval([nxt], logits="last")[0].copy()
     ctx.truncate(n)
     fresh = greedy_reference(model_path, ctx.tokens + [nxt], 1).logits[0]
-    np.testing.assert_allclose(got, fresh, atol=1e-3)
+    assert_same_logits(got, fresh)
 
 
 @pytest.mark.parametrize("what,name", [("truncate", "llama_memory_seq_rm"), ("clear", "llama_memory_clear"),
