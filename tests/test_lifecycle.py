@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 
 import llama_cpp
-import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, EngineClosedError, SamplingConfig, SpecConfig
