@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -13,11 +12,9 @@ import pytest
 from ggspec.errors import ModelFileError
 from ggspec.heads import load_heads, read_target, silu
 from tinymodels import VOCAB
+from toolfiles import load_tool
 
-_spec = importlib.util.spec_from_file_location(
-    "convert_medusa", Path(__file__).resolve().parent.parent / "tools" / "convert_medusa.py")
-convert_medusa = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_medusa)
+convert_medusa = load_tool("convert_medusa")
 
 H = 64
 

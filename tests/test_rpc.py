@@ -8,7 +8,6 @@ endpoint, and a server lost in the middle of a generation.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import os
 import signal
@@ -30,11 +29,10 @@ from ggspec.errors import GgspecError
 from reference import first_divergence, greedy_reference
 from test_engine import make_verification_cheap, random_prompt
 from tinymodels import VOCAB
+from toolfiles import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_rpc", REPO / "tools" / "bench_rpc.py")
-bench_rpc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_rpc)
+bench_rpc = load_tool("bench_rpc")
 free_endpoint, start_servers, RpcServer = bench_rpc.free_endpoint, bench_rpc.start_servers, bench_rpc.RpcServer
 GREEDY = SamplingConfig(temperature=0)
 LOST_SECONDS = 20  # a generation must end this soon after a server dies

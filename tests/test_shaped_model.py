@@ -3,18 +3,13 @@ timing llama_decode where the real file cannot go."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import gguf
 
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
 from tinymodels import VOCAB
+from toolfiles import load_tool
 
-_spec = importlib.util.spec_from_file_location(
-    "shaped_model", Path(__file__).resolve().parent.parent / "tools" / "shaped_model.py")
-shaped_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shaped_model)
+shaped_model = load_tool("shaped_model")
 
 SMALL = dict(n_layer=1, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=VOCAB.n_vocab + 300)
 

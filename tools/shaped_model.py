@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--type", choices=sorted(TYPES), default="q4_k_m")
     ap.add_argument("--threads", type=int, default=0, help="quantization threads (0: all)")
     args = ap.parse_args()
+    if not args.out.parent.is_dir():
+        raise SystemExit(f"shaped_model: no such directory {args.out.parent}; create it first")
     shape = dict(SHAPES[args.shape])
     if args.layers is not None:
         shape["n_layer"] = args.layers
