@@ -291,10 +291,13 @@ class AcceptanceModel:
 # faithfully than the answer's own earlier words. It depends on the token: a copy tends to
 # end where a line ends (the next line of an edit is the one that changes; a quotation
 # stops at the end of its sentence or paragraph), so a copied line break is far less
-# certain than the tokens inside a line. And on what is being written: an answer that
-# copies a document confirms long matches, prose rarely does. So the estimate is kept by
-# (source in the prompt or not, how often copying was right lately, line break or not,
-# match length).
+# certain than the tokens inside a line. It depends on the match's other sources (earlier
+# occurrences of the same text): where they all went on with the copied token it is more
+# likely, where one went on differently far less (the text branches there). And on what
+# is being written: an answer that copies a document confirms long matches, prose rarely
+# does. So the estimate is kept by (source in the prompt or not, how often copying was
+# right lately, the token's kind, match length); a token's kind is whether it ends a line
+# plus KINDS_PER_AGREEMENT times its agreement (ggspec.drafters.lookup: ALONE, AGREE, DIFFER).
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
 # the recent hit rate: RECENT_EDGES likewise.
 MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
@@ -303,11 +306,30 @@ RECENT_EMA = 1 / 8  # the recent hit rate weighs about the last eight outcomes
 # starting guesses by match length, replaced by measurements on this engine's answers
 MATCH_PRIOR = np.array([0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.85, 0.9, 0.9])
 LINE_END_PRIOR = 0.7  # a line break's starting guess, as a fraction of MATCH_PRIOR
+AGREE_MISS = 0.5      # where the other sources agree: the chance of a miss, as a fraction
+DIFFER_HIT = 0.5      # where another source differs: the chance of a hit, as a fraction
+KINDS_PER_AGREEMENT = 2  # inside a line, line end
+
+
+def copy_kinds(line_ends: np.ndarray, agreement: Sequence[int]) -> np.ndarray:
+    """The kinds of copied tokens (k,): line_ends (k,) bool, agreement (k,) as
+    Match.agreement."""
+    kinds = line_ends.astype(np.intp)
+    if any(agreement):  # (mostly there are no other sources: no conversion of the list)
+        kinds += np.multiply(agreement, KINDS_PER_AGREEMENT)
+    return kinds
+
+
+def _kind_priors() -> np.ndarray:
+    """Starting guesses (kinds, length buckets)."""
+    by_line = np.stack([MATCH_PRIOR, LINE_END_PRIOR * MATCH_PRIOR])
+    return np.concatenate([by_line, 1 - AGREE_MISS * (1 - by_line), DIFFER_HIT * by_line])
 
 
 class MatchAcceptance:
     """Chance that a copied draft token is accepted, by where its source is, the recent
-    hit rate of copying, whether the token ends a line and the match length behind it.
+    hit rate of copying, the token's kind (whether it ends a line, whether the match's
+    other sources agree) and the match length behind it.
 
     Two levels: what this answer has shown so far (counts, from `start()`), and what
     earlier answers have shown (a moving average over them), which weighs as
@@ -320,9 +342,8 @@ class MatchAcceptance:
     NEIGHBOUR = 0.5  # an outcome counts this much for the neighbouring length buckets too
 
     def __init__(self) -> None:
-        # (source in the prompt, recent bucket, line end, length bucket)
-        prior = np.stack([MATCH_PRIOR, LINE_END_PRIOR * MATCH_PRIOR])
-        self.p = np.tile(prior, (2, len(RECENT_EDGES), 1, 1))
+        # (source in the prompt, recent bucket, kind, length bucket)
+        self.p = np.tile(_kind_priors(), (2, len(RECENT_EDGES), 1, 1))
         self._seen = np.zeros_like(self.p)
         # this answer's outcomes; few in any one cell, so each also counts, at NEIGHBOUR
         # weight, for the match lengths on either side (the chance changes smoothly with them)
@@ -343,31 +364,31 @@ class MatchAcceptance:
     def row(self) -> int:
         return bisect.bisect_right(RECENT_EDGES, self.recent) - 1
 
-    def chances(self, match_len: int, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
+    def chances(self, match_len: int, kinds: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): for a draft of k tokens copied after a match of match_len tokens;
-        line_ends (k,): which of them end a line."""
-        return self.chance_at(np.arange(match_len, match_len + len(line_ends)), line_ends, in_prompt)
+        kinds (k,): theirs (copy_kinds)."""
+        return self.chance_at(np.arange(match_len, match_len + len(kinds)), kinds, in_prompt)
 
-    def chance_at(self, lengths: np.ndarray, line_ends: np.ndarray, in_prompt: bool) -> np.ndarray:
+    def chance_at(self, lengths: np.ndarray, kinds: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
-        at = (int(in_prompt), self.row)  # (line end, length bucket) tables: (2, buckets)
+        at = (int(in_prompt), self.row)  # (kind, length bucket) tables
         table = (self.hits[at] + self.ANSWER_PRIOR * self.p[at]) / (self.trials[at] + self.ANSWER_PRIOR)
-        return table[line_ends.view(np.uint8), self.bucket(lengths)]
+        return table[kinds, self.bucket(lengths)]
 
     def observe_alternative(self, right: bool) -> None:
         """Where the followed source was wrong and another source differed from it: was
         one of the others right?"""
         self.alternative += RECENT_EMA * (float(right) - self.alternative)
 
-    def observe(self, match_len: int, line_ends: np.ndarray, hits: int, in_prompt: bool) -> None:
+    def observe(self, match_len: int, kinds: np.ndarray, hits: int, in_prompt: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
-        it proposed more, line_ends being longer) a wrong one. line_ends: which of the
-        tokens it proposed end a line."""
+        it proposed more, kinds being longer) a wrong one. kinds: those of the tokens it
+        proposed (copy_kinds)."""
         source = int(in_prompt)
-        buckets = self.bucket(np.arange(match_len, match_len + len(line_ends))).tolist()
-        for i, (end, b) in enumerate(zip(line_ends.tolist(), buckets)):  # (element by element: a few tokens)
+        buckets = self.bucket(np.arange(match_len, match_len + len(kinds))).tolist()
+        for i, (kind, b) in enumerate(zip(kinds.tolist(), buckets)):  # (element by element: a few tokens)
             hit = float(i < hits)
-            at = (source, self.row, int(end))
+            at = (source, self.row, kind)
             _learn(self.p[at], self._seen[at], b, hit, self.PRIOR_WEIGHT)
             hits_at, trials_at = self.hits[at], self.trials[at]
             for near in range(max(b - 1, 0), min(b + 2, len(MATCH_EDGES))):

@@ -7,7 +7,8 @@ import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
 from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, best_plan,
-                               best_tree)
+                               best_tree, copy_kinds)
+from ggspec.drafters.lookup import AGREE, ALONE, DIFFER
 from tinymodels import VOCAB
 
 CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_token=0.4)
@@ -77,16 +78,16 @@ def test_a_larger_budget_never_lowers_the_expected_rate():
         assert np.all(np.diff(rates) >= -1e-12)
 
 
-def inside(k: int) -> np.ndarray:
-    """k copied tokens, none of them a line break."""
-    return np.zeros(k, dtype=bool)
+def inside(k: int, agreement: int = ALONE) -> np.ndarray:
+    """The kinds of k copied tokens, none of them a line break, all with that agreement."""
+    return copy_kinds(np.zeros(k, dtype=bool), [agreement] * k)
 
 
 def test_copy_acceptance_grows_with_the_match_length_it_learns():
     acc = MatchAcceptance()
     for _ in range(100):
-        acc.observe(match_len=2, line_ends=inside(1), hits=0, in_prompt=True)     # short matches: wrong
-        acc.observe(match_len=20, line_ends=inside(4), hits=4, in_prompt=True)   # long matches: right
+        acc.observe(match_len=2, kinds=inside(1), hits=0, in_prompt=True)     # short matches: wrong
+        acc.observe(match_len=20, kinds=inside(4), hits=4, in_prompt=True)   # long matches: right
     assert acc.chances(2, inside(1), True)[0] < 0.05
     assert np.all(acc.chances(20, inside(4), True) > 0.95)
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
@@ -98,15 +99,15 @@ def test_copy_acceptance_grows_with_the_match_length_it_learns():
 def test_copy_acceptance_is_kept_apart_for_answers_that_copy_and_those_that_do_not():
     acc = MatchAcceptance()
     for _ in range(50):  # a document being copied: long matches hold
-        acc.observe(match_len=10, line_ends=inside(31), hits=30, in_prompt=True)
+        acc.observe(match_len=10, kinds=inside(31), hits=30, in_prompt=True)
     copying = acc.chances(10, inside(1), True)[0]
     for _ in range(50):  # prose: matches are coincidences
-        acc.observe(match_len=1, line_ends=inside(1), hits=0, in_prompt=True)
-        acc.observe(match_len=10, line_ends=inside(1), hits=0, in_prompt=True)
+        acc.observe(match_len=1, kinds=inside(1), hits=0, in_prompt=True)
+        acc.observe(match_len=10, kinds=inside(1), hits=0, in_prompt=True)
     assert acc.recent < 0.25 and acc.chances(10, inside(1), True)[0] < 0.1
     assert copying > 0.9
     for _ in range(16):  # back to copying: the estimates learnt there come back (less the
-        acc.observe(match_len=10, line_ends=inside(1), hits=1, in_prompt=True)  # misses of the switch to prose)
+        acc.observe(match_len=10, kinds=inside(1), hits=1, in_prompt=True)  # misses of the switch to prose)
     assert acc.row == len(RECENT_EDGES) - 1 and acc.chances(10, inside(1), True)[0] > 0.75
 
 
@@ -115,13 +116,32 @@ def test_copy_acceptance_learns_that_copies_end_where_lines_end():
     line breaks' chance falls, the tokens inside lines keep theirs, and a long draft is
     estimated by how many line breaks it crosses."""
     acc = MatchAcceptance()
-    line = np.array([False] * 7 + [True])  # seven tokens, then the line's end
+    line = copy_kinds(np.array([False] * 7 + [True]), [ALONE] * 8)  # seven tokens, then the line's end
     for _ in range(40):
-        acc.observe(match_len=10, line_ends=line, hits=7, in_prompt=True)  # the break is where it diverges
+        acc.observe(match_len=10, kinds=line, hits=7, in_prompt=True)  # the break is where it diverges
     assert acc.chances(10, inside(1), True)[0] > 0.9
-    assert acc.chances(17, np.array([True]), True)[0] < 0.2
+    assert acc.chances(17, line[-1:], True)[0] < 0.2
     across = acc.chances(10, line, True)
     assert across[-1] < 0.2 and np.all(across[:-1] > 0.9)
+
+
+def test_copy_acceptance_learns_where_the_other_sources_agree_and_where_one_differs():
+    """Where earlier occurrences of the text went on differently, the text branches: a
+    copy there is kept apart from one that every source agrees with, and each learns its own."""
+    acc = MatchAcceptance()
+    fresh = [acc.chances(3, inside(1, a), True)[0] for a in (ALONE, AGREE, DIFFER)]
+    assert fresh[2] < fresh[0] < fresh[1]  # the starting guesses already say so
+    for _ in range(60):  # (the recent hit rate held in one row: only the kind differs)
+        for agreement, hits in ((DIFFER, 0), (AGREE, 1)):
+            acc.recent = 0.6
+            acc.observe(match_len=3, kinds=inside(1, agreement), hits=hits, in_prompt=True)
+    acc.recent = 0.6
+    assert acc.chances(3, inside(1, DIFFER), True)[0] < 0.05
+    assert acc.chances(3, inside(1, AGREE), True)[0] > 0.95
+    mixed = copy_kinds(np.array([False, True, False]), [AGREE, ALONE, DIFFER])
+    np.testing.assert_array_equal(acc.chances(3, mixed, True),
+                                  [acc.chances(n, inside(1, a) + e, True)[0]
+                                   for n, a, e in ((3, AGREE, 0), (4, ALONE, 1), (5, DIFFER, 0))])
 
 
 def test_an_answers_outcomes_inform_the_neighbouring_match_lengths():
@@ -129,7 +149,7 @@ def test_an_answers_outcomes_inform_the_neighbouring_match_lengths():
     acc.start()
     before = [acc.chances(n, inside(1), True)[0] for n in (5, 6, 8, 16)]  # buckets 4, 5, 6, 8
     for _ in range(4):
-        acc.observe(match_len=6, line_ends=inside(1), hits=0, in_prompt=True)
+        acc.observe(match_len=6, kinds=inside(1), hits=0, in_prompt=True)
     after = [acc.chances(n, inside(1), True)[0] for n in (5, 6, 8, 16)]
     assert after[1] < after[0] < before[0] and after[2] < before[2]  # neighbours learn less
     assert after[3] == before[3]                                        # others nothing
@@ -137,8 +157,8 @@ def test_an_answers_outcomes_inform_the_neighbouring_match_lengths():
 
 def test_an_outcome_counts_for_its_match_length_and_half_for_each_neighbour_at_the_edges_too():
     acc = MatchAcceptance()
-    acc.observe(match_len=1, line_ends=inside(1), hits=1, in_prompt=True)       # the first bucket
-    acc.observe(match_len=500, line_ends=inside(1), hits=0, in_prompt=False)    # the last bucket
+    acc.observe(match_len=1, kinds=inside(1), hits=1, in_prompt=True)       # the first bucket
+    acc.observe(match_len=500, kinds=inside(1), hits=0, in_prompt=False)    # the last bucket
     row = acc.row
     assert acc.trials[1, :, 0].sum() == acc.trials[0, :, 0].sum() == 1.5
     np.testing.assert_array_equal(acc.hits[1].sum(axis=(0, 1))[:3], [1.0, 0.5, 0.0])
@@ -302,11 +322,11 @@ def test_candidate_tree_follows_the_cost_curve(costs, alternative, expected):
 def test_a_new_answer_follows_its_own_evidence_over_earlier_answers():
     acc = MatchAcceptance()
     for _ in range(200):  # earlier answers: copies from the prompt held
-        acc.observe(match_len=4, line_ends=inside(1), hits=1, in_prompt=True)
+        acc.observe(match_len=4, kinds=inside(1), hits=1, in_prompt=True)
     assert acc.chances(4, inside(1), True)[0] > 0.95
     acc.start()  # this answer: they do not
     before = acc.chances(4, inside(1), True)[0]
     for _ in range(6):
-        acc.observe(match_len=4, line_ends=inside(1), hits=0, in_prompt=True)
-        acc.observe(match_len=4, line_ends=inside(1), hits=1, in_prompt=True)  # keeps the recent rate's row
+        acc.observe(match_len=4, kinds=inside(1), hits=0, in_prompt=True)
+        acc.observe(match_len=4, kinds=inside(1), hits=1, in_prompt=True)  # keeps the recent rate's row
     assert before > 0.95 and acc.chances(4, inside(1), True)[0] < 0.75

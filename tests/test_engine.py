@@ -348,7 +348,7 @@ def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, met
         auto = engine.drafters["auto"]
         engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
         make_verification_cheap(auto, monkeypatch)
-        monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, line_ends, in_prompt: np.full(len(line_ends), 0.99))
+        monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, in_prompt: np.full(len(kinds), 0.99))
     ref = greedy_reference(target_path, prompt, 80)
     got = engine.generate(prompt, max_tokens=80, sampling=GREEDY, spec=SpecConfig(method, draft_max=15))
     assert first_divergence(got.tokens, ref) is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ggspec.drafters import lookup
-from ggspec.drafters.lookup import MANY, SEARCH_MAX, CopySource, History, LookupDrafter
+from ggspec.drafters.lookup import AGREE, ALONE, DIFFER, MANY, SEARCH_MAX, CopySource, History, LookupDrafter
 
 
 def reference_longest(history, max_len=SEARCH_MAX):
@@ -125,6 +125,20 @@ def test_followed_source_is_a_valid_match_at_least_as_long_as_a_search(seed, man
                 assert end < len(history)
                 assert history[end - found.length:end] == history[len(history) - found.length:]
             assert found.tokens == history[source._ends[-1]:source._ends[-1] + 6]
+            assert found.agreement == reference_agreement(history, list(source._ends), 6)
+
+
+def reference_agreement(history: list[int], ends: list[int], k: int) -> list[int]:
+    """Match.agreement by its definition, one copied token at a time."""
+    end, n = ends[-1], len(history)
+    first = history[end:end + k]
+    agreement = []
+    for i, x in enumerate(first):
+        # the other sources that went on as the followed one up to token i, and have one there
+        going = [e for e in ends[:-1] if e + i < n and history[e:e + i] == first[:i]]
+        theirs = {history[e + i] for e in going}
+        agreement.append(DIFFER if theirs - {x} else AGREE if theirs else ALONE)
+    return agreement
 
 
 def test_an_accepted_copy_is_followed_without_searching(monkeypatch):
@@ -159,9 +173,11 @@ def test_following_reports_how_the_source_predicted_the_committed_tokens():
     source.sync(text + [1] + text[:5])
     assert source.match(4).followed is None  # a search, nothing followed yet
     source.sync(text + [1] + text[:8])       # three tokens as the source continued
-    assert source.match(4).followed == lookup.Followed(length=5, proposed=tuple(text[5:8]), hits=3, in_prompt=False)
+    assert source.match(4).followed == lookup.Followed(length=5, proposed=tuple(text[5:8]), hits=3, in_prompt=False,
+                                                      agreement=(ALONE,) * 3)
     source.sync(text + [1] + text[:10] + [7, 8])  # two more right, then a wrong one
-    assert source.match(4).followed == lookup.Followed(length=8, proposed=tuple(text[8:11]), hits=2, in_prompt=False)
+    assert source.match(4).followed == lookup.Followed(length=8, proposed=tuple(text[8:11]), hits=2, in_prompt=False,
+                                                      agreement=(ALONE,) * 3)
 
 
 def test_other_sources_give_differing_continuations_and_tell_when_they_were_right():
@@ -174,10 +190,27 @@ def test_other_sources_give_differing_continuations_and_tell_when_they_were_righ
     assert source.alternatives(2, 3) == [([3, 4], 2), ([5, 6], 1)]
     assert source.alternatives(2, 1) == [([3, 4], 2)]
     source.sync(history + [3, 4])  # the followed source was wrong, another right
-    assert source.match(2).followed == lookup.Followed(2, (7,), 0, False, alternative=True)
+    assert source.match(2).followed == lookup.Followed(2, (7,), 0, False, alternative=True, agreement=(DIFFER,))
     assert source.match(2).length == 4  # that source is followed now: no search
     source.sync(history + [3, 4, 1])  # "1 2 3 4" was followed by 9 both times: no other differed
     assert source.match(2).followed.alternative is None
+
+
+@pytest.mark.parametrize("copies", [1, 20])  # 20: more sources than MANY, compared as arrays
+def test_each_copied_token_says_whether_the_other_sources_agree_with_it(copies):
+    # "0 1 2" went on with 3 4 9 and 3 5 9 (`copies` times each) and, most recently, 3 4 8
+    history = [1, 2, 3, 4, 9] + [0, 1, 2, 3, 4, 9, 0, 1, 2, 3, 5, 9] * copies + [0, 1, 2, 3, 4, 8, 0, 1, 2]
+    source = CopySource()
+    source.sync(history)
+    found = source.match(4)
+    assert found.tokens == [3, 4, 8, 0] and found.length == 3
+    # all agree on 3; one went on with 5 where it has 4; the rest with 9 where it has 8;
+    # no other source went on as it did that far
+    assert found.agreement == [AGREE, DIFFER, DIFFER, ALONE]
+    assert source.match(4).agreement == found.agreement  # nothing new: the same source, followed
+    source.sync(history + [3, 4, 9])  # right twice, then wrong where a source differed
+    followed = source.match(4).followed
+    assert followed.hits == 2 and followed.agreement == (AGREE, DIFFER, DIFFER)
 
 
 def test_a_new_prompt_is_not_counted_as_predictions():

@@ -14,11 +14,11 @@ import numpy as np
 
 from ..config import MAX_DRAFT, SamplingConfig
 from ..controller import (EXPLORE_EVERY, MATCH_EDGES, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
-                          best_plan, best_tree)
+                          best_plan, best_tree, copy_kinds)
 from ..tree import Tree, trie
 from . import Draft
 from .eagle import EagleDrafter
-from .lookup import LookupDrafter, Match
+from .lookup import AGREE, ALONE, DIFFER, LookupDrafter, Match
 from .medusa import MedusaDrafter
 from .model import ModelDrafter
 
@@ -59,13 +59,13 @@ class AutoDrafter:
         copy = self.lookup.match(tokens, budget)
         if copy.followed is not None:  # every committed token tells how copying fares
             f = copy.followed
-            self.copy_acceptance.observe(f.length, self._ends(f.proposed), f.hits, f.in_prompt)
+            self.copy_acceptance.observe(f.length, self._kinds(f.proposed, f.agreement), f.hits, f.in_prompt)
             if f.alternative is not None:
                 self.copy_acceptance.observe_alternative(f.alternative)
         plan, rate = Plan(), 0.0
         tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
-            chances = (self.copy_acceptance.chances(copy.length, self._ends(copy.tokens), copy.in_prompt)
+            chances = (self.copy_acceptance.chances(copy.length, self._kinds(copy.tokens, copy.agreement), copy.in_prompt)
                        if copy.tokens else np.zeros(0))
             behind = self.model.behind(tokens) if self.model is not None else 1
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget, behind)
@@ -117,10 +117,16 @@ class AutoDrafter:
         others = self.lookup.source.alternatives(budget, self.max_paths - 1)
         if not others:
             return None, 0.0
-        tokens, parents, through = trie([copy.tokens[:budget], *(c for c, _ in others)])
+        first = copy.tokens[:budget]
+        tokens, parents, through = trie([first, *(c for c, _ in others)])
         weight = np.array([1, *(k for _, k in others)], dtype=np.float64)
         candidates = Tree(tuple(parents))
-        copied = self.copy_acceptance.chance_at(copy.length + candidates.depths - 1, self._ends(tokens),
+        # the copy's tokens (the first nodes) as its match says; the others' by the tree:
+        # another source differs where a node has siblings, agrees where it is shared
+        agreement = copy.agreement[:len(first)] + [
+            DIFFER if len(candidates.children[parents[i] + 1]) > 1 else AGREE if weight[through[i]].sum() > 1 else ALONE
+            for i in range(len(first), len(tokens))]
+        copied = self.copy_acceptance.chance_at(copy.length + candidates.depths - 1, self._kinds(tokens, agreement),
                                                 copy.in_prompt)
         chances = copied.copy()
         for kids in candidates.children:
@@ -136,9 +142,9 @@ class AutoDrafter:
         plan = Plan(lookup=len(nodes), paths=len(tree.paths))
         return Draft([tokens[i] for i in nodes], tree=tree, plan=plan), rate
 
-    def _ends(self, tokens: Sequence[int]) -> np.ndarray:
-        """Which of `tokens` end a line (bool, len(tokens))."""
-        return self.line_ends[list(tokens)]  # (a list: one call, and never read as a multi-axis index)
+    def _kinds(self, tokens: Sequence[int], agreement: Sequence[int]) -> np.ndarray:
+        """The kinds of copied `tokens` (copy_kinds)."""
+        return copy_kinds(self.line_ends[list(tokens)], agreement)  # (a list: never read as a multi-axis index)
 
     def _explore(self, tokens: Sequence[int]) -> Plan:
         """After many plain rounds, draft one draft-model token to re-measure its

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -164,6 +164,7 @@ class Followed:
     # at the wrong token: None when every other source agreed with the followed one, else
     # whether one of the others continued with the token the text has
     alternative: bool | None = None
+    agreement: tuple[int, ...] = ()  # of each proposed token, as Match.agreement
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,15 @@ class Match:
     length: int = 0
     followed: Followed | None = None
     in_prompt: bool = False  # the source lies in the prompt (the user's text), not the output
+    # of each token, what the match's other sources say there (AGREE): a copy rarely holds
+    # where earlier occurrences of the same text went on differently
+    agreement: list[int] = field(default_factory=list)
+
+
+# Match.agreement of a copied token, from the other sources that continued as the followed
+# one up to it: none did (ALONE), all of them continue with it (AGREE), or one continues
+# with another token (DIFFER).
+ALONE, AGREE, DIFFER = 0, 1, 2
 
 
 class CopySource:
@@ -187,6 +197,7 @@ class CopySource:
         self._ends: list[int] | np.ndarray = []
         self._length = 0  # 0: no source
         self._at = 0      # the history length the source was valid for
+        self._agreement: list[int] = []  # of the tokens the last match offered
         self.prompt_len = 0  # history before this is the prompt
 
     def __len__(self) -> int:
@@ -238,17 +249,47 @@ class CopySource:
                     stay.append(end + m)
             # did another source differ from the followed one at the wrong token, and rightly?
             alternative = new[hits] in after if any(y != h[end + hits] for y in after) else None
-            followed = Followed(self._length, tuple(h[end:end + min(hits + 1, m)]), hits, end < self.prompt_len,
-                                alternative)
+            proposed = tuple(h[end:end + min(hits + 1, m)])
+            agreement = self._agreement if len(self._agreement) >= len(proposed) else self.agreement(len(proposed))
+            followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative,
+                                tuple(agreement[:len(proposed)]))
             self._ends = as_ends(stay)
             self._length = self._length + m if len(stay) else 0
         if not self._length:
             self._length, self._ends = self._history.longest_match()
         self._at = n
         if not self._length:
+            self._agreement = []
             return Match([], followed=followed)
         end = int(self._ends[-1])
-        return Match(h[end:min(end + max_tokens, n)], self._length, followed, end < self.prompt_len)
+        tokens = h[end:min(end + max_tokens, n)]
+        self._agreement = self.agreement(len(tokens))
+        return Match(tokens, self._length, followed, end < self.prompt_len, self._agreement)
+
+    def agreement(self, k: int) -> list[int]:
+        """Match.agreement of the followed source's next k tokens (ALONE, AGREE or DIFFER
+        each), from how far each other source continues as the followed one does."""
+        h = self._history.tokens
+        n = len(h)
+        end = int(self._ends[-1])
+        first = h[end:end + k]
+        k = len(first)
+        if isinstance(self._ends, np.ndarray):  # many: all at once
+            a, o = self._history.array(), self._ends[:-1]
+            at = o[:, None] + np.arange(k)  # (sources, k)
+            same = (a[np.minimum(at, n - 1)] == a[end:end + k]) & (at < n)
+            agreed = np.cumprod(same, axis=1).sum(axis=1)  # (sources,) tokens each agrees on
+            longest = int(agreed.max(initial=0))
+            differ = set(agreed[(agreed < k) & (o + agreed < n)].tolist())
+            return [DIFFER if i in differ else AGREE if i < longest else ALONE for i in range(k)]
+        agreement, alive = [], self._ends[:-1]  # position by position, over the sources still agreeing
+        for i, x in enumerate(first):
+            if not alive:
+                break
+            going = [e for e in alive if e + i < n]  # (not yet run into the end of the text)
+            alive = [e for e in going if h[e + i] == x]
+            agreement.append(DIFFER if len(alive) < len(going) else AGREE if alive else ALONE)
+        return agreement + [ALONE] * (k - len(agreement))
 
     def alternatives(self, max_tokens: int, max_count: int) -> list[tuple[list[int], int]]:
         """Up to max_count continuations of the other sources of the current match that
