@@ -309,6 +309,8 @@ LINE_END_PRIOR = 0.7  # a line break's starting guess, as a fraction of MATCH_PR
 AGREE_MISS = 0.5      # where the other sources agree: the chance of a miss, as a fraction
 DIFFER_HIT = 0.5      # where another source differs: the chance of a hit, as a fraction
 KINDS_PER_AGREEMENT = 2  # inside a line, line end
+KIND_NAMES = [f"{line}, {sources}" for sources in ("one source", "others agree", "another differs")
+              for line in ("inside a line", "line end")]
 
 
 def copy_kinds(line_ends: np.ndarray, agreement: Sequence[int]) -> np.ndarray:
