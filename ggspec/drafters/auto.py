@@ -65,8 +65,8 @@ class AutoDrafter:
         plan, rate = Plan(), 0.0
         tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
-            chances = (self.copy_acceptance.chances(copy.length, self._kinds(copy.tokens, copy.agreement), copy.in_prompt)
-                       if copy.tokens else np.zeros(0))
+            chances = (self.copy_acceptance.chances(copy.length, self._kinds(copy.tokens, copy.agreement),
+                                                    copy.in_prompt) if copy.tokens else np.zeros(0))
             behind = self.model.behind(tokens) if self.model is not None else 1
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget, behind)
             if self.max_paths > 1 and copy.tokens:

@@ -176,8 +176,8 @@ class Match:
     length: int = 0
     followed: Followed | None = None
     in_prompt: bool = False  # the source lies in the prompt (the user's text), not the output
-    # of each token, what the match's other sources say there (AGREE): a copy rarely holds
-    # where earlier occurrences of the same text went on differently
+    # of each token, what the match's other sources say there (ALONE, AGREE or DIFFER,
+    # below): a copy rarely holds where earlier occurrences of the same text went on differently
     agreement: list[int] = field(default_factory=list)
 
 
