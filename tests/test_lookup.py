@@ -211,6 +211,12 @@ def test_each_copied_token_says_whether_the_other_sources_agree_with_it(copies):
     source.sync(history + [3, 4, 9])  # right twice, then wrong where a source differed
     followed = source.match(4).followed
     assert followed.hits == 2 and followed.agreement == (AGREE, DIFFER, DIFFER)
+    # the lookup method does not ask for it; a match that does afterwards still gets it right
+    source = CopySource()
+    source.sync(history)
+    assert source.match(4, with_agreement=False).agreement == []
+    source.sync(history + [3, 4, 9])
+    assert source.match(4).followed.agreement == (AGREE, DIFFER, DIFFER)
 
 
 def test_a_new_prompt_is_not_counted_as_predictions():

@@ -222,8 +222,9 @@ class CopySource:
         self._length = 0
         self._at = self.prompt_len = len(self._history.tokens)
 
-    def match(self, max_tokens: int) -> Match:
-        """Follow the source over the tokens added since the last call, or search anew."""
+    def match(self, max_tokens: int, with_agreement: bool = True) -> Match:
+        """Follow the source over the tokens added since the last call, or search anew.
+        with_agreement: fill in Match.agreement and Followed.agreement (else left empty)."""
         h = self._history.tokens
         n = len(h)
         m = n - self._at
@@ -250,7 +251,11 @@ class CopySource:
             # did another source differ from the followed one at the wrong token, and rightly?
             alternative = new[hits] in after if any(y != h[end + hits] for y in after) else None
             proposed = tuple(h[end:end + min(hits + 1, m)])
-            agreement = self._agreement if len(self._agreement) >= len(proposed) else self.agreement(len(proposed))
+            agreement = self._agreement  # (as the last match offered them, when it did so far)
+            if not with_agreement:
+                agreement = ()
+            elif len(agreement) < len(proposed):
+                agreement = self.agreement(len(proposed))
             followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative,
                                 tuple(agreement[:len(proposed)]))
             self._ends = as_ends(stay)
@@ -263,7 +268,7 @@ class CopySource:
             return Match([], followed=followed)
         end = int(self._ends[-1])
         tokens = h[end:min(end + max_tokens, n)]
-        self._agreement = self.agreement(len(tokens))
+        self._agreement = self.agreement(len(tokens)) if with_agreement else []
         return Match(tokens, self._length, followed, end < self.prompt_len, self._agreement)
 
     def agreement(self, k: int) -> list[int]:
@@ -332,13 +337,13 @@ class LookupDrafter:
         self.source.sync(tokens)
         self.source.forget()
 
-    def match(self, tokens: Sequence[int], budget: int) -> Match:
+    def match(self, tokens: Sequence[int], budget: int, with_agreement: bool = True) -> Match:
         self.source.sync(tokens)
-        return self.source.match(budget)
+        return self.source.match(budget, with_agreement)
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
-        found = self.match(tokens, budget)
+        found = self.match(tokens, budget, with_agreement=False)  # (only auto's estimates read it)
         return Draft(found.tokens if found.length >= self.min_match else [])
 
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
