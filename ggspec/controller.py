@@ -411,6 +411,46 @@ class MatchAcceptance:
         self.recent, self.alternative = float(state["recent"]), float(state["alternative"])
 
 
+class TokenRecord:
+    """This answer's record of copying each token: how many copies proposing it were tried
+    and how many held.
+
+    A conversion (JSON to YAML, callbacks to async/await) copies names and values from its
+    input but not the syntax around them: its copies break at the same tokens again and
+    again, whatever the match behind them. So a copied token's chance is capped by how
+    often copies of that very token held in this answer so far, with the chance from
+    MatchAcceptance counting as PRIOR such copies: a token that keeps breaking stops being
+    trusted, and one that holds changes nothing (raising chances from it made long copies
+    worse in the replays). Cleared for each answer, and not part of a saved state, which
+    is taken between answers."""
+
+    PRIOR = 8.0
+
+    def __init__(self) -> None:
+        self._record: dict[int, list[int]] = {}  # token -> [copies that held, copies tried]
+
+    def clear(self) -> None:
+        self._record.clear()
+
+    def observe(self, tokens: Sequence[int], hits: int) -> None:
+        """Copies proposed `tokens`: the first `hits` held, the one after them (if any) did not."""
+        for i, token in enumerate(tokens):
+            record = self._record.setdefault(token, [0, 0])
+            record[0] += i < hits
+            record[1] += 1
+
+    def cap(self, chances: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+        """chances (k,) of copying tokens (k,), each lowered (in place) to its token's
+        record where that is lower."""
+        if self._record:
+            get = self._record.get
+            for i, (token, chance) in enumerate(zip(tokens, chances.tolist())):
+                record = get(token)
+                if record is not None and record[0] < record[1] * chance:  # held less often than `chance`
+                    chances[i] = (record[0] + self.PRIOR * chance) / (record[1] + self.PRIOR)
+        return chances
+
+
 @dataclass(frozen=True)
 class Plan:
     lookup: int = 0  # tokens taken from prompt lookup

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, best_plan,
-                               best_tree, copy_kinds)
+from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, TokenRecord,
+                               best_plan, best_tree, copy_kinds)
 from ggspec.drafters.lookup import AGREE, ALONE, DIFFER
 from tinymodels import VOCAB
 
@@ -164,6 +164,55 @@ def test_an_outcome_counts_for_its_match_length_and_half_for_each_neighbour_at_t
     np.testing.assert_array_equal(acc.hits[1].sum(axis=(0, 1))[:3], [1.0, 0.5, 0.0])
     np.testing.assert_array_equal(acc.trials[0].sum(axis=(0, 1))[-3:], [0.0, 0.5, 1.0])
     assert acc.hits[0].sum() == 0.0 and row == acc.row
+
+
+def test_a_token_whose_copies_keep_breaking_in_this_answer_is_no_longer_trusted():
+    """Copies of a token that broke in this answer are capped at its record, the estimate
+    weighing as PRIOR copies; a token whose copies held is not raised, another token is
+    not touched, and clear() (a new answer) forgets the record."""
+    record, prior = TokenRecord(), TokenRecord.PRIOR
+    record.observe([5, 6, 7], hits=2)  # 5 and 6 held, 7 broke
+    for _ in range(3):
+        record.observe([7], hits=0)    # and 7 broke again
+    np.testing.assert_allclose(record.cap(np.full(4, 0.9), [5, 6, 7, 8]), [0.9, 0.9, prior * 0.9 / (4 + prior), 0.9])
+    record.observe([5], hits=0)        # 5: one held, one broke
+    assert record.cap(np.array([0.9]), [5])[0] == pytest.approx((1 + prior * 0.9) / (2 + prior))
+    assert record.cap(np.array([0.3]), [5])[0] == 0.3  # a record of 1 in 2 does not raise it
+    record.clear()
+    np.testing.assert_array_equal(record.cap(np.full(2, 0.9), [5, 7]), [0.9, 0.9])
+
+
+def test_auto_stops_its_copies_before_the_token_a_conversion_keeps_changing():
+    """An answer that copies names from its prompt but writes another separator after each
+    (JSON to YAML): its copies break at the separator, after names of any length. With the
+    answer's record of each token, auto drafts the separator less often than with the
+    match-length tables alone."""
+    from ggspec.drafters.auto import AutoDrafter
+    from ggspec.drafters.lookup import LookupDrafter
+
+    rng = np.random.default_rng(0)
+    names = [list(rng.integers(20, 200, size=rng.integers(2, 7))) for _ in range(30)]
+    prompt = [1] + [t for name in names for t in [*name, 7]]  # 7: the prompt's separator
+    answer = [t for name in names for t in [*name, 8]]      # 8: the answer's
+
+    def separators_drafted(record: bool) -> int:
+        auto = AutoDrafter(CPU_CURVE, LookupDrafter(), None, np.zeros(256, dtype=bool))
+        if not record:
+            auto.copied.cap = lambda chances, tokens: chances
+        committed, pos, drafted = list(prompt), 0, 0
+        auto.prepare(committed)
+        while pos < len(answer):
+            draft = auto.propose(committed, min(8, len(answer) - pos - 1), SamplingConfig(temperature=0), None)
+            n = 0
+            while n < len(draft.tokens) and draft.tokens[n] == answer[pos + n]:
+                n += 1
+            drafted += 7 in draft.tokens
+            auto.accept(draft, list(range(n)))
+            committed += answer[pos:pos + n + 1]
+            pos += n + 1
+        return drafted
+
+    assert separators_drafted(record=True) < separators_drafted(record=False)
 
 
 def brute_best_plan(costs, copied, model, budget, behind):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import MAX_DRAFT, SamplingConfig
 from ..controller import (EXPLORE_EVERY, KIND_NAMES, MATCH_EDGES, RECENT_EDGES, AcceptanceModel, CostModel,
-                          MatchAcceptance, Plan, best_plan, best_tree, copy_kinds)
+                          MatchAcceptance, Plan, TokenRecord, best_plan, best_tree, copy_kinds)
 from ..tree import Tree, trie
 from . import Draft
 from .eagle import EagleDrafter
@@ -41,6 +41,7 @@ class AutoDrafter:
         self.model = model
         self.heads = heads  # Medusa or EAGLE: a tree from the target's hidden states
         self.copy_acceptance = MatchAcceptance()
+        self.copied = TokenRecord()  # this answer's copies of each token
         self.model_acceptance = AcceptanceModel(MODEL_PRIOR, MAX_DRAFT) if model else None
         self.plans: Counter[Plan | str] = Counter()
         self._streak = 0  # plain rounds in a row
@@ -50,6 +51,7 @@ class AutoDrafter:
         # and that cost is part of what the controller measures
         self.lookup.prepare(tokens)
         self.copy_acceptance.start()
+        self.copied.clear()
         if self.heads is not None:
             self.heads.prepare(tokens)
         self.plans.clear()
@@ -60,13 +62,16 @@ class AutoDrafter:
         if copy.followed is not None:  # every committed token tells how copying fares
             f = copy.followed
             self.copy_acceptance.observe(f.length, self._kinds(f.proposed, f.agreement), f.hits, f.in_prompt)
+            self.copied.observe(f.proposed, f.hits)
             if f.alternative is not None:
                 self.copy_acceptance.observe_alternative(f.alternative)
         plan, rate = Plan(), 0.0
         tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
-            chances = (self.copy_acceptance.chances(copy.length, self._kinds(copy.tokens, copy.agreement),
-                                                    copy.in_prompt) if copy.tokens else np.zeros(0))
+            chances = np.zeros(0)
+            if copy.tokens:
+                kinds = self._kinds(copy.tokens, copy.agreement)
+                chances = self.copied.cap(self.copy_acceptance.chances(copy.length, kinds, copy.in_prompt), copy.tokens)
             behind = self.model.behind(tokens) if self.model is not None else 1
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget, behind)
             if self.max_paths > 1 and copy.tokens:
@@ -126,8 +131,8 @@ class AutoDrafter:
         agreement = copy.agreement[:len(first)] + [
             DIFFER if len(candidates.children[parents[i] + 1]) > 1 else AGREE if weight[through[i]].sum() > 1 else ALONE
             for i in range(len(first), len(tokens))]
-        copied = self.copy_acceptance.chance_at(copy.length + candidates.depths - 1, self._kinds(tokens, agreement),
-                                                copy.in_prompt)
+        copied = self.copied.cap(self.copy_acceptance.chance_at(copy.length + candidates.depths - 1,
+                                                                self._kinds(tokens, agreement), copy.in_prompt), tokens)
         chances = copied.copy()
         for kids in candidates.children:
             if len(kids) > 1:
