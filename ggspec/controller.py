@@ -440,8 +440,8 @@ class TokenRecord:
             record[1] += 1
 
     def cap(self, chances: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
-        """chances (k,) of copying tokens (k,), each lowered (in place) to its token's
-        record where that is lower."""
+        """chances (k,) of copying tokens (k,), each lowered (in place) where its token's
+        copies held less often than that chance: to (held + PRIOR * chance) / (tried + PRIOR)."""
         if self._record:
             get = self._record.get
             for i, (token, chance) in enumerate(zip(tokens, chances.tolist())):
