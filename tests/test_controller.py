@@ -189,7 +189,9 @@ def test_auto_stops_its_copies_before_the_token_a_conversion_keeps_changing():
     match-length tables alone."""
     from ggspec.drafters.auto import AutoDrafter
     from ggspec.drafters.lookup import LookupDrafter
+    from toolfiles import load_tool
 
+    accepted = load_tool("replay_auto").accepted  # the accepted prefix of a greedy draft
     rng = np.random.default_rng(0)
     names = [list(rng.integers(20, 200, size=rng.integers(2, 7))) for _ in range(30)]
     prompt = [1] + [t for name in names for t in [*name, 7]]  # 7: the prompt's separator
@@ -203,9 +205,7 @@ def test_auto_stops_its_copies_before_the_token_a_conversion_keeps_changing():
         auto.prepare(committed)
         while pos < len(answer):
             draft = auto.propose(committed, min(8, len(answer) - pos - 1), SamplingConfig(temperature=0), None)
-            n = 0
-            while n < len(draft.tokens) and draft.tokens[n] == answer[pos + n]:
-                n += 1
+            n = accepted(draft.tokens, answer[pos:])
             drafted += 7 in draft.tokens
             auto.accept(draft, list(range(n)))
             committed += answer[pos:pos + n + 1]
