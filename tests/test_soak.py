@@ -5,11 +5,11 @@ generating thread. Run alone: python -m pytest tests/test_soak.py -q -s (prints 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -74,34 +74,52 @@ def test_engines_created_and_closed_leak_no_memory_threads_or_files(target_path,
 
 
 class Interrupter:
-    """Delivers one KeyboardInterrupt into a thread after a delay, as a Ctrl-C would
-    (PyThreadState_SetAsyncExc: raised at the thread's next bytecode, after any C call)."""
+    """Delivers one KeyboardInterrupt into the main thread after a delay, as a Ctrl-C does:
+    a SIGINT, whose handler raises at the main thread's next bytecode (after any C call; a
+    blocking wait is interrupted). A context manager: the handler is installed inside it.
 
-    def __init__(self, thread_id: int):
-        self.thread_id = ctypes.c_ulong(thread_id)
+    (Not PyThreadState_SetAsyncExc: on Python 3.11 a thread being started has, until it
+    runs, a state carrying its starter's id, so an exception aimed at the main thread can
+    land in the new thread before it reports that it started, and the main thread's
+    Thread.start() then waits forever.)"""
+
+    def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.armed = False
+        self.armed = False  # the timer may still send the signal (under lock)
+        self.live = False   # the handler raises (read and written in the main thread only)
         self.timer: threading.Timer | None = None
 
+    def __enter__(self) -> Interrupter:
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame) -> None:
+        if self.live:
+            self.live = False
+            raise KeyboardInterrupt
+
     def arm(self, delay: float) -> None:
-        self.armed = True
+        self.armed = self.live = True
         self.timer = threading.Timer(delay, self._fire)
         self.timer.start()
 
     def _fire(self) -> None:
         with self.lock:
             if self.armed:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(self.thread_id, ctypes.py_object(KeyboardInterrupt))
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 self.armed = False
 
     def disarm(self) -> None:
-        """In the interrupted thread, after the turn: no interrupt may arrive later."""
+        """In the main thread, after the turn: no interrupt may arrive later."""
         self.timer.cancel()
         while True:
             try:
                 with self.lock:
                     self.armed = False
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(self.thread_id, None)  # drop one not raised yet
+                self.live = False  # a signal already sent is then handled without raising
                 return
             except KeyboardInterrupt:  # it arrived just now
                 continue
@@ -125,10 +143,9 @@ def test_chat_turns_cancelled_at_random_points_keep_the_cache_and_the_transcript
     rng = random.Random(0)
     engine = Engine(target_path, draft_path, target_config=CFG, spec=SpecConfig(draft_max=4))
     session = ChatSession(engine, Settings(SamplingConfig(), SpecConfig(), max_tokens=32))
-    interrupter = Interrupter(threading.get_ident())
     counts = Counter()
     t0 = time.perf_counter()
-    with engine:
+    with engine, Interrupter() as interrupter:
         for turn in range(TURNS):
             if len(engine.ctx.tokens) > 350:
                 session.reset()
