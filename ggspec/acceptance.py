@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ggspec.config import SamplingConfig
-from ggspec.sampling import sample, softmax, warp
+from ggspec.sampling import draw, sample, softmax, warp
 from ggspec.tree import Tree
 
 
@@ -64,7 +64,7 @@ def accept_speculative(
             continue  # q(d) <= p(d): always accepted, the draw is still made
         residual = np.maximum(p - q[i], 0.0)  # rejected: resample from norm(max(p - q, 0))
         return Verdict(i, sample(residual if residual.any() else p, rng))  # all 0 only if p == q
-    return Verdict(k, sample(warp(target_logits[k], cfg), rng))  # all accepted: bonus from p_k
+    return Verdict(k, draw(target_logits[k], cfg, rng))  # all accepted: bonus from p_k
 
 
 def accept_match(
@@ -81,10 +81,10 @@ def accept_match(
     if cfg.greedy:
         return accept_greedy(target_logits, draft)
     for i in range(k):
-        y = sample(warp(target_logits[i], cfg), rng)  # y ~ p_i
+        y = draw(target_logits[i], cfg, rng)  # y ~ p_i
         if y != draft[i]:
             return Verdict(i, y)  # mismatch: commit the target's own sample
-    return Verdict(k, sample(warp(target_logits[k], cfg), rng))  # all matched: bonus from p_k
+    return Verdict(k, draw(target_logits[k], cfg, rng))  # all matched: bonus from p_k
 
 
 def _chain_length(target_logits: np.ndarray, draft: Sequence[int] | np.ndarray) -> int:
@@ -130,7 +130,7 @@ def accept_tree_match(target_logits: np.ndarray, tokens: Sequence[int], tree: Tr
     nodes: list[int] = []
     row = 0
     while True:
-        y = sample(warp(target_logits[row], cfg), rng)  # y ~ p at this node
+        y = draw(target_logits[row], cfg, rng)  # y ~ p at this node
         child = _child_with(tree, tokens, row, y)
         if child is None:
             return TreeVerdict(tuple(nodes), y)
@@ -155,7 +155,7 @@ def accept_tree_typical(target_logits: np.ndarray, tokens: Sequence[int], tree: 
         ok = [c for c in tree.children[row] if p[tokens[c]] > threshold]
         if not ok:
             last = target_logits[row]
-            token = int(np.argmax(last)) if cfg.greedy else sample(warp(last, cfg), rng)
+            token = int(np.argmax(last)) if cfg.greedy else draw(last, cfg, rng)
             return TreeVerdict(tuple(nodes), token)
         child = max(ok, key=lambda c: p[tokens[c]])
         nodes.append(child)

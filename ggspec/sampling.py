@@ -28,15 +28,28 @@ def warp(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     Temperature 0 gives the one-hot at the argmax. At least one token is always kept.
     """
     probs = np.zeros(logits.shape[-1])  # (n_vocab,)
+    ids, p = distribution(logits, cfg)
+    probs[ids] = p
+    return probs
+
+
+def distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """warp's distribution without the dense vector: the ids of positive probability, in
+    ascending order, and their probabilities (float64, summing to 1)."""
     if cfg.greedy:
-        probs[greedy(logits)] = 1.0
-        return probs
-    ids = _top_k(logits, cfg.top_k)  # (k,) candidate ids, or every id
+        return np.array([greedy(logits)]), np.ones(1)
+    ids = _top_k(logits, cfg.top_k)  # (k,) ascending candidate ids
     cand = logits[ids].astype(np.float64)  # (k,)
     cand[~np.isfinite(cand)] = -np.inf
-    kept = _top_p_min_p(cand, cfg.top_p, cfg.min_p)
-    probs[ids] = softmax(kept / cfg.temperature)  # p ∝ exp(l / T) over the kept tokens
-    return probs
+    probs = softmax(_top_p_min_p(cand, cfg.top_p, cfg.min_p) / cfg.temperature)  # p ∝ exp(l / T) over the kept
+    kept = probs > 0
+    return ids[kept], probs[kept]
+
+
+def draw(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    """A token drawn from warp(logits, cfg): the token and the one rng.random() of
+    sample(warp(logits, cfg), rng), without building or scanning the dense vector."""
+    return _pick(*distribution(logits, cfg), rng)
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -47,22 +60,27 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     support = (probs > 0).nonzero()[0]  # (s,) tokens of positive weight
     if support.size == 0:
         raise ValueError("cannot sample from all-zero weights")
-    cdf = probs[support].cumsum()  # (s,) strictly increasing
+    return _pick(support, probs[support], rng)
+
+
+def _pick(ids: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse CDF over positive weights (s,) of ascending ids (s,), with one rng.random()."""
+    cdf = weights.cumsum()  # (s,) strictly increasing
     i = cdf.searchsorted(rng.random() * cdf[-1], side="right")
-    return int(support[min(i, support.size - 1)])  # u * total rounds up to total if subnormal
+    return int(ids[min(i, ids.size - 1)])  # u * total rounds up to total if subnormal
 
 
-def _top_k(logits: np.ndarray, k: int) -> np.ndarray | slice:
-    """Ids of the k largest logits in no particular order; every id when k is 0 or >= n_vocab."""
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, ascending; every id when k is 0 or >= n_vocab."""
     n_vocab = logits.shape[-1]
     if k == 0 or k >= n_vocab:
-        return slice(None)
+        return np.arange(n_vocab)
     subset = logits[:: min(16, n_vocab // k)]  # (>= k,) strided: a few hundred survive below
     floor = np.partition(subset, -k)[-k]  # k-th largest of a subset <= k-th largest of all
     cand = np.flatnonzero(logits >= floor)  # (c,) with c >= k, unless NaNs upset the floor
     if cand.size < k:
         cand = np.arange(n_vocab)
-    return cand[logits[cand].argpartition(-k)[-k:]]
+    return np.sort(cand[logits[cand].argpartition(-k)[-k:]])
 
 
 def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ggspec.config import SamplingConfig
-from ggspec.sampling import greedy, sample, softmax_max, warp
+from ggspec.sampling import _top_k, distribution, draw, greedy, sample, softmax_max, warp
 
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # warp is the softmax
 
@@ -218,6 +218,52 @@ def test_top_k_on_a_full_size_vocab_matches_the_full_pass():
                 SamplingConfig(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05))
     np.testing.assert_allclose(fast, full, rtol=1e-12, atol=0)
     assert support(fast) <= set(ranked[:40].tolist())
+
+
+@pytest.mark.parametrize("n_vocab", [7, 97, 1000, 151_936])
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_top_k_finds_the_k_largest_in_ascending_order(n_vocab, k):
+    rng = np.random.default_rng(n_vocab + k)
+    for scale in (0.1, 3.0, 30.0):
+        logits = rng.normal(scale=scale, size=n_vocab).astype(np.float32)
+        ids = _top_k(logits, k)
+        want = np.sort(np.argsort(logits, kind="stable")[::-1][:min(k, n_vocab)])
+        np.testing.assert_array_equal(ids, want if k < n_vocab else np.arange(n_vocab))
+
+
+def noisy_rows(rng, n_vocab, n):
+    """Rows of logits with ties, -inf (a grammar's mask), and the odd NaN or +inf."""
+    for i in range(n):
+        row = rng.normal(scale=rng.choice([0.5, 2.0, 8.0]), size=n_vocab).astype(np.float32)
+        if i % 3 == 1:
+            row[(rng.random(n_vocab) < 0.9) & (np.arange(n_vocab) != i % n_vocab)] = -np.inf
+        if i % 5 == 2:
+            row[rng.integers(n_vocab, size=3)] = row.max()  # ties at the top
+        if i % 7 == 3:
+            row[rng.integers(n_vocab)] = rng.choice([np.nan, np.inf])
+        yield row
+
+
+@pytest.mark.parametrize("n_vocab", [5, 300, 151_936])
+def test_draw_is_sample_of_warp_draw_for_draw(n_vocab):
+    rng = np.random.default_rng(n_vocab)
+    configs = [SamplingConfig(), SamplingConfig(temperature=0.0), cfg(), cfg(top_k=1), cfg(top_k=2, temperature=0.3),
+               SamplingConfig(temperature=1.5, top_k=0, top_p=0.9, min_p=0.0),
+               SamplingConfig(temperature=0.7, top_k=100, top_p=0.5, min_p=0.1)]
+    for i, row in enumerate(noisy_rows(rng, n_vocab, 14 if n_vocab > 1000 else 60)):
+        c = configs[i % len(configs)]
+        a, b = CountingRng(seed=i), CountingRng(seed=i)
+        try:
+            dense = warp(row, c)
+        except ValueError:  # a non-finite logit took the only top-k slot: no token to draw
+            with pytest.raises(ValueError, match="finite"):
+                draw(row, c, a)
+            continue
+        assert [draw(row, c, a) for _ in range(8)] == [sample(dense, b) for _ in range(8)]
+        assert a.calls == b.calls == 8
+        ids, p = distribution(row, c)
+        np.testing.assert_array_equal(ids, np.flatnonzero(dense))
+        np.testing.assert_array_equal(p, dense[ids])
 
 
 def test_sample_draws_once_and_never_returns_zero_weight():
