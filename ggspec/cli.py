@@ -154,12 +154,16 @@ def _sampling_options(temperature: float = _SAMPLING.temperature) -> Callable:
         click.option("--top-p", type=float, default=_SAMPLING.top_p, show_default=True, help="1 disables."),
         click.option("--min-p", type=float, default=_SAMPLING.min_p, show_default=True, help="0 disables."),
         click.option("-s", "--seed", type=int, help="Random seed.  [default: random]"),
+        click.option("--ignore-eos", is_flag=True,
+                     help="Never end the answer with an end-of-generation token: generate until "
+                          "--max-tokens or a stop string (as llama.cpp's --ignore-eos)."),
     )
 
 
 def _sampling(opts: dict) -> SamplingConfig:
     return SamplingConfig(temperature=opts.pop("temperature"), top_k=opts.pop("top_k"),
-                          top_p=opts.pop("top_p"), min_p=opts.pop("min_p"), seed=opts.pop("seed"))
+                          top_p=opts.pop("top_p"), min_p=opts.pop("min_p"), seed=opts.pop("seed"),
+                          ignore_eos=opts.pop("ignore_eos"))
 
 
 def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
@@ -485,7 +489,8 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
                                "rows": [r.to_dict() for r in rows]}, indent=2))
     else:
         click.echo(f"target {Path(target).name}, draft {Path(draft).name if draft else '-'}; "
-                   f"{max_tokens} tokens x {repetitions}, temperature {sampling.temperature}")
+                   f"{max_tokens} tokens x {repetitions}, temperature {sampling.temperature}"
+                   + (", ignoring end-of-generation tokens" if sampling.ignore_eos else ""))
         click.echo(f"machine: {state.describe(threads)} before, load {after.load:.2f} after; "
                    "x none: median of per-repetition ratios"
                    + ("; x llama.cpp: the same over llama.cpp plain (llama-completion)" if native_dir else ""))

@@ -18,6 +18,10 @@ class SamplingConfig:
     Truncation follows llama.cpp's default order: top-k, then top-p and min-p on the
     temperature-1 softmax, then temperature. 0 disables top-k; 1.0 disables top-p;
     0.0 disables min-p. The same warp is applied to target and draft distributions.
+
+    ignore_eos: never choose an end-of-generation token (llama.cpp's --ignore-eos: their
+    logits are set to -inf), so an answer runs to max_tokens or a stop string; the output
+    is then the target's decoding conditioned on not ending.
     """
 
     temperature: float = 0.8
@@ -25,6 +29,7 @@ class SamplingConfig:
     top_p: float = 0.95
     min_p: float = 0.05
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -40,6 +45,8 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1) (0 disables it), got {self.min_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

@@ -409,6 +409,8 @@ class Engine:
                 rows = self.ctx.eval([committed[-1], *draft.tokens], logits="all")  # (k + 1, n_vocab)
             else:
                 rows = self.ctx.eval_tree([committed[-1], *draft.tokens], draft.tree)
+            if sampling.ignore_eos:  # (the rows are this round's own: llama.cpp rewrites them next decode)
+                rows[:, list(self.target.eog)] = -np.inf
             verdict = self._accept(rows, draft, sampling, spec.typical, rng)
             tc = time.perf_counter()
             stats.draft_seconds += tb - ta

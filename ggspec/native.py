@@ -129,6 +129,8 @@ class LlamaCpp:
                "--min-p", str(sampling.min_p)]
         if sampling.seed is not None:
             cmd += ["--seed", str(sampling.seed)]
+        if sampling.ignore_eos:
+            cmd.append("--ignore-eos")
         if variant.mode == "plain":
             return cmd + ["-no-cnv", "--no-display-prompt"]  # the prompt is already chat-templated
         cmd += ["--spec-type", variant.mode]

@@ -24,9 +24,11 @@ class Reference:
 
 
 def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 512,
-                     stop_at_eog: bool = True, forced: list[int] = (), n_threads: int = 1) -> Reference:
+                     stop_at_eog: bool = True, forced: list[int] = (), n_threads: int = 1,
+                     ignore_eog: bool = False) -> Reference:
     """Greedy decoding one token per llama_decode (after a batched prompt). With `forced`,
-    those tokens are fed one per decode first (teacher forcing), then n are generated."""
+    those tokens are fed one per decode first (teacher forcing), then n are generated.
+    With `ignore_eog`, every end-of-generation token's logit is -inf (in `logits` too)."""
     mparams = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
     assert model, model_path
@@ -37,6 +39,7 @@ def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 51
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)] if ignore_eog else []
     out = Reference([], [], [])
     try:
         arr = (llama_cpp.llama_token * len(prompt))(*prompt)
@@ -46,6 +49,7 @@ def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 51
             assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
         for _ in range(n):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
+            logits[eog] = -np.inf
             top2 = np.sort(logits)[-2:]
             token = int(np.argmax(logits))
             out.gaps.append(float(top2[1] - top2[0]))

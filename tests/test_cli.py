@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, hub
 from ggspec.cli import cli
-from tinymodels import VOCAB, write_mismatched_vocab_llama
+from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--threads", "1", "-c", "512"]
@@ -78,6 +78,18 @@ def test_run_streams_the_text_to_stdout_and_the_footer_to_stderr(target_path, dr
     assert got.stdout == text + "\n"
     footer = got.stderr.splitlines()[-1]  # (after a calibration's progress line, if one ran)
     assert footer.startswith("10 tokens, ") and "tok/s" in footer
+
+
+def test_run_ignore_eos_goes_on_past_the_end_of_generation_token(tmp_path, target_path):
+    prompt = "the cat and the dog"
+    stopper = greedy_tokens(target_path, prompt, 8)[2]
+    eog = str(write_tiny_llama(tmp_path / "eog.gguf", seed=0, eog_after=[stopper]))
+    base = ["run", "-m", eog, *TINY, "--raw", "-t", 0, "-n", 12, "--json", prompt]
+    ended, went_on = (json.loads(invoke(*base, *extra).stdout) for extra in ([], ["--ignore-eos"]))
+    assert ended["finish_reason"] == "stop" and len(ended["tokens"]) < 12
+    assert went_on["finish_reason"] == "length" and len(went_on["tokens"]) == 12
+    assert went_on["tokens"][:len(ended["tokens"])] == ended["tokens"]
+    assert (ended["params"]["ignore_eos"], went_on["params"]["ignore_eos"]) == (False, True)
 
 
 def test_raw_prompt_from_argument_file_and_stdin_give_the_same_answer(tmp_path, target_path):

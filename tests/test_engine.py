@@ -4,6 +4,7 @@ rollback, stopping, errors."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -192,6 +193,57 @@ def test_end_of_generation_token_stops(tiny_dir, target_path):
         got = eng.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=4))
     assert got.finish_reason == "stop"
     assert got.tokens == ref.tokens[:first + 1]
+
+
+@pytest.fixture(scope="module")
+def eog_model(tiny_dir, target_path):
+    """The target, changed to end the answer right after a token that greedy decoding of
+    random_prompt(12) writes at position 7; returns (path, prompt, that position)."""
+    prompt = random_prompt(12)
+    stopper = greedy_reference(target_path, prompt, 20).tokens[7]
+    path = write_tiny_llama(tiny_dir / "eog-ignore.gguf", seed=0, eog_after=[stopper])
+    return str(path), prompt, greedy_reference(target_path, prompt, 20).tokens.index(stopper)
+
+
+@pytest.mark.parametrize("method", ["none", "lookup", "draft", "auto"])
+def test_ignore_eos_generates_past_the_end_as_masked_greedy_decoding(eog_model, method):
+    path, prompt, first = eog_model
+    stopped = greedy_reference(path, prompt, 40)
+    ref = greedy_reference(path, prompt, 40, ignore_eog=True)
+    assert len(stopped.tokens) == first + 1 and len(ref.tokens) == 40  # the model would end there
+    sampling = SamplingConfig(temperature=0, ignore_eos=True)
+    # the draft model is the target itself: masked like the target, it proposes no end token
+    with Engine(path, path, target_config=CFG) as eng:
+        got = eng.generate(prompt, max_tokens=40, sampling=sampling, spec=SpecConfig(method, draft_max=4))
+        ended = eng.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig(method, draft_max=4))
+    assert ended.finish_reason == "stop" and ended.tokens == stopped.tokens
+    assert got.finish_reason == "length"
+    assert first_divergence(got.tokens, ref) is None
+    if method == "draft":
+        assert got.stats.draft_tokens > 0 and got.stats.accepted_tokens == got.stats.draft_tokens
+
+
+@pytest.mark.parametrize("method", ["none", "draft"])
+def test_ignore_eos_samples_from_the_target_without_its_end_tokens(eog_model, method):
+    path, prompt, first = eog_model
+    at_end = prompt + greedy_reference(path, prompt, first + 1).tokens  # the end token is next
+    logits = greedy_reference(path, at_end, 1).logits[0]
+    assert np.argmax(logits) in VOCAB.eog_ids
+    logits[list(VOCAB.eog_ids)] = -np.inf
+    p = np.exp((logits - logits.max()) / 0.9)
+    p /= p.sum()
+    n = 4000
+    counts = np.zeros(len(p))
+    sampling = SamplingConfig(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, ignore_eos=True)
+    drafted = 0
+    with Engine(path, path, target_config=CFG) as eng:
+        for seed in range(n):
+            got = eng.generate(at_end, max_tokens=3, sampling=replace(sampling, seed=seed),
+                               spec=SpecConfig(method, draft_max=2))
+            counts[got.tokens[0]] += 1
+            drafted += got.stats.draft_tokens
+    assert_frequencies_match(counts / n, p, n)
+    assert drafted > n if method == "draft" else drafted == 0
 
 
 def test_stop_string_spanning_tokens_ends_the_text(engine):

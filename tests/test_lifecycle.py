@@ -225,6 +225,12 @@ def test_a_temperature_too_small_to_sample_with_is_refused(temperature):
         SamplingConfig(temperature=temperature)
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_ignore_eos_must_be_a_boolean(value):
+    with pytest.raises(ValueError, match=f"ignore_eos must be true or false, got {value!r}"):
+        SamplingConfig(ignore_eos=value)
+
+
 def test_the_smallest_temperature_samples(engine):
     got = engine.generate(random_prompt(16), max_tokens=20, sampling=SamplingConfig(temperature=0.001, seed=1),
                           spec=SpecConfig("draft", draft_max=3))

@@ -61,7 +61,9 @@ def test_plain_runs_llama_completion_on_the_prompt_text_as_is(llama, tmp_path):
     assert opts["--temp"] == "0.0" and "--seed" not in opts
     # no chat template of llama.cpp's, no escape processing: ggspec's rendered text is the prompt
     assert {"-no-cnv", "--no-escape", "--no-display-prompt"} <= set(opts)
-    assert "--spec-type" not in opts and "-md" not in opts
+    assert "--spec-type" not in opts and "-md" not in opts and "--ignore-eos" not in opts
+    cmd = llama.command(NativeVariant("plain"), tmp_path / "p.txt", 192, SamplingConfig(temperature=0, ignore_eos=True))
+    assert "--ignore-eos" in options(cmd)
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "plain"])

@@ -30,6 +30,7 @@ from ggspec.chat import Settings
 from ggspec.cli import cli
 from ggspec.server import create_app, listen
 from serving import LiveServer
+from tinymodels import VOCAB, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = BackendConfig(n_ctx=1024, n_threads=1)
@@ -115,6 +116,25 @@ def test_text_completions_streamed_and_not(client, plain):
     chunks = list(client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=10, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_ignore_eos_generates_past_the_end_of_generation_token(tiny_dir, target_path):
+    prompt = [VOCAB.bos_id, *range(400, 412)]
+    with Engine(target_path, None, target_config=CFG) as e:
+        tokens = e.generate(prompt, max_tokens=8, sampling=GREEDY, spec=SpecConfig("none")).tokens
+    stopper = tokens[3]
+    path = write_tiny_llama(tiny_dir / "server-eog.gguf", seed=0, eog_after=[stopper])
+    with Engine(str(path), None, target_config=CFG) as e, LiveServer(create_app(e, DEFAULTS)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+
+        def complete(**extra):
+            return client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=12,
+                                             extra_body={"method": "none", **extra})
+
+        ended, went_on = complete(), complete(ignore_eos=True)
+    assert (ended.choices[0].finish_reason, ended.usage.completion_tokens) == ("stop", tokens.index(stopper) + 1)
+    assert (went_on.choices[0].finish_reason, went_on.usage.completion_tokens) == ("length", 12)
+    assert went_on.choices[0].text.startswith(ended.choices[0].text)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -209,6 +229,7 @@ def assert_error(response: httpx.Response, status: int, *fragments: str, param: 
     ({"messages": HELLO, "temperature": "hot"}, ["temperature", "valid number"], "temperature"),
     ({"messages": HELLO, "max_tokens": 0}, ["max_tokens", "greater than or equal to 1"], "max_tokens"),
     ({"messages": HELLO, "stream": "yes"}, ["stream", "valid boolean"], "stream"),
+    ({"messages": HELLO, "ignore_eos": 1}, ["ignore_eos", "valid boolean"], "ignore_eos"),
     ({"messages": HELLO, "top_p": 0}, ["top_p"], "top_p"),
     ({"messages": HELLO, "colour": "red"}, ["unknown parameter 'colour'"], "colour"),
     ({"messages": HELLO, "n": 2}, ["n=1"], "n"),

@@ -75,12 +75,15 @@ class ModelDrafter:
         # seconds the worker spent inside llama_decode while the caller did not wait for it
         self.hidden_seconds = 0.0
 
-    def _row(self, logits: np.ndarray) -> np.ndarray:
-        """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf."""
+    def _row(self, logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
+        """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf;
+        with ignore_eos, -inf for the draft's end-of-generation tokens too."""
         missing = self.n_vocab - len(logits)
-        if missing <= 0:
-            return logits[:self.n_vocab]
-        return np.concatenate([logits, np.full(missing, -np.inf, dtype=logits.dtype)])
+        if missing > 0:
+            logits = np.concatenate([logits, np.full(missing, -np.inf, dtype=logits.dtype)])
+        if sampling.ignore_eos:
+            logits[list(self.ctx.model.eog)] = -np.inf
+        return logits[:self.n_vocab]
 
     def _known(self, tokens: Sequence[int]) -> Sequence[int]:
         """`tokens` with every id the draft lacks replaced by 0."""
@@ -122,7 +125,7 @@ class ModelDrafter:
         n = min(self.ctx.sync(tokens), len(tokens) - 1)
         self.ctx.truncate(n)
         t0 = time.perf_counter()
-        logits = self._row(self.ctx.eval(tokens[n:], logits="last")[0])
+        logits = self._row(self.ctx.eval(tokens[n:], logits="last")[0], sampling)
         self.catch_up = (len(tokens) - n, time.perf_counter() - t0)
         # the next round keeps only the drafts the target accepted: a recurrent draft
         # model's state is saved here, to come back to
@@ -145,7 +148,7 @@ class ModelDrafter:
             out.append(x)
             if len(out) == budget or not go_on(out):
                 break
-            logits = self._row(self.ctx.eval([x], logits="last")[0])
+            logits = self._row(self.ctx.eval([x], logits="last")[0], sampling)
         return Draft(out, np.stack(qs) if qs else None)
 
     def propose_ahead(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,

@@ -98,8 +98,9 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
 
     def settings(body: GenerationRequest) -> Settings:
         """The server's defaults with what the request sets."""
-        sampling = replace(defaults.sampling, **{k: v for k in ("temperature", "top_k", "top_p", "min_p", "seed")
-                                                 if (v := getattr(body, k)) is not None})
+        sampling = replace(defaults.sampling, **{
+            k: v for k in ("temperature", "top_k", "top_p", "min_p", "seed", "ignore_eos")
+            if (v := getattr(body, k)) is not None})
         spec = replace(defaults.spec, **{k: v for k in ("method", "draft_max") if (v := getattr(body, k)) is not None})
         if spec.method not in available_methods(engine):
             raise GgspecError(f"method {spec.method!r} is not available on this server; "

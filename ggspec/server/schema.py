@@ -82,6 +82,7 @@ class GenerationRequest(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     seed: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None  # llama.cpp server's extension: generate to the length or a stop
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
