@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ggspec.config import SamplingConfig
-from ggspec.sampling import draw, sample, softmax, warp
+from ggspec.sampling import Dist, distribution, draw, pick, prob, softmax
 from ggspec.tree import Tree
 
 
@@ -50,7 +50,7 @@ def accept_speculative(
 ) -> Verdict:
     """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for a draft d_i ~ q_i.
 
-    target_logits (k + 1, n_vocab); draft (k,); q (k, n_vocab) the warped draft distributions.
+    target_logits (k + 1, n_vocab); draft (k,); q (k,) the warped draft distributions.
     The committed tokens are distributed exactly as sampling the target token by token.
     At temperature 0 this is accept_greedy and q is not used.
     """
@@ -59,12 +59,22 @@ def accept_speculative(
         return accept_greedy(target_logits, draft)
     for i in range(k):
         d = draft[i]
-        p = warp(target_logits[i], cfg)  # (n_vocab,)
-        if rng.random() * q[i, d] < p[d]:  # u < p(d) / q(d): accept w.p. min(1, p(d) / q(d))
+        p = distribution(target_logits[i], cfg)
+        if rng.random() * prob(q[i], d) < prob(p, d):  # u < p(d) / q(d): accept w.p. min(1, p(d) / q(d))
             continue  # q(d) <= p(d): always accepted, the draw is still made
-        residual = np.maximum(p - q[i], 0.0)  # rejected: resample from norm(max(p - q, 0))
-        return Verdict(i, sample(residual if residual.any() else p, rng))  # all 0 only if p == q
+        return Verdict(i, pick(*residual(p, q[i]), rng))  # rejected: resample from norm(max(p - q, 0))
     return Verdict(k, draw(target_logits[k], cfg, rng))  # all accepted: bonus from p_k
+
+
+def residual(p: Dist, q: Dist) -> Dist:
+    """max(p - q, 0) over the tokens where it is positive (unnormalised), or p where
+    nothing is (p == q)."""
+    ids = np.union1d(p[0], q[0])  # (s,) ascending
+    w = np.zeros(ids.size)
+    w[ids.searchsorted(p[0])] = p[1]
+    w[ids.searchsorted(q[0])] -= q[1]
+    kept = w > 0
+    return (ids[kept], w[kept]) if kept.any() else p
 
 
 def accept_match(

@@ -17,7 +17,7 @@ class SamplingConfig:
 
     Truncation follows llama.cpp's default order: top-k, then top-p and min-p on the
     temperature-1 softmax, then temperature. 0 disables top-k; 1.0 disables top-p;
-    0.0 disables min-p. The same warp is applied to target and draft distributions.
+    0.0 disables min-p. The same truncation is applied to target and draft distributions.
 
     ignore_eos: never choose an end-of-generation token (llama.cpp's --ignore-eos: their
     logits are set to -inf), so an answer runs to max_tokens or a stop string; the output

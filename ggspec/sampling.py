@@ -1,6 +1,6 @@
 """Turning one row of logits into a distribution, and drawing tokens from it. Pure numpy.
 
-warp follows llama.cpp's default sampler chain: top-k, then top-p and min-p on the
+`distribution` follows llama.cpp's default sampler chain: top-k, then top-p and min-p on the
 temperature-1 softmax of the survivors, then temperature. It treats every non-finite logit
 (-inf from a grammar or logit bias, NaN or +inf from a broken model) as excluded.
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from ggspec.config import SamplingConfig
+
+
+Dist = tuple[np.ndarray, np.ndarray]  # a distribution: ids of positive probability, ascending, and those probabilities
 
 
 def greedy(logits: np.ndarray) -> int:
@@ -22,20 +25,10 @@ def softmax_max(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(logits - np.max(logits)).sum(dtype=np.float64))  # 1 / sum exp(l - max)
 
 
-def warp(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
-    """One row of logits (n_vocab,) -> dense float64 probabilities (n_vocab,) summing to 1.
-
-    Temperature 0 gives the one-hot at the argmax. At least one token is always kept.
-    """
-    probs = np.zeros(logits.shape[-1])  # (n_vocab,)
-    ids, p = distribution(logits, cfg)
-    probs[ids] = p
-    return probs
-
-
-def distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """warp's distribution without the dense vector: the ids of positive probability, in
-    ascending order, and their probabilities (float64, summing to 1)."""
+def distribution(logits: np.ndarray, cfg: SamplingConfig) -> Dist:
+    """One row of logits (n_vocab,) -> the warped distribution: the ids of positive
+    probability, in ascending order, and their probabilities (float64, summing to 1).
+    Temperature 0 gives the argmax alone. At least one token is always kept."""
     if cfg.greedy:
         return np.array([greedy(logits)]), np.ones(1)
     ids = _top_k(logits, cfg.top_k)  # (k,) ascending candidate ids
@@ -47,27 +40,23 @@ def distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, n
 
 
 def draw(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
-    """A token drawn from warp(logits, cfg): the token and the one rng.random() of
-    sample(warp(logits, cfg), rng), without building or scanning the dense vector."""
-    return _pick(*distribution(logits, cfg), rng)
+    """A token drawn from the warped distribution of `logits`, with one rng.random()."""
+    return pick(*distribution(logits, cfg), rng)
 
 
-def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw a token from non-negative weights (n_vocab,) by inverse CDF with one rng.random().
-
-    The weights need not be normalised; a token of weight 0 is never returned.
-    """
-    support = (probs > 0).nonzero()[0]  # (s,) tokens of positive weight
-    if support.size == 0:
-        raise ValueError("cannot sample from all-zero weights")
-    return _pick(support, probs[support], rng)
-
-
-def _pick(ids: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
-    """Inverse CDF over positive weights (s,) of ascending ids (s,), with one rng.random()."""
+def pick(ids: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse CDF over positive weights (s,) of ascending ids (s,), with one rng.random();
+    the weights need not be normalised."""
     cdf = weights.cumsum()  # (s,) strictly increasing
     i = cdf.searchsorted(rng.random() * cdf[-1], side="right")
     return int(ids[min(i, ids.size - 1)])  # u * total rounds up to total if subnormal
+
+
+def prob(dist: Dist, token: int) -> float:
+    """The probability of `token` under `dist` (0 outside its ids)."""
+    ids, p = dist
+    i = int(ids.searchsorted(token))
+    return float(p[i]) if i < ids.size and ids[i] == token else 0.0
 
 
 def _top_k(logits: np.ndarray, k: int) -> np.ndarray:

@@ -7,12 +7,27 @@ from typing import Sequence
 
 
 def common_prefix(cached: list[int], tokens: Sequence[int]) -> int:
-    """Length of the longest common prefix; fast when `tokens` extends `cached`."""
+    """Length of the longest common prefix; fast when `tokens` extends `cached`, and when
+    the history changed (a draft model's cache after a rejection), by halving with list
+    comparisons, which run in C: a few µs for a thousand tokens against 0.1 ms for a
+    Python loop over them."""
+    tokens = tokens if isinstance(tokens, list) else list(tokens)
     n = len(cached)
-    if n <= len(tokens) and cached == (tokens[:n] if isinstance(tokens, list) else list(tokens[:n])):
+    if n <= len(tokens) and cached == tokens[:n]:
         return n
-    # the history changed: find the first difference
-    return next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(n, len(tokens)))
+    n = min(n, len(tokens))
+    if cached[:n] == tokens[:n]:
+        return n
+    lo, hi = 0, n  # the first difference lies in [lo, hi)
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if cached[lo:mid] == tokens[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    while cached[lo] == tokens[lo]:
+        lo += 1
+    return lo
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,25 @@ def assert_same_logits(got: np.ndarray, want: np.ndarray, **kwargs) -> None:
     """One position's logits from two evaluations of the same tokens agree within the
     kernels' rounding (SAME_LOGITS)."""
     np.testing.assert_allclose(got, want, atol=SAME_LOGITS * np.abs(want).max(), **kwargs)
+
+
+def warp(logits: np.ndarray, cfg) -> np.ndarray:
+    """ggspec's warped distribution of one row as a dense (n_vocab,) vector."""
+    from ggspec.sampling import distribution
+    ids, p = distribution(logits, cfg)
+    dense = np.zeros(logits.shape[-1])
+    dense[ids] = p
+    return dense
+
+
+def sample(probs: np.ndarray, rng) -> int:
+    """Inverse CDF over the positive entries of dense weights, with one rng.random(): what
+    drawing from a distribution must give for the same random number."""
+    support = np.flatnonzero(probs > 0)
+    cdf = probs[support].cumsum()
+    return int(support[min(cdf.searchsorted(rng.random() * cdf[-1], side="right"), support.size - 1)])
+
+
+def sparse(q: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Dense draft distributions (k, n_vocab) as the drafters hand them over: (ids, probabilities) per row."""
+    return [(np.flatnonzero(row), row[np.flatnonzero(row)]) for row in np.asarray(q, dtype=np.float64)]

@@ -10,7 +10,7 @@ import pytest
 
 from ggspec.acceptance import Verdict, accept_greedy, accept_match, accept_speculative
 from ggspec.config import SamplingConfig
-from ggspec.sampling import sample, warp
+from reference import sample, sparse, warp
 
 V = 6
 PLAIN = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # warp is the softmax
@@ -64,8 +64,8 @@ def test_draft_may_be_a_list():
     rows = 5 * np.eye(V, dtype=np.float32)[[3, 1, 4]]
     q = np.eye(V)[[3, 1]]
     assert accept_greedy(rows, [3, 2]) == Verdict(1, 1)
-    assert accept_speculative(rows, [3, 1], q, GREEDY, np.random.default_rng(0)) == Verdict(2, 4)
-    assert accept_speculative(rows[:1], [], np.zeros((0, V)), PLAIN, np.random.default_rng(0)).n_accepted == 0
+    assert accept_speculative(rows, [3, 1], sparse(q), GREEDY, np.random.default_rng(0)) == Verdict(2, 4)
+    assert accept_speculative(rows[:1], [], sparse(np.zeros((0, V))), PLAIN, np.random.default_rng(0)).n_accepted == 0
     assert accept_match(rows, [3, 1], SamplingConfig(temperature=0.01), np.random.default_rng(0)) == Verdict(2, 4)
 
 
@@ -79,7 +79,7 @@ def test_greedy_config_reduces_to_accept_greedy_and_draws_nothing(rule):
         q = np.eye(V)[draft]  # a greedy draft's q is one-hot
         counting = CountingRng()
         if rule == "speculative":
-            verdict = accept_speculative(rows, draft, q, GREEDY, counting)
+            verdict = accept_speculative(rows, draft, sparse(q), GREEDY, counting)
         else:
             verdict = accept_match(rows, draft, GREEDY, counting)
         assert verdict == accept_greedy(rows, draft)
@@ -94,10 +94,40 @@ def test_p_equal_to_q_always_accepts_and_draws_once_per_token():
         q = np.array([warp(row, cfg) for row in rows[:k]]).reshape(k, V)  # (k, V)
         draft = np.array([sample(q_i, rng) for q_i in q], dtype=np.int64)
         counting = CountingRng(k)
-        verdict = accept_speculative(rows, draft, q, cfg, counting)
+        verdict = accept_speculative(rows, draft, sparse(q), cfg, counting)
         assert verdict.n_accepted == k
         assert warp(rows[k], cfg)[verdict.token] > 0
         assert counting.calls == k + 1
+
+
+def dense_speculative(rows, draft, q, cfg, rng) -> Verdict:
+    """Speculative sampling on dense vectors (n_vocab,), written out as in the papers."""
+    for i, d in enumerate(draft):
+        p = warp(rows[i], cfg)
+        if rng.random() * q[i, d] < p[d]:
+            continue
+        r = np.maximum(p - q[i], 0.0)
+        return Verdict(i, sample(r if r.any() else p, rng))
+    return Verdict(len(draft), sample(warp(rows[len(draft)], cfg), rng))
+
+
+@pytest.mark.parametrize("n_vocab", [6, 300, 151_936])
+def test_speculative_sampling_on_the_kept_tokens_equals_the_dense_rule_draw_for_draw(n_vocab):
+    rng = np.random.default_rng(n_vocab)
+    configs = [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, min_p=0.0),
+               SamplingConfig(temperature=1.3, top_k=0, top_p=1.0, min_p=0.05)]
+    for trial in range(40 if n_vocab < 1000 else 8):
+        cfg = configs[trial % len(configs)]
+        k = int(rng.integers(1, 5))
+        rows = rng.normal(scale=2.0, size=(k + 1, n_vocab)).astype(np.float32)
+        near = rows[:k] + rng.normal(scale=0.5, size=(k, n_vocab)).astype(np.float32)  # a draft close to p
+        q = np.array([warp(row, cfg) for row in near])  # (k, n_vocab)
+        draft = [sample(q_i, rng) for q_i in q]
+        if trial % 4 == 3:
+            q[0] = warp(rows[0], cfg)  # p == q at the first token
+        a, b = np.random.default_rng(trial), np.random.default_rng(trial)
+        assert accept_speculative(rows, draft, sparse(q), cfg, a) == dense_speculative(rows, draft, q, cfg, b)
+        assert a.random() == b.random()  # the same number of draws
 
 
 def test_q_zero_where_p_positive_gets_the_residual_mass():
@@ -105,7 +135,7 @@ def test_q_zero_where_p_positive_gets_the_residual_mass():
     q = np.array([[0.0, 1.0, 0.0]])  # (1, 3): the draft never proposes token 0
     draft = np.array([1])
     rng = np.random.default_rng(2)
-    verdicts = [accept_speculative(rows, draft, q, PLAIN, rng) for _ in range(2000)]
+    verdicts = [accept_speculative(rows, draft, sparse(q), PLAIN, rng) for _ in range(2000)]
     # accept 1 with p / q = 0.5; on rejection norm(max(p - q, 0)) is the one-hot at 0
     assert set(verdicts) == {Verdict(1, 2), Verdict(0, 0)}
     rejected = sum(v.n_accepted == 0 for v in verdicts)
@@ -116,7 +146,7 @@ def test_draft_token_outside_p_is_always_rejected():
     rows = np.stack([logits_of(0.25, 0.75, 0.0), logits_of(1.0, 0.0, 0.0)])
     q = np.array([[0.0, 0.0, 1.0]])
     rng = np.random.default_rng(3)
-    tokens = [accept_speculative(rows, np.array([2]), q, PLAIN, rng) for _ in range(2000)]
+    tokens = [accept_speculative(rows, np.array([2]), sparse(q), PLAIN, rng) for _ in range(2000)]
     assert {v.n_accepted for v in tokens} == {0}
     assert within_6_sigma(np.bincount([v.token for v in tokens], minlength=3), np.array([0.25, 0.75, 0.0]))
 
@@ -127,7 +157,7 @@ def test_one_hot_p_and_q(p_token, q_token, expected):
     rows[0, p_token] = rows[1, 0] = 0.0
     q = np.eye(3)[[q_token]]  # (1, 3)
     counting = CountingRng()
-    assert accept_speculative(rows, np.array([q_token]), q, PLAIN, counting) == expected
+    assert accept_speculative(rows, np.array([q_token]), sparse(q), PLAIN, counting) == expected
     assert counting.calls == 2
 
 
@@ -137,7 +167,7 @@ def test_empty_draft_samples_from_the_first_row(rule):
     rng = np.random.default_rng(4)
     draft = np.zeros(0, dtype=np.int64)
     verdicts = [
-        accept_speculative(rows, draft, np.zeros((0, 3)), PLAIN, rng) if rule == "speculative"
+        accept_speculative(rows, draft, sparse(np.zeros((0, 3))), PLAIN, rng) if rule == "speculative"
         else accept_match(rows, draft, PLAIN, rng)
         for _ in range(2000)
     ]
@@ -155,7 +185,7 @@ def test_same_seed_same_verdicts():
     rows = np.random.default_rng(5).normal(size=(4, V)).astype(np.float32)
     q = np.full((3, V), 1 / V)
     runs = [
-        [accept_speculative(rows, np.array([0, 1, 2]), q, PLAIN, rng) for _ in range(50)]
+        [accept_speculative(rows, np.array([0, 1, 2]), sparse(q), PLAIN, rng) for _ in range(50)]
         for rng in (np.random.default_rng(9), np.random.default_rng(9))
     ]
     assert runs[0] == runs[1]
@@ -166,7 +196,7 @@ def test_row_count_must_be_draft_length_plus_one(rule):
     rows, draft = np.zeros((2, V), dtype=np.float32), np.array([0, 1])
     with pytest.raises(ValueError, match="3 target rows"):
         if rule == "speculative":
-            accept_speculative(rows, draft, np.full((2, V), 1 / V), PLAIN, np.random.default_rng(0))
+            accept_speculative(rows, draft, sparse(np.full((2, V), 1 / V)), PLAIN, np.random.default_rng(0))
         else:
             accept_match(rows, draft, PLAIN, np.random.default_rng(0))
 
@@ -227,7 +257,7 @@ def generate(pair: ToyPair, k: int, rule: str, cfg: SamplingConfig, n_tokens: in
         rows = np.array([pair.logits(0, prefix) for prefix in prefixes])  # (k + 1, V)
         if rule == "speculative":
             q = np.array([pair.dist(1, prefix) for prefix in prefixes[:-1]]).reshape(k, V)
-            verdict = accept_speculative(rows, draft, q, cfg, rng)
+            verdict = accept_speculative(rows, draft, sparse(q), cfg, rng)
         else:
             verdict = accept_match(rows, draft, cfg, rng)
         out = prefixes[verdict.n_accepted] + (verdict.token,)

@@ -1,4 +1,4 @@
-"""warp, sample and greedy against hand-computed references."""
+"""The warped distribution, drawing from it, and greedy, against hand-computed references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ggspec.config import SamplingConfig
-from ggspec.sampling import _top_k, distribution, draw, greedy, sample, softmax_max, warp
+from ggspec.sampling import _top_k, distribution, draw, greedy, pick, prob, softmax_max
+from reference import sample, warp
 
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # warp is the softmax
 
@@ -266,32 +267,33 @@ def test_draw_is_sample_of_warp_draw_for_draw(n_vocab):
         np.testing.assert_array_equal(p, dense[ids])
 
 
-def test_sample_draws_once_and_never_returns_zero_weight():
-    probs = np.array([0.0, 0.25, 0.0, 0.75, 0.0, 0.0])
+def test_pick_draws_once_by_inverse_cdf():
+    ids, weights = np.array([1, 3]), np.array([0.25, 0.75])
     edges = [0.0, 0.2499, 0.25, 0.9999, np.nextafter(1.0, 0.0)]
     rng = CountingRng(draws=edges)
-    assert [sample(probs, rng) for _ in edges] == [1, 1, 3, 3, 3]
+    assert [pick(ids, weights, rng) for _ in edges] == [1, 1, 3, 3, 3]
     assert rng.calls == len(edges)
 
 
-def test_sample_guards_the_end_of_the_cdf():
-    tiny = np.array([0.0, 1e-320, 0.0])  # subnormal total: u * total rounds up to total
-    assert sample(tiny, CountingRng(draws=[np.nextafter(1.0, 0.0)])) == 1
+def test_pick_guards_the_end_of_the_cdf():
+    tiny = np.array([1e-320])  # subnormal total: u * total rounds up to total
+    assert pick(np.array([1]), tiny, CountingRng(draws=[np.nextafter(1.0, 0.0)])) == 1
 
 
-def test_sample_takes_unnormalised_weights():
+def test_pick_takes_unnormalised_weights():
     rng = CountingRng(draws=[0.1, 0.6])
-    assert [sample(np.array([0.0, 2.0, 6.0]), rng) for _ in range(2)] == [1, 2]
+    assert [pick(np.array([1, 2]), np.array([2.0, 6.0]), rng) for _ in range(2)] == [1, 2]
 
 
-def test_sample_of_all_zero_weights_is_an_error():
-    with pytest.raises(ValueError, match="zero"):
-        sample(np.zeros(4), np.random.default_rng(0))
-
-
-def test_sample_frequencies_match_probabilities():
+def test_pick_frequencies_match_probabilities():
     probs = np.array([0.05, 0.0, 0.4, 0.3, 0.0, 0.15, 0.1])
+    ids = np.flatnonzero(probs)
     rng = np.random.default_rng(11)
     n = 40_000
-    freq = np.bincount([sample(probs, rng) for _ in range(n)], minlength=probs.size) / n
+    freq = np.bincount([pick(ids, probs[ids], rng) for _ in range(n)], minlength=probs.size) / n
     assert np.all(np.abs(freq - probs) <= 6 * np.sqrt(probs * (1 - probs) / n))
+
+
+def test_prob_is_zero_outside_the_ids():
+    dist = (np.array([2, 5, 9]), np.array([0.2, 0.3, 0.5]))
+    assert [prob(dist, t) for t in (0, 2, 3, 5, 9, 10)] == [0.0, 0.2, 0.0, 0.3, 0.5, 0.0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ggspec.tokens import Marker, common_prefix, split_markers
 
 START, END, PAD = Marker("<|im_start|>", 1), Marker("<|im_end|>", 2), Marker("<pad>", 3, lstrip=True, rstrip=True)
@@ -11,6 +13,19 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
     assert common_prefix([1, 2, 3], [1, 5, 3]) == 1
     assert common_prefix([1, 2], [1]) == 1
+    assert common_prefix([], [1]) == common_prefix([1], []) == common_prefix([], ()) == 0
+    assert common_prefix([1, 2], (1, 2, 3)) == 2
+
+
+def test_common_prefix_equals_a_scan_for_every_first_difference():
+    rng = np.random.default_rng(0)
+    for n in (1, 15, 16, 17, 100, 1000):
+        base = [int(t) for t in rng.integers(0, 5, n)]
+        for at in sorted({0, 1, n // 3, n - 17, n - 16, n - 1, n} & set(range(n + 1))):
+            for tail_a, tail_b in (([9], [8]), ([9, 1], []), ([], [8, 2]), ([], [])):
+                a, b = base[:at] + tail_a, base[:at] + tail_b
+                want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                assert common_prefix(a, b) == common_prefix(a, np.array(b, dtype=int)) == want
 
 
 def test_markers_become_ids_and_the_rest_stays_text():

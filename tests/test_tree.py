@@ -177,7 +177,7 @@ def test_tree_greedy_follows_argmax_children():
 
 def test_tree_match_commits_the_targets_own_samples():
     from ggspec.acceptance import accept_tree_match
-    from ggspec.sampling import sample, warp
+    from reference import sample, warp
     cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     rows = rows_for(TREE, 6, 1)
     for seed in range(200):

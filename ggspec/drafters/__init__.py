@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ..config import SamplingConfig
+from ..sampling import Dist
 from ..tree import Tree
 
 
@@ -24,12 +25,12 @@ from ..tree import Tree
 class Draft:
     """Proposed tokens: a chain, or with `tree` a token tree (tokens[i] is node i).
 
-    q, for chains only: the warped draft distribution each token was sampled from, shape
-    (len(tokens), n_vocab); None when the drafter has none (prompt lookup, heads' top-k):
-    such drafts are verified by sample-and-match."""
+    q, for chains only: the warped draft distribution each token was sampled from, one
+    per token (ids, probabilities: sampling.Dist); None when the drafter has none (prompt
+    lookup, heads' top-k): such drafts are verified by sample-and-match."""
 
     tokens: list[int]
-    q: np.ndarray | None = None
+    q: list[Dist] | None = None
     tree: Tree | None = None
     plan: Any = None  # the drafter's own record of how it drafted, handed back to accept()
 

@@ -107,9 +107,8 @@ class AutoDrafter:
             return Draft(head + tail.tokens, plan=done)
         # a lookup token is a draft from a one-hot q: speculative sampling then equals
         # sample-and-match there, and stays exact for the model's tokens after it
-        onehot = np.zeros((len(head), tail.q.shape[1]))
-        onehot[np.arange(len(head)), head] = 1.0
-        return Draft(head + tail.tokens, np.concatenate([onehot, tail.q]), plan=done)
+        onehot = [(np.array([t]), np.ones(1)) for t in head]
+        return Draft(head + tail.tokens, onehot + tail.q, plan=done)
 
     def _copy_tree(self, copy: Match, budget: int) -> tuple[Draft | None, float]:
         """The copied continuation and the differing ones of other sources as a tree, and

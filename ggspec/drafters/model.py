@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import Context
 from ..config import SamplingConfig
-from ..sampling import sample, softmax_max, warp
+from ..sampling import distribution, pick, softmax_max
 from ..tokens import common_prefix
 from . import Draft
 
@@ -137,9 +137,9 @@ class ModelDrafter:
                 x = int(np.argmax(logits))
                 confident = self.p_min == 0 or softmax_max(logits) >= self.p_min
             else:
-                q = warp(logits, sampling)  # (target n_vocab,)
-                x = sample(q, rng)
-                confident = q.max() >= self.p_min
+                q = distribution(logits, sampling)
+                x = pick(*q, rng)
+                confident = q[1].max() >= self.p_min
                 qs.append(q)
             if not confident:
                 # too unsure to be worth verifying: stop before this token
@@ -149,7 +149,7 @@ class ModelDrafter:
             if len(out) == budget or not go_on(out):
                 break
             logits = self._row(self.ctx.eval([x], logits="last")[0], sampling)
-        return Draft(out, np.stack(qs) if qs else None)
+        return Draft(out, qs or None)
 
     def propose_ahead(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                       rng: np.random.Generator) -> None:
