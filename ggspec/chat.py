@@ -18,7 +18,7 @@ from .engine import Engine, Result, consume
 from .stats import Stats
 
 # what /set changes: SamplingConfig and SpecConfig fields that apply per answer, and max_tokens
-NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "method", "draft_max", "max_tokens")
+NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "ignore_eos", "method", "draft_max", "max_tokens")
 ALIASES = {"t": "temperature", "temp": "temperature", "k": "draft_max", "n": "max_tokens"}
 
 
@@ -59,12 +59,22 @@ def _parse(name: str, text: str, kind: str) -> object:
         return None
     kind = kind.removesuffix(" | None")
     try:
-        return {"int": int, "float": float}.get(kind, str)(text)
+        return {"int": int, "float": float, "bool": _switch}.get(kind, str)(text)
     except ValueError:
         raise ValueError(f"{name} needs a value like {_EXAMPLES.get(name, kind)}, got {text!r}") from None
 
 
+def _switch(text: str) -> bool:
+    """on / off (also true / false, yes / no, 1 / 0)."""
+    value = {"on": True, "true": True, "yes": True, "1": True,
+             "off": False, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
 _EXAMPLES = {"temperature": "0.7", "top_k": "40", "top_p": "0.95", "min_p": "0.05", "seed": "42 or none",
+             "ignore_eos": "on or off",
              "draft_max": "4", "max_tokens": "512"}
 
 

@@ -26,7 +26,8 @@ CHAT_HELP = '''\
 /stats             full stats of the last answer and of the session
 /system [TEXT]     set the system prompt; without TEXT, remove it
 /set [NAME VALUE]  change a setting; without NAME, show them. Names: temperature (t),
-                   top_k, top_p, min_p, seed, max_tokens (n), method, draft_max (k)
+                   top_k, top_p, min_p, seed, ignore_eos (on/off), max_tokens (n),
+                   method, draft_max (k)
 /save FILE         save the conversation, settings and KV caches to FILE
 /load FILE         go on with a conversation saved with /save (same models)
 /exit              leave (also Ctrl-D, or Ctrl-C at the prompt)

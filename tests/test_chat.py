@@ -42,6 +42,8 @@ def test_settings_parse_values_by_field_type():
     assert s.with_value("k", "6").spec.draft_max == 6
     assert s.with_value("method", "lookup").spec.method == "lookup"
     assert s.with_value("n", "99").max_tokens == 99
+    assert s.with_value("ignore_eos", "on").sampling.ignore_eos is True
+    assert s.with_value("ignore_eos", "True").with_value("ignore_eos", "off").sampling.ignore_eos is False
     assert "temperature 0," in s.describe() and "max_tokens 16" in s.describe()
 
 
@@ -49,6 +51,7 @@ def test_settings_parse_values_by_field_type():
     ("temperature", "hot", "temperature needs a value like 0.7"),
     ("temperature", "-1", "temperature must be"),
     ("top_k", "2.5", "top_k needs a value like 40"),
+    ("ignore_eos", "maybe", "ignore_eos needs a value like on or off"),
     ("method", "magic", "method must be one of"),
     ("max_tokens", "0", "max_tokens must be a positive integer"),
     ("colour", "red", "unknown setting 'colour'"),

@@ -409,9 +409,10 @@ def test_chat_save_then_resume_answers_as_if_it_never_stopped(target_path, draft
 def test_options_given_with_resume_replace_the_saved_ones(target_path, draft_path, tmp_path):
     file = tmp_path / "c.ggs"
     assert chat_cli(target_path, draft_path, f"hello world\n/save {file}\n", "-n", "10", "-t", "0").exit_code == 0
-    got = chat_cli(target_path, draft_path, "/set\n", "--resume", str(file), "-n", "5", "--top-k", "3")
+    got = chat_cli(target_path, draft_path, "/set\n", "--resume", str(file), "-n", "5", "--top-k", "3", "--ignore-eos")
     assert got.exit_code == 0, got.output
     assert "temperature 0.0, top_k 3," in got.stderr and "max_tokens 5" in got.stderr
+    assert "ignore_eos True" in got.stderr
 
 
 def test_resume_with_a_bad_file_is_one_error_line(target_path, draft_path, tmp_path, other_path):
