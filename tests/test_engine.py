@@ -183,26 +183,24 @@ def test_with_a_seed_auto_and_lookup_commit_what_plain_sampling_does(engine):
         assert got.tokens == plain.tokens, method
 
 
-def test_end_of_generation_token_stops(tiny_dir, target_path):
+@pytest.fixture(scope="module")
+def eog_model(tiny_dir, target_path):
+    """The target, changed to end the answer right after the token that greedy decoding of
+    random_prompt(12) writes at position 7; returns (path, prompt, where that token first
+    comes in the answer)."""
     prompt = random_prompt(12)
+    tokens = greedy_reference(target_path, prompt, 20).tokens
+    path = write_tiny_llama(tiny_dir / "eog.gguf", seed=0, eog_after=[tokens[7]])
+    return str(path), prompt, tokens.index(tokens[7])
+
+
+def test_end_of_generation_token_stops(eog_model, target_path):
+    path, prompt, first = eog_model
     ref = greedy_reference(target_path, prompt, 20)
-    stopper = ref.tokens[7]
-    first = ref.tokens.index(stopper)
-    path = write_tiny_llama(tiny_dir / "eog.gguf", seed=0, eog_after=[stopper])
-    with Engine(str(path), str(path), target_config=CFG) as eng:
+    with Engine(path, path, target_config=CFG) as eng:
         got = eng.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=4))
     assert got.finish_reason == "stop"
     assert got.tokens == ref.tokens[:first + 1]
-
-
-@pytest.fixture(scope="module")
-def eog_model(tiny_dir, target_path):
-    """The target, changed to end the answer right after a token that greedy decoding of
-    random_prompt(12) writes at position 7; returns (path, prompt, that position)."""
-    prompt = random_prompt(12)
-    stopper = greedy_reference(target_path, prompt, 20).tokens[7]
-    path = write_tiny_llama(tiny_dir / "eog-ignore.gguf", seed=0, eog_after=[stopper])
-    return str(path), prompt, greedy_reference(target_path, prompt, 20).tokens.index(stopper)
 
 
 @pytest.mark.parametrize("method", ["none", "lookup", "draft", "auto"])
