@@ -484,7 +484,9 @@ class Context(_Owner):
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"a batch holds 1 to {self.n_batch} tokens, got {n}")
-        handle = self.handle  # before writing into the batch, which close() frees too
+        handle = self._handle  # (checked before writing into the batch, which close() frees too)
+        if handle is None or self.model._handle is None:
+            handle = self.handle  # raises
         b = self._batch
         b.n_tokens = n
         if n == 1:  # a plain round: ctypes writes cost less than numpy's here
@@ -579,7 +581,8 @@ class Context(_Owner):
             raise ValueError(f"logits for every row need a batch of at most {self.n_batch} tokens")
         if self._stale:
             self.truncate(len(self.tokens))
-        out = np.empty((0, self.n_vocab), dtype=np.float32)
+        if n == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
         step = self.n_batch
         for start in range(0, n, step):
             chunk = tokens[start:start + step]
