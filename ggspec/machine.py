@@ -107,3 +107,11 @@ def check_idle(threads: int | None = None, *, allow_busy: bool = False) -> Machi
                            f"wrong; stop the other work and wait for the load to fall below "
                            f"{LOAD_LIMIT}, or pass --allow-busy")
     return now
+
+
+def idle_or_exit(threads: int | None = None, *, allow_busy: bool = False) -> MachineState:
+    """check_idle for the measuring scripts in tools/: exits with its message when busy."""
+    try:
+        return check_idle(threads, allow_busy=allow_busy)
+    except RuntimeError as e:
+        raise SystemExit(f"Error: {e}") from None

@@ -1,10 +1,12 @@
-"""tools/round_floor.py: its bare decodes read the rows a real round reads (tiny models)."""
+"""tools/round_floor.py: its bare decodes read the rows a real round reads (tiny models),
+and it measures nothing on a busy machine."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from ggspec import BackendConfig
+from ggspec import BackendConfig, hub, machine
 from ggspec.backend import Context, Model
 from toolfiles import load_tool
 
@@ -29,3 +31,11 @@ def test_a_bare_decode_reads_the_rows_the_context_decodes_and_leaves_the_cache_a
         np.testing.assert_array_equal(np.array(read_again), expected)
         assert ctx.tokens == [5, 6, 7, 8, 100, 101, 102]
 
+
+
+def test_it_refuses_a_busy_machine_before_loading_a_model(monkeypatch):
+    monkeypatch.setattr(machine, "busy_processes", lambda seconds=1.0: ["make (4242): 97%"])
+    monkeypatch.setattr(hub, "resolve", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("sys.argv", ["round_floor.py"])
+    with pytest.raises(SystemExit, match=r"Error: the machine is busy .*make \(4242\): 97%.*--allow-busy"):
+        round_floor.main()

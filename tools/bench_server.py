@@ -46,10 +46,7 @@ def main() -> None:
     ap.add_argument("--method", default="auto")
     ap.add_argument("--allow-busy", action="store_true")
     args = ap.parse_args()
-    try:
-        state = machine.check_idle(allow_busy=args.allow_busy)
-    except RuntimeError as e:
-        raise SystemExit(f"Error: {e}") from None
+    state = machine.idle_or_exit(allow_busy=args.allow_busy)
     print(f"machine: {state.describe()}", file=sys.stderr)
     greedy, spec = SamplingConfig(temperature=0), SpecConfig(args.method)
     with Engine(progress=False) as engine:

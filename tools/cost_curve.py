@@ -26,10 +26,7 @@ def main() -> None:
     ap.add_argument("--allow-busy", action="store_true", help="measure even while the machine is busy")
     args = ap.parse_args()
     cfg = BackendConfig(n_ctx=args.depth + max(args.sizes) + 16, n_threads=args.threads)
-    try:
-        state = machine.check_idle(args.threads or default_threads(), allow_busy=args.allow_busy)
-    except RuntimeError as e:
-        raise SystemExit(f"Error: {e}") from None
+    state = machine.idle_or_exit(args.threads or default_threads(), allow_busy=args.allow_busy)
     print(state.describe(args.threads or default_threads()))
     with Model(hub.resolve(args.model or hub.default_model()), cfg) as model, Context(model, cfg) as ctx:
         ctx.eval([100] * args.depth, logits="none")

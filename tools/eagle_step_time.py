@@ -36,10 +36,7 @@ def main() -> None:
     ap.add_argument("--allow-busy", action="store_true", help="measure even while the machine is busy")
     args = ap.parse_args()
     threads = args.threads or default_threads()
-    try:
-        state = machine.check_idle(threads, allow_busy=args.allow_busy)
-    except RuntimeError as e:
-        raise SystemExit(f"Error: {e}") from None
+    state = machine.idle_or_exit(threads, allow_busy=args.allow_busy)
     print(state.describe(threads))
     cfg = BackendConfig(n_ctx=args.depth + 64, n_batch=512, n_threads=args.threads,
                         n_gpu_layers=args.gpu_layers)

@@ -99,10 +99,7 @@ def main() -> None:
     ap.add_argument("--allow-busy", action="store_true", help="measure even while the machine is busy")
     args = ap.parse_args()
     threads = args.threads or default_threads()
-    try:
-        state = machine.check_idle(threads, allow_busy=args.allow_busy)
-    except RuntimeError as e:
-        raise SystemExit(f"Error: {e}") from None
+    state = machine.idle_or_exit(threads, allow_busy=args.allow_busy)
     target_name = args.model or hub.default_model()
     draft_name = args.draft or hub.default_draft(target_name)
     if draft_name is None:
