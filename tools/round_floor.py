@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import statistics
 import time
+from collections.abc import Callable
 
 import llama_cpp
 import numpy as np
@@ -27,6 +28,7 @@ from ggspec.backend import Context, Model, default_threads
 from ggspec.sampling import distribution, pick
 
 GOALS_MS = {"plain": 0.2, "lookup": 0.2, "draft": 0.5}
+Read = Callable[[np.ndarray], object]  # what a round does with one row of logits
 
 
 class BareDecoder:
@@ -45,10 +47,10 @@ class BareDecoder:
     def close(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
 
-    def decode(self, depth: int, rows: int, read) -> tuple[float, list[float]]:
+    def decode(self, depth: int, rows: int, read: Read) -> tuple[float, list[float]]:
         """Decode `rows` tokens after `depth` cached ones, then read each row with `read`:
-        (seconds outside llama_decode before reading, reading each row); the
-        rows are then dropped from the cache."""
+        (seconds outside llama_decode before reading, reading each row); the rows are
+        then dropped from the cache."""
         handle, b, n_vocab = self.ctx.handle, self.batch, self.ctx.n_vocab
         t0 = time.perf_counter()
         b.n_tokens = rows
@@ -74,8 +76,9 @@ class BareDecoder:
         return (t1 - t0) + (t3 - t2), reads
 
 
-def measure(ctx: Context, depth: int, rows: int, read, repeat: int) -> tuple[float, float]:
-    """After `depth` cached tokens (ctx holds them), medians over `repeat` rounds: (µs outside llama_decode before reading, µs per row read)."""
+def measure(ctx: Context, depth: int, rows: int, read: Read, repeat: int) -> tuple[float, float]:
+    """With `depth` tokens cached in ctx, medians over `repeat` decodes of `rows` tokens:
+    (µs outside llama_decode before reading, µs per row read)."""
     bare = BareDecoder(ctx, rows)
     try:
         outside, per_row = [], []
