@@ -39,3 +39,11 @@ def test_it_refuses_a_busy_machine_before_loading_a_model(monkeypatch):
     monkeypatch.setattr("sys.argv", ["round_floor.py"])
     with pytest.raises(SystemExit, match=r"Error: the machine is busy .*make \(4242\): 97%.*--allow-busy"):
         round_floor.main()
+
+
+def test_a_missing_model_file_is_one_line_before_anything_is_measured(target_path, monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["round_floor.py", "-m", target_path, "-d", str(tmp_path / "none.gguf"),
+                                     "--allow-busy"])
+    monkeypatch.setattr(round_floor, "measure", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(SystemExit, match=r"^Error: model file .*none\.gguf does not exist"):
+        round_floor.main()

@@ -25,6 +25,7 @@ import numpy as np
 
 from ggspec import BackendConfig, SamplingConfig, hub, machine
 from ggspec.backend import Context, Model, default_threads
+from ggspec.errors import ModelFileError
 from ggspec.sampling import distribution, pick
 
 GOALS_MS = {"plain": 0.2, "lookup": 0.2, "draft": 0.5}
@@ -105,8 +106,13 @@ def main() -> None:
     state = machine.idle_or_exit(threads, allow_busy=args.allow_busy)
     target_name = args.model or hub.default_model()
     draft_name = args.draft or hub.default_draft(target_name)
-    if draft_name is None:
-        raise SystemExit("Error: no draft model: give one with --draft")
+    try:  # both files found before anything is measured
+        target_path = hub.resolve(target_name)
+        if draft_name is None:
+            raise SystemExit("Error: no draft model: give one with --draft")
+        draft_path = hub.resolve(draft_name)
+    except ModelFileError as e:
+        raise SystemExit(f"Error: {e}") from None
     k = args.draft_max
     cfg = BackendConfig(n_ctx=args.depth + k + 16, n_threads=args.threads)
     sampling = SamplingConfig(temperature=0.8)
@@ -116,12 +122,12 @@ def main() -> None:
         return pick(*distribution(row, sampling), rng)
 
     print(state.describe(threads))
-    with Model(hub.resolve(target_name), cfg) as model, Context(model, cfg) as ctx:
+    with Model(target_path, cfg) as model, Context(model, cfg) as ctx:
         ctx.eval([100] * args.depth, logits="none")
         plain, argmax1 = measure(ctx, args.depth, 1, np.argmax, args.repeat)
         _, sample1 = measure(ctx, args.depth, 1, sample, args.repeat)
         verify, argmax_k = measure(ctx, args.depth, k + 1, np.argmax, args.repeat)
-    with Model(hub.resolve(draft_name), cfg) as model, Context(model, cfg) as ctx:
+    with Model(draft_path, cfg) as model, Context(model, cfg) as ctx:
         ctx.eval([100] * args.depth, logits="none")
         draft_call, draft_argmax = measure(ctx, args.depth, 1, np.argmax, args.repeat)
     print(f"depth {args.depth}, medians of {args.repeat} decodes, µs outside llama_decode:")
