@@ -2,6 +2,7 @@
 a noise-free way to compare controller changes in seconds instead of benchmark minutes.
 
     python tools/replay_auto.py record answers.json -n 192     # the target's greedy answers (once)
+    python tools/replay_auto.py record held.json $(for f in tools/prompts/*.txt; do echo --prompt-file $f; done)
     python tools/replay_auto.py replay answers.json -k 16      # auto's lookup plans, replayed
     python tools/replay_auto.py replay answers.json --fresh   # each as an engine's first answer
 
@@ -22,7 +23,7 @@ import json
 import numpy as np
 
 from ggspec import Engine, SamplingConfig, SpecConfig, calibration
-from ggspec.bench import WORKLOADS, _prompt_text
+from ggspec.bench import WORKLOADS, Workload, _prompt_text, workload_from_file
 from ggspec.controller import CostModel
 from ggspec.drafters import Draft
 from ggspec.drafters.auto import AutoDrafter
@@ -31,13 +32,13 @@ from ggspec.drafters.lookup import LookupDrafter
 GREEDY = SamplingConfig(temperature=0)
 
 
-def record(path: str, max_tokens: int, rows: int) -> None:
+def record(path: str, max_tokens: int, rows: int, workloads: list[Workload]) -> None:
     data = {}
     with Engine() as engine:
-        for name, workload in WORKLOADS.items():
+        for workload in workloads:
             prompt = engine.tokenize(_prompt_text(engine, workload, True, max_tokens))
             answer = engine.generate(prompt, max_tokens=max_tokens, sampling=GREEDY, spec=SpecConfig("none"))
-            data[name] = {"prompt": prompt, "output": answer.tokens}
+            data[workload.name] = {"prompt": prompt, "output": answer.tokens}
         data["_curve"] = calibration.verify_curve(engine.ctx, rows).tolist()
         data["_line_ends"] = np.flatnonzero(engine.target.line_ends()).tolist()
         data["_n_vocab"] = engine.target.n_vocab
@@ -118,6 +119,10 @@ def main() -> None:
     rec.add_argument("path")
     rec.add_argument("-n", "--max-tokens", type=int, default=192)
     rec.add_argument("--rows", type=int, default=17, help="rows of the cost curve to store")
+    rec.add_argument("-w", "--workload", action="append", choices=list(WORKLOADS),
+                     help="built-in workloads to answer [default: all, or none with --prompt-file]")
+    rec.add_argument("--prompt-file", action="append", default=[],
+                     help="a file whose text is a user message, named by its stem (repeatable)")
     rep = sub.add_parser("replay", help="replay auto's copy drafting on recorded answers")
     rep.add_argument("path")
     rep.add_argument("-k", "--draft-max", type=int, default=16)
@@ -128,7 +133,17 @@ def main() -> None:
                      help="each workload from the starting guesses (an engine's first answer), not after the others")
     args = ap.parse_args()
     if args.command == "record":
-        record(args.path, args.max_tokens, args.rows)
+        try:  # every prompt file read before a model is loaded
+            files = [workload_from_file(f) for f in args.prompt_file]
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"Error: {e}") from None
+        names = args.workload or ([] if files else list(WORKLOADS))
+        workloads = [WORKLOADS[n] for n in dict.fromkeys(names)] + files
+        for i, w in enumerate(workloads):
+            if w.name.startswith("_") or any(w.name == v.name for v in workloads[:i]):
+                raise SystemExit(f"Error: a second answer or a reserved name would be recorded as '{w.name}': "
+                                 "rename the prompt file")
+        record(args.path, args.max_tokens, args.rows, workloads)
         return
     with open(args.path) as f:
         data = json.load(f)
