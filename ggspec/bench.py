@@ -220,6 +220,14 @@ def workload_from_file(path: str | Path) -> Workload:
     return Workload(path.stem, (text,))
 
 
+def select_workloads(names: Sequence[str], prompt_files: Sequence[str | Path]) -> list[Workload]:
+    """The built-in workloads named (every one for "all", or when neither a name nor a
+    prompt file is given), then one per prompt file (workload_from_file)."""
+    every = "all" in names or not (names or prompt_files)
+    chosen = [WORKLOADS[n] for n in (WORKLOADS if every else dict.fromkeys(names))]
+    return chosen + [workload_from_file(p) for p in prompt_files]
+
+
 @dataclass(frozen=True)
 class Variant:
     """One speculation setting: a method and, for speculative ones, K (draft_max); for

@@ -438,9 +438,7 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
         if opts["rpc"] or opts["draft_rpc"]:
             raise click.UsageError("--native runs llama.cpp's tools on this machine only; drop --rpc or --native")
         native_dir = check_dir(native_dir)
-    every = "all" in names or not (names or prompt_file)  # (prompt files alone: only they run)
-    workloads = [benchmark.WORKLOADS[n] for n in (benchmark.WORKLOADS if every else dict.fromkeys(names))]
-    workloads += [benchmark.workload_from_file(p) for p in prompt_file]
+    workloads = benchmark.select_workloads(names, prompt_file)  # (prompt files alone: only they run)
     sampling = _sampling(opts)
     ks = ks or (_SPEC.draft_max,)
     threads = opts["threads"] or default_threads()

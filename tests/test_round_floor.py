@@ -32,7 +32,6 @@ def test_a_bare_decode_reads_the_rows_the_context_decodes_and_leaves_the_cache_a
         assert ctx.tokens == [5, 6, 7, 8, 100, 101, 102]
 
 
-
 def test_it_refuses_a_busy_machine_before_loading_a_model(monkeypatch):
     monkeypatch.setattr(machine, "busy_processes", lambda seconds=1.0: ["make (4242): 97%"])
     monkeypatch.setattr(hub, "resolve", lambda *a, **k: pytest.fail("a model was loaded"))

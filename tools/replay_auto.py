@@ -23,7 +23,7 @@ import json
 import numpy as np
 
 from ggspec import Engine, SamplingConfig, SpecConfig, calibration
-from ggspec.bench import WORKLOADS, Workload, _prompt_text, workload_from_file
+from ggspec.bench import WORKLOADS, Workload, _prompt_text, select_workloads
 from ggspec.controller import CostModel
 from ggspec.drafters import Draft
 from ggspec.drafters.auto import AutoDrafter
@@ -134,15 +134,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.command == "record":
         try:  # every prompt file read before a model is loaded
-            files = [workload_from_file(f) for f in args.prompt_file]
+            workloads = select_workloads(args.workload or [], args.prompt_file)
         except (OSError, ValueError) as e:
             raise SystemExit(f"Error: {e}") from None
-        names = args.workload or ([] if files else list(WORKLOADS))
-        workloads = [WORKLOADS[n] for n in dict.fromkeys(names)] + files
-        for i, w in enumerate(workloads):
-            if w.name.startswith("_") or any(w.name == v.name for v in workloads[:i]):
+        seen: set[str] = set()
+        for w in workloads:
+            if w.name.startswith("_") or w.name in seen:
                 raise SystemExit(f"Error: a second answer or a reserved name would be recorded as '{w.name}': "
                                  "rename the prompt file")
+            seen.add(w.name)
         record(args.path, args.max_tokens, args.rows, workloads)
         return
     with open(args.path) as f:
