@@ -328,24 +328,31 @@ def _kind_priors() -> np.ndarray:
     return np.concatenate([by_line, 1 - AGREE_MISS * (1 - by_line), DIFFER_HIT * by_line])
 
 
+GUESSES = _kind_priors()  # (kind, length bucket)
+
+
 class MatchAcceptance:
     """Chance that a copied draft token is accepted, by where its source is, the recent
     hit rate of copying, the token's kind (whether it ends a line, whether the match's
     other sources agree) and the match length behind it.
 
-    Two levels: what this answer has shown so far (counts, from `start()`), and what
+    Three levels: what this answer has shown so far (counts, from `start()`), what
     earlier answers have shown (a moving average over them), which weighs as
-    ANSWER_PRIOR observations of this one: a new answer starts from experience and soon
-    follows its own evidence (a document being copied, or prose), instead of inheriting
-    the last conversation's."""
+    ANSWER_PRIOR observations of this one, and the built-in starting guesses, which weigh
+    as GUESS_WEIGHT more: a new answer starts from experience and soon follows its own
+    evidence (a document being copied, or prose), instead of inheriting the last
+    conversation's; and what earlier answers showed is never taken as certain before this
+    one confirms it (after answers whose copies of the prompt always held, a rewrite of
+    the prompt's code would otherwise draft its first long copies at 0.99 a token)."""
 
     PRIOR_WEIGHT = 2.0
     ANSWER_PRIOR = 4.0
+    GUESS_WEIGHT = 1.0
     NEIGHBOUR = 0.5  # an outcome counts this much for the neighbouring length buckets too
 
     def __init__(self) -> None:
         # (source in the prompt, recent bucket, kind, length bucket)
-        self.p = np.tile(_kind_priors(), (2, len(RECENT_EDGES), 1, 1))
+        self.p = np.tile(GUESSES, (2, len(RECENT_EDGES), 1, 1))
         self._seen = np.zeros_like(self.p)
         # this answer's outcomes; few in any one cell, so each also counts, at NEIGHBOUR
         # weight, for the match lengths on either side (the chance changes smoothly with them)
@@ -374,7 +381,8 @@ class MatchAcceptance:
     def chance_at(self, lengths: np.ndarray, kinds: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
         at = (int(in_prompt), self.row)  # (kind, length bucket) tables
-        table = (self.hits[at] + self.ANSWER_PRIOR * self.p[at]) / (self.trials[at] + self.ANSWER_PRIOR)
+        table = ((self.hits[at] + self.ANSWER_PRIOR * self.p[at] + self.GUESS_WEIGHT * GUESSES)
+                 / (self.trials[at] + self.ANSWER_PRIOR + self.GUESS_WEIGHT))
         return table[kinds, self.bucket(lengths)]
 
     def observe_alternative(self, right: bool) -> None:
