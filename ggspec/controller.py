@@ -348,6 +348,7 @@ class MatchAcceptance:
     PRIOR_WEIGHT = 2.0
     ANSWER_PRIOR = 4.0
     GUESS_WEIGHT = 1.0
+    _GUESSED = GUESS_WEIGHT * GUESSES  # (the guesses' share of every table, computed once)
     NEIGHBOUR = 0.5  # an outcome counts this much for the neighbouring length buckets too
 
     def __init__(self) -> None:
@@ -381,8 +382,8 @@ class MatchAcceptance:
     def chance_at(self, lengths: np.ndarray, kinds: np.ndarray, in_prompt: bool) -> np.ndarray:
         """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
         at = (int(in_prompt), self.row)  # (kind, length bucket) tables
-        table = ((self.hits[at] + self.ANSWER_PRIOR * self.p[at] + self.GUESS_WEIGHT * GUESSES)
-                 / (self.trials[at] + self.ANSWER_PRIOR + self.GUESS_WEIGHT))
+        table = ((self.hits[at] + self.ANSWER_PRIOR * self.p[at] + self._GUESSED)
+                 / (self.trials[at] + (self.ANSWER_PRIOR + self.GUESS_WEIGHT)))
         return table[kinds, self.bucket(lengths)]
 
     def observe_alternative(self, right: bool) -> None:

@@ -375,8 +375,7 @@ def test_auto_without_a_seed_samples_the_target_distribution(request, pair, n, m
     monkeypatch.setattr(costs, "scale", 1.0)
     monkeypatch.setattr(costs, "draft_token", t1 / 10)
     monkeypatch.setattr(costs, "draft_row", 0.0)  # catching up on each new prompt costs nothing
-    monkeypatch.setattr(auto.copy_acceptance, "p", np.full_like(auto.copy_acceptance.p, 0.9))
-    monkeypatch.setattr(auto.copy_acceptance, "GUESS_WEIGHT", 0.0)  # the chances are these alone
+    monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, in_prompt: np.full(len(kinds), 0.9))
     monkeypatch.setattr(auto.model_acceptance, "alpha", np.full_like(auto.model_acceptance.alpha, 0.9))
     for model in (costs, auto.copy_acceptance, auto.model_acceptance):  # and stays so
         for name in ("observe", "observe_verify", "observe_draft"):
