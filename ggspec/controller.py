@@ -309,6 +309,14 @@ LINE_END_PRIOR = 0.7  # a line break's starting guess, as a fraction of MATCH_PR
 AGREE_MISS = 0.5      # where the other sources agree: the chance of a miss, as a fraction
 DIFFER_HIT = 0.5      # where another source differs: the chance of a hit, as a fraction
 KINDS_PER_AGREEMENT = 2  # inside a line, line end
+# No copied token is surer than this, whatever the tables learnt: an answer may leave any
+# copy at any token (a docstring after a copied `def` line, a changed value), and over the
+# recorded answers of docs/speed-notes.md even copies that had held for 32 tokens or more
+# broke at about 3% a token, and tokens estimated above 0.98 held at 0.98. Without the cap,
+# a few hundred held copies put long matches at 0.995 a token, and a 31-token chain was
+# priced at 27 accepted tokens where the answer broke off after 4: a larger draft_max made
+# `auto` slower.
+MAX_CHANCE = 0.98
 KIND_NAMES = [f"{line}, {sources}" for sources in ("one source", "others agree", "another differs")
               for line in ("inside a line", "line end")]
 
@@ -384,7 +392,7 @@ class MatchAcceptance:
         at = (int(in_prompt), self.row)  # (kind, length bucket) tables
         table = ((self.hits[at] + self.ANSWER_PRIOR * self.p[at] + self._GUESSED)
                  / (self.trials[at] + (self.ANSWER_PRIOR + self.GUESS_WEIGHT)))
-        return table[kinds, self.bucket(lengths)]
+        return np.minimum(table[kinds, self.bucket(lengths)], MAX_CHANCE)
 
     def observe_alternative(self, right: bool) -> None:
         """Where the followed source was wrong and another source differed from it: was

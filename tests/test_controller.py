@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import (MATCH_PRIOR, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, TokenRecord,
+from ggspec.controller import (MATCH_PRIOR, MAX_CHANCE, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, TokenRecord,
                                best_plan, best_tree, copy_kinds)
 from ggspec.drafters.lookup import AGREE, ALONE, DIFFER
 from tinymodels import VOCAB
@@ -397,4 +397,20 @@ def test_earlier_answers_are_not_taken_as_certain():
     assert first < 0.97
     for _ in range(20):  # this answer's copies hold too
         acc.observe(match_len=20, kinds=inside(1), hits=1, in_prompt=True)
-    assert acc.chances(20, inside(1), True)[0] > 0.98
+    assert acc.chances(20, inside(1), True)[0] == MAX_CHANCE
+
+
+def test_no_copy_is_priced_as_certain():
+    """However many copies held, each copied token keeps a chance of breaking: a long
+    chain is priced below its length, so a larger draft_max does not buy a long bet at
+    near-certainty."""
+    acc = MatchAcceptance()
+    for _ in range(500):
+        acc.observe(match_len=100, kinds=inside(16), hits=16, in_prompt=True)
+    acc.start()
+    for _ in range(100):
+        acc.observe(match_len=100, kinds=inside(16), hits=16, in_prompt=True)
+    assert acc.p[1, acc.row, 0, acc.bucket(100)] > 0.99  # what the table learnt
+    chances = acc.chances(100, inside(31), True)
+    np.testing.assert_array_equal(chances, np.full(31, MAX_CHANCE))
+    assert np.cumprod(chances).sum() < 0.8 * 31
