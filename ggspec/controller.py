@@ -314,8 +314,8 @@ KINDS_PER_AGREEMENT = 2  # inside a line, line end
 # recorded answers of docs/speed-notes.md even copies that had held for 32 tokens or more
 # broke at about 3% a token, and tokens estimated above 0.98 held at 0.98. Without the cap,
 # a few hundred held copies put long matches at 0.995 a token, and a 31-token chain was
-# priced at 27 accepted tokens where the answer broke off after 4: a larger draft_max made
-# `auto` slower.
+# priced at 26-28 accepted tokens where the answer broke off after 1-4: a larger draft_max
+# made `auto` slower.
 MAX_CHANCE = 0.98
 KIND_NAMES = [f"{line}, {sources}" for sources in ("one source", "others agree", "another differs")
               for line in ("inside a line", "line end")]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import (MATCH_PRIOR, MAX_CHANCE, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan, TokenRecord,
-                               best_plan, best_tree, copy_kinds)
+from ggspec.controller import (MATCH_PRIOR, MAX_CHANCE, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
+                               TokenRecord, best_plan, best_tree, copy_kinds)
 from ggspec.drafters.lookup import AGREE, ALONE, DIFFER
 from tinymodels import VOCAB
 
