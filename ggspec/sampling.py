@@ -7,11 +7,14 @@ temperature-1 softmax of the survivors, then temperature. It treats every non-fi
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ggspec.config import SamplingConfig
 
 
+GROUPS = 16  # _top_k reads the maxima of this many interleaved groups of ids first
 Dist = tuple[np.ndarray, np.ndarray]  # a distribution: ids of positive probability, ascending, and those probabilities
 
 
@@ -60,16 +63,30 @@ def prob(dist: Dist, token: int) -> float:
 
 
 def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the k largest logits, ascending; every id when k is 0 or >= n_vocab."""
+    """Ids of the k largest logits, ascending; every id when k is 0 or >= n_vocab.
+
+    The ids are cut into GROUPS interleaved groups (j, j + w, j + 2w, ...), whose maxima
+    one vectorised pass finds. The k largest logits lie in the k groups with the largest
+    maxima and the few ids past GROUPS * w: each of those k groups holds a logit at least as
+    large as any in a group outside them. So the last pass compares k * GROUPS logits. (NaN
+    counts as the largest, in the maxima and the comparison alike, as in numpy's order.)"""
     n_vocab = logits.shape[-1]
     if k == 0 or k >= n_vocab:
         return np.arange(n_vocab)
-    subset = logits[:: min(16, n_vocab // k)]  # (>= k,) strided: a few hundred survive below
-    floor = np.partition(subset, -k)[-k]  # k-th largest of a subset <= k-th largest of all
-    cand = np.flatnonzero(logits >= floor)  # (c,) with c >= k, unless NaNs upset the floor
-    if cand.size < k:
-        cand = np.arange(n_vocab)
+    w = n_vocab // GROUPS
+    if w <= k:  # a small vocabulary: compare them all
+        return np.sort(logits.argpartition(-k)[-k:])
+    maxima = logits[:GROUPS * w].reshape(GROUPS, w).max(axis=0)  # (w,)
+    cand = (maxima.argpartition(-k)[-k:] + _group_offsets(w)).ravel()  # (GROUPS * k,)
+    if n_vocab > GROUPS * w:
+        cand = np.concatenate([cand, np.arange(GROUPS * w, n_vocab)])
     return np.sort(cand[logits[cand].argpartition(-k)[-k:]])
+
+
+@functools.cache
+def _group_offsets(w: int) -> np.ndarray:
+    """(GROUPS, 1): the first id of each row of _top_k's groups of width w."""
+    return (w * np.arange(GROUPS))[:, None]
 
 
 def _top_p_min_p(logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ggspec.config import SamplingConfig
-from ggspec.sampling import _top_k, distribution, draw, greedy, pick, prob, softmax_max
+from ggspec.sampling import GROUPS, _top_k, distribution, draw, greedy, pick, prob, softmax_max
 from reference import sample, warp
 
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # warp is the softmax
@@ -87,14 +87,19 @@ def test_top_k_keeps_exactly_the_k_largest(k):
 
 
 @pytest.mark.parametrize("k", [1, 40, 333, 4999])
-@pytest.mark.parametrize("layout", ["shuffled", "ascending", "on_stride"])
+@pytest.mark.parametrize("layout", ["shuffled", "ascending", "on_stride", "one_group", "in_the_tail"])
 def test_top_k_selects_exactly_on_larger_vocabularies(k, layout):
     n = 5000
     values = np.random.default_rng(k).permutation(n).astype(np.float32)
+    w = n // GROUPS
     if layout == "ascending":
         values = np.sort(values)
     elif layout == "on_stride":  # the largest logits sit on every 16th id
         values = np.where(np.arange(n) % 16 == 0, values + n, values)
+    elif layout == "one_group":  # the largest logits share two of _top_k's groups
+        values = np.where(np.arange(n) % w < 2, values + n, values)
+    elif layout == "in_the_tail":  # or lie past its groups
+        values = np.where(np.arange(n) >= GROUPS * w, values + n, values)
     probs = warp(values / 100, cfg(top_k=k))
     assert support(probs) == set(np.argsort(values)[-k:].tolist())
 
