@@ -85,7 +85,8 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 @functools.cache
 def _group_offsets(w: int) -> np.ndarray:
-    """(GROUPS, 1): the first id of each row of _top_k's groups of width w."""
+    """(GROUPS, 1): r * w for each row r of _top_k's (GROUPS, w) view of the ids, so
+    that column j plus these are the ids of group j."""
     return (w * np.arange(GROUPS))[:, None]
 
 
