@@ -75,11 +75,12 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
         return np.arange(n_vocab)
     w = n_vocab // GROUPS
     if w <= k:  # a small vocabulary: compare them all
-        return np.sort(logits.argpartition(-k)[-k:])
-    maxima = logits[:GROUPS * w].reshape(GROUPS, w).max(axis=0)  # (w,)
-    cand = (maxima.argpartition(-k)[-k:] + _group_offsets(w)).ravel()  # (GROUPS * k,)
-    if n_vocab > GROUPS * w:
-        cand = np.concatenate([cand, np.arange(GROUPS * w, n_vocab)])
+        cand = np.arange(n_vocab)
+    else:
+        maxima = logits[:GROUPS * w].reshape(GROUPS, w).max(axis=0)  # (w,)
+        cand = (maxima.argpartition(-k)[-k:] + _group_offsets(w)).ravel()  # (GROUPS * k,)
+        if n_vocab > GROUPS * w:
+            cand = np.concatenate([cand, np.arange(GROUPS * w, n_vocab)])
     return np.sort(cand[logits[cand].argpartition(-k)[-k:]])
 
 
