@@ -5,6 +5,7 @@ a noise-free way to compare controller changes in seconds instead of benchmark m
     python tools/replay_auto.py record held.json $(for f in tools/prompts/*.txt; do echo --prompt-file $f; done)
     python tools/replay_auto.py replay answers.json -k 16      # auto's lookup plans, replayed
     python tools/replay_auto.py replay answers.json --fresh   # each as an engine's first answer
+    python tools/replay_auto.py replay answers.json --orders 8  # in 8 random orders of the answers
 
 At greedy the committed tokens do not depend on the drafts, so a replay commits the same
 answer and only its rounds differ: each round costs t(rows) from the calibration, and the
@@ -12,13 +13,21 @@ ratio is n * t(1) / (sum of the rounds' t). `replay` prints, per workload, auto'
 the workloads follow each other (as in `ggspec bench`, the estimates carried over), and the
 same copy sources with each proposal's accepted length known in advance (the best length
 for each round chosen myopically): the part of the gap to the copy oracle that better
-prediction could close. Drafting time, Python work and timing noise are left out.
+prediction could close, and last the geometric mean of every answer's ratio. Drafting
+time, Python work and timing noise are left out.
+
+What `auto` learns from one answer changes how it drafts the next, so a change of the
+estimates can move single answers by a few percent through the order alone. `--orders N`
+replays N times, each from the starting guesses and in its own random order of the
+answers (seeded): each answer's ratio is then its median over all of them, and the last
+line gives the mean of the N geometric means and their spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import numpy as np
 
@@ -67,32 +76,47 @@ def accepted_nodes(draft: Draft, truth: list[int]) -> list[int]:
     return nodes
 
 
-def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = False) -> dict[str, tuple[float, float]]:
+def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = False,
+           orders: int = 0, seed: int = 0) -> tuple[dict[str, tuple[float, float]], list[float]]:
+    """({workload: (auto's median ratio, known acceptance's)}, the geometric mean of every
+    answer's ratio in each run: one run in the recorded order, or `orders` in random ones)."""
     curve = np.asarray(data["_curve"])
     if len(curve) < k + 1:
         raise SystemExit(f"Error: the recorded curve covers {len(curve)} rows; record with --rows {k + 1}")
     names = [n for n in data if not n.startswith("_")]
     line_ends = np.zeros(data["_n_vocab"], dtype=bool)
     line_ends[data["_line_ends"]] = True
-    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
     ratios: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(repetitions):
-        for name in names:
-            if fresh:  # from the starting guesses, as an engine's first answer
-                auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
-            prompt, out = data[name]["prompt"], data[name]["output"]
-            committed, pos, seconds = list(prompt), 0, 0.0
-            auto.prepare(committed)
-            while pos < len(out):
-                draft = auto.propose(committed, min(k, len(out) - pos - 1), GREEDY, None)
-                nodes = accepted_nodes(draft, out[pos:])
-                n = len(nodes)
-                seconds += curve[len(draft.tokens)]
-                auto.accept(draft, nodes)
-                committed += out[pos:pos + n + 1]
-                pos += n + 1
-            ratios[name].append(len(out) * curve[0] / seconds)
-    return {n: (float(np.median(r)), known(data[n], curve, k)) for n, r in ratios.items()}
+    means = []
+    shuffle = random.Random(seed)
+    for _ in range(max(orders, 1)):
+        auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
+        logs = []
+        for _ in range(repetitions):
+            for name in shuffle.sample(names, len(names)) if orders else names:
+                if fresh:  # from the starting guesses, as an engine's first answer
+                    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
+                ratio = replay_answer(auto, data[name], curve, k)
+                ratios[name].append(ratio)
+                logs.append(np.log(ratio))
+        means.append(float(np.exp(np.mean(logs))))
+    return {n: (float(np.median(r)), known(data[n], curve, k)) for n, r in ratios.items()}, means
+
+
+def replay_answer(auto: AutoDrafter, answer: dict, curve: np.ndarray, k: int) -> float:
+    """auto's speed ratio over plain decoding on one recorded answer (its estimates carried on)."""
+    prompt, out = answer["prompt"], answer["output"]
+    committed, pos, seconds = list(prompt), 0, 0.0
+    auto.prepare(committed)
+    while pos < len(out):
+        draft = auto.propose(committed, min(k, len(out) - pos - 1), GREEDY, None)
+        nodes = accepted_nodes(draft, out[pos:])
+        n = len(nodes)
+        seconds += curve[len(draft.tokens)]
+        auto.accept(draft, nodes)
+        committed += out[pos:pos + n + 1]
+        pos += n + 1
+    return float(len(out) * curve[0] / seconds)
 
 
 def known(answer: dict, curve: np.ndarray, k: int) -> float:
@@ -131,6 +155,9 @@ def main() -> None:
     rep.add_argument("--curve", type=float, nargs="+", help="t(b) / t(1) for b = 1, 2, ... instead of the recorded curve")
     rep.add_argument("--fresh", action="store_true",
                      help="each workload from the starting guesses (an engine's first answer), not after the others")
+    rep.add_argument("--orders", type=int, default=0,
+                     help="replay this many times, each in a random order of the answers (seeded by --seed)")
+    rep.add_argument("--seed", type=int, default=0, help="of the random orders")
     args = ap.parse_args()
     if args.command == "record":
         try:  # every prompt file read before a model is loaded
@@ -147,11 +174,16 @@ def main() -> None:
         return
     with open(args.path) as f:
         data = json.load(f)
+    if args.orders < 0:
+        raise SystemExit(f"Error: --orders must be 0 or more, got {args.orders}")
     print("workload  auto   known acceptance")
     if args.curve:
         data["_curve"] = args.curve
-    for name, (ratio, bound) in replay(data, args.draft_max, args.repetitions, args.paths, args.fresh).items():
+    ratios, means = replay(data, args.draft_max, args.repetitions, args.paths, args.fresh, args.orders, args.seed)
+    for name, (ratio, bound) in ratios.items():
         print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x")
+    spread = f" (orders {min(means):.4f}-{max(means):.4f})" if args.orders else ""
+    print(f"all answers: geometric mean {np.mean(means):.4f}x{spread}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""tools/replay_auto.py's replay on a small synthetic recording: an answer that copies its
+prompt and one that copies nothing, at a CPU-like curve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolfiles import load_tool
+
+replay_auto = load_tool("replay_auto")
+
+
+def recording() -> dict:
+    rng = np.random.default_rng(0)
+    text = rng.integers(10, 500, size=150).tolist()
+    curve = [1.0, 1.7, 2.3, 2.8, 3.5, 4.1, 4.8, 6.6, 7.0, 7.3, 7.6, 7.9, 8.2, 8.5, 8.8, 8.9, 9.5]
+    return {"copy": {"prompt": [1, *text], "output": text[:120]},
+            "new": {"prompt": [2, 3], "output": rng.integers(500, 1000, size=80).tolist()},
+            "_curve": curve, "_line_ends": [], "_n_vocab": 1000}
+
+
+def test_replay_gains_on_a_copy_and_keeps_level_on_new_text():
+    ratios, means = replay_auto.replay(recording(), 16, 2)
+    (copy, copy_known), (new, new_known) = ratios["copy"], ratios["new"]
+    assert 1.3 < copy <= copy_known
+    assert new == new_known == 1.0  # nothing to copy: every round plain
+    assert len(means) == 1 and copy > means[0] > 1.0
+
+
+def test_random_orders_are_seeded():
+    data = recording()
+    ratios, means = replay_auto.replay(data, 16, 2, orders=3, seed=1)
+    assert len(means) == 3
+    assert replay_auto.replay(data, 16, 2, orders=3, seed=1) == (ratios, means)
+
+
+def test_each_order_starts_from_the_starting_guesses():
+    """One answer in every order: the runs differ only if one carried what another learnt."""
+    data = recording()
+    del data["new"]
+    means = replay_auto.replay(data, 16, 2, orders=3)[1]
+    assert means[0] > 1.3 and means == [means[0]] * 3
