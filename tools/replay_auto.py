@@ -172,10 +172,10 @@ def main() -> None:
             seen.add(w.name)
         record(args.path, args.max_tokens, args.rows, workloads)
         return
-    with open(args.path) as f:
-        data = json.load(f)
     if args.orders < 0:
         raise SystemExit(f"Error: --orders must be 0 or more, got {args.orders}")
+    with open(args.path) as f:
+        data = json.load(f)
     print("workload  auto   known acceptance")
     if args.curve:
         data["_curve"] = args.curve
