@@ -334,3 +334,31 @@ def test_decodes_drafted_ahead_during_the_verification_are_not_counted_as_waitin
     assert draft.hidden_seconds - hidden > 0.005 * s.ahead_rounds  # at least one draft decode a round was hidden
     assert 0 < s.llama_seconds < s.decode_seconds
     assert 0 < s.overhead_seconds < 0.3 * s.decode_seconds
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_an_interrupted_start_of_the_worker_leaves_the_drafter_usable(engine, target_path, started, monkeypatch):
+    """Ctrl-C inside Thread.start(), before the worker ran or while it was starting: the
+    drafter does not wait for a thread join() refuses, and a worker that runs leaves the
+    draft's context alone (it has no owner that would join it)."""
+    drafter, tokens = engine.drafters["draft"], random_prompt(14)
+    drafter.prepare(tokens)
+    before = list(drafter.ctx.tokens)
+    busy = drafter.ctx.busy_seconds
+    real_start = threading.Thread.start
+
+    def start(self):
+        if started:
+            real_start(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        drafter.propose_ahead(tokens, 4, GREEDY, np.random.default_rng(0))
+    monkeypatch.undo()
+    drafter.stop()
+    for worker in workers():
+        worker.join()
+    assert drafter.ctx.tokens == before and drafter.ctx.busy_seconds == busy
+    got = engine.generate(tokens, max_tokens=20, sampling=GREEDY, spec=AHEAD2)
+    assert first_divergence(got.tokens, greedy_reference(target_path, tokens, 20)) is None

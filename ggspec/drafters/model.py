@@ -35,6 +35,7 @@ class _Ahead:
         self.guess: int | None = None  # written by the worker once drafted
         self.bonus: int | None = None  # the target's token after base, written once known
         self.stop = threading.Event()  # the speculation is void: stop drafting
+        self.recorded = threading.Event()  # the drafter holds this run (it will join the worker)
         self.chain = Draft([])         # [guess, *next round's draft] with their q
         self.error: Exception | None = None
         self.thread: threading.Thread | None = None
@@ -160,10 +161,13 @@ class ModelDrafter:
         from a generator seeded by one draw of `rng`: how far it got before being stopped
         then does not change `rng`, so a seeded run replays exactly."""
         self.stop()
-        ahead = self._ahead = _Ahead(list(tokens))
+        ahead = _Ahead(list(tokens))
         rng = np.random.default_rng(rng.integers(2**63))
 
         def work() -> None:
+            ahead.recorded.wait()
+            if ahead.stop.is_set():  # start() was interrupted: no one joins this worker
+                return
             busy = self.ctx.busy_seconds
             try:
                 ahead.chain = self._chain(ahead.base, budget + 1, sampling, rng, ahead.go_on)
@@ -172,7 +176,15 @@ class ModelDrafter:
             ahead.busy = self.ctx.busy_seconds - busy
 
         ahead.thread = threading.Thread(target=work, name="ggspec-draft-ahead", daemon=True)
-        ahead.thread.start()
+        # Ctrl-C inside start() may leave a worker that runs but that join() refuses (not
+        # yet marked started), or none: such a worker returns without touching the context
+        try:
+            ahead.thread.start()
+            self._ahead = ahead
+        finally:
+            if self._ahead is not ahead:
+                ahead.stop.set()
+            ahead.recorded.set()
 
     def _join(self, tokens: Sequence[int]) -> _Ahead | None:
         """Wait for the worker (told the committed tokens, so that it stops early when its
