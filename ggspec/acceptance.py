@@ -117,7 +117,7 @@ def accept_tree_greedy(target_logits: np.ndarray, tokens: Sequence[int], tree: T
     """Follow the child whose token is the target's argmax while there is one.
 
     target_logits (n + 1, n_vocab): row 0 the pending token, row i + 1 node i."""
-    top = np.argmax(target_logits, axis=-1)  # (n + 1,)
+    top = target_logits.argmax(axis=-1)  # (n + 1,)
     nodes: list[int] = []
     row = 0
     while (child := _child_with(tree, tokens, row, top[row])) is not None:

@@ -443,6 +443,8 @@ class Context(_Owner):
         self._pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
         self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
         self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
+        # and as ctypes pointers, for one row (a round's decode of one token: numpy costs more)
+        self._tok1, self._pos1, self._out1 = batch.token, batch.pos, batch.logits
         self._views: dict[tuple[int, int], np.ndarray] = {}
         self._rollback = 0  # tokens the memory can roll back now (slots of the last decode)
         self._saved = (ctypes.c_uint8 * 0)()  # a saved recurrent state (llama.cpp's format) ...
@@ -474,7 +476,7 @@ class Context(_Owner):
         return self._mem
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int],
-               seq_ids: Sequence[Sequence[int]] | None, want: np.ndarray) -> np.ndarray:
+               seq_ids: Sequence[Sequence[int]] | None, want: Sequence[int]) -> np.ndarray:
         """Run ONE llama_decode over `tokens` (at most n_batch).
 
         seq_ids[i] lists the sequences token i belongs to (None: all in sequence 0);
@@ -484,19 +486,10 @@ class Context(_Owner):
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"a batch holds 1 to {self.n_batch} tokens, got {n}")
-        handle = self._handle  # (checked before writing into the batch, which close() frees too)
-        if handle is None or self.model._handle is None:
-            handle = self.handle  # raises
-        b = self._batch
-        b.n_tokens = n
-        if n == 1:  # a plain round: ctypes writes cost less than numpy's here
-            b.token[0], b.pos[0], b.logits[0] = int(tokens[0]), int(positions[0]), int(want[0])
-            n_out = int(want[0])
-        else:
-            self._tok[:n] = tokens
-            self._pos[:n] = positions
-            self._out[:n] = want
-            n_out = int(np.count_nonzero(want))
+        handle = self._writable()
+        self._tok[:n] = tokens
+        self._pos[:n] = positions
+        self._out[:n] = want
         if seq_ids is None:
             if self._tree_ids:  # a tree batch left other ids: back to sequence 0
                 self._single_sequence()
@@ -505,25 +498,40 @@ class Context(_Owner):
             for i, ids in enumerate(seq_ids):
                 self._nseq[i] = len(ids)
                 for j, s in enumerate(ids):
-                    b.seq_id[i][j] = s
+                    self._batch.seq_id[i][j] = s
+        return self._run(handle, n, int(np.count_nonzero(self._out[:n])), positions, seq_ids is None)
+
+    def _writable(self):
+        """The handle, checked before anything is written into the batch (which close()
+        frees too)."""
+        handle = self._handle
+        if handle is None or self.model._handle is None:
+            handle = self.handle  # raises
+        return handle
+
+    def _run(self, handle, n: int, n_out: int, positions: Sequence[int], sequential: bool) -> np.ndarray:
+        """llama_decode of the n rows written into the batch, n_out of which asked for
+        logits (sequential: all in sequence 0): their (n_out, n_vocab) view."""
+        self._batch.n_tokens = n
         if self._taps is not None:
             self._taps.seen[:] = 0
         if self._taps is not None or self.embeddings:
             self._positions = np.array(positions, dtype=np.int64)
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(handle, b)
+        rc = llama_cpp.llama_decode(handle, self._batch)
         # fetching the logits waits for the backend to finish and copy them: llama.cpp's time
         address = _logits_address(handle) if rc == 0 and n_out else None
         self.busy_seconds += time.perf_counter() - t0
         if rc != 0:
             reason = DECODE_ERRORS.get(rc, "unknown error")
             raise DecodeError(f"llama_decode failed with code {rc}: {reason}")
-        self._rollback = min(self.n_rs_seq, n - 1) if seq_ids is None else 0
+        self._rollback = min(self.n_rs_seq, n - 1) if sequential else 0
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
-            return self._logits_view(address, n)[np.asarray(want) != 0]
-        return self._logits_view(address, n_out)
+            return self._logits_view(address, n)[self._out[:n] != 0]
+        view = self._views.get((address, n_out))
+        return self._logits_view(address, n_out) if view is None else view
 
     def _logits_view(self, address: int, rows: int) -> np.ndarray:
         """A (rows, n_vocab) view of llama.cpp's logits buffer, made once per buffer
@@ -575,27 +583,41 @@ class Context(_Owner):
         (only when len(tokens) <= n_batch), "none" -> empty.
         """
         n = len(tokens)
-        if len(self.tokens) + n > self.n_ctx:
-            raise DecodeError(f"{len(self.tokens) + n} tokens do not fit in the context of {self.n_ctx}")
-        if logits == "all" and n > self.n_batch:
-            raise ValueError(f"logits for every row need a batch of at most {self.n_batch} tokens")
+        p0 = len(self.tokens)
+        if p0 + n > self.n_ctx:
+            raise DecodeError(f"{p0 + n} tokens do not fit in the context of {self.n_ctx}")
+        if n > self.n_batch:  # a chunk per decode
+            if logits == "all":
+                raise ValueError(f"logits for every row need a batch of at most {self.n_batch} tokens")
+            last = (n - 1) // self.n_batch * self.n_batch
+            for start in range(0, last, self.n_batch):
+                self.eval(tokens[start:start + self.n_batch], logits="none")
+            return self.eval(tokens[last:], logits=logits)
         if self._stale:
-            self.truncate(len(self.tokens))
+            self.truncate(p0)
         if n == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
-        step = self.n_batch
-        for start in range(0, n, step):
-            chunk = tokens[start:start + step]
-            want = [int(logits == "all")] * len(chunk)
-            if logits == "last" and start + step >= n:
-                want[-1] = 1
-            p0 = len(self.tokens)
-            # the mirror grows only after a successful decode: an interrupt or error in
-            # between leaves it a prefix of the cache, and the next call truncates the rest
-            self._stale = True
-            out = self.decode(chunk, range(p0, p0 + len(chunk)), None, want)
-            self.tokens.extend(chunk)
-            self._stale = False
+        # (decode()'s work for rows of sequence 0, written out: every round runs it)
+        handle = self._writable()
+        if self._tree_ids:
+            self._single_sequence()
+        if n == 1:
+            self._tok1[0] = tokens[0]
+            self._pos1[0] = p0
+            self._out1[0] = n_out = int(logits != "none")
+        else:
+            self._tok[:n] = tokens
+            self._pos[:n] = range(p0, p0 + n)
+            self._out[:n] = logits == "all"
+            if logits == "last":
+                self._out[n - 1] = True
+            n_out = n if logits == "all" else int(logits == "last")
+        # the mirror grows only after a successful decode: an interrupt or error in
+        # between leaves it a prefix of the cache, and the next call truncates the rest
+        self._stale = True
+        out = self._run(handle, n, n_out, range(p0, p0 + n), True)
+        self.tokens.extend(tokens)
+        self._stale = False
         return out
 
     def eval_tree(self, tokens: Sequence[int], tree: Tree) -> np.ndarray:
@@ -648,13 +670,13 @@ class Context(_Owner):
         if n >= len(self.tokens) and not self._stale:
             return  # nothing beyond n (a plain round, a draft accepted whole)
         self._stale = True
-        kept = self.tokens[:n]
         del self.tokens[n:]
         if self._saved_at is not None and self._saved_at > n:
             self._saved_at = None  # saved for tokens this cache no longer holds
         if self._cut(n):
             self._stale = False
             return
+        kept = self.tokens[:]
         held = self._saved_at or 0
         del self.tokens[held:]
         if not (held and self._restore()):

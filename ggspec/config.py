@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -48,7 +49,7 @@ class SamplingConfig:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
-    @property
+    @functools.cached_property  # (read several times a round)
     def greedy(self) -> bool:
         return self.temperature == 0
 

@@ -496,7 +496,7 @@ def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostMod
     if costs.state_copy:  # (t_rewind adds zeros where nothing is undone)
         cost = cost + costs.t_rewind(chances)[shortest:]
     rate = gain[shortest:] / cost
-    i = int(np.argmax(rate))
+    i = int(rate.argmax())
     return shortest + i, float(rate[i])
 
 
@@ -538,7 +538,7 @@ def best_tree(parents: Sequence[int], chances: np.ndarray, costs: CostModel, bud
     order = np.argsort(-reach, kind="stable")[:budget]
     m = np.arange(len(order) + 1)
     rate = (1 + np.concatenate([[0.0], np.cumsum(reach[order])])) / costs.t_verify(m + 1)
-    n = int(np.argmax(rate))
+    n = int(rate.argmax())
     return order[:n], float(rate[n])
 
 

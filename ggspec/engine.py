@@ -390,10 +390,11 @@ class Engine:
         busy1 = self._busy()
 
         committed = list(prompt)
+        n_ctx = self.n_ctx
         finish = ""
         self.costs.overlap.start()
         while not finish:
-            if len(committed) >= self.n_ctx:
+            if len(committed) >= n_ctx:
                 finish = "length"
                 break
             # propose
@@ -473,7 +474,7 @@ class Engine:
         for a state that cannot come back from a rejection."""
         if not self.ctx.can_rewind:
             return 0
-        return min(spec.draft_max, tokens_left - 1, self.n_ctx - n_committed)
+        return min(spec.draft_max, tokens_left - 1, self.ctx.n_ctx - n_committed)
 
     def _draft_ahead(self, spec: SpecConfig, committed: list[int], draft: Draft, tokens_left: int,
                      sampling: SamplingConfig, rng: np.random.Generator) -> bool:

@@ -20,7 +20,7 @@ Dist = tuple[np.ndarray, np.ndarray]  # a distribution: ids of positive probabil
 
 def greedy(logits: np.ndarray) -> int:
     """The most likely token; ties go to the lowest id."""
-    return int(np.argmax(logits))
+    return int(logits.argmax())
 
 
 def softmax_max(logits: np.ndarray) -> float:

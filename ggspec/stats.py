@@ -46,10 +46,10 @@ class Stats:
             return
         self.draft_rounds += 1
         _bump(self.accepted_length_histogram, accepted)
-        for i in range(depth):
-            _bump(self.position_proposed, i)
-            if i < accepted:
-                _bump(self.position_accepted, i)
+        for counts, n in ((self.position_proposed, depth), (self.position_accepted, min(accepted, depth))):
+            counts.extend([0] * (n - len(counts)))
+            for i in range(n):
+                counts[i] += 1
 
     @property
     def acceptance_rate(self) -> float:

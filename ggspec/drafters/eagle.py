@@ -177,7 +177,7 @@ class EagleDrafter:
         gain = 1 + np.concatenate([[0.0], np.cumsum(calibration * chances[:m])])
         n = np.arange(m + 1)
         rate = gain / (self.costs.t_verify(n + 1) + np.where(n > 0, draft_seconds, 0.0))
-        best = min(self.nodes, m) if self.nodes else int(np.argmax(rate))
+        best = min(self.nodes, m) if self.nodes else int(rate.argmax())
         return best, float(rate[best])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,

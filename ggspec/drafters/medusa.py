@@ -66,7 +66,7 @@ class MedusaDrafter:
         k = np.arange(len(gain))
         seconds = self.costs.t_verify(k + 1) + np.where(k > 0, self.head_seconds, 0.0)  # plain: no heads
         rate = gain / seconds
-        n = min(self.nodes, len(rate) - 1) if self.nodes else int(np.argmax(rate))
+        n = min(self.nodes, len(rate) - 1) if self.nodes else int(rate.argmax())
         return n, float(rate[n])
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,

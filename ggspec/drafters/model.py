@@ -79,6 +79,8 @@ class ModelDrafter:
     def _row(self, logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
         """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf;
         with ignore_eos, -inf for the draft's end-of-generation tokens too."""
+        if self.n_vocab == self.ctx.n_vocab and not sampling.ignore_eos:
+            return logits  # (the common case, once per drafted token)
         missing = self.n_vocab - len(logits)
         if missing > 0:
             logits = np.concatenate([logits, np.full(missing, -np.inf, dtype=logits.dtype)])
@@ -135,7 +137,7 @@ class ModelDrafter:
         qs: list[np.ndarray] = []
         while True:
             if sampling.greedy:
-                x = int(np.argmax(logits))
+                x = int(logits.argmax())
                 confident = self.p_min == 0 or softmax_max(logits) >= self.p_min
             else:
                 q = distribution(logits, sampling)
