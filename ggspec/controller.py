@@ -25,16 +25,15 @@ EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before tryi
 
 class _Input:
     """An attribute the cost model's table of t(b) is computed from: setting it (tests
-    replace them whole) drops the table, computed again when next asked for."""
+    replace them whole) drops the table, computed again when next asked for. (Without a
+    __get__, reading it is a plain read of the instance's own attribute: the controller
+    reads them many times a round.)"""
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = "_" + name
-
-    def __get__(self, model: CostModel | None, owner: type | None = None):
-        return self if model is None else getattr(model, self.name)
+        self.name = name
 
     def __set__(self, model: CostModel, value) -> None:
-        setattr(model, self.name, value)
+        model.__dict__[self.name] = value
         model._table = None
 
 
@@ -376,7 +375,7 @@ class MatchAcceptance:
 
     @staticmethod
     def bucket(lengths: np.ndarray) -> np.ndarray:
-        return np.searchsorted(MATCH_EDGES, lengths, side="right") - 1
+        return MATCH_EDGES.searchsorted(lengths, side="right") - 1
 
     @property
     def row(self) -> int:
@@ -488,8 +487,8 @@ def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostMod
     k = len(chances)
     gain = np.empty(k + 1)  # gain[j] = 1 + E[accepted] of the first j tokens
     gain[0] = 1.0
-    np.cumprod(chances, out=gain[1:])
-    np.cumsum(gain, out=gain)
+    chances.cumprod(out=gain[1:])  # (the arrays' methods: numpy's functions add Python calls)
+    gain.cumsum(out=gain)
     cost = verify[shortest:k + 1]
     if k > copied:  # (the candidates that draft start after their copied tokens: shortest > copied)
         cost = cost + costs.t_draft(np.arange(shortest - copied, k + 1 - copied), behind + copied)
