@@ -81,7 +81,9 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
         cand = (maxima.argpartition(-k)[-k:] + _group_offsets(w)).ravel()  # (GROUPS * k,)
         if n_vocab > GROUPS * w:
             cand = np.concatenate([cand, np.arange(GROUPS * w, n_vocab)])
-    return np.sort(cand[logits[cand].argpartition(-k)[-k:]])
+    ids = cand[logits[cand].argpartition(-k)[-k:]]
+    ids.sort()  # (in place: np.sort adds a copy and Python calls)
+    return ids
 
 
 @functools.cache

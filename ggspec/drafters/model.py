@@ -79,8 +79,6 @@ class ModelDrafter:
     def _row(self, logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
         """Draft logits (draft n_vocab,) -> (target n_vocab,): cut, or padded with -inf;
         with ignore_eos, -inf for the draft's end-of-generation tokens too."""
-        if self.n_vocab == self.ctx.n_vocab and not sampling.ignore_eos:
-            return logits  # (the common case, once per drafted token)
         missing = self.n_vocab - len(logits)
         if missing > 0:
             logits = np.concatenate([logits, np.full(missing, -np.inf, dtype=logits.dtype)])
@@ -118,7 +116,7 @@ class ModelDrafter:
         return self._chain(tokens, budget, sampling, rng)
 
     def _chain(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
-               rng: np.random.Generator, go_on: Callable[[list[int]], bool] = lambda out: True) -> Draft:
+               rng: np.random.Generator, go_on: Callable[[list[int]], bool] | None = None) -> Draft:
         """Up to `budget` tokens after `tokens`, each drawn from (or the argmax of) the
         draft's warped distribution q; go_on(tokens so far) False stops early."""
         if budget <= 0:
@@ -127,9 +125,11 @@ class ModelDrafter:
         # the last committed token must be decoded here to get its logits
         n = min(self.ctx.sync(tokens), len(tokens) - 1)
         self.ctx.truncate(n)
+        same = self.n_vocab == self.ctx.n_vocab and not sampling.ignore_eos  # rows need no _row
         t0 = time.perf_counter()
-        logits = self._row(self.ctx.eval(tokens[n:], logits="last")[0], sampling)
+        logits = self.ctx.eval(tokens[n:], logits="last")[0]
         self.catch_up = (len(tokens) - n, time.perf_counter() - t0)
+        logits = logits if same else self._row(logits, sampling)
         # the next round keeps only the drafts the target accepted: a recurrent draft
         # model's state is saved here, to come back to
         self.ctx.checkpoint(budget - 1, 0)
@@ -149,9 +149,10 @@ class ModelDrafter:
                 qs = qs[:len(out)]
                 break
             out.append(x)
-            if len(out) == budget or not go_on(out):
+            if len(out) == budget or (go_on is not None and not go_on(out)):
                 break
-            logits = self._row(self.ctx.eval([x], logits="last")[0], sampling)
+            logits = self.ctx.eval([x], logits="last")[0]
+            logits = logits if same else self._row(logits, sampling)
         return Draft(out, qs or None)
 
     def propose_ahead(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
