@@ -1,7 +1,7 @@
 """The least Python a decoding round can take on this machine, measured on the real models:
 one llama_decode called straight through ctypes, then one read of each row the round
-verifies (numpy's argmax, or at temperature > 0 ggspec's sampler), timed right after each
-decode, when llama.cpp has left the CPU caches cold.
+verifies (the array's own argmax, as the engine reads it, or at temperature > 0 ggspec's
+sampler), timed right after each decode, when llama.cpp has left the CPU caches cold.
 
     python tools/round_floor.py --depth 500
 
@@ -124,12 +124,12 @@ def main() -> None:
     print(state.describe(threads))
     with Model(target_path, cfg) as model, Context(model, cfg) as ctx:
         ctx.eval([100] * args.depth, logits="none")
-        plain, argmax1 = measure(ctx, args.depth, 1, np.argmax, args.repeat)
+        plain, argmax1 = measure(ctx, args.depth, 1, np.ndarray.argmax, args.repeat)
         _, sample1 = measure(ctx, args.depth, 1, sample, args.repeat)
-        verify, argmax_k = measure(ctx, args.depth, k + 1, np.argmax, args.repeat)
+        verify, argmax_k = measure(ctx, args.depth, k + 1, np.ndarray.argmax, args.repeat)
     with Model(draft_path, cfg) as model, Context(model, cfg) as ctx:
         ctx.eval([100] * args.depth, logits="none")
-        draft_call, draft_argmax = measure(ctx, args.depth, 1, np.argmax, args.repeat)
+        draft_call, draft_argmax = measure(ctx, args.depth, 1, np.ndarray.argmax, args.repeat)
     print(f"depth {args.depth}, medians of {args.repeat} decodes, µs outside llama_decode:")
     print(f"  target, 1 row: call {plain:.1f}, argmax {argmax1:.1f}, sampling at T=0.8 {sample1:.1f}")
     print(f"  target, {k + 1} rows: call {verify:.1f}, argmax {argmax_k:.1f} a row")
