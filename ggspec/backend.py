@@ -597,25 +597,21 @@ class Context(_Owner):
             self.truncate(p0)
         if n == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
-        # (decode()'s work for rows of sequence 0, written out: every round runs it)
-        handle = self._writable()
-        if self._tree_ids:
-            self._single_sequence()
-        if n == 1:
-            self._tok1[0] = tokens[0]
-            self._pos1[0] = p0
-            self._out1[0] = n_out = int(logits != "none")
-        else:
-            self._tok[:n] = tokens
-            self._pos[:n] = range(p0, p0 + n)
-            self._out[:n] = logits == "all"
-            if logits == "last":
-                self._out[n - 1] = True
-            n_out = n if logits == "all" else int(logits == "last")
         # the mirror grows only after a successful decode: an interrupt or error in
         # between leaves it a prefix of the cache, and the next call truncates the rest
         self._stale = True
-        out = self._run(handle, n, n_out, range(p0, p0 + n), True)
+        if n == 1:  # (a plain round's, a drafted token's: written through ctypes, without decode())
+            handle = self._writable()
+            if self._tree_ids:
+                self._single_sequence()
+            self._tok1[0] = tokens[0]
+            self._pos1[0] = p0
+            self._out1[0] = n_out = int(logits != "none")
+            out = self._run(handle, 1, n_out, (p0,), True)
+        else:
+            want = [logits == "all"] * n
+            want[-1] = logits != "none"
+            out = self.decode(tokens, range(p0, p0 + n), None, want)
         self.tokens.extend(tokens)
         self._stale = False
         return out
