@@ -266,6 +266,11 @@ class Model(_Owner):
             data = self._bytes[token] = self._render(token)
         return data
 
+    def pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        """token_bytes of each token."""
+        known = self._bytes.get
+        return [known(t) or self.token_bytes(t) for t in tokens]
+
     def _render(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         if n < 0:
@@ -278,7 +283,7 @@ class Model(_Owner):
         return np.array([b"\n" in self._render(t) for t in range(self.n_vocab)])
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+        return b"".join(self.pieces(tokens)).decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
         """Render chat messages with the template stored in the GGUF (llama.cpp's renderer)."""
@@ -439,12 +444,10 @@ class Context(_Owner):
         self._stale = False  # the cache may hold cells beyond `tokens` (a call was interrupted)
         self.busy_seconds = 0.0  # time spent inside llama_decode
         n = cfg.n_batch
-        self._tok = np.ctypeslib.as_array(batch.token, shape=(n,))
-        self._pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
         self._nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
-        self._out = np.ctypeslib.as_array(batch.logits, shape=(n,))
-        # and as ctypes pointers, for one row (a round's decode of one token: numpy costs more)
-        self._tok1, self._pos1, self._out1 = batch.token, batch.pos, batch.logits
+        # the rows are written through ctypes pointers: for a round's few rows, numpy's
+        # conversions cost more (twice as much for five rows, right after a decode)
+        self._tok, self._pos, self._out = batch.token, batch.pos, batch.logits
         self._views: dict[tuple[int, int], np.ndarray] = {}
         self._rollback = 0  # tokens the memory can roll back now (slots of the last decode)
         self._saved = (ctypes.c_uint8 * 0)()  # a saved recurrent state (llama.cpp's format) ...
@@ -487,9 +490,9 @@ class Context(_Owner):
         if not 0 < n <= self.n_batch:
             raise ValueError(f"a batch holds 1 to {self.n_batch} tokens, got {n}")
         handle = self._writable()
-        self._tok[:n] = tokens
-        self._pos[:n] = positions
-        self._out[:n] = want
+        tok, pos, out = self._tok, self._pos, self._out
+        for i in range(n):
+            tok[i], pos[i], out[i] = tokens[i], positions[i], want[i]
         if seq_ids is None:
             if self._tree_ids:  # a tree batch left other ids: back to sequence 0
                 self._single_sequence()
@@ -499,7 +502,7 @@ class Context(_Owner):
                 self._nseq[i] = len(ids)
                 for j, s in enumerate(ids):
                     self._batch.seq_id[i][j] = s
-        return self._run(handle, n, int(np.count_nonzero(self._out[:n])), positions, seq_ids is None)
+        return self._run(handle, n, n - out[:n].count(0), positions, seq_ids is None)
 
     def _writable(self):
         """The handle, checked before anything is written into the batch (which close()
@@ -529,7 +532,7 @@ class Context(_Owner):
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
-            return self._logits_view(address, n)[self._out[:n] != 0]
+            return self._logits_view(address, n)[np.array(self._out[:n]) != 0]
         view = self._views.get((address, n_out))
         return self._logits_view(address, n_out) if view is None else view
 
@@ -600,13 +603,13 @@ class Context(_Owner):
         # the mirror grows only after a successful decode: an interrupt or error in
         # between leaves it a prefix of the cache, and the next call truncates the rest
         self._stale = True
-        if n == 1:  # (a plain round's, a drafted token's: written through ctypes, without decode())
+        if n == 1:  # (a plain round's, a drafted token's: without decode()'s lists and frames)
             handle = self._writable()
             if self._tree_ids:
                 self._single_sequence()
-            self._tok1[0] = tokens[0]
-            self._pos1[0] = p0
-            self._out1[0] = n_out = int(logits != "none")
+            self._tok[0] = tokens[0]
+            self._pos[0] = p0
+            self._out[0] = n_out = int(logits != "none")
             out = self._run(handle, 1, n_out, (p0,), True)
         else:
             want = [logits == "all"] * n

@@ -190,9 +190,11 @@ class Overlap:
     TRIAL = 8
 
     def __init__(self) -> None:
-        self.seconds = np.zeros(2)  # [sync, async]: mean wall seconds of a round
-        self.tokens = np.zeros(2)   # [sync, async]: mean tokens committed by a round
-        self.rounds = np.zeros(2)   # [sync, async]: rounds counted
+        # plain floats: each round updates them, and numpy's scalars cost more than the
+        # round's other bookkeeping right after a decode
+        self.seconds = [0.0, 0.0]  # [sync, async]: mean wall seconds of a round
+        self.tokens = [0.0, 0.0]   # [sync, async]: mean tokens committed by a round
+        self.rounds = [0, 0]       # [sync, async]: rounds counted
         self._last = False  # the way of the latest round
         self._streak = 0    # rounds in a row of the faster way
         self._trial = 0     # rounds of the slower way still to run
@@ -204,8 +206,12 @@ class Overlap:
     @property
     def faster(self) -> bool:
         """True when asynchronous rounds commit more tokens per second."""
-        rate = self.tokens / np.maximum(self.seconds, 1e-12)
-        return bool(rate[1] > rate[0])
+        rate = self._rates()
+        return rate[1] > rate[0]
+
+    def _rates(self) -> list[float]:
+        """[sync, async]: committed tokens per second."""
+        return [t / max(s, 1e-12) for t, s in zip(self.tokens, self.seconds)]
 
     def choose(self) -> bool:
         """Draft the next round during this round's verification?"""
@@ -233,21 +239,22 @@ class Overlap:
 
     def state(self) -> dict:
         """The estimates as plain data, to save (ggspec.session)."""
-        return {"seconds": self.seconds.tolist(), "tokens": self.tokens.tolist(), "rounds": self.rounds.tolist(),
+        return {"seconds": self.seconds[:], "tokens": self.tokens[:], "rounds": self.rounds[:],
                 "last": self._last, "streak": self._streak, "trial": self._trial}
 
     def set_state(self, state: dict) -> None:
         """Take the estimates of state(); ValueError when they do not fit."""
-        self.seconds, self.tokens, self.rounds = (estimates(state[k], (2,)) for k in ("seconds", "tokens", "rounds"))
+        self.seconds, self.tokens, self.rounds = (estimates(state[k], (2,)).tolist() for k in ("seconds", "tokens", "rounds"))
+        self.rounds = [int(n) for n in self.rounds]
         self._last, self._streak, self._trial = bool(state["last"]), int(state["streak"]), int(state["trial"])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Overlap) and self.state() == other.state()
 
     def report(self) -> dict:
-        rate = self.tokens / np.maximum(self.seconds, 1e-12)
-        return {"sync_tokens_per_second": round(float(rate[0]), 2), "sync_rounds": int(self.rounds[0]),
-                "async_tokens_per_second": round(float(rate[1]), 2), "async_rounds": int(self.rounds[1])}
+        rate = self._rates()
+        return {"sync_tokens_per_second": round(rate[0], 2), "sync_rounds": self.rounds[0],
+                "async_tokens_per_second": round(rate[1], 2), "async_rounds": self.rounds[1]}
 
 
 def _learn(p: np.ndarray, n: np.ndarray, i: int, outcome: float, prior: float) -> None:

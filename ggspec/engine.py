@@ -432,11 +432,10 @@ class Engine:
                 self.ctx.truncate(len(committed) + len(accepted))
             else:
                 self.ctx.keep_path(draft.tree.path_with(list(verdict.nodes)), accepted)
-            for i, token in enumerate([*accepted, verdict.token]):
-                committed.append(token)
-                finish = self._take(token, i < len(accepted), generated, text, out, max_tokens)
-                if finish:
-                    break
+            committed += accepted
+            committed.append(verdict.token)
+            finish = self._take(accepted, True, generated, text, out, max_tokens) if accepted else ""
+            finish = finish or self._take([verdict.token], False, generated, text, out, max_tokens)
             while out:
                 emitted.append(out.pop(0))
                 yield emitted[-1]
@@ -512,18 +511,20 @@ class Engine:
             self.costs.correction = refined
         self.costs.state_copy, self.costs.rollback = self.ctx.time_state_copy(), self.ctx.n_rs_seq
 
-    def _take(self, token: int, from_draft: bool, generated: list[int], text: TextStream,
+    def _take(self, tokens: list[int], from_draft: bool, generated: list[int], text: TextStream,
               out: list[str], max_tokens: int) -> str:
-        """Add one committed token to the output; return a finish reason or ""."""
-        if token in self.target.eog:
-            return "stop"
-        generated.append(token)
-        piece = text.push(self.target.token_bytes(token))
+        """Add committed tokens to the output, as one piece, up to the first
+        end-of-generation token, stop string or max_tokens; return the finish reason or ""."""
+        finish = ""
+        if not self.target.eog.isdisjoint(tokens):
+            tokens, finish = tokens[:next(i for i, t in enumerate(tokens) if t in self.target.eog)], "stop"
+        if len(generated) + len(tokens) >= max_tokens:
+            tokens, finish = tokens[:max_tokens - len(generated)], "length"
+        piece, kept = text.push(self.target.pieces(tokens))
+        generated += tokens[:kept]
         if piece:
             out.append(Piece(piece, from_draft))
-        if text.stopped:
-            return "stop"
-        return "length" if len(generated) >= max_tokens else ""
+        return "stop" if text.stopped else finish
 
     def _accept(self, rows: np.ndarray, draft: Draft, sampling: SamplingConfig, typical: bool,
                 rng: np.random.Generator) -> TreeVerdict:

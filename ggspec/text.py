@@ -20,12 +20,21 @@ class TextStream:
         self._held = ""
         self.stopped = False
 
-    def push(self, data: bytes) -> str:
-        """Add one token's bytes; return the text that is now safe to show."""
+    def push(self, tokens: Sequence[bytes]) -> tuple[str, int]:
+        """Add the bytes of committed tokens, one item per token; return the text that is
+        now safe to show and how many of the tokens the text keeps: all of them, unless a
+        stop string ends among them (then those up to the one that completes it)."""
         if self.stopped:
-            return ""
-        self._held += self._decoder.decode(data)
-        return self._release()
+            return "", 0
+        if not self._stops:  # nothing to hold back: the tokens' bytes at once
+            return self._decoder.decode(b"".join(tokens)), len(tokens)
+        out = ""
+        for i, data in enumerate(tokens):  # token by token, to know which one ends the text
+            self._held += self._decoder.decode(data)
+            out += self._release()
+            if self.stopped:
+                return out, i + 1
+        return out, len(tokens)
 
     def flush(self) -> str:
         """End of generation: return everything still held back."""

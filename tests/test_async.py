@@ -267,9 +267,22 @@ def test_overlap_takes_the_faster_way_and_retries_the_other(faster):
 def test_overlap_does_not_count_the_round_after_a_switch():
     overlap = Overlap()
     overlap.observe(True, 9.0, 1)  # first asynchronous round: it drafted for itself
-    assert overlap.rounds.tolist() == [0, 0]
+    assert overlap.rounds == [0, 0]
     overlap.observe(True, 0.05, 2)
-    assert overlap.rounds.tolist() == [0, 1] and overlap.seconds[1] == 0.05
+    assert overlap.rounds == [0, 1] and overlap.seconds[1] == 0.05
+
+
+def test_overlap_state_round_trips_and_takes_counts_saved_as_floats():
+    overlap = Overlap()
+    run_overlap(overlap, 20, {False: 0.08, True: 0.05})
+    again = Overlap()
+    again.set_state(json.loads(json.dumps(overlap.state())))
+    assert again == overlap and again.report() == overlap.report() and again.choose() == overlap.choose()
+    older = {**overlap.state(), "rounds": [float(n) for n in overlap.rounds]}  # as numpy arrays saved them
+    again.set_state(older)
+    assert again.rounds == overlap.rounds and all(isinstance(n, int) for n in again.rounds)
+    with pytest.raises(ValueError, match="shape"):
+        again.set_state({**older, "seconds": [0.1]})
 
 
 def test_threads_can_be_changed_between_generations(engine):

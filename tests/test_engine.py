@@ -244,16 +244,25 @@ def test_ignore_eos_samples_from_the_target_without_its_end_tokens(eog_model, me
     assert drafted > n if method == "draft" else drafted == 0
 
 
-def test_stop_string_spanning_tokens_ends_the_text(engine):
-    prompt = random_prompt(13)
-    full = engine.generate(prompt, max_tokens=40, sampling=GREEDY)
-    pieces = [engine.target.token_bytes(t).decode() for t in full.tokens]
-    start = len("".join(pieces[:10]))
-    stop = full.text[start - 2:start + 3]  # spans the boundary between tokens 9 and 10
-    got = engine.generate(prompt, max_tokens=40, sampling=GREEDY, stop=[stop])
+@pytest.mark.parametrize("method", ["none", "draft"])
+def test_stop_string_spanning_tokens_ends_the_text(target_path, method):
+    # the target drafts for itself: every draft is accepted, so the stop string ends
+    # inside a round's accepted tokens
+    with Engine(target_path, target_path, target_config=CFG) as engine:
+        prompt = random_prompt(13)
+        full = engine.generate(prompt, max_tokens=40, sampling=GREEDY)
+        pieces = [engine.target.token_bytes(t).decode() for t in full.tokens]
+        start = len("".join(pieces[:10]))
+        stop = full.text[start - 2:start + 3]  # spans the boundary between tokens 9 and 10
+        got = engine.generate(prompt, max_tokens=40, sampling=GREEDY, stop=[stop],
+                              spec=SpecConfig(method, draft_max=6))
+        ends = next(n for n in range(len(full.tokens)) if stop in engine.target.detokenize(full.tokens[:n]))
     assert got.finish_reason == "stop"
     assert got.text == full.text[:full.text.index(stop)]
     assert stop not in got.text
+    assert got.tokens == full.tokens[:ends]  # up to the token that completes the stop string
+    committed = got.stats.accepted_tokens + got.stats.rounds
+    assert committed == len(got.tokens) if method == "none" else committed > len(got.tokens)  # (mid-round)
 
 
 def test_max_tokens_and_stream_pieces(engine):
