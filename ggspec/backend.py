@@ -267,9 +267,10 @@ class Model(_Owner):
         return data
 
     def pieces(self, tokens: Sequence[int]) -> list[bytes]:
-        """token_bytes of each token."""
-        known = self._bytes.get
-        return [known(t) or self.token_bytes(t) for t in tokens]
+        """token_bytes of each token (a round's tokens: looked up without a Python call
+        each, once rendered)."""
+        got = list(map(self._bytes.get, tokens))
+        return [self.token_bytes(t) for t in tokens] if None in got else got
 
     def _render(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)

@@ -416,7 +416,7 @@ class Engine:
             tc = time.perf_counter()
             stats.draft_seconds += tb - ta
             stats.verify_seconds += tc - tb
-            accepted = [draft.tokens[i] for i in verdict.nodes]
+            accepted = list(map(draft.tokens.__getitem__, verdict.nodes))
             depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
             stats.record_round(len(draft.tokens), len(accepted), depth)
             stats.ahead_rounds += ahead

@@ -214,9 +214,11 @@ def test_each_copied_token_says_whether_the_other_sources_agree_with_it(copies):
     # the lookup method does not ask for it; a match that does afterwards still gets it right
     source = CopySource()
     source.sync(history)
-    assert source.match(4, with_agreement=False).agreement == []
+    assert source.match(4, estimates=False).agreement == []
+    source.sync(history + [3])
+    assert source.match(4, estimates=False).followed is None  # (nor how the source fared)
     source.sync(history + [3, 4, 9])
-    assert source.match(4).followed.agreement == (AGREE, DIFFER, DIFFER)
+    assert source.match(4).followed.agreement == (DIFFER, DIFFER)  # (from the source at 3)
 
 
 def test_a_new_prompt_is_not_counted_as_predictions():

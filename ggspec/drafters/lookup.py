@@ -222,9 +222,10 @@ class CopySource:
         self._length = 0
         self._at = self.prompt_len = len(self._history.tokens)
 
-    def match(self, max_tokens: int, with_agreement: bool = True) -> Match:
+    def match(self, max_tokens: int, estimates: bool = True) -> Match:
         """Follow the source over the tokens added since the last call, or search anew.
-        with_agreement: fill in Match.agreement and Followed.agreement (else left empty)."""
+        estimates: fill in what auto's estimates read, Match.agreement and Match.followed
+        (else left empty and None)."""
         h = self._history.tokens
         n = len(h)
         m = n - self._at
@@ -239,25 +240,24 @@ class CopySource:
                 a, o = self._history.array(), self._ends[:-1]
                 same = a[o[:, None] + np.arange(m)] == a[self._at:n]  # (sources, m)
                 stay = o[same.all(axis=1)] + m
-                after = a[o[same[:, :hits].all(axis=1)] + hits].tolist() if hits < m else []
+                after = a[o[same[:, :hits].all(axis=1)] + hits].tolist() if hits < m and estimates else []
                 if hits == m:
                     stay = np.append(stay, end + m)
             else:
                 others = self._ends[:-1]
                 stay = [e + m for e in others if h[e:e + m] == new]
-                after = [h[e + hits] for e in others if h[e:e + hits] == new[:hits]] if hits < m else []
+                after = [h[e + hits] for e in others if h[e:e + hits] == new[:hits]] if hits < m and estimates else []
                 if hits == m:
                     stay.append(end + m)
-            # did another source differ from the followed one at the wrong token, and rightly?
-            alternative = new[hits] in after if any(y != h[end + hits] for y in after) else None
-            proposed = tuple(h[end:end + min(hits + 1, m)])
-            agreement = self._agreement  # (as the last match offered them, when it did so far)
-            if not with_agreement:
-                agreement = ()
-            elif len(agreement) < len(proposed):
-                agreement = self.agreement(len(proposed))
-            followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative,
-                                tuple(agreement[:len(proposed)]))
+            if estimates:
+                # did another source differ from the followed one at the wrong token, and rightly?
+                alternative = new[hits] in after if any(y != h[end + hits] for y in after) else None
+                proposed = tuple(h[end:end + min(hits + 1, m)])
+                agreement = self._agreement  # (as the last match offered them, when it did so far)
+                if len(agreement) < len(proposed):
+                    agreement = self.agreement(len(proposed))
+                followed = Followed(self._length, proposed, hits, end < self.prompt_len, alternative,
+                                    tuple(agreement[:len(proposed)]))
             self._ends = as_ends(stay)
             self._length = self._length + m if len(stay) else 0
         if not self._length:
@@ -268,7 +268,7 @@ class CopySource:
             return Match([], followed=followed)
         end = int(self._ends[-1])
         tokens = h[end:min(end + max_tokens, n)]
-        self._agreement = self.agreement(len(tokens)) if with_agreement else []
+        self._agreement = self.agreement(len(tokens)) if estimates else []
         return Match(tokens, self._length, followed, end < self.prompt_len, self._agreement)
 
     def agreement(self, k: int) -> list[int]:
@@ -337,13 +337,13 @@ class LookupDrafter:
         self.source.sync(tokens)
         self.source.forget()
 
-    def match(self, tokens: Sequence[int], budget: int, with_agreement: bool = True) -> Match:
+    def match(self, tokens: Sequence[int], budget: int, estimates: bool = True) -> Match:
         self.source.sync(tokens)
-        return self.source.match(budget, with_agreement)
+        return self.source.match(budget, estimates)
 
     def propose(self, tokens: Sequence[int], budget: int, sampling: SamplingConfig,
                 rng: np.random.Generator) -> Draft:
-        found = self.match(tokens, budget, with_agreement=False)  # (only auto's estimates read it)
+        found = self.match(tokens, budget, estimates=False)  # (only auto reads them)
         return Draft(found.tokens if found.length >= self.min_match else [])
 
     def accept(self, draft: Draft, nodes: Sequence[int]) -> None:
