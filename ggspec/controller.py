@@ -134,10 +134,10 @@ class CostModel:
             self.scale += EMA * (ratio - self.scale)  # (which also drops the table)
             self.correction[rows - 1] += self.SHAPE_EMA * (ratio / self.scale - self.correction[rows - 1])
 
-    def t_draft(self, tokens: int | np.ndarray, behind: int) -> np.ndarray | float:
-        """Seconds for the draft model to draft `tokens` tokens (an int or an array) when
-        it first decodes `behind` tokens it has not seen (>= 1: the last committed one)."""
-        return np.where(np.asarray(tokens) > 0, tokens * self.draft_token + (behind - 1) * self.draft_row, 0.0)
+    def t_draft(self, tokens: int, behind: int) -> float:
+        """Seconds for the draft model to draft `tokens` tokens when it first decodes
+        `behind` tokens it has not seen (>= 1: the last committed one)."""
+        return tokens * self.draft_token + (behind - 1) * self.draft_row if tokens > 0 else 0.0
 
     def observe_draft(self, tokens: int, seconds: float, behind: int = 1, catch_up: float = 0.0) -> None:
         """A draft of `tokens` tokens took `seconds`, of which `catch_up` went to its first
@@ -485,25 +485,28 @@ class Plan:
         return self.lookup + self.model
 
 
-def _best_length(chances: np.ndarray, copied: int, shortest: int, costs: CostModel, verify: np.ndarray,
+def _best_length(chances: list[float], copied: int, shortest: int, costs: CostModel, verify: list[float],
                  behind: int = 1) -> tuple[int, float]:
     """The chain length from `shortest` to len(chances) with the most expected committed
     tokens per second, and that rate: its first `copied` tokens cost nothing to draft, the
     later ones the draft model's time (catching up on `behind` tokens first).
-    verify: t_verify(1), ..., t_verify(len(chances) + 1) at least."""
-    k = len(chances)
-    gain = np.empty(k + 1)  # gain[j] = 1 + E[accepted] of the first j tokens
-    gain[0] = 1.0
-    chances.cumprod(out=gain[1:])  # (the arrays' methods: numpy's functions add Python calls)
-    gain.cumsum(out=gain)
-    cost = verify[shortest:k + 1]
-    if k > copied:  # (the candidates that draft start after their copied tokens: shortest > copied)
-        cost = cost + costs.t_draft(np.arange(shortest - copied, k + 1 - copied), behind + copied)
-    if costs.state_copy:  # (t_rewind adds zeros where nothing is undone)
-        cost = cost + costs.t_rewind(chances)[shortest:]
-    rate = gain[shortest:] / cost
-    i = int(rate.argmax())
-    return shortest + i, float(rate[i])
+    verify: t_verify(1), ..., t_verify(len(chances) + 1) at least. (In plain floats: for
+    a round's few candidates, right after a decode, numpy's operations cost more.)"""
+    rewind = costs.t_rewind(np.array(chances)).tolist() if costs.state_copy else None
+    best, best_rate = shortest, -1.0
+    gain = reach = 1.0  # gain: 1 + E[accepted] of the first j tokens
+    for j in range(len(chances) + 1):
+        if j:
+            reach *= chances[j - 1]
+            gain += reach
+        if j < shortest:
+            continue
+        cost = verify[j] + costs.t_draft(j - copied, behind + copied)
+        if rewind is not None:
+            cost += rewind[j]
+        if gain / cost > best_rate:
+            best, best_rate = j, gain / cost
+    return best, best_rate
 
 
 def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | None,
@@ -513,10 +516,10 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
     lookup: conditional chances of the copied chain's tokens (its length is what lookup
     offers). The draft model may draft alone or continue after the whole copied chain;
     it has not seen the last `behind` committed tokens (1: only the last one)."""
-    copied = lookup[:budget]
-    if model is None and not len(copied):  # plain decoding is the only plan
+    copied = lookup[:budget].tolist()
+    if model is None and not copied:  # plain decoding is the only plan
         return Plan(), float(1 / costs.t_verify(1))
-    verify = costs.t_verify_upto((budget if model is not None else len(copied)) + 1)
+    verify = costs.t_verify_upto((budget if model is not None else len(copied)) + 1).tolist()
     n, rate = _best_length(copied, len(copied), 0, costs, verify)  # 0: plain decoding
     best = Plan(lookup=n)
     if model is None:
@@ -524,7 +527,7 @@ def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | Non
     for prefix in sorted({0, len(copied)}, reverse=True):  # ties: copy first
         if prefix == budget:
             continue
-        chances = np.concatenate([copied[:prefix], model.chances(budget - prefix)])
+        chances = copied[:prefix] + model.chances(budget - prefix).tolist()
         k, r = _best_length(chances, prefix, prefix + 1, costs, verify, behind)
         if r > rate:
             best, rate = Plan(lookup=prefix, model=k - prefix), r
