@@ -149,13 +149,13 @@ def test_eagle1_draft_reads_the_target_s_last_hidden_states(target_path, tmp_pat
     heads = load_eagle1(write_tiny_eagle1(tmp_path / "e1.gguf", target_path), target_path)
     with Model(target_path, CFG) as model, Context(model, CFG, embeddings=True) as batch, \
             Context(model, CFG, embeddings=True) as single:
-        batch.decode(tokens[:n], list(range(n)), None, np.zeros(n))
+        batch.decode(tokens[:n], list(range(n)), None, np.zeros(n, dtype=np.int8))
         drafter = EagleDrafter(batch, CostModel(), NumpyPath(heads, 64), 16)
         drafter.prepare(tokens)  # the rows before the pending token: all n
         (positions, features), = drafter._pending
         want = []
         for p in range(n):
-            single.decode(tokens[p:p + 1], [p], None, np.zeros(1))
+            single.decode(tokens[p:p + 1], [p], None, np.zeros(1, dtype=np.int8))
             want.append(single.hidden(1)[0].copy())
     np.testing.assert_array_equal(positions, np.arange(n))
     np.testing.assert_allclose(features, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
