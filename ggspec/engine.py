@@ -43,8 +43,9 @@ MEDUSA_MAX_NODES = 32  # largest head tree; the controller usually picks far few
 
 
 class Piece(str):
-    """A piece of streamed text; from_draft tells that it came from an accepted draft token
-    (the target verified it) rather than from the target's own choice."""
+    """A piece of streamed text; from_draft tells that it came from accepted draft tokens
+    (the target verified them: a round's accepted drafts stream as one piece) rather than
+    from the target's own choice."""
 
     from_draft: bool
 
