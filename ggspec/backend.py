@@ -534,8 +534,7 @@ class Context(_Owner):
             return np.empty((0, self.n_vocab), dtype=np.float32)
         if self.embeddings and n_out < n:  # llama.cpp then outputs every row: pick (a copy)
             return self._logits_view(address, n)[np.array(self._out[:n]) != 0]
-        view = self._views.get((address, n_out))
-        return self._logits_view(address, n_out) if view is None else view
+        return self._logits_view(address, n_out)
 
     def _logits_view(self, address: int, rows: int) -> np.ndarray:
         """A (rows, n_vocab) view of llama.cpp's logits buffer, made once per buffer

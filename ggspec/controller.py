@@ -244,8 +244,8 @@ class Overlap:
 
     def set_state(self, state: dict) -> None:
         """Take the estimates of state(); ValueError when they do not fit."""
-        self.seconds, self.tokens, self.rounds = (estimates(state[k], (2,)).tolist() for k in ("seconds", "tokens", "rounds"))
-        self.rounds = [int(n) for n in self.rounds]
+        self.seconds, self.tokens = (estimates(state[k], (2,)).tolist() for k in ("seconds", "tokens"))
+        self.rounds = [int(n) for n in estimates(state["rounds"], (2,))]
         self._last, self._streak, self._trial = bool(state["last"]), int(state["streak"]), int(state["trial"])
 
     def __eq__(self, other: object) -> bool:
@@ -504,8 +504,9 @@ def _best_length(chances: list[float], copied: int, shortest: int, costs: CostMo
         cost = verify[j] + costs.t_draft(j - copied, behind + copied)
         if rewind is not None:
             cost += rewind[j]
-        if gain / cost > best_rate:
-            best, best_rate = j, gain / cost
+        rate = gain / cost
+        if rate > best_rate:
+            best, best_rate = j, rate
     return best, best_rate
 
 
