@@ -306,7 +306,7 @@ class AcceptanceModel:
 # plus KINDS_PER_AGREEMENT times its agreement (ggspec.drafters.lookup: ALONE, AGREE, DIFFER).
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
 # the recent hit rate: RECENT_EDGES likewise.
-MATCH_EDGES = np.array([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128])
+MATCH_EDGES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 RECENT_EDGES = (0.0, 0.25, 0.5, 0.75)
 RECENT_EMA = 1 / 8  # the recent hit rate weighs about the last eight outcomes
 # starting guesses by match length, replaced by measurements on this engine's answers
@@ -327,13 +327,12 @@ KIND_NAMES = [f"{line}, {sources}" for sources in ("one source", "others agree",
               for line in ("inside a line", "line end")]
 
 
-def copy_kinds(line_ends: np.ndarray, agreement: Sequence[int]) -> np.ndarray:
-    """The kinds of copied tokens (k,): line_ends (k,) bool, agreement (k,) as
-    Match.agreement."""
-    kinds = line_ends.astype(np.intp)
-    if any(agreement):  # (mostly there are no other sources: no conversion of the list)
-        kinds += np.multiply(agreement, KINDS_PER_AGREEMENT)
-    return kinds
+def copy_kinds(line_ends: Sequence[bool], agreement: Sequence[int]) -> list[int]:
+    """The kinds of copied tokens: line_ends (k,) whether each ends a line, agreement (k,)
+    as Match.agreement."""
+    if any(agreement):  # (mostly there are no other sources)
+        return [int(end) + KINDS_PER_AGREEMENT * a for end, a in zip(line_ends, agreement, strict=True)]
+    return [int(end) for end in line_ends]
 
 
 def _kind_priors() -> np.ndarray:
@@ -362,60 +361,67 @@ class MatchAcceptance:
     PRIOR_WEIGHT = 2.0
     ANSWER_PRIOR = 4.0
     GUESS_WEIGHT = 1.0
-    _GUESSED = GUESS_WEIGHT * GUESSES  # (the guesses' share of every table, computed once)
+    _GUESSED = (GUESS_WEIGHT * GUESSES).tolist()  # (the guesses' share of every table, computed once)
     NEIGHBOUR = 0.5  # an outcome counts this much for the neighbouring length buckets too
+    _SHAPE = (2, len(RECENT_EDGES), *GUESSES.shape)
 
+    # The tables are nested lists, indexed [source in the prompt][recent bucket][kind][length
+    # bucket]: a round reads and updates a few of their entries, right after a decode,
+    # where a numpy index costs several times a list's.
     def __init__(self) -> None:
-        # (source in the prompt, recent bucket, kind, length bucket)
-        self.p = np.tile(GUESSES, (2, len(RECENT_EDGES), 1, 1))
-        self._seen = np.zeros_like(self.p)
+        self.p = np.broadcast_to(GUESSES, self._SHAPE).tolist()
+        self._seen = np.zeros(self._SHAPE).tolist()
         # this answer's outcomes; few in any one cell, so each also counts, at NEIGHBOUR
         # weight, for the match lengths on either side (the chance changes smoothly with them)
-        self.hits = np.zeros_like(self.p)
-        self.trials = np.zeros_like(self.p)
+        self.hits = np.zeros(self._SHAPE).tolist()
+        self.trials = np.zeros(self._SHAPE).tolist()
         self.recent = 0.5  # hit rate of the latest outcomes
         self.alternative = 0.5  # chance another source is right where the followed one is not
 
     def start(self) -> None:
         """A new answer."""
-        self.hits[:] = self.trials[:] = 0.0
+        self.hits, self.trials = np.zeros(self._SHAPE).tolist(), np.zeros(self._SHAPE).tolist()
 
     @staticmethod
-    def bucket(lengths: np.ndarray) -> np.ndarray:
-        return MATCH_EDGES.searchsorted(lengths, side="right") - 1
+    def bucket(length: int) -> int:
+        return bisect.bisect_right(MATCH_EDGES, length) - 1
 
     @property
     def row(self) -> int:
         return bisect.bisect_right(RECENT_EDGES, self.recent) - 1
 
-    def chances(self, match_len: int, kinds: np.ndarray, in_prompt: bool) -> np.ndarray:
-        """(k,): for a draft of k tokens copied after a match of match_len tokens;
-        kinds (k,): theirs (copy_kinds)."""
-        return self.chance_at(np.arange(match_len, match_len + len(kinds)), kinds, in_prompt)
+    def chances(self, match_len: int, kinds: Sequence[int], in_prompt: bool) -> list[float]:
+        """For a draft of len(kinds) tokens copied after a match of match_len tokens;
+        kinds: theirs (copy_kinds)."""
+        return self.chance_at(range(match_len, match_len + len(kinds)), kinds, in_prompt)
 
-    def chance_at(self, lengths: np.ndarray, kinds: np.ndarray, in_prompt: bool) -> np.ndarray:
-        """(k,): chances of copied tokens each after a match of lengths[i] tokens."""
-        at = (int(in_prompt), self.row)  # (kind, length bucket) tables
-        table = ((self.hits[at] + self.ANSWER_PRIOR * self.p[at] + self._GUESSED)
-                 / (self.trials[at] + (self.ANSWER_PRIOR + self.GUESS_WEIGHT)))
-        return np.minimum(table[kinds, self.bucket(lengths)], MAX_CHANCE)
+    def chance_at(self, lengths: Sequence[int], kinds: Sequence[int], in_prompt: bool) -> list[float]:
+        """Chances of copied tokens each after a match of lengths[i] tokens."""
+        source, row = int(in_prompt), self.row
+        p, hits, trials, guessed = self.p[source][row], self.hits[source][row], self.trials[source][row], self._GUESSED
+        weight = self.ANSWER_PRIOR + self.GUESS_WEIGHT
+        out = []
+        for length, kind in zip(lengths, kinds, strict=True):
+            b = self.bucket(length)
+            out.append(min((hits[kind][b] + self.ANSWER_PRIOR * p[kind][b] + guessed[kind][b])
+                           / (trials[kind][b] + weight), MAX_CHANCE))
+        return out
 
     def observe_alternative(self, right: bool) -> None:
         """Where the followed source was wrong and another source differed from it: was
         one of the others right?"""
         self.alternative += RECENT_EMA * (float(right) - self.alternative)
 
-    def observe(self, match_len: int, kinds: np.ndarray, hits: int, in_prompt: bool) -> None:
+    def observe(self, match_len: int, kinds: Sequence[int], hits: int, in_prompt: bool) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
         it proposed more, kinds being longer) a wrong one. kinds: those of the tokens it
         proposed (copy_kinds)."""
         source = int(in_prompt)
-        buckets = self.bucket(np.arange(match_len, match_len + len(kinds))).tolist()
-        for i, (kind, b) in enumerate(zip(kinds.tolist(), buckets)):  # (element by element: a few tokens)
+        for i, kind in enumerate(kinds):
             hit = float(i < hits)
-            at = (source, self.row, kind)
-            _learn(self.p[at], self._seen[at], b, hit, self.PRIOR_WEIGHT)
-            hits_at, trials_at = self.hits[at], self.trials[at]
+            b, row = self.bucket(match_len + i), self.row
+            _learn(self.p[source][row][kind], self._seen[source][row][kind], b, hit, self.PRIOR_WEIGHT)
+            hits_at, trials_at = self.hits[source][row][kind], self.trials[source][row][kind]
             for near in range(max(b - 1, 0), min(b + 2, len(MATCH_EDGES))):
                 hits_at[near] += self.NEIGHBOUR * hit
                 trials_at[near] += self.NEIGHBOUR
@@ -424,12 +430,13 @@ class MatchAcceptance:
             self.recent += RECENT_EMA * (hit - self.recent)
 
     def state(self) -> dict:
-        return {"p": self.p.tolist(), "seen": self._seen.tolist(), "hits": self.hits.tolist(),
-                "trials": self.trials.tolist(), "recent": self.recent, "alternative": self.alternative}
+        return {"p": np.array(self.p).tolist(), "seen": np.array(self._seen).tolist(),  # (copies)
+                "hits": np.array(self.hits).tolist(), "trials": np.array(self.trials).tolist(),
+                "recent": self.recent, "alternative": self.alternative}
 
     def set_state(self, state: dict) -> None:
         """Take the estimates of state(); ValueError when they do not fit."""
-        self.p, self._seen, self.hits, self.trials = (estimates(state[k], self.p.shape)
+        self.p, self._seen, self.hits, self.trials = (estimates(state[k], self._SHAPE).tolist()
                                                       for k in ("p", "seen", "hits", "trials"))
         self.recent, self.alternative = float(state["recent"]), float(state["alternative"])
 
@@ -462,12 +469,12 @@ class TokenRecord:
             record[0] += i < hits
             record[1] += 1
 
-    def cap(self, chances: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    def cap(self, chances: list[float], tokens: Sequence[int]) -> list[float]:
         """chances (k,) of copying tokens (k,), each lowered (in place) where its token's
         copies held less often than that chance: to (held + PRIOR * chance) / (tried + PRIOR)."""
         if self._record:
             get = self._record.get
-            for i, (token, chance) in enumerate(zip(tokens, chances.tolist())):
+            for i, (token, chance) in enumerate(zip(tokens, chances)):
                 record = get(token)
                 if record is not None and record[0] < record[1] * chance:  # held less often than `chance`
                     chances[i] = (record[0] + self.PRIOR * chance) / (record[1] + self.PRIOR)
@@ -510,14 +517,14 @@ def _best_length(chances: list[float], copied: int, shortest: int, costs: CostMo
     return best, best_rate
 
 
-def best_plan(costs: CostModel, lookup: np.ndarray, model: AcceptanceModel | None,
+def best_plan(costs: CostModel, lookup: Sequence[float], model: AcceptanceModel | None,
               budget: int, behind: int = 1) -> tuple[Plan, float]:
     """The plan with the most expected committed tokens per second, and that rate.
 
     lookup: conditional chances of the copied chain's tokens (its length is what lookup
     offers). The draft model may draft alone or continue after the whole copied chain;
     it has not seen the last `behind` committed tokens (1: only the last one)."""
-    copied = lookup[:budget].tolist()
+    copied = list(lookup[:budget])
     if model is None and not copied:  # plain decoding is the only plan
         return Plan(), float(1 / costs.t_verify(1))
     verify = costs.t_verify_upto((budget if model is not None else len(copied)) + 1).tolist()

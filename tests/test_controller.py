@@ -78,7 +78,7 @@ def test_a_larger_budget_never_lowers_the_expected_rate():
         assert np.all(np.diff(rates) >= -1e-12)
 
 
-def inside(k: int, agreement: int = ALONE) -> np.ndarray:
+def inside(k: int, agreement: int = ALONE) -> list[int]:
     """The kinds of k copied tokens, none of them a line break, all with that agreement."""
     return copy_kinds(np.zeros(k, dtype=bool), [agreement] * k)
 
@@ -89,7 +89,7 @@ def test_copy_acceptance_grows_with_the_match_length_it_learns():
         acc.observe(match_len=2, kinds=inside(1), hits=0, in_prompt=True)     # short matches: wrong
         acc.observe(match_len=20, kinds=inside(4), hits=4, in_prompt=True)   # long matches: right
     assert acc.chances(2, inside(1), True)[0] < 0.05
-    assert np.all(acc.chances(20, inside(4), True) > 0.95)
+    assert min(acc.chances(20, inside(4), True)) > 0.95
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
     np.testing.assert_array_equal(acc.chances(2, inside(3), True),
                                   [acc.chances(n, inside(1), True)[0] for n in (2, 3, 4)])
@@ -122,7 +122,7 @@ def test_copy_acceptance_learns_that_copies_end_where_lines_end():
     assert acc.chances(10, inside(1), True)[0] > 0.9
     assert acc.chances(17, line[-1:], True)[0] < 0.2
     across = acc.chances(10, line, True)
-    assert across[-1] < 0.2 and np.all(across[:-1] > 0.9)
+    assert across[-1] < 0.2 and min(across[:-1]) > 0.9
 
 
 def test_copy_acceptance_learns_where_the_other_sources_agree_and_where_one_differs():
@@ -140,7 +140,7 @@ def test_copy_acceptance_learns_where_the_other_sources_agree_and_where_one_diff
     assert acc.chances(3, inside(1, AGREE), True)[0] > 0.95
     mixed = copy_kinds(np.array([False, True, False]), [AGREE, ALONE, DIFFER])
     np.testing.assert_array_equal(acc.chances(3, mixed, True),
-                                  [acc.chances(n, inside(1, a) + e, True)[0]
+                                  [acc.chances(n, [inside(1, a)[0] + e], True)[0]
                                    for n, a, e in ((3, AGREE, 0), (4, ALONE, 1), (5, DIFFER, 0))])
 
 
@@ -160,10 +160,11 @@ def test_an_outcome_counts_for_its_match_length_and_half_for_each_neighbour_at_t
     acc.observe(match_len=1, kinds=inside(1), hits=1, in_prompt=True)       # the first bucket
     acc.observe(match_len=500, kinds=inside(1), hits=0, in_prompt=False)    # the last bucket
     row = acc.row
-    assert acc.trials[1, :, 0].sum() == acc.trials[0, :, 0].sum() == 1.5
-    np.testing.assert_array_equal(acc.hits[1].sum(axis=(0, 1))[:3], [1.0, 0.5, 0.0])
-    np.testing.assert_array_equal(acc.trials[0].sum(axis=(0, 1))[-3:], [0.0, 0.5, 1.0])
-    assert acc.hits[0].sum() == 0.0 and row == acc.row
+    hits, trials = np.array(acc.hits), np.array(acc.trials)
+    assert trials[1, :, 0].sum() == trials[0, :, 0].sum() == 1.5
+    np.testing.assert_array_equal(hits[1].sum(axis=(0, 1))[:3], [1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(trials[0].sum(axis=(0, 1))[-3:], [0.0, 0.5, 1.0])
+    assert hits[0].sum() == 0.0 and row == acc.row
 
 
 def test_a_token_whose_copies_keep_breaking_in_this_answer_is_no_longer_trusted():
@@ -174,12 +175,12 @@ def test_a_token_whose_copies_keep_breaking_in_this_answer_is_no_longer_trusted(
     record.observe([5, 6, 7], hits=2)  # 5 and 6 held, 7 broke
     for _ in range(3):
         record.observe([7], hits=0)    # and 7 broke again
-    np.testing.assert_allclose(record.cap(np.full(4, 0.9), [5, 6, 7, 8]), [0.9, 0.9, prior * 0.9 / (4 + prior), 0.9])
+    np.testing.assert_allclose(record.cap([0.9] * 4, [5, 6, 7, 8]), [0.9, 0.9, prior * 0.9 / (4 + prior), 0.9])
     record.observe([5], hits=0)        # 5: one held, one broke
-    assert record.cap(np.array([0.9]), [5])[0] == pytest.approx((1 + prior * 0.9) / (2 + prior))
-    assert record.cap(np.array([0.3]), [5])[0] == 0.3  # a record of 1 in 2 does not raise it
+    assert record.cap([0.9], [5])[0] == pytest.approx((1 + prior * 0.9) / (2 + prior))
+    assert record.cap([0.3], [5])[0] == 0.3  # a record of 1 in 2 does not raise it
     record.clear()
-    np.testing.assert_array_equal(record.cap(np.full(2, 0.9), [5, 7]), [0.9, 0.9])
+    np.testing.assert_array_equal(record.cap([0.9] * 2, [5, 7]), [0.9, 0.9])
 
 
 def test_auto_stops_its_copies_before_the_token_a_conversion_keeps_changing():
@@ -388,7 +389,7 @@ def test_earlier_answers_are_not_taken_as_certain():
     for _ in range(200):
         acc.observe(match_len=20, kinds=inside(1), hits=1, in_prompt=True)
     b = acc.bucket(20)
-    learnt, guess = acc.p[1, acc.row, 0, b], MATCH_PRIOR[b]
+    learnt, guess = acc.p[1][acc.row][0][b], MATCH_PRIOR[b]
     acc.start()
     first = acc.chances(20, inside(1), True)[0]
     w, g = MatchAcceptance.ANSWER_PRIOR, MatchAcceptance.GUESS_WEIGHT
@@ -410,7 +411,7 @@ def test_no_copy_is_priced_as_certain():
     acc.start()
     for _ in range(100):
         acc.observe(match_len=100, kinds=inside(16), hits=16, in_prompt=True)
-    assert acc.p[1, acc.row, 0, acc.bucket(100)] > 0.99  # what the table learnt
+    assert acc.p[1][acc.row][0][acc.bucket(100)] > 0.99  # what the table learnt
     chances = acc.chances(100, inside(31), True)
     np.testing.assert_array_equal(chances, np.full(31, MAX_CHANCE))
     assert np.cumprod(chances).sum() < 0.8 * 31

@@ -19,12 +19,12 @@ def _learn(engine: Engine) -> np.ndarray:
     """Answer a prompt that repeats itself with auto; the copy estimates it then holds."""
     prompt = random_prompt(3, 12) * 4
     engine.generate(prompt, max_tokens=24, sampling=GREEDY, spec=SpecConfig("auto"))
-    return engine.drafters["auto"].copy_acceptance.p.copy()
+    return np.array(engine.drafters["auto"].copy_acceptance.p)
 
 
 def test_a_new_engine_starts_from_what_the_last_one_learnt(target_path, draft_path, experience_store):
     with Engine(target_path, None, target_config=CFG) as first:
-        fresh = first.drafters["auto"].copy_acceptance.p.copy()
+        fresh = np.array(first.drafters["auto"].copy_acceptance.p)
         learnt = _learn(first)
     assert not np.allclose(fresh, learnt)
     with Engine(target_path, None, target_config=CFG) as second:
@@ -47,7 +47,7 @@ def test_plain_decoding_stores_nothing_and_remember_false_writes_nothing(target_
 
 def test_estimates_that_do_not_fit_are_ignored(target_path, experience_store):
     with Engine(target_path, None, target_config=CFG) as eng:
-        fresh = eng.drafters["auto"].copy_acceptance.p.copy()
+        fresh = np.array(eng.drafters["auto"].copy_acceptance.p)
         _learn(eng)
         key = eng.files_key
     data = json.loads(experience_store.read_text())

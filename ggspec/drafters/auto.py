@@ -36,7 +36,7 @@ class AutoDrafter:
                  line_ends: np.ndarray, heads: MedusaDrafter | EagleDrafter | None = None, max_paths: int = 1):
         self.costs = costs
         self.max_paths = max_paths  # > 1: copied candidates may form a tree of that many paths
-        self.line_ends = line_ends  # (n_vocab,) bool: which tokens hold a line break
+        self._line_ends = frozenset(np.flatnonzero(line_ends).tolist())  # the tokens that hold a line break
         self.lookup = lookup
         self.model = model
         self.heads = heads  # Medusa or EAGLE: a tree from the target's hidden states
@@ -68,7 +68,7 @@ class AutoDrafter:
         plan, rate = Plan(), 0.0
         tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
-            chances = np.zeros(0)
+            chances: list[float] = []
             if copy.tokens:
                 kinds = self._kinds(copy.tokens, copy.agreement)
                 chances = self.copied.cap(self.copy_acceptance.chances(copy.length, kinds, copy.in_prompt), copy.tokens)
@@ -130,8 +130,8 @@ class AutoDrafter:
         agreement = copy.agreement[:len(first)] + [
             DIFFER if len(candidates.children[parents[i] + 1]) > 1 else AGREE if weight[through[i]].sum() > 1 else ALONE
             for i in range(len(first), len(tokens))]
-        copied = self.copied.cap(self.copy_acceptance.chance_at(copy.length + candidates.depths - 1,
-                                                                self._kinds(tokens, agreement), copy.in_prompt), tokens)
+        copied = np.array(self.copied.cap(self.copy_acceptance.chance_at(
+            (copy.length + candidates.depths - 1).tolist(), self._kinds(tokens, agreement), copy.in_prompt), tokens))
         chances = copied.copy()
         for kids in candidates.children:
             if len(kids) > 1:
@@ -146,9 +146,10 @@ class AutoDrafter:
         plan = Plan(lookup=len(nodes), paths=len(tree.paths))
         return Draft([tokens[i] for i in nodes], tree=tree, plan=plan), rate
 
-    def _kinds(self, tokens: Sequence[int], agreement: Sequence[int]) -> np.ndarray:
+    def _kinds(self, tokens: Sequence[int], agreement: Sequence[int]) -> list[int]:
         """The kinds of copied `tokens` (copy_kinds)."""
-        return copy_kinds(self.line_ends[list(tokens)], agreement)  # (a list: never read as a multi-axis index)
+        ends = self._line_ends
+        return copy_kinds([t in ends for t in tokens], agreement)
 
     def _explore(self, tokens: Sequence[int]) -> Plan:
         """After many plain rounds, draft one draft-model token to re-measure its
