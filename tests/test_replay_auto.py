@@ -3,6 +3,8 @@ prompt and one that copies nothing, at a CPU-like curve."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,28 @@ def test_each_order_starts_from_the_starting_guesses():
     del data["new"]
     means = replay_auto.replay(data, 16, 2, orders=3)[1]
     assert means[0] > 1.3 and means == [means[0]] * 3
+
+
+def test_a_replay_can_start_from_stored_experience(tmp_path):
+    """--experience: each answer starts from the copy estimates an engine stored (the latest
+    entry), not the starting guesses; a file without them is refused with a message."""
+    data = recording()
+    del data["new"]
+    learnt = replay_auto.AutoDrafter(replay_auto.CostModel(np.array(data["_curve"])), replay_auto.LookupDrafter(),
+                                     None, np.zeros(data["_n_vocab"], dtype=bool))
+    for _ in range(5):  # copies of the prompt held, again and again
+        replay_auto.replay_answer(learnt, data["copy"], np.array(data["_curve"]), 16)
+    path = tmp_path / "experience.json"
+    old = {"copy_acceptance": replay_auto.MatchAcceptance().state()}
+    path.write_text(json.dumps({"a": {"saved": 1.0, "auto": old}, "b": {"saved": 2.0, "auto": learnt.state()}}))
+    start = replay_auto.stored_estimates(str(path))
+    assert start == learnt.copy_acceptance.state()
+    guessed = replay_auto.replay(data, 16, 1, fresh=True)[0]["copy"][0]
+    experienced = replay_auto.replay(data, 16, 1, fresh=True, start=start)[0]["copy"][0]
+    assert experienced > guessed
+    path.write_text(json.dumps({"a": {"saved": 1.0, "files": []}}))
+    with pytest.raises(SystemExit, match="holds no estimates"):
+        replay_auto.stored_estimates(str(path))
+    path.write_text(json.dumps({"a": {"saved": 1.0, "auto": {"copy_acceptance": {"p": [1.0]}}}}))
+    with pytest.raises(SystemExit, match="do not fit"):
+        replay_auto.stored_estimates(str(path))

@@ -6,6 +6,7 @@ a noise-free way to compare controller changes in seconds instead of benchmark m
     python tools/replay_auto.py replay answers.json -k 16      # auto's lookup plans, replayed
     python tools/replay_auto.py replay answers.json --fresh   # each as an engine's first answer
     python tools/replay_auto.py replay answers.json --orders 8  # in 8 random orders of the answers
+    python tools/replay_auto.py replay answers.json --experience ~/.cache/ggspec/experience.json
 
 At greedy the committed tokens do not depend on the drafts, so a replay commits the same
 answer and only its rounds differ: each round costs t(rows) from the calibration, and the
@@ -21,6 +22,11 @@ estimates can move single answers by a few percent through the order alone. `--o
 replays N times, each from the starting guesses and in its own random order of the
 answers (seeded): each answer's ratio is then its median over all of them, and the last
 line gives the mean of the N geometric means and their spread.
+
+`--experience FILE` starts each replay (each order, each `--fresh` answer) from the copy
+estimates an engine stored in FILE (an `experience.json`, its most recently saved entry)
+instead of the starting guesses: how a user's machine, with what it learnt from earlier
+answers, drafts these answers (a live run's losses can depend on that stored state).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 
 from ggspec import Engine, SamplingConfig, SpecConfig, calibration
 from ggspec.bench import WORKLOADS, Workload, _prompt_text, select_workloads
-from ggspec.controller import CostModel
+from ggspec.controller import CostModel, MatchAcceptance
 from ggspec.drafters import Draft
 from ggspec.drafters.auto import AutoDrafter
 from ggspec.drafters.lookup import LookupDrafter
@@ -76,10 +82,11 @@ def accepted_nodes(draft: Draft, truth: list[int]) -> list[int]:
     return nodes
 
 
-def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = False,
-           orders: int = 0, seed: int = 0) -> tuple[dict[str, tuple[float, float]], list[float]]:
+def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = False, orders: int = 0,
+           seed: int = 0, start: dict | None = None) -> tuple[dict[str, tuple[float, float]], list[float]]:
     """({workload: (auto's median ratio, known acceptance's)}, the geometric mean of every
-    answer's ratio in each run: one run in the recorded order, or `orders` in random ones)."""
+    answer's ratio in each run: one run in the recorded order, or `orders` in random ones).
+    start: copy estimates to start from (MatchAcceptance.state()), else the starting guesses."""
     curve = np.asarray(data["_curve"])
     if len(curve) < k + 1:
         raise SystemExit(f"Error: the recorded curve covers {len(curve)} rows; record with --rows {k + 1}")
@@ -89,13 +96,20 @@ def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = F
     ratios: dict[str, list[float]] = {n: [] for n in names}
     means = []
     shuffle = random.Random(seed)
-    for _ in range(max(orders, 1)):
+
+    def new_auto() -> AutoDrafter:
         auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
+        if start is not None:
+            auto.copy_acceptance.set_state(start)
+        return auto
+
+    for _ in range(max(orders, 1)):
+        auto = new_auto()
         logs = []
         for _ in range(repetitions):
             for name in shuffle.sample(names, len(names)) if orders else names:
-                if fresh:  # from the starting guesses, as an engine's first answer
-                    auto = AutoDrafter(CostModel(curve), LookupDrafter(), None, line_ends, max_paths=paths)
+                if fresh:  # from the starting guesses (or `start`), as an engine's first answer
+                    auto = new_auto()
                 ratio = replay_answer(auto, data[name], curve, k)
                 ratios[name].append(ratio)
                 logs.append(np.log(ratio))
@@ -136,6 +150,26 @@ def known(answer: dict, curve: np.ndarray, k: int) -> float:
     return float(len(out) * curve[0] / seconds)
 
 
+def stored_estimates(path: str) -> dict:
+    """The copy estimates of the most recently saved entry of an experience.json."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        entries = [e for e in stored.values() if isinstance(e, dict) and "auto" in e]
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"Error: cannot read {path} as an experience.json: {e}") from None
+    if not entries:
+        raise SystemExit(f"Error: {path} holds no estimates of `auto`; run `ggspec bench` or a generation "
+                         "with --method auto first")
+    try:
+        state = max(entries, key=lambda e: e.get("saved", 0))["auto"]["copy_acceptance"]
+        MatchAcceptance().set_state(state)  # (raises where they do not fit)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"Error: the latest estimates in {path} do not fit this version of ggspec ({e!r}); "
+                         "run `ggspec bench` to store new ones") from None
+    return state
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -158,6 +192,8 @@ def main() -> None:
     rep.add_argument("--orders", type=int, default=0,
                      help="replay this many times, each in a random order of the answers (seeded by --seed)")
     rep.add_argument("--seed", type=int, default=0, help="of the random orders")
+    rep.add_argument("--experience", metavar="FILE",
+                     help="start from the copy estimates stored in this experience.json (its latest entry)")
     args = ap.parse_args()
     if args.command == "record":
         try:  # every prompt file read before a model is loaded
@@ -176,10 +212,12 @@ def main() -> None:
         raise SystemExit(f"Error: --orders must be 0 or more, got {args.orders}")
     with open(args.path) as f:
         data = json.load(f)
+    start = stored_estimates(args.experience) if args.experience else None
     print("workload  auto   known acceptance")
     if args.curve:
         data["_curve"] = args.curve
-    ratios, means = replay(data, args.draft_max, args.repetitions, args.paths, args.fresh, args.orders, args.seed)
+    ratios, means = replay(data, args.draft_max, args.repetitions, args.paths, args.fresh, args.orders, args.seed,
+                           start)
     for name, (ratio, bound) in ratios.items():
         print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x")
     spread = f" (orders {min(means):.4f}-{max(means):.4f})" if args.orders else ""
