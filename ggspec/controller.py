@@ -257,7 +257,7 @@ class Overlap:
                 "async_tokens_per_second": round(rate[1], 2), "async_rounds": self.rounds[1]}
 
 
-def _learn(p: np.ndarray, n: np.ndarray, i: int, outcome: float, prior: float) -> None:
+def _learn(p: np.ndarray | list[float], n: np.ndarray | list[float], i: int, outcome: float, prior: float) -> None:
     """Move estimate p[i] toward outcome: a mean over the first observations (the prior
     counting as `prior` of them), an exponential moving average after that."""
     seen, value = float(n[i]) + 1, float(p[i])  # (as floats: one read and one write of each)
