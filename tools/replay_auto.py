@@ -3,6 +3,7 @@ a noise-free way to compare controller changes in seconds instead of benchmark m
 
     python tools/replay_auto.py record answers.json -n 192     # the target's greedy answers (once)
     python tools/replay_auto.py record held.json $(for f in tools/prompts/*.txt; do echo --prompt-file $f; done)
+    python tools/replay_auto.py record heldout.json $(for f in tools/prompts/heldout/*.txt; do echo --prompt-file $f; done)
     python tools/replay_auto.py replay answers.json -k 16      # auto's lookup plans, replayed
     python tools/replay_auto.py replay answers.json --fresh   # each as an engine's first answer
     python tools/replay_auto.py replay answers.json --orders 8  # in 8 random orders of the answers
@@ -27,6 +28,9 @@ line gives the mean of the N geometric means and their spread.
 estimates an engine stored in FILE (an `experience.json`, its most recently saved entry)
 instead of the starting guesses: how a user's machine, with what it learnt from earlier
 answers, drafts these answers (a live run's losses can depend on that stored state).
+
+`tools/prompts/heldout/` holds prompts that no change of the estimates was tried on:
+compare a change there too, after the replays it was developed on, before keeping it.
 """
 
 from __future__ import annotations
