@@ -331,8 +331,8 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         raise ValueError("no workload to run")
     texts = [_prompt_text(engine, w, chat, max_tokens) for w in workloads]
     prompts = [engine.tokenize(text) for text in texts]
-    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max, async_draft=v.async_draft)
-             for v in grid]
+    specs = [SpecConfig(v.method, draft_max=v.draft_max or engine.spec.draft_max, draft_p_min=engine.spec.draft_p_min,
+                        async_draft=v.async_draft) for v in grid]
     loaded = engine.threads
     for variant, spec in zip(grid, specs):
         engine.set_threads(*(variant.threads or loaded))

@@ -18,7 +18,8 @@ from .engine import Engine, Result, consume
 from .stats import Stats
 
 # what /set changes: SamplingConfig and SpecConfig fields that apply per answer, and max_tokens
-NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "ignore_eos", "method", "draft_max", "max_tokens")
+NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "ignore_eos", "method", "draft_max", "draft_p_min",
+         "max_tokens")
 ALIASES = {"t": "temperature", "temp": "temperature", "k": "draft_max", "n": "max_tokens"}
 
 
@@ -75,7 +76,7 @@ def _switch(text: str) -> bool:
 
 _EXAMPLES = {"temperature": "0.7", "top_k": "40", "top_p": "0.95", "min_p": "0.05", "seed": "42 or none",
              "ignore_eos": "on or off",
-             "draft_max": "4", "max_tokens": "512"}
+             "draft_max": "4", "draft_p_min": "0.75", "max_tokens": "512"}
 
 
 def available_methods(engine: Engine) -> list[str]:

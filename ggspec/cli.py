@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__, bench as benchmark, hub, machine
 from .backend import Model, check_vocab_compatible, default_threads, serve_rpc, set_verbose
 from .chat import NAMES, ChatSession, Settings, available_methods
-from .config import METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
+from .config import DRAFT_P_MIN, METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
 from .errors import GgspecError
@@ -143,6 +143,9 @@ _spec_options = _options(
     click.option("--async-draft/--no-async-draft", default=None,
                  help="Method draft: draft the next round while the target verifies (or never).  "
                  "[default: when measured faster]"),
+    click.option("--draft-p-min", type=click.FloatRange(0, 1, max_open=True),
+                 help="Method draft: stop drafting before a token the draft model gives less than this "
+                 f"probability (0: --draft-max tokens every round).  [default: {DRAFT_P_MIN}, as llama.cpp]"),
 )
 
 
@@ -166,8 +169,9 @@ def _sampling(opts: dict) -> SamplingConfig:
                           ignore_eos=opts.pop("ignore_eos"))
 
 
-def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
-    """An Engine from the model options (popped from opts)."""
+def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max, draft_p_min: float = _SPEC.draft_p_min) -> Engine:
+    """An Engine from the model options (popped from opts); its default SpecConfig has these
+    draft_max and draft_p_min."""
     if opts.pop("verbose"):
         set_verbose(True)
     n_ctx = opts.pop("ctx_size")
@@ -181,7 +185,7 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
     if opts.pop("no_draft"):
         draft = None
     engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
-                    spec=SpecConfig(draft_max=draft_max), heads=opts.pop("heads"),
+                    spec=SpecConfig(draft_max=draft_max, draft_p_min=draft_p_min), heads=opts.pop("heads"),
                     tree_shape=opts.pop("tree_shape"), tree_nodes=opts.pop("tree_nodes"),
                     eagle=opts.pop("eagle"), eagle_backend=opts.pop("eagle_backend"))
     if engine.n_ctx != n_ctx:
@@ -191,10 +195,10 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max) -> Engine:
 
 
 def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False,
-          async_draft: bool | None = None) -> SpecConfig:
-    """--method, -k and --async-draft for this engine. Without --method, the
-    configuration's default method, or none when it cannot run here (draft without a
-    draft model)."""
+          async_draft: bool | None = None, draft_p_min: float | None = None) -> SpecConfig:
+    """--method, -k, --async-draft and --draft-p-min (None: DRAFT_P_MIN) for this engine.
+    Without --method, the configuration's default method, or none when it cannot run here
+    (draft without a draft model)."""
     available = available_methods(engine)
     if method is None:
         method = _SPEC.method if _SPEC.method in available else "none"
@@ -204,10 +208,12 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
                 "eagle": "; pass an EAGLE-3 draft with --eagle"}.get(method, "")
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
-    if async_draft and method != "draft":
-        raise GgspecError(f"--async-draft applies to the draft model's rounds: use it with --method draft "
-                          f"(not {method})")
-    return SpecConfig(method, draft_max=draft_max, typical=typical, async_draft=async_draft)
+    for flag, given in (("--async-draft", async_draft), ("--draft-p-min", draft_p_min is not None)):
+        if given and method != "draft":
+            raise GgspecError(f"{flag} applies to the draft model's rounds: use it with --method draft "
+                              f"(not {method})")
+    return SpecConfig(method, draft_max=draft_max, typical=typical, async_draft=async_draft,
+                      draft_p_min=DRAFT_P_MIN if draft_p_min is None else draft_p_min)
 
 
 def _name(model) -> str | None:
@@ -228,8 +234,8 @@ def _name(model) -> str | None:
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stop", multiple=True, help="End the text at this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(prompt, prompt_file, method, draft_max, typical, async_draft, max_tokens, chat, system, stop, as_json,
-        **opts) -> None:
+def run(prompt, prompt_file, method, draft_max, typical, async_draft, draft_p_min, max_tokens, chat, system, stop,
+        as_json, **opts) -> None:
     """Generate one answer.
 
     The prompt is PROMPT, or -f FILE, or stdin (PROMPT '-', or none and stdin piped).
@@ -241,7 +247,7 @@ def run(prompt, prompt_file, method, draft_max, typical, async_draft, max_tokens
         raise click.UsageError("--system needs --chat")
     sampling = _sampling(opts)
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical, async_draft)
+        spec = _spec(engine, method, draft_max, typical, async_draft, draft_p_min)
         if chat and not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use --raw")
         messages = [{"role": "system", "content": system}] if system else []
@@ -252,7 +258,8 @@ def run(prompt, prompt_file, method, draft_max, typical, async_draft, max_tokens
                                      on_text=echo)
         if as_json:
             params = {"max_tokens": max_tokens, "stop": list(stop), "chat": chat, "system": system,
-                      **asdict(sampling), "draft_max": spec.draft_max, "ctx_size": engine.n_ctx}
+                      **asdict(sampling), "draft_max": spec.draft_max, "draft_p_min": spec.draft_p_min,
+                      "ctx_size": engine.n_ctx}
             click.echo(json.dumps(_run_json(engine, result, params), ensure_ascii=False))
             return
     click.echo()
@@ -293,7 +300,8 @@ def _read_prompt(prompt: str | None, prompt_file) -> str:
 @click.option("--system", help="System prompt.")
 @click.option("--show-drafts", is_flag=True, help="Colour the text that came from accepted draft tokens.")
 @click.option("--resume", metavar="FILE", help="Go on with a chat saved with /save (same models and context size).")
-def chat(method, draft_max, typical, async_draft, max_tokens, system, show_drafts, resume, **opts) -> None:
+def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, system, show_drafts, resume,
+         **opts) -> None:
     """Chat interactively, several turns.
 
     Each turn prefills only the new tokens: the KV caches keep the conversation. Type
@@ -305,7 +313,7 @@ def chat(method, draft_max, typical, async_draft, max_tokens, system, show_draft
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical, async_draft)
+        spec = _spec(engine, method, draft_max, typical, async_draft, draft_p_min)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
         settings = Settings(sampling, spec, max_tokens)
@@ -341,7 +349,8 @@ def chat(method, draft_max, typical, async_draft, max_tokens, system, show_draft
               help="Require Authorization: Bearer KEY on /v1 routes (or set GGSPEC_API_KEY).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most requests waiting for the engine; more get 429.")
-def serve(method, draft_max, typical, async_draft, max_tokens, host, port, api_key, max_queue, **opts) -> None:
+def serve(method, draft_max, typical, async_draft, draft_p_min, max_tokens, host, port, api_key, max_queue,
+          **opts) -> None:
     """Serve an OpenAI-compatible API and a chat page.
 
     POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models,
@@ -354,7 +363,7 @@ def serve(method, draft_max, typical, async_draft, max_tokens, host, port, api_k
     sampling = _sampling(opts)
     sock = listen(host, port)  # fail before loading the models
     with sock, _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical, async_draft)
+        spec = _spec(engine, method, draft_max, typical, async_draft, draft_p_min)
         app = create_app(engine, Settings(sampling, spec, max_tokens or engine.n_ctx), api_key=api_key,
                          max_queue=max_queue)
         bound = sock.getsockname()
@@ -403,6 +412,9 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
                    f"[default: {_SPEC.draft_max}]")
 @click.option("--async-draft/--no-async-draft", default=None,
               help="Method draft: draft ahead during verification, or never.  [default: when measured faster]")
+@click.option("--draft-p-min", type=click.FloatRange(0, 1, max_open=True), default=_SPEC.draft_p_min,
+              show_default=True, help="Method draft: stop drafting before a token the draft model gives less than "
+              "this probability (0: K tokens every round, as the lengths compared).")
 @click.option("--async-split", is_flag=True,
               help="Compare method draft drafting in turn on all threads with drafting ahead on the threads "
                    "split between target and draft (e.g. --threads 2: 2 synchronous vs 1 + 1 asynchronous).")
@@ -420,8 +432,8 @@ def _int_list(ctx, param, values) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw tok/s and acceptance by position (needs matplotlib).")
-def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy, repetitions, max_tokens, chat,
-          native_dir, native_modes, as_json, plot, **opts) -> None:
+def bench(names, prompt_file, methods, ks, async_draft, draft_p_min, async_split, allow_busy, repetitions, max_tokens,
+          chat, native_dir, native_modes, as_json, plot, **opts) -> None:
     """Compare methods and draft lengths.
 
     Workloads: code (write a function), edit (add type hints to a 60-line module: the
@@ -448,7 +460,7 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
         raise GgspecError(str(e)) from None
     k_max = max([*ks, *(k for _, own in methods for k in own)])
     layers = opts["gpu_layers"], opts["gpu_layers_draft"]
-    with _open_engine(opts, k_max) as engine:
+    with _open_engine(opts, k_max, draft_p_min) as engine:
         for m, _ in methods:
             _spec(engine, m, k_max)  # refuses a method these models cannot run
         if async_split:
@@ -461,6 +473,8 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
                 raise GgspecError(f"{e}; use --threads 2 or more") from None
         else:
             grid = benchmark.variants(methods or [(m, ()) for m in available_methods(engine)], ks, async_draft)
+        if draft_p_min and not any(v.method == "draft" for v in grid):
+            raise GgspecError("--draft-p-min applies to the draft model's rounds: add --method draft")
         try:
             native = None if native_dir is None else LlamaCpp(
                 native_dir, engine.target.path, engine.draft.path if engine.draft else None, threads, engine.n_ctx,
@@ -478,7 +492,8 @@ def bench(names, prompt_file, methods, ks, async_draft, async_split, allow_busy,
             rows = benchmark.run_grid(engine, workloads, grid, repetitions=repetitions, max_tokens=max_tokens,
                                       sampling=sampling, chat=chat, native=native, on_run=progress)
         target, draft = _name(engine.target), _name(engine.draft)
-    params = {"max_tokens": max_tokens, "repetitions": repetitions, "chat": chat, **asdict(sampling)}
+    params = {"max_tokens": max_tokens, "repetitions": repetitions, "chat": chat, **asdict(sampling),
+              "draft_p_min": draft_p_min}
     after = machine.state(0.2)
     if as_json:
         click.echo(json.dumps({"target": target, "draft": draft, "params": params,

@@ -54,14 +54,21 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+DRAFT_P_MIN = 0.75  # llama.cpp's default --draft-p-min: method draft's on the command line
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Which speculation method runs and how much it drafts.
 
     method: "auto" (the controller picks drafter and length each round from measured
     costs), "draft" (draft model), "lookup" (prompt lookup), "none" (plain decoding).
-    draft_max: most tokens drafted per round (K: fixed for draft / lookup, a cap for auto). draft_p_min: the draft model stops
-    drafting when its most likely next token has probability below this.
+    draft_max: most tokens drafted per round (K: fixed for draft / lookup, a cap for auto).
+    draft_p_min (method draft): the draft model stops before a token it gives less than
+    this probability (at temperature 0 its most likely token's, else the largest of the
+    distribution it draws from), as llama.cpp's --draft-p-min (DRAFT_P_MIN, the command
+    line's default); 0 drafts draft_max tokens every round. auto chooses the length of its
+    draft-model chains itself and does not stop them early.
     async_draft (method draft): the draft model drafts the next round while the target
     verifies this one; None lets the controller choose by measured speed, True / False
     force it on / off. Other methods ignore it.

@@ -180,7 +180,7 @@ class Engine:
                 check_vocab_compatible(self.target, self.draft)
                 draft_ctx = stack.enter_context(Context(self.draft, draft_config))
                 self._contexts.append(draft_ctx)
-                self.drafters["draft"] = ModelDrafter(draft_ctx, spec.draft_p_min, self.target.n_vocab)
+                self.drafters["draft"] = ModelDrafter(draft_ctx, self.target.n_vocab)
             if heads is not None:
                 self.drafters["medusa"] = MedusaDrafter(self.ctx, self.costs, load_heads(heads, self.target.path),
                                                         MEDUSA_MAX_NODES, tree_shape, tree_nodes)
@@ -364,6 +364,8 @@ class Engine:
     def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
              sampling: SamplingConfig, spec: SpecConfig, cancel: threading.Event) -> Iterator[str]:
         drafter = self.drafters.get(spec.method)
+        if "draft" in self.drafters:  # the confidence stop is method draft's: auto sizes its chains itself
+            self.drafters["draft"].p_min = spec.draft_p_min if spec.method == "draft" else 0.0
         stats = Stats(method=spec.method)
         # separate streams: the target's draws then do not depend on what was drafted, so
         # sample-and-match (lookup, auto with a seed) commits what plain sampling would

@@ -27,7 +27,7 @@ CHAT_HELP = '''\
 /system [TEXT]     set the system prompt; without TEXT, remove it
 /set [NAME VALUE]  change a setting; without NAME, show them. Names: temperature (t),
                    top_k, top_p, min_p, seed, ignore_eos (on/off), max_tokens (n),
-                   method, draft_max (k)
+                   method, draft_max (k), draft_p_min
 /save FILE         save the conversation, settings and KV caches to FILE
 /load FILE         go on with a conversation saved with /save (same models)
 /exit              leave (also Ctrl-D, or Ctrl-C at the prompt)

@@ -55,7 +55,7 @@ def test_settings_parse_values_by_field_type():
     ("method", "magic", "method must be one of"),
     ("max_tokens", "0", "max_tokens must be a positive integer"),
     ("colour", "red", "unknown setting 'colour'"),
-    ("draft_p_min", "0.5", "unknown setting 'draft_p_min'"),  # fixed when the engine loads
+    ("draft_p_min", "1.5", "draft_p_min must be in"),
 ])
 def test_settings_refuse_bad_values_with_a_readable_message(name, value, message):
     with pytest.raises(ValueError, match=message):

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, hub
 from ggspec.cli import cli
+from ggspec.config import DRAFT_P_MIN
 from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,8 @@ def test_stop_string_and_system_message(target_path):
 
 
 @pytest.mark.parametrize("case", ["missing file", "incompatible draft", "bad option", "bad value",
-                                  "unknown model", "draft method without draft", "empty prompt"])
+                                  "unknown model", "draft method without draft", "empty prompt",
+                                  "p-min of another method"])
 def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, target_path, mismatched):
     args, fragments = {
         "missing file": (["-m", tmp_path / "nope.gguf"], ["nope.gguf", "does not exist"]),
@@ -126,6 +128,7 @@ def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, tar
         "unknown model": (["-m", "no-such-model"], ["unknown model 'no-such-model'", "known models"]),
         "draft method without draft": (["-m", target_path, "--method", "draft"], ["draft", "-d/--draft"]),
         "empty prompt": (["-m", target_path, "-f", os.devnull], ["empty"]),
+        "p-min of another method": (["-m", target_path, "--draft-p-min", "0.5"], ["--draft-p-min", "--method draft"]),
     }[case]
     prompt = [] if case == "empty prompt" else ["hello"]
     assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)
@@ -193,6 +196,19 @@ def test_version_and_help_with_examples_through_python_m_ggspec():
     for verb in ("chat", "run", "bench", "pull", "models", "info"):
         assert f"  {verb} " in got.stdout
     assert invoke("--version").stdout.startswith("ggspec, version ")
+
+
+def test_method_draft_stops_at_llama_cpps_p_min_unless_told(target_path, draft_path):
+    """On the command line method draft stops before a token the draft is unsure of
+    (DRAFT_P_MIN, as llama.cpp's draft-simple); --draft-p-min 0 drafts K tokens every round."""
+    base = ["run", "-m", target_path, "-d", draft_path, *TINY, "--method", "draft", "-k", 4, "-t", 0, "-n", 30,
+            "--json", "hello world"]
+    default, fixed = (json.loads(invoke(*base, *extra).stdout) for extra in ([], ["--draft-p-min", 0]))
+    assert default["params"]["draft_p_min"] == DRAFT_P_MIN and fixed["params"]["draft_p_min"] == 0
+    assert default["tokens"] == fixed["tokens"]
+    rounds = fixed["stats"]["draft_rounds"]
+    assert fixed["stats"]["draft_tokens"] >= 4 * (rounds - 1) and rounds > 3  # (the last round's budget may be less)
+    assert default["stats"]["draft_tokens"] < fixed["stats"]["draft_tokens"]
 
 
 @pytest.mark.real

@@ -71,6 +71,48 @@ def test_other_methods_equal_plain_greedy_decoding(engine, target_path, method, 
         assert got.stats.draft_tokens > 0
 
 
+def test_draft_p_min_stops_the_chain_before_the_first_token_the_draft_is_unsure_of(draft_path):
+    """At temperature 0 a chain with draft_p_min is the fixed-K chain cut before its first
+    token whose probability under the draft (softmax at T = 1) is below p_min: checked
+    against the probabilities of a second context fed the same decodes."""
+    from ggspec.backend import Context, Model
+    from ggspec.drafters.model import ModelDrafter
+    p_min, k, cuts = 0.6, 8, []
+    with Model(draft_path) as draft, Context(draft, CFG) as ctx, Context(draft, CFG) as ref:
+        drafter = ModelDrafter(ctx)
+        for seed in range(12):
+            prompt = random_prompt(seed)
+            drafter.p_min = 0.0
+            full = drafter.propose(prompt, k, GREEDY, np.random.default_rng(0)).tokens
+            assert len(full) == k
+            ref.truncate(0)
+            logits = ref.eval(prompt, logits="last")[0]
+            tops = []
+            for token in full:
+                tops.append(1 / np.exp(logits.astype(np.float64) - logits.max()).sum())
+                logits = ref.eval([token], logits="last")[0]
+            drafter.p_min = p_min
+            cut = next((i for i, top in enumerate(tops) if top < p_min), k)
+            assert drafter.propose(prompt, k, GREEDY, np.random.default_rng(0)).tokens == full[:cut], seed
+            cuts.append(cut)
+    assert min(cuts) < k and max(cuts) > 0, cuts  # the threshold cut some chains, not all at once
+
+
+def test_draft_p_min_is_method_drafts_alone(engine, target_path):
+    """A draft_p_min keeps the greedy answer, drafts less than the fixed K, and applies
+    to method draft only: auto's draft-model chains are sized by its controller."""
+    prompt = random_prompt(21)
+    ref = greedy_reference(target_path, prompt, 40)
+    fixed = engine.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=4))
+    unsure = engine.generate(prompt, max_tokens=40, sampling=GREEDY,
+                             spec=SpecConfig("draft", draft_max=4, draft_p_min=0.9))
+    assert first_divergence(fixed.tokens, ref) is None and first_divergence(unsure.tokens, ref) is None
+    assert unsure.stats.draft_tokens < fixed.stats.draft_tokens
+    assert engine.drafters["draft"].p_min == 0.9
+    engine.generate(prompt, max_tokens=4, sampling=GREEDY, spec=SpecConfig("auto", draft_p_min=0.9))
+    assert engine.drafters["draft"].p_min == 0.0
+
+
 def test_draft_equal_to_target_accepts_every_draft_token(target_path):
     with Engine(target_path, target_path, target_config=CFG) as eng:
         got = eng.generate(random_prompt(1), max_tokens=50, sampling=GREEDY, spec=SpecConfig("draft", draft_max=5))

@@ -195,6 +195,7 @@ def test_models_and_health(server, client, engine):
     assert [m.id for m in models] == [Path(engine.target.path).stem]
     info = models[0].model_extra["ggspec"]
     assert info["methods"] == ["none", "lookup", "draft", "auto"] and info["method"] == "draft"
+    assert info["draft_max"] == 3 and info["draft_p_min"] == 0.0
     assert httpx.get(server.url + "/health").json() == {"status": "ok", "busy": False, "queued": 0}
 
 
@@ -237,6 +238,7 @@ def assert_error(response: httpx.Response, status: int, *fragments: str, param: 
     ({"messages": HELLO, "logprobs": True}, ["log probabilities"], "logprobs"),
     ({"messages": HELLO, "presence_penalty": 0.5}, ["penalties"], "presence_penalty"),
     ({"messages": HELLO, "method": "medusa"}, ["method 'medusa' is not available", "draft"], None),
+    ({"messages": HELLO, "draft_p_min": 1}, ["draft_p_min", "less than 1"], "draft_p_min"),
     ({"messages": [{"role": "user", "content": "hello " * 1200}]}, ["context", "--ctx-size"], None),
 ])
 def test_a_bad_request_gets_400_with_an_error_object(server, body, fragments, param):

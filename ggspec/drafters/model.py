@@ -67,9 +67,9 @@ class ModelDrafter:
 
     name = "draft"
 
-    def __init__(self, ctx: Context, p_min: float = 0.0, n_vocab: int | None = None):
+    def __init__(self, ctx: Context, n_vocab: int | None = None):
         self.ctx = ctx
-        self.p_min = p_min
+        self.p_min = 0.0  # stop before a token the draft gives less probability (set per generation)
         self.n_vocab = ctx.n_vocab if n_vocab is None else n_vocab
         self._ahead: _Ahead | None = None
         self.catch_up = (1, 0.0)  # the last chain's first decode: (rows, seconds)

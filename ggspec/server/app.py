@@ -81,6 +81,7 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
             "owned_by": "ggspec",
             "ggspec": {"target": str(engine.target.path), "draft": str(engine.draft.path) if engine.draft else None,
                        "methods": available_methods(engine), "method": spec.method, "draft_max": spec.draft_max,
+                       "draft_p_min": spec.draft_p_min,
                        "temperature": defaults.sampling.temperature,
                        "n_ctx": engine.n_ctx, "max_tokens": defaults.max_tokens},
         }]}
@@ -101,7 +102,8 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
         sampling = replace(defaults.sampling, **{
             k: v for k in ("temperature", "top_k", "top_p", "min_p", "seed", "ignore_eos")
             if (v := getattr(body, k)) is not None})
-        spec = replace(defaults.spec, **{k: v for k in ("method", "draft_max") if (v := getattr(body, k)) is not None})
+        spec = replace(defaults.spec, **{k: v for k in ("method", "draft_max", "draft_p_min")
+                                         if (v := getattr(body, k)) is not None})
         if spec.method not in available_methods(engine):
             raise GgspecError(f"method {spec.method!r} is not available on this server; "
                               f"available: {', '.join(available_methods(engine))}")

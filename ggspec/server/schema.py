@@ -72,7 +72,7 @@ class Message(_Strict):
 
 class GenerationRequest(_Strict):
     """What both endpoints take: sampling, length, stops, streaming, and ggspec's own
-    `method` and `draft_max` (the server's defaults where absent)."""
+    `method`, `draft_max` and `draft_p_min` (the server's defaults where absent)."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -89,6 +89,7 @@ class GenerationRequest(_Strict):
     user: str | None = None  # an end-user id for abuse tracking: accepted, unused
     method: Literal[METHODS] | None = None  # type: ignore[valid-type]
     draft_max: int | None = Field(None, ge=1, le=64)
+    draft_p_min: float | None = Field(None, ge=0, lt=1)
     # accepted only with the values that change nothing (see _UNSUPPORTED)
     n: int | None = None
     best_of: int | None = None
