@@ -314,6 +314,8 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
              sampling: SamplingConfig = SamplingConfig(temperature=0.0), chat: bool = True,
              native: LlamaCpp | None = None, on_run: OnRun | None = None) -> list[Row]:
     """Generate every workload with every variant `repetitions` times; one Row per pair.
+    Variants without their own K take engine.spec's draft_max, and method draft takes its
+    draft_p_min.
 
     Repetition r uses seed sampling.seed + r (when a seed is set). A short warm-up
     generation per variant runs first and is not counted. The `none` row of a workload
