@@ -172,6 +172,24 @@ def test_sampled_tokens_follow_the_target_distribution(engine, target_path, meth
     assert stats.draft_tokens > n / 2 if method != "none" else stats.draft_tokens == 0
 
 
+def test_sampled_tokens_follow_the_target_distribution_when_the_draft_stops_unsure(engine, target_path):
+    """With draft_p_min the draft stops by its own distribution q alone, before drawing
+    on: the tokens it keeps are still draws from q, as speculative sampling needs. Here its
+    first token is always confident enough and the second depends on the first."""
+    n = 20_000
+    prompt = random_prompt(9, 6)
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    exact = exact_first_two(target_path, prompt, 0.9, 0)
+    spec = SpecConfig("draft", draft_max=3, draft_p_min=0.35)
+    sample_first_two(engine, prompt, n, sampling, spec, exact, max_tokens=4)
+
+    def drafted(spec):
+        return sum(engine.generate(prompt, max_tokens=4, spec=spec, sampling=SamplingConfig(**sampling, seed=seed))
+                   .stats.draft_tokens for seed in range(500))
+
+    assert 0 < drafted(spec) < drafted(SpecConfig("draft", draft_max=3))  # it stopped some chains, not all
+
+
 def sample_first_two(engine, prompt, n, sampling: dict, spec, exact, *, seeded: bool = True,
                      max_tokens: int = 2) -> Stats:
     """Generate n times (seeds 0..n-1, or unseeded); check the first two outcomes'
