@@ -313,7 +313,8 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
     with _open_engine(opts, draft_max) as engine:
-        spec = _spec(engine, method, draft_max, typical, async_draft, draft_p_min)
+        # resumed, the saved method is the one --draft-p-min must apply to (checked once loaded)
+        spec = _spec(engine, method, draft_max, typical, async_draft, None if resume else draft_p_min)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
         settings = Settings(sampling, spec, max_tokens)
@@ -321,10 +322,14 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
         if resume is not None:
             session.load(resume)
             given = click.get_current_context().get_parameter_source
-            values = {**asdict(settings.sampling), **asdict(settings.spec), "max_tokens": max_tokens}
+            values = {**asdict(settings.sampling), **asdict(settings.spec), "max_tokens": max_tokens,
+                      "draft_p_min": draft_p_min}
             for name in NAMES:
                 if given(name) is ParameterSource.COMMANDLINE:
                     session.set(name, str(values[name]))
+            if draft_p_min is not None and session.settings.spec.method != "draft":
+                raise GgspecError(f"--draft-p-min applies to the draft model's rounds, and {resume} answers with "
+                                  f"method {session.settings.spec.method}: add --method draft")
             if given("system") is ParameterSource.COMMANDLINE:
                 session.system = system
             click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)

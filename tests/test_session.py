@@ -415,6 +415,19 @@ def test_options_given_with_resume_replace_the_saved_ones(target_path, draft_pat
     assert "ignore_eos True" in got.stderr
 
 
+def test_draft_p_min_given_with_resume_applies_to_the_saved_method(target_path, draft_path, tmp_path):
+    file = tmp_path / "c.ggs"
+    assert chat_cli(target_path, draft_path, f"hello world\n/save {file}\n", "-n", "4", "-t", "0").exit_code == 0
+    base = ["chat", "-m", target_path, "-d", draft_path, "--threads", "1", "-c", "1024", "--resume", str(file)]
+    got = CliRunner().invoke(cli, [*base, "--draft-p-min", "0.5"], input="/set\n")  # the saved method: draft
+    assert got.exit_code == 0, got.output
+    assert "method draft, draft_max 3, draft_p_min 0.5," in got.stderr
+    got = CliRunner().invoke(cli, [*base, "--method", "auto", "--draft-p-min", "0.5"], input="/set\n")
+    assert got.exit_code == 1 and got.stderr.count("\n") == 1
+    assert got.stderr.startswith("Error: --draft-p-min applies to the draft model's rounds")
+    assert "method auto" in got.stderr
+
+
 def test_resume_with_a_bad_file_is_one_error_line(target_path, draft_path, tmp_path, other_path):
     file = tmp_path / "c.ggs"
     assert chat_cli(target_path, draft_path, f"hello world\n/save {file}\n", "-n", "4").exit_code == 0
