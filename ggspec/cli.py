@@ -209,11 +209,17 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
     for flag, given in (("--async-draft", async_draft), ("--draft-p-min", draft_p_min is not None)):
-        if given and method != "draft":
-            raise GgspecError(f"{flag} applies to the draft model's rounds: use it with --method draft "
-                              f"(not {method})")
+        if given:
+            _draft_only(flag, method)
     return SpecConfig(method, draft_max=draft_max, typical=typical, async_draft=async_draft,
                       draft_p_min=DRAFT_P_MIN if draft_p_min is None else draft_p_min)
+
+
+def _draft_only(flag: str, method: str) -> None:
+    """Refuse an option of the draft model's rounds with another method."""
+    if method != "draft":
+        raise GgspecError(f"{flag} applies to the draft model's rounds, not to method {method}: "
+                          "use it with --method draft")
 
 
 def _name(model) -> str | None:
@@ -327,9 +333,8 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
             for name in NAMES:
                 if given(name) is ParameterSource.COMMANDLINE:
                     session.set(name, str(values[name]))
-            if draft_p_min is not None and session.settings.spec.method != "draft":
-                raise GgspecError(f"--draft-p-min applies to the draft model's rounds, and {resume} answers with "
-                                  f"method {session.settings.spec.method}: add --method draft")
+            if draft_p_min is not None:
+                _draft_only("--draft-p-min", session.settings.spec.method)
             if given("system") is ParameterSource.COMMANDLINE:
                 session.system = system
             click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)
