@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,9 +63,10 @@ def measured_sizes(rows: int) -> list[int]:
     return sorted({*range(1, min(rows, DENSE_ROWS) + 1), *range(DENSE_ROWS, rows + 1, STRIDE), rows})
 
 
-def measure(ctx: Context, rows: int) -> np.ndarray:
+def measure(ctx: Context, rows: int, stop: threading.Event | None = None) -> np.ndarray | None:
     """Seconds for one decode of b = 1..rows tokens after the cached ones: (rows,),
-    sizes between measured ones interpolated. Leaves the KV cache as it found it."""
+    sizes between measured ones interpolated; None if `stop` is set before the last
+    decode. Leaves the KV cache as it found it."""
     n = len(ctx.tokens)
     filler = ctx.tokens[-1:] or [0]
     ctx.checkpoint(rows, 0)  # a recurrent state is saved here, and restored by each truncate
@@ -73,6 +75,8 @@ def measure(ctx: Context, rows: int) -> np.ndarray:
     sizes = measured_sizes(rows)
     seconds = dict.fromkeys(sizes, np.inf)
     for b in [b for i in range(PASSES) for b in (sizes if i % 2 == 0 else sizes[::-1])]:
+        if stop is not None and stop.is_set():
+            return None
         t0 = time.perf_counter()
         ctx.eval(filler * b, logits="all")
         seconds[b] = min(seconds[b], time.perf_counter() - t0)
@@ -132,9 +136,10 @@ def store_correction(ctx: Context, correction: np.ndarray) -> None:
     hub.write_json(_store(), data, "the calibration")
 
 
-def verify_curve(ctx: Context, rows: int, *, progress: bool = True) -> np.ndarray:
+def verify_curve(ctx: Context, rows: int, *, progress: bool = True,
+                 stop: threading.Event | None = None) -> np.ndarray | None:
     """The verification cost curve of `ctx` for 1..rows rows: from the store, else measured
-    now (and stored)."""
+    now (and stored); None if `stop` is set before the measurement ends."""
     curve = cached_curve(ctx, rows)
     if curve is not None:
         return curve
@@ -142,7 +147,9 @@ def verify_curve(ctx: Context, rows: int, *, progress: bool = True) -> np.ndarra
         print(f"ggspec: measuring {ctx.model.path.name}'s verification cost for 1-{rows} rows "
               f"(once for this model, machine and settings)", file=sys.stderr)
     before = machine.snapshot()
-    curve = measure(ctx, rows)
+    curve = measure(ctx, rows, stop)
+    if curve is None:
+        return None
     busy = machine.busy_since(before)
     if busy:  # the shape is distorted: use it now, measure again next time
         print(f"ggspec: not saving the calibration: other processes were busy ({', '.join(busy)})",

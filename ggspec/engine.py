@@ -40,6 +40,7 @@ Prompt = str | Sequence[int] | Sequence[dict]
 REMEMBER_EVERY = 30.0  # seconds: what generations learn is stored at most this often (and at close)
 DEFAULT = "default"  # draft / heads: whatever the registry pairs with the target
 MEDUSA_MAX_NODES = 32  # largest head tree; the controller usually picks far fewer on a CPU
+CALIBRATED = ("auto", "medusa", "eagle")  # the methods that choose by the measured cost curve
 
 
 class Piece(str):
@@ -251,8 +252,9 @@ class Engine:
             self.costs.reset()
 
     def cancel(self) -> None:
-        """Ask the generation running now to stop after its current round (thread-safe, also
-        from a signal handler). Calls waiting for the engine are not affected."""
+        """Ask the generation running now to stop after its current round, or prepare() to
+        stop measuring (thread-safe, also from a signal handler). Calls waiting for the
+        engine are not affected."""
         running = self._running
         if running is not None:
             running.set()
@@ -347,18 +349,41 @@ class Engine:
                 "use a larger context size (--ctx-size) or a shorter prompt")
         if not wait and self._lock.locked():
             raise BusyError("the engine is already generating; wait for it or use another engine")
+        with self._holding(cancel):
+            if cancel.is_set():  # cancelled while it waited
+                return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
+            return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
+
+    def prepare(self, spec: SpecConfig | None = None) -> None:
+        """Measure now what the first generation with `spec` (the engine's default if None)
+        would otherwise measure before its first token: the verification cost curve and the
+        draft model's token cost, when the calibration store holds none for this machine
+        and these settings (ggspec.calibration). Call it while the application waits for
+        its user, from any thread: `ggspec chat` does while the first message is typed,
+        `ggspec serve` before its first request. A generation asked for meanwhile waits for
+        it; cancel() and close() stop it, and what it had measured is dropped. Methods
+        none, lookup and draft measure nothing."""
+        spec = spec or self.spec
+        if spec.method not in CALIBRATED:
+            return
+        cancel = threading.Event()
+        with self._holding(cancel):
+            self._calibrate(spec.draft_max + 1, progress=False, stop=cancel)
+
+    @contextmanager
+    def _holding(self, cancel: threading.Event) -> Iterator[None]:
+        """Hold the engine for one generation (or preparation) whose cancel handle is
+        `cancel`, waiting for the one running."""
         with self._lock:  # (not acquire(): an interrupt right after it would leave the lock held)
             try:
                 self._check_open()  # closed while this call waited
                 self._running, self._owner = cancel, threading.get_ident()
-                if cancel.is_set():  # cancelled while it waited
-                    return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
-                return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
+                yield
             finally:
                 if "draft" in self.drafters:
                     self.drafters["draft"].stop()  # no worker outlives its generation
                 self._running = self._owner = None
-                if self._closed:  # close() was called from the generating thread
+                if self._closed:  # close() was called from the holding thread
                     self._resources.close()
 
     def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
@@ -385,7 +410,7 @@ class Engine:
         self.ctx.eval(prompt[stats.cached_tokens:-1], logits="none")
         if drafter is not None:
             drafter.prepare(prompt)
-            if spec.method in ("auto", "medusa", "eagle"):
+            if spec.method in CALIBRATED:
                 self._calibrate(spec.draft_max + 1)
         stats.prefill_tokens = len(prompt) - stats.cached_tokens
         t1 = time.perf_counter()
@@ -495,20 +520,26 @@ class Engine:
         self.drafters["draft"].propose_ahead([*committed, *draft.tokens], budget, sampling, rng)
         return True
 
-    def _calibrate(self, rows: int) -> None:
+    def _calibrate(self, rows: int, progress: bool | None = None, stop: threading.Event | None = None) -> None:
         """Give the cost model a verification curve covering `rows` rows (and the largest
-        tree with heads), from the calibration store or measured now."""
+        tree with heads), from the calibration store or measured now (announced on stderr
+        with `progress`, the engine's setting if None); none if `stop` is set before the
+        measurement ends."""
         if self._tree_drafters():
             rows = max(rows, MEDUSA_MAX_NODES + 1)
         if self.costs.calibrated and self.costs.max_rows >= rows:
             return
         if len(self.ctx.tokens) + rows + 1 > self.n_ctx:
             return  # no room to measure: the controller drafts nothing until there is
+        progress = self._progress if progress is None else progress
         draft = self.drafters.get("draft")
-        draft_token = 0.0
+        draft_token = np.zeros(1)
         if draft is not None and len(draft.ctx.tokens) + 2 <= draft.ctx.n_ctx:
-            draft_token = float(calibration.verify_curve(draft.ctx, 1, progress=self._progress)[0])
-        self.costs.calibrate(calibration.verify_curve(self.ctx, rows, progress=self._progress), draft_token)
+            draft_token = calibration.verify_curve(draft.ctx, 1, progress=progress, stop=stop)
+        curve = calibration.verify_curve(self.ctx, rows, progress=progress, stop=stop)
+        if draft_token is None or curve is None:
+            return
+        self.costs.calibrate(curve, float(draft_token[0]))
         refined = calibration.stored_correction(self.ctx, rows) if self.remember else None
         if refined is not None:
             self.costs.correction = refined

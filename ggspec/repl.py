@@ -17,7 +17,8 @@ import click
 
 from .chat import ChatSession
 from .engine import Engine, Piece
-from .errors import GgspecError
+from .config import SpecConfig
+from .errors import EngineClosedError, GgspecError
 from .stats import footer, report
 
 CHAT_HELP = '''\
@@ -68,6 +69,7 @@ def repl(session: ChatSession, show_drafts: bool) -> None:
     k = f", k={spec.draft_max}" if spec.method != "none" else ""
     click.secho(f"ggspec chat: {engine.target.path.name}{draft} ({spec.method}{k}). "
                 "/help for commands, Ctrl-D to exit.", dim=True)
+    threading.Thread(target=_prepare, args=(engine, spec), name="ggspec-prepare", daemon=True).start()
     while True:
         try:
             line = _read_message()
@@ -85,6 +87,14 @@ def repl(session: ChatSession, show_drafts: bool) -> None:
         except (GgspecError, ValueError) as e:
             click.secho(f"Error: {e}", fg="red")
             continue
+
+
+def _prepare(engine: Engine, spec: SpecConfig) -> None:
+    """Measure what the first answer would measure first while its message is typed."""
+    try:
+        engine.prepare(spec)
+    except EngineClosedError:  # the chat ended first
+        pass
 
 
 def _read_message() -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,9 +30,9 @@ def measured(monkeypatch):
     calls = []
     real = calibration.measure
 
-    def counting(ctx, rows):
+    def counting(ctx, rows, stop=None):
         calls.append((ctx.model.path.name, rows))
-        return real(ctx, rows)
+        return real(ctx, rows, stop)
 
     monkeypatch.setattr(calibration, "measure", counting)
     return calls
@@ -203,3 +205,84 @@ def test_what_was_stored_for_model_files_that_are_gone_is_dropped(store, measure
     kept = json.loads(store.read_text())
     assert len(kept) == 2 and "older" in kept  # (entries stored before "files" was kept stay)
     assert [entry["files"] for key, entry in kept.items() if key != "older"] == [[str(os.path.realpath(target_path))]]
+
+
+def test_prepare_measures_what_the_first_generation_would_measure_first(store, measured, target_path, draft_path):
+    """Engine.prepare(), called while an application waits for its user, measures the
+    target's curve for the spec's draft_max and the draft model's token; the generation
+    after it measures nothing and starts from that curve."""
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, draft_path, target_config=cfg, progress=False) as eng:
+        eng.prepare(SpecConfig("auto", 6))
+        assert sorted(measured) == [("draft.gguf", 1), ("target.gguf", 7)]
+        assert eng.costs.calibrated and eng.costs.max_rows == 7 and eng.costs.draft_token > 0
+        curve = eng.costs.curve.copy()
+        eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto", 6))
+        assert len(measured) == 2
+        np.testing.assert_array_equal(eng.costs.curve, curve)
+    assert len(json.loads(store.read_text())) == 2
+
+
+@pytest.mark.parametrize("method", ["none", "lookup", "draft"])
+def test_prepare_measures_nothing_for_methods_that_do_not_choose_by_cost(store, measured, target_path, draft_path,
+                                                                          method):
+    from ggspec import Engine, SpecConfig
+    with Engine(target_path, draft_path, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False,
+                spec=SpecConfig(method)) as eng:
+        eng.prepare()
+        assert measured == [] and not eng.costs.calibrated and not store.exists()
+
+
+def slowed(monkeypatch, ctx, seconds, on_decode=lambda n: None):
+    """Every decode of `ctx` takes `seconds` more; on_decode(count) runs before each."""
+    real, count = ctx.eval, [0]
+
+    def slow_eval(tokens, logits="last"):
+        count[0] += 1
+        on_decode(count[0])
+        time.sleep(seconds)
+        return real(tokens, logits=logits)
+
+    monkeypatch.setattr(ctx, "eval", slow_eval)
+
+
+def test_cancel_stops_prepare_and_keeps_nothing_it_measured(store, measured, target_path, monkeypatch):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        slowed(monkeypatch, eng.ctx, 0.0, lambda n: eng.cancel() if n == 4 else None)
+        eng.prepare(SpecConfig("auto", 4))
+        assert measured == [("target.gguf", 5)]  # begun, then stopped
+        assert not eng.costs.calibrated and not store.exists() and eng.ctx.tokens == []
+        result = eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0),
+                              spec=SpecConfig("auto", 4))
+        assert len(result.tokens) == 3 and len(measured) == 2 and eng.costs.calibrated  # measured then
+    assert len(json.loads(store.read_text())) == 1
+
+
+def test_close_from_another_thread_stops_prepare_at_once(store, target_path, monkeypatch):
+    """A chat left during its first measurement: close() waits for one decode, not for
+    the whole measurement, and the preparing thread ends without an error."""
+    from ggspec import Engine, SpecConfig
+    from ggspec.errors import EngineClosedError
+    eng = Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False)
+    started, errors = threading.Event(), []
+    slowed(monkeypatch, eng.ctx, 0.05, lambda n: started.set())
+
+    def prepare():
+        try:
+            eng.prepare(SpecConfig("auto", 16))  # 35 decodes: 1.75 s at least
+        except Exception as e:  # noqa: BLE001  (the test reports it)
+            errors.append(e)
+
+    thread = threading.Thread(target=prepare)
+    thread.start()
+    assert started.wait(10)
+    t0 = time.monotonic()
+    eng.close()
+    waited = time.monotonic() - t0
+    thread.join(10)
+    assert not thread.is_alive() and errors == [] and waited < 1.0
+    assert not store.exists()
+    with pytest.raises(EngineClosedError):
+        eng.prepare(SpecConfig("auto"))

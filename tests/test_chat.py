@@ -3,6 +3,7 @@ through a pseudo-terminal (pexpect) and through a pipe."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -207,6 +208,22 @@ def test_chat_in_a_terminal_as_a_person_uses_it(target_path, draft_path):
     child.sendline("/bogus")
     child.expect("unknown command /bogus")
     child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+
+
+def test_chat_measures_the_verification_cost_while_the_first_message_is_typed(target_path, draft_path, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("GGSPEC_STATE", str(tmp_path))  # nothing measured yet
+    child = spawn_chat("--method", "auto", "-k", "5", target=target_path, draft=draft_path)
+    child.expect_exact(">>> ")
+    store, deadline = tmp_path / "calibration.json", time.monotonic() + 30
+    while not (store.exists() and len(json.loads(store.read_text())) == 2):  # the target's and the draft's
+        assert time.monotonic() < deadline, "nothing measured while the prompt waited"
+        time.sleep(0.05)
+    assert sorted(len(e["seconds"]) for e in json.loads(store.read_text()).values()) == [1, 6]
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.wait()

@@ -376,6 +376,30 @@ def test_a_full_queue_answers_429_with_retry_after(engine):
             held.close()
 
 
+def until_calibrated(state: Path, names: set[str], seconds: float = 30) -> dict:
+    """The calibration store of `state` once it holds entries for these model files."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        path = state / "calibration.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if {entry["model"] for entry in data.values()} >= names:
+            return data
+        time.sleep(0.05)
+    raise AssertionError(f"nothing measured for {names} in {seconds} s")
+
+
+def test_the_server_measures_the_verification_cost_before_its_first_request(target_path, draft_path, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("GGSPEC_STATE", str(tmp_path))  # nothing measured yet
+    defaults = Settings(SamplingConfig(), SpecConfig("auto", draft_max=5), max_tokens=8)
+    with Engine(target_path, draft_path, target_config=CFG, progress=False) as e, \
+            LiveServer(create_app(e, defaults)) as server:
+        data = until_calibrated(tmp_path, {"target.gguf", "draft.gguf"})  # no request yet
+        assert {len(entry["seconds"]) for entry in data.values()} == {6, 1}
+        answer = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60).json()
+        assert answer["usage"]["completion_tokens"] >= 1 and answer["ggspec"]["method"] == "auto"
+
+
 def test_a_client_that_disconnects_mid_stream_frees_the_engine(server):
     long = {"messages": HELLO, "max_tokens": 900, "temperature": 0}
     full = httpx.post(server.url + "/v1/chat/completions", json=long, timeout=120).json()

@@ -41,7 +41,7 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
                max_body: int = MAX_BODY) -> FastAPI:
     """The server for `engine`. `defaults` fill what a request leaves out; with `api_key`,
     every /v1 route needs `Authorization: Bearer <api_key>`."""
-    worker = Worker(engine, max_queue)
+    worker = Worker(engine, max_queue, defaults.spec)
     metrics = Metrics(worker)
     model = engine.target.path.stem
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from ..chat import Settings
+from ..config import SpecConfig
 from ..engine import Engine, Prompt, Result
 from ..errors import GgspecError
 from ..stats import Stats
@@ -78,12 +79,14 @@ class Totals:
 
 
 class Worker:
-    """Runs jobs on `engine`, one at a time, at most `max_queue` waiting."""
+    """Runs jobs on `engine`, one at a time, at most `max_queue` waiting; before the first,
+    measures what generations with `spec` need (Engine.prepare)."""
 
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int, spec: SpecConfig | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.engine = engine
+        self._prepare = spec
         self._current: Job | None = None  # the job generating now
         self._totals = Totals()
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
@@ -114,6 +117,7 @@ class Worker:
         current = self._current
         if current is not None:
             current.cancelled.set()
+        self.engine.cancel()  # (also a measurement before the first job)
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -135,6 +139,10 @@ class Worker:
                 raise QueueFull(max(1, math.ceil(wait))) from None
 
     def _serve(self) -> None:
+        try:  # what the first request would measure first, before it comes
+            self.engine.prepare(self._prepare)
+        except Exception:  # (that request measures it then)
+            log.exception("measuring the verification cost before the first request failed")
         while (job := self._queue.get()) is not None:
             if job.cancelled.is_set():
                 continue
