@@ -422,7 +422,7 @@ class Engine:
         finish = ""
         self.costs.overlap.start()
         while not finish:
-            if len(committed) >= n_ctx:
+            if len(committed) > n_ctx:  # the cache is full: n_ctx tokens and the pending one
                 finish = "length"
                 break
             # propose
@@ -445,8 +445,6 @@ class Engine:
             stats.draft_seconds += tb - ta
             stats.verify_seconds += tc - tb
             accepted = list(map(draft.tokens.__getitem__, verdict.nodes))
-            depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
-            stats.record_round(len(draft.tokens), len(accepted), depth)
             stats.ahead_rounds += ahead
             stats.ahead_drafts += draft.plan is AHEAD
             if spec.method == "draft":
@@ -462,7 +460,11 @@ class Engine:
                 self.ctx.keep_path(draft.tree.path_with(list(verdict.nodes)), accepted)
             committed += accepted
             committed.append(verdict.token)
+            n_out = len(generated)
             finish = self._take(accepted, True, generated, text, out, max_tokens) if accepted else ""
+            depth = int(draft.tree.depths.max()) if draft.tree is not None and draft.tokens else len(draft.tokens)
+            # counted: the accepted drafts that reached the output (not those past its end)
+            stats.record_round(len(draft.tokens), len(generated) - n_out, depth)
             finish = finish or self._take([verdict.token], False, generated, text, out, max_tokens)
             while out:
                 emitted.append(out.pop(0))

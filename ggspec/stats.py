@@ -38,7 +38,8 @@ class Stats:
 
     def record_round(self, proposed: int, accepted: int, depth: int) -> None:
         """A round drafted `proposed` tokens reaching `depth` positions ahead (a chain:
-        depth == proposed; a tree: its height) and the target accepted `accepted`."""
+        depth == proposed; a tree: its height), of which the target accepted `accepted`
+        that reached the output (none past an end of generation or a stop string)."""
         self.rounds += 1
         self.draft_tokens += proposed
         self.accepted_tokens += accepted

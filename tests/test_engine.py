@@ -261,6 +261,9 @@ def test_end_of_generation_token_stops(eog_model, target_path):
         got = eng.generate(prompt, max_tokens=40, sampling=GREEDY, spec=SpecConfig("draft", draft_max=4))
     assert got.finish_reason == "stop"
     assert got.tokens == ref.tokens[:first + 1]
+    # every draft is accepted (the draft model is the target), but drafts past the end are not output
+    stats = got.stats
+    assert stats.accepted_tokens < len(got.tokens) and sum(stats.position_accepted) == stats.accepted_tokens
 
 
 @pytest.mark.parametrize("method", ["none", "lookup", "draft", "auto"])
@@ -355,6 +358,25 @@ def test_reaching_the_context_end_finishes_with_length(target_path, draft_path):
         got = eng.generate(prompt, max_tokens=100, sampling=GREEDY)
     assert got.finish_reason == "length"
     assert 0 < len(got.tokens) <= 256 - len(prompt) + 1
+
+
+@pytest.mark.parametrize("method", ["lookup", "draft", "auto"])
+def test_every_method_fills_the_context_as_plain_decoding_does(target_path, method):
+    """At the context's end every method stops where plain decoding does: with the cache
+    full (n_ctx tokens) and one more token drawn from its last row. The draft model is the
+    target itself, so method draft's drafts are accepted up to the last cell."""
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    prompt = random_prompt(16, 70)
+    prompt = prompt + prompt[1:] * 2  # (repeats itself: lookup and auto draft up to the end)
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    with Engine(target_path, target_path, target_config=cfg) as eng:
+        plain = eng.generate(prompt, max_tokens=100, sampling=greedy, spec=SpecConfig("none"))
+        eng.ctx.truncate(0)
+        got = eng.generate(prompt, max_tokens=100, sampling=greedy, spec=SpecConfig(method, draft_max=4))
+    assert len(plain.tokens) == 256 + 1 - len(prompt) and plain.finish_reason == "length"
+    assert got.tokens == plain.tokens and got.finish_reason == "length"
+    if method == "draft":
+        assert got.stats.accepted_tokens > 0
 
 
 def test_prompt_longer_than_the_context_names_both_numbers(target_path):
