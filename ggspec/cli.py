@@ -340,8 +340,8 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
             click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)
         if interactive:
             repl(session, show_drafts)
-        else:
-            piped(session)
+        elif not piped(session):
+            sys.exit(1)
 
 
 # ---------------------------------------------------------------- serve

@@ -18,7 +18,7 @@ import click
 from .chat import ChatSession
 from .engine import Engine, Piece
 from .config import SpecConfig
-from .errors import EngineClosedError, GgspecError
+from .errors import ContextOverflowError, EngineClosedError, GgspecError
 from .stats import footer, report
 
 CHAT_HELP = '''\
@@ -108,20 +108,28 @@ def _read_message() -> str:
     return text[:-3].strip()
 
 
-def piped(session: ChatSession) -> None:
-    """One user message (or /command) per line of stdin; only the answers go to stdout."""
+def piped(session: ChatSession) -> bool:
+    """One user message (or /command) per line of stdin; only the answers go to stdout.
+    A line that fails (a bad command, a conversation grown past the context) is reported
+    on stderr and the lines after it still run; False when one failed."""
     def say(text: str) -> None:  # stdout carries only the answers
         click.echo(text, err=True)
 
+    ok = True
     for line in sys.stdin:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
-            if not _command(session, line, say):
-                return
-            continue
-        _answer(session, line, False, say)
+        try:
+            if line.startswith("/"):
+                if not _command(session, line, say):
+                    break
+                continue
+            _answer(session, line, False, say)
+        except (GgspecError, ValueError) as e:
+            click.secho(f"Error: {e}", fg="red", err=True)
+            ok = False
+    return ok
 
 
 def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[str], None]) -> None:
@@ -134,6 +142,8 @@ def _answer(session: ChatSession, text: str, show_drafts: bool, say: Callable[[s
     try:
         with interrupt_cancels(session.engine):
             result = session.ask(text, on_text=show)
+    except ContextOverflowError as e:  # (no shorter prompt to give in a chat)
+        raise ContextOverflowError(f"{e}; /reset starts a new conversation") from None
     except KeyboardInterrupt:
         click.echo()
         say(click.style("[interrupted]", dim=True))

@@ -155,6 +155,26 @@ def test_piped_chat_prints_one_answer_per_line_and_runs_commands(target_path, dr
     assert "temperature 0.0" in got.stderr and "prefill" in got.stderr  # /set and /stats
 
 
+def test_piped_chat_reports_a_failing_line_and_goes_on(target_path, draft_path):
+    script = "/set bogus 1\nhello world\n/set temperature\n/help\nand the cat\n"
+    got = CliRunner().invoke(cli, ["chat", "-m", target_path, "-d", draft_path, "--threads", "1",
+                                   "-n", "4", "-t", "0"], input=script)
+    assert got.exit_code == 1
+    assert len(got.stdout.splitlines()) == 2  # both messages answered
+    errors = [line for line in got.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2 and "unknown setting 'bogus'" in errors[0] and "usage: /set" in errors[1]
+    assert "/reset" in got.stderr  # /help ran after them
+
+
+def test_a_chat_whose_conversation_fills_the_context_points_to_reset(target_path, draft_path):
+    script = "hello world\nand the cat\n/reset\nhello\n"
+    got = CliRunner().invoke(cli, ["chat", "-m", target_path, "-d", draft_path, "--threads", "1", "-c", "256",
+                                   "-n", "300", "-t", "0", "--ignore-eos"], input=script)
+    assert got.exit_code == 1 and len(got.stdout.splitlines()) == 2  # the first and the last message
+    (error,) = [line for line in got.stderr.splitlines() if line.startswith("Error: ")]
+    assert "context holds 256" in error and "/reset starts a new conversation" in error
+
+
 def spawn_chat(*args: str, target: str, draft: str) -> pexpect.spawn:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, ["-m", "ggspec", "chat", "-m", target, "-d", draft,
