@@ -208,18 +208,18 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
                 "eagle": "; pass an EAGLE-3 draft with --eagle"}.get(method, "")
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
-    for flag, given in (("--async-draft", async_draft), ("--draft-p-min", draft_p_min is not None)):
-        if given:
-            _draft_only(flag, method)
+    _draft_only(method, async_draft, draft_p_min)
     return SpecConfig(method, draft_max=draft_max, typical=typical, async_draft=async_draft,
                       draft_p_min=DRAFT_P_MIN if draft_p_min is None else draft_p_min)
 
 
-def _draft_only(flag: str, method: str) -> None:
-    """Refuse an option of the draft model's rounds with another method."""
-    if method != "draft":
-        raise GgspecError(f"{flag} applies to the draft model's rounds, not to method {method}: "
-                          "use it with --method draft")
+def _draft_only(method: str, async_draft: bool | None, draft_p_min: float | None) -> None:
+    """Refuse --async-draft and --draft-p-min (given: True, a number) with another method
+    than draft: they apply to the draft model's rounds."""
+    for flag, given in (("--async-draft", async_draft), ("--draft-p-min", draft_p_min is not None)):
+        if given and method != "draft":
+            raise GgspecError(f"{flag} applies to the draft model's rounds, not to method {method}: "
+                              "use it with --method draft")
 
 
 def _name(model) -> str | None:
@@ -319,8 +319,10 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
     with _open_engine(opts, draft_max) as engine:
-        # resumed, the saved method is the one --draft-p-min must apply to (checked once loaded)
-        spec = _spec(engine, method, draft_max, typical, async_draft, None if resume else draft_p_min)
+        # resumed, the saved method is the one --async-draft and --draft-p-min must apply to
+        # (checked once loaded)
+        spec = _spec(engine, method, draft_max, typical, None if resume else async_draft,
+                     None if resume else draft_p_min)
         if not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use ggspec run --raw")
         settings = Settings(sampling, spec, max_tokens)
@@ -333,8 +335,10 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
             for name in NAMES:
                 if given(name) is ParameterSource.COMMANDLINE:
                     session.set(name, str(values[name]))
-            if draft_p_min is not None:
-                _draft_only("--draft-p-min", session.settings.spec.method)
+            switches = {name: value for name, value in (("typical", typical), ("async_draft", async_draft))
+                        if given(name) is ParameterSource.COMMANDLINE}  # (options /set does not take)
+            session.settings = replace(session.settings, spec=replace(session.settings.spec, **switches))
+            _draft_only(session.settings.spec.method, async_draft, draft_p_min)
             if given("system") is ParameterSource.COMMANDLINE:
                 session.system = system
             click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)

@@ -455,3 +455,18 @@ def test_real_pair_resumes_exactly_and_prefills_nothing_cached(tmp_path):
             assert after.tokens == went_on.tokens
             assert after.stats.cached_tokens == went_on.stats.cached_tokens > len(first_prompt)
             assert after.stats.prefill_tokens == went_on.stats.prefill_tokens
+
+
+def test_async_draft_given_with_resume_applies_to_the_saved_method_and_replaces_it(target_path, draft_path, tmp_path):
+    """Switches that /set does not take: --async-draft / --no-async-draft apply to the saved
+    method (draft here), and replace what was saved."""
+    file = tmp_path / "c.ggs"
+    saved = chat_cli(target_path, draft_path, f"hello world\n/save {file}\n", "-n", "8", "-t", "0", "--async-draft")
+    assert saved.exit_code == 0, saved.output
+    base = ["chat", "-m", target_path, "-d", draft_path, "--threads", "1", "-c", "1024", "--resume", str(file)]
+    for switch, ahead in (("--no-async-draft", False), ("--async-draft", True)):
+        got = CliRunner().invoke(cli, [*base, switch], input="and the cat\n/stats\n/save " + str(file) + "\n")
+        assert got.exit_code == 0, got.output
+        assert ("drafted ahead" in got.stderr.split("session")[0]) == ahead  # the last answer's stats
+    got = CliRunner().invoke(cli, [*base, "--method", "auto", "--async-draft"], input="/set\n")
+    assert got.exit_code == 1 and got.stderr.startswith("Error: --async-draft applies to the draft model's rounds")
