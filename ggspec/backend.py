@@ -30,6 +30,7 @@ import numpy as np
 from .config import BackendConfig
 from .errors import DecodeError, GgspecError, ModelFileError, SessionFileError, VocabMismatchError
 from .gguffile import check_model_file
+from .text import utf8
 from .tokens import C_SPACE, Marker, common_prefix, split_markers
 from .tree import Tree
 
@@ -250,7 +251,7 @@ class Model(_Owner):
         return llama_cpp.llama_vocab_get_text(self.vocab, token)
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        data = utf8(text)
         cap = len(data) + 8
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
@@ -291,7 +292,7 @@ class Model(_Owner):
         tmpl = llama_cpp.llama_model_chat_template(self.handle, None)
         if not tmpl:
             raise ValueError(f"{self.path.name} has no chat template; pass a raw prompt instead")
-        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        keep = [(utf8(m["role"], "a message's role"), utf8(m["content"], "a message")) for m in messages]
         chat = (llama_cpp.llama_chat_message * len(keep))(*[llama_cpp.llama_chat_message(r, c) for r, c in keep])
         cap = 2 * sum(len(r) + len(c) for r, c in keep) + 256
         for _ in range(2):

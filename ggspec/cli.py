@@ -32,6 +32,7 @@ from .heads.report import format_eagle_report, format_report
 from .native import MODES as NATIVE_MODES, LlamaCpp, check_dir
 from .repl import contents, interrupt_cancels, piped, repl
 from .stats import footer
+from .text import utf8
 from .tree import TREE_SHAPES
 
 _SAMPLING = SamplingConfig()
@@ -230,7 +231,8 @@ def _name(model) -> str | None:
 
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option("-f", "--file", "prompt_file", type=click.File(encoding="utf-8"), help="Read the prompt from FILE.")
+@click.option("-f", "--file", "prompt_file", type=click.File(encoding="utf-8", errors="surrogateescape"),
+              help="Read the prompt from FILE.")
 @_model_options
 @_spec_options
 @_sampling_options()
@@ -281,16 +283,20 @@ def _run_json(engine: Engine, result: Result, params: dict) -> dict:
 
 
 def _read_prompt(prompt: str | None, prompt_file) -> str:
+    """The prompt from PROMPT, -f FILE or stdin, checked to be UTF-8 text before any model
+    loads (bytes that are not come in as lone surrogates, as Python's arguments do)."""
     if prompt_file is not None:
         if prompt is not None:
             raise click.UsageError("give PROMPT or -f FILE, not both")
-        text = prompt_file.read()
+        text, what = prompt_file.read(), f"the prompt file {prompt_file.name}"
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
+        sys.stdin.reconfigure(errors="surrogateescape")
+        text, what = sys.stdin.read(), "the prompt on stdin"
     elif prompt is None:
         raise click.UsageError("no prompt: give PROMPT, -f FILE, or pipe text on stdin")
     else:
-        text = prompt
+        text, what = prompt, "the prompt"
+    utf8(text, what)
     if not text.strip():
         raise click.UsageError("the prompt is empty")
     return text

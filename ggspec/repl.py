@@ -116,6 +116,7 @@ def piped(session: ChatSession) -> bool:
         click.echo(text, err=True)
 
     ok = True
+    sys.stdin.reconfigure(errors="surrogateescape")  # (a line that is not UTF-8 is refused, not the rest)
     for line in sys.stdin:
         line = line.strip()
         if not line:

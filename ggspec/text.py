@@ -6,6 +6,18 @@ import codecs
 from typing import Sequence
 
 
+def utf8(text: str, what: str = "the text") -> bytes:
+    """`text` as UTF-8; ValueError naming `what` when it holds bytes that were not UTF-8
+    (Python keeps those of command-line arguments and stdin as lone surrogates)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        byte = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"character {char!r}"
+        raise ValueError(f"{what} is not UTF-8 text: {byte} at character {e.start}; "
+                         "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+
+
 class TextStream:
     """Turns the bytes of committed tokens into text pieces.
 

@@ -156,13 +156,14 @@ def test_piped_chat_prints_one_answer_per_line_and_runs_commands(target_path, dr
 
 
 def test_piped_chat_reports_a_failing_line_and_goes_on(target_path, draft_path):
-    script = "/set bogus 1\nhello world\n/set temperature\n/help\nand the cat\n"
+    script = b"/set bogus 1\nhello world\n/set temperature\ncaf\xe9\n/help\nand the cat\n"  # (Latin-1)
     got = CliRunner().invoke(cli, ["chat", "-m", target_path, "-d", draft_path, "--threads", "1",
                                    "-n", "4", "-t", "0"], input=script)
     assert got.exit_code == 1
     assert len(got.stdout.splitlines()) == 2  # both messages answered
     errors = [line for line in got.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 2 and "unknown setting 'bogus'" in errors[0] and "usage: /set" in errors[1]
+    assert len(errors) == 3 and "unknown setting 'bogus'" in errors[0] and "usage: /set" in errors[1]
+    assert "a message is not UTF-8 text: byte 0xe9 at character 3" in errors[2]
     assert "/reset" in got.stderr  # /help ran after them
 
 

@@ -134,6 +134,21 @@ def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, tar
     assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)
 
 
+@pytest.mark.parametrize("where", ["file", "stdin", "argument"])
+def test_a_prompt_that_is_not_utf8_is_refused_before_any_model_loads(where, tmp_path, monkeypatch):
+    """Bytes that are not UTF-8 (Latin-1 text, say) name where they came from; the model
+    does not exist, so a refusal after loading would say that instead."""
+    data = b"caf\xe9 au lait"
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(data)
+    prompt = data.decode("utf-8", "surrogateescape")  # (what Python makes of such an argument)
+    args, stdin, fragment = {"file": (["-f", bad], None, f"the prompt file {bad}"),
+                             "stdin": (["-"], data, "the prompt on stdin"),
+                             "argument": ([prompt], None, "the prompt")}[where]
+    got = CliRunner().invoke(cli, ["run", "-m", str(tmp_path / "none.gguf"), *map(str, args)], input=stdin)
+    assert_one_line_error(got, fragment, "is not UTF-8 text: byte 0xe9 at character 3")
+
+
 def test_a_prompt_longer_than_the_context_is_one_line(target_path):
     got = invoke("run", "-m", target_path, "--threads", 1, "-c", 256, "--raw", "hello " * 400)
     assert_one_line_error(got, "context", "--ctx-size")
