@@ -9,6 +9,7 @@ the second waits and reuses what the first verified. Progress goes to stderr, ne
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DownloadError, ModelFileError
+from .errors import DownloadError, GgspecError, ModelFileError
 
 REGISTRY_PATH = Path(__file__).parent / "models" / "registry.toml"
 
@@ -99,14 +100,22 @@ def default_heads(name: str, kind: str = "heads") -> Path | None:
 def cache_dir() -> Path:
     """Where pulled models live: $GGSPEC_CACHE if set, else ~/.cache/ggspec."""
     env = os.environ.get("GGSPEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ggspec"
+    return _directory(Path(env).expanduser() if env else Path.home() / ".cache" / "ggspec", "GGSPEC_CACHE")
 
 
 def state_dir() -> Path:
     """Where what ggspec measures and learns on this machine is kept (calibration.json,
     experience.json): $GGSPEC_STATE if set, else the cache directory."""
     env = os.environ.get("GGSPEC_STATE")
-    return Path(env).expanduser() if env else cache_dir()
+    return _directory(Path(env).expanduser(), "GGSPEC_STATE") if env else cache_dir()
+
+
+def _directory(path: Path, variable: str) -> Path:
+    """`path`, which may not exist yet; GgspecError if it is something else than a directory."""
+    if path.exists() and not path.is_dir():
+        raise GgspecError(f"{path} is not a directory: set ${variable} to a directory "
+                            "(ggspec keeps its files there)")
+    return path
 
 
 def read_json(path: Path) -> dict:
@@ -134,7 +143,8 @@ def write_json(path: Path, data: dict, what: str) -> None:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         print(f"ggspec: could not save {what} to {path}: {e}", file=sys.stderr)
 
 

@@ -332,3 +332,21 @@ def test_ggspec_processes_started_by_tests_keep_their_state_apart_from_the_users
     got = subprocess.run([sys.executable, "-c", "from ggspec import hub; print(hub.state_dir())"],
                          capture_output=True, text=True, check=True)
     assert Path(got.stdout.strip()) == state_dir != hub.cache_dir()
+
+
+@pytest.mark.parametrize("variable", ["GGSPEC_CACHE", "GGSPEC_STATE"])
+def test_a_cache_or_state_path_that_is_a_file_is_refused_by_name(variable, tmp_path, monkeypatch):
+    from ggspec.errors import GgspecError
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    monkeypatch.setenv(variable, str(a_file))
+    with pytest.raises(GgspecError, match=rf"{a_file} is not a directory: set \${variable} to a directory"):
+        {"GGSPEC_CACHE": hub.cache_dir, "GGSPEC_STATE": hub.state_dir}[variable]()
+
+
+def test_a_store_that_cannot_be_written_loses_only_itself(tmp_path, capsys):
+    """Its directory's path runs through a file: said on stderr, nothing raised."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    hub.write_json(a_file / "sub" / "calibration.json", {"a": 1}, "the calibration")
+    assert "could not save the calibration to" in capsys.readouterr().err
