@@ -23,9 +23,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
+import jinja2
 import llama_cpp
 import llama_cpp._ggml
 import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .config import BackendConfig
 from .errors import DecodeError, GgspecError, ModelFileError, SessionFileError, VocabMismatchError
@@ -207,6 +209,7 @@ class Model(_Owner):
         self._piece = ctypes.create_string_buffer(256)
         self._bytes: dict[int, bytes] = {}  # token_bytes, as tokens are first rendered
         self._markers: list[Marker] | None = None  # the control tokens, read on first use
+        self._templates: dict[bool, Jinja2ChatFormatter] = {}  # by add_generation_prompt, made on first use
 
     def _free(self) -> None:
         llama_cpp.llama_model_free(self._handle)
@@ -288,25 +291,28 @@ class Model(_Owner):
         return b"".join(self.pieces(tokens)).decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the template stored in the GGUF (llama.cpp's renderer)."""
-        tmpl = llama_cpp.llama_model_chat_template(self.handle, None)
-        if not tmpl:
-            raise ValueError(f"{self.path.name} has no chat template; pass a raw prompt instead")
-        keep = [(utf8(m["role"], "a message's role"), utf8(m["content"], "a message")) for m in messages]
-        chat = (llama_cpp.llama_chat_message * len(keep))(*[llama_cpp.llama_chat_message(r, c) for r, c in keep])
-        cap = 2 * sum(len(r) + len(c) for r, c in keep) + 256
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(cap)
-            n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(keep), add_generation_prompt, buf, cap)
-            if n < 0:
-                raise ValueError(
-                    f"llama.cpp does not support the chat template of {self.path.name}; "
-                    "pass a raw prompt instead"
-                )
-            if n <= cap:
-                return buf.raw[:n].decode("utf-8", "replace")
-            cap = n
-        raise RuntimeError("chat template output kept growing")
+        """Render chat messages with the Jinja chat template stored in the GGUF, as
+        Transformers and llama.cpp's --jinja do (llama-cpp-python's Jinja2ChatFormatter),
+        so that what the template adds by itself (Qwen's default system message) is there."""
+        for m in messages:
+            utf8(m["role"], "a message's role"), utf8(m["content"], "a message")
+        template = self._templates.get(add_generation_prompt)
+        if template is None:
+            source = llama_cpp.llama_model_chat_template(self.handle, None)
+            if not source:
+                raise ValueError(f"{self.path.name} has no chat template; pass a raw prompt instead")
+            eos, bos = (self.token_text(t).decode("utf-8", "replace") if t >= 0 else "" for t in (self.eos, self.bos))
+            try:
+                template = Jinja2ChatFormatter(source.decode("utf-8", "replace"), eos, bos, add_generation_prompt)
+            except jinja2.TemplateError as e:
+                raise ValueError(f"the chat template of {self.path.name} is not valid Jinja ({e}); "
+                                 "pass a raw prompt instead") from None
+            self._templates[add_generation_prompt] = template
+        try:
+            return template(messages=[dict(m) for m in messages]).prompt
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"the chat template of {self.path.name} cannot render these messages ({e}); "
+                             "pass a raw prompt instead") from None
 
     def tokenize_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Chat messages rendered with the model's template and tokenized so that only the
@@ -323,12 +329,14 @@ class Model(_Owner):
                                     bool(a & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
                                     bool(a & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
                              for t, a in attrs.items() if a & control]
-        tokens = [self.bos] if self.add_bos else []
+        tokens = []
         for piece in split_markers(text, self._markers, contents):
             if isinstance(piece, int):
                 tokens.append(piece)
             else:
                 tokens += self.tokenize(piece, add_special=False, parse_special=False)
+        if self.add_bos and tokens[:1] != [self.bos]:  # (templates that write bos_token have it already)
+            tokens.insert(0, self.bos)
         if llama_cpp.llama_vocab_get_add_eos(self.vocab):
             tokens.append(self.eos)
         return tokens

@@ -343,6 +343,44 @@ def test_a_template_that_trims_contents_is_followed(tmp_path):
         assert m.tokenize_chat(plain) == m.tokenize(m.apply_chat_template(plain), parse_special=True)
 
 
+def test_the_template_is_rendered_as_jinja_with_what_it_adds_itself(tmp_path):
+    """As Transformers renders it: a default system message the template writes when the
+    conversation has none (Qwen's does), and a template's own bos_token not doubled."""
+    from ggspec.backend import Model
+    qwen_like = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe kind.<|im_end|>\n"
+                 "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = write_tiny_llama(tmp_path / "qwenlike.gguf", chat_template=qwen_like)
+    with Model(path) as m:
+        bos = m.token_text(VOCAB.bos_id).decode()
+        user = [{"role": "user", "content": "hello"}]
+        assert m.apply_chat_template(user) == (f"{bos}<|im_start|>system\nBe kind.<|im_end|>\n"
+                                               "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+        assert m.apply_chat_template([{"role": "system", "content": "Be brief."}, *user],
+                                     add_generation_prompt=False).count("system\n") == 1
+        tokens = m.tokenize_chat(user)
+        assert tokens[:2] == [VOCAB.bos_id, VOCAB.im_start_id] and tokens.count(VOCAB.bos_id) == 1
+        assert "Be kind." in m.detokenize(tokens)
+
+
+@pytest.mark.parametrize("template, error", [("{% for m in messages %}", "is not valid Jinja"),
+                                             ("{{ raise_exception('only user turns') }}", "only user turns")])
+def test_a_template_that_cannot_render_is_one_clear_error(tmp_path, template, error):
+    from ggspec.backend import Model
+    with Model(write_tiny_llama(tmp_path / "bad.gguf", chat_template=template)) as m:
+        with pytest.raises(ValueError, match=f"{error}.*pass a raw prompt instead"):
+            m.tokenize_chat([{"role": "user", "content": "hello"}])
+
+
+@pytest.mark.real
+def test_real_template_renders_qwens_default_system_message():
+    from ggspec.backend import Model
+    with Model(hub.pull("qwen2.5-coder-1.5b")) as m:
+        assert m.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
 @pytest.mark.real
 def test_real_template_tokens_ordinary_and_injected():
     """On the real Qwen template: ordinary conversations tokenize as before; a message
