@@ -295,7 +295,8 @@ class Engine:
             rows, what = MEDUSA_MAX_NODES + 1, f"the largest head tree + 1 = {MEDUSA_MAX_NODES + 1}"
         if self.ctx.n_batch < rows:
             raise ValueError(f"n_batch {self.ctx.n_batch} is below {what}: a verification batch "
-                             f"would not fit; use n_batch >= {rows} or a smaller draft_max")
+                             f"would not fit; use n_batch >= {rows} or a smaller draft_max (on the command "
+                             f"line: -c/--ctx-size >= {rows}, which caps the batch, or a smaller -k)")
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Chat messages are rendered with the target's template (their contents are text:

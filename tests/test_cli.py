@@ -118,7 +118,7 @@ def test_stop_string_and_system_message(target_path):
 
 @pytest.mark.parametrize("case", ["missing file", "incompatible draft", "bad option", "bad value",
                                   "unknown model", "draft method without draft", "empty prompt",
-                                  "p-min of another method"])
+                                  "p-min of another method", "context below a verification batch"])
 def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, target_path, mismatched):
     args, fragments = {
         "missing file": (["-m", tmp_path / "nope.gguf"], ["nope.gguf", "does not exist"]),
@@ -129,6 +129,7 @@ def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, tar
         "draft method without draft": (["-m", target_path, "--method", "draft"], ["draft", "-d/--draft"]),
         "empty prompt": (["-m", target_path, "-f", os.devnull], ["empty"]),
         "p-min of another method": (["-m", target_path, "--draft-p-min", "0.5"], ["--draft-p-min", "--method draft"]),
+        "context below a verification batch": (["-m", target_path, "-c", "8", "-k", "8"], ["-c/--ctx-size >= 9", "-k"]),
     }[case]
     prompt = [] if case == "empty prompt" else ["hello"]
     assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)
