@@ -129,7 +129,7 @@ def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, tar
         "draft method without draft": (["-m", target_path, "--method", "draft"], ["draft", "-d/--draft"]),
         "empty prompt": (["-m", target_path, "-f", os.devnull], ["empty"]),
         "p-min of another method": (["-m", target_path, "--draft-p-min", "0.5"], ["--draft-p-min", "--method draft"]),
-        "context below a verification batch": (["-m", target_path, "-c", "8", "-k", "8"], ["-c/--ctx-size >= 9", "-k"]),
+        "context below a verification batch": (["-m", target_path, "-c", "16", "-k", "16"], ["-c/--ctx-size >= 17", "-k"]),
     }[case]
     prompt = [] if case == "empty prompt" else ["hello"]
     assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)
