@@ -294,8 +294,9 @@ class Model(_Owner):
         """Render chat messages with the Jinja chat template stored in the GGUF, as
         Transformers and llama.cpp's --jinja do (llama-cpp-python's Jinja2ChatFormatter),
         so that what the template adds by itself (Qwen's default system message) is there."""
-        for m in messages:
-            utf8(m["role"], "a message's role"), utf8(m["content"], "a message")
+        for m in messages:  # (text that is not UTF-8 is refused here, by name)
+            utf8(m["role"], "a message's role")
+            utf8(m["content"], "a message")
         template = self._templates.get(add_generation_prompt)
         if template is None:
             source = llama_cpp.llama_model_chat_template(self.handle, None)

@@ -18,7 +18,7 @@ import click
 from .chat import ChatSession
 from .engine import Engine, Piece
 from .config import SpecConfig
-from .errors import ContextOverflowError, EngineClosedError, GgspecError
+from .errors import ContextOverflowError, GgspecError
 from .stats import footer, report
 
 CHAT_HELP = '''\
@@ -93,7 +93,7 @@ def _prepare(engine: Engine, spec: SpecConfig) -> None:
     """Measure what the first answer would measure first while its message is typed."""
     try:
         engine.prepare(spec)
-    except EngineClosedError:  # the chat ended first
+    except GgspecError:  # the chat ended first (EngineClosedError), or the first answer will say what failed
         pass
 
 

@@ -376,26 +376,17 @@ def test_a_full_queue_answers_429_with_retry_after(engine):
             held.close()
 
 
-def until_calibrated(state: Path, names: set[str], seconds: float = 30) -> dict:
-    """The calibration store of `state` once it holds entries for these model files."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        path = state / "calibration.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        if {entry["model"] for entry in data.values()} >= names:
-            return data
-        time.sleep(0.05)
-    raise AssertionError(f"nothing measured for {names} in {seconds} s")
-
-
 def test_the_server_measures_the_verification_cost_before_its_first_request(target_path, draft_path, tmp_path,
                                                                             monkeypatch):
     monkeypatch.setenv("GGSPEC_STATE", str(tmp_path))  # nothing measured yet
     defaults = Settings(SamplingConfig(), SpecConfig("auto", draft_max=5), max_tokens=8)
     with Engine(target_path, draft_path, target_config=CFG, progress=False) as e, \
             LiveServer(create_app(e, defaults)) as server:
-        data = until_calibrated(tmp_path, {"target.gguf", "draft.gguf"})  # no request yet
-        assert {len(entry["seconds"]) for entry in data.values()} == {6, 1}
+        deadline = time.monotonic() + 30
+        while not e.costs.calibrated:  # no request yet
+            assert time.monotonic() < deadline, "nothing measured before the first request"
+            time.sleep(0.05)
+        assert e.costs.max_rows == 6 and e.costs.draft_token > 0
         answer = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60).json()
         assert answer["usage"]["completion_tokens"] >= 1 and answer["ggspec"]["method"] == "auto"
 

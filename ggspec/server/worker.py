@@ -86,7 +86,7 @@ class Worker:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.engine = engine
-        self._prepare = spec
+        self._spec = spec  # measured for before the first job
         self._current: Job | None = None  # the job generating now
         self._totals = Totals()
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
@@ -140,7 +140,7 @@ class Worker:
 
     def _serve(self) -> None:
         try:  # what the first request would measure first, before it comes
-            self.engine.prepare(self._prepare)
+            self.engine.prepare(self._spec)
         except Exception:  # (that request measures it then)
             log.exception("measuring the verification cost before the first request failed")
         while (job := self._queue.get()) is not None:
