@@ -380,6 +380,8 @@ def serve(method, draft_max, typical, async_draft, draft_p_min, max_tokens, host
     """
     from .server import create_app, listen, serve as run_server  # FastAPI loads only for this command
 
+    if api_key is not None and not api_key.strip():  # (--api-key "$KEY" with KEY unset)
+        raise click.BadParameter("the key is empty: give a key, or leave --api-key out", param_hint="--api-key")
     sampling = _sampling(opts)
     sock = listen(host, port)  # fail before loading the models
     with sock, _open_engine(opts, draft_max) as engine:

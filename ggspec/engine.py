@@ -307,7 +307,10 @@ class Engine:
             return self.target.tokenize(prompt)
         if prompt and isinstance(prompt[0], dict):
             return self.target.tokenize_chat(prompt)
-        return [int(t) for t in prompt]
+        tokens = [int(t) for t in prompt]
+        if bad := [t for t in tokens if not 0 <= t < self.target.n_vocab]:
+            raise ValueError(f"token id {bad[0]} is not in the target's vocabulary (ids 0 to {self.target.n_vocab - 1})")
+        return tokens
 
     def generate(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                  sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,

@@ -239,10 +239,28 @@ def assert_error(response: httpx.Response, status: int, *fragments: str, param: 
     ({"messages": HELLO, "presence_penalty": 0.5}, ["penalties"], "presence_penalty"),
     ({"messages": HELLO, "method": "medusa"}, ["method 'medusa' is not available", "draft"], None),
     ({"messages": HELLO, "draft_p_min": 1}, ["draft_p_min", "less than 1"], "draft_p_min"),
+    ({"messages": HELLO, "method": "lookup", "draft_p_min": 0.5}, ["draft_p_min applies", "method draft"], None),
+    ({"messages": HELLO, "max_tokens": 4, "max_completion_tokens": 4}, ["max_tokens or max_completion_tokens"],
+     None),
     ({"messages": [{"role": "user", "content": "hello " * 1200}]}, ["context", "--ctx-size"], None),
 ])
 def test_a_bad_request_gets_400_with_an_error_object(server, body, fragments, param):
     assert_error(post(server.url, body), 400, *fragments, param=param)
+
+
+def test_a_token_id_outside_the_vocabulary_gets_400_naming_it(server):
+    bad = {"prompt": [1, VOCAB.n_vocab], "max_tokens": 2}
+    assert_error(post(server.url, bad, "/v1/completions"), 400, f"token id {VOCAB.n_vocab} is not in",
+                 f"0 to {VOCAB.n_vocab - 1}")
+    assert post(server.url, {"prompt": [1, 5], "max_tokens": 2}, "/v1/completions").status_code == 200
+
+
+def test_serve_refuses_an_empty_api_key_and_a_host_that_does_not_resolve():
+    got = CliRunner().invoke(cli, ["serve", "--api-key", "", "-m", "none.gguf"])
+    assert got.exit_code == 2 and "--api-key" in got.stderr and "the key is empty" in got.stderr
+    got = CliRunner().invoke(cli, ["serve", "--host", "nonexistent.invalid", "--port", "0", "-m", "none.gguf"])
+    assert got.exit_code == 1 and "cannot listen on nonexistent.invalid:0: " in got.stderr
+    assert "Unknown error" not in got.stderr  # (the resolver's own words instead)
 
 
 def test_harmless_defaults_of_unsupported_parameters_are_accepted(server):

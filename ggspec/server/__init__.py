@@ -24,8 +24,8 @@ def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family)
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
+    except OSError as e:  # (a name that does not resolve has getaddrinfo's negative errno)
+        reason = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
         raise GgspecError(f"cannot listen on {host}:{port}: {reason}; "
                           "choose another --port (or --host)") from None
 

@@ -28,7 +28,7 @@ from ..engine import Engine, Prompt, Result
 from ..errors import GgspecError
 from .metrics import Metrics
 from .replies import Reply, error_body, sse
-from .schema import ChatRequest, CompletionRequest, GenerationRequest
+from .schema import CONFLICT, ChatRequest, CompletionRequest, GenerationRequest
 from .worker import InternalError, Job, QueueFull, ShuttingDown, Worker
 
 MAX_BODY = 4 << 20  # bytes of a request body
@@ -107,6 +107,9 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
         if spec.method not in available_methods(engine):
             raise GgspecError(f"method {spec.method!r} is not available on this server; "
                               f"available: {', '.join(available_methods(engine))}")
+        if body.draft_p_min is not None and spec.method != "draft":
+            raise GgspecError(f"draft_p_min applies to the draft model's rounds, not to method {spec.method}: "
+                              "send it with method draft")
         return Settings(sampling, spec, body.length or defaults.max_tokens)
 
     async def generate(request: Request, body: GenerationRequest, prompt: Prompt, reply: Reply) -> Response:
@@ -196,8 +199,8 @@ def _add_error_handlers(app: FastAPI, max_body: int) -> None:
         param = ".".join(loc) or None
         if first["type"] == "extra_forbidden":
             return _error(400, f"unknown parameter {param!r}", param)
-        if not loc:
-            return _error(400, "the body must be a JSON object")
+        if not loc:  # the body as a whole: a check across its fields, or not an object
+            return _error(400, first["msg"] if first["type"] == CONFLICT else "the body must be a JSON object")
         return _error(400, f"{param}: {first['msg']}" if param else first["msg"], param)
 
     @app.exception_handler(HTTPException)

@@ -37,6 +37,9 @@ _UNSUPPORTED = {
 }
 
 
+CONFLICT = "conflict"  # the kind of error of a check across a request's fields
+
+
 def _error(kind: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, message)
 
@@ -126,7 +129,7 @@ class GenerationRequest(_Strict):
     @model_validator(mode="after")
     def _one_length(self) -> GenerationRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise _error("conflict", "give max_tokens or max_completion_tokens, not both")
+            raise _error(CONFLICT, "give max_tokens or max_completion_tokens, not both")
         return self
 
     @property
