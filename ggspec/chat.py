@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Generator
+from typing import Callable, Generator, Sequence
 
 from .config import SamplingConfig, SpecConfig
 from . import session
 from .engine import Engine, Result, consume
+from .errors import GgspecError
 from .stats import Stats
 
 # what /set changes: SamplingConfig and SpecConfig fields that apply per answer, and max_tokens
@@ -77,6 +78,14 @@ def _switch(text: str) -> bool:
 _EXAMPLES = {"temperature": "0.7", "top_k": "40", "top_p": "0.95", "min_p": "0.05", "seed": "42 or none",
              "ignore_eos": "on or off",
              "draft_max": "4", "draft_p_min": "0.75", "max_tokens": "512"}
+
+
+def refuse_draft_only(method: str, given: Sequence[str], use: str) -> None:
+    """Refuse the options of the draft model's rounds that were given (`given`, by the
+    names the user knows them by) with another method than draft; `use` says how to ask
+    for method draft (the command line and the server share this check)."""
+    if given and method != "draft":
+        raise GgspecError(f"{given[0]} applies to the draft model's rounds, not to method {method}: {use}")
 
 
 def available_methods(engine: Engine) -> list[str]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import __version__, bench as benchmark, hub, machine
 from .backend import Model, check_vocab_compatible, default_threads, serve_rpc, set_verbose
-from .chat import NAMES, ChatSession, Settings, available_methods
+from .chat import NAMES, ChatSession, Settings, available_methods, refuse_draft_only
 from .config import DRAFT_P_MIN, METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
@@ -217,10 +217,9 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
 def _draft_only(method: str, async_draft: bool | None, draft_p_min: float | None) -> None:
     """Refuse --async-draft and --draft-p-min (given: True, a number) with another method
     than draft: they apply to the draft model's rounds."""
-    for flag, given in (("--async-draft", async_draft), ("--draft-p-min", draft_p_min is not None)):
-        if given and method != "draft":
-            raise GgspecError(f"{flag} applies to the draft model's rounds, not to method {method}: "
-                              "use it with --method draft")
+    refuse_draft_only(method, [flag for flag, given in (("--async-draft", async_draft),
+                                                        ("--draft-p-min", draft_p_min is not None)) if given],
+                      "use it with --method draft")
 
 
 def _name(model) -> str | None:

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..chat import Settings, available_methods
+from ..chat import Settings, available_methods, refuse_draft_only
 from ..engine import Engine, Prompt, Result
 from ..errors import GgspecError
 from .metrics import Metrics
@@ -107,9 +107,8 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
         if spec.method not in available_methods(engine):
             raise GgspecError(f"method {spec.method!r} is not available on this server; "
                               f"available: {', '.join(available_methods(engine))}")
-        if body.draft_p_min is not None and spec.method != "draft":
-            raise GgspecError(f"draft_p_min applies to the draft model's rounds, not to method {spec.method}: "
-                              "send it with method draft")
+        refuse_draft_only(spec.method, ["draft_p_min"] if body.draft_p_min is not None else [],
+                          "send it with method draft")
         return Settings(sampling, spec, body.length or defaults.max_tokens)
 
     async def generate(request: Request, body: GenerationRequest, prompt: Prompt, reply: Reply) -> Response:
