@@ -286,6 +286,9 @@ class Row:
     ratios: list[float] = field(default_factory=list)  # decode tok/s over `none`, one per repetition
     oracle: float | None = None  # `none` rows: the copy oracle's bound on this answer
     native_ratios: list[float] = field(default_factory=list)  # llama.cpp rows: over llama.cpp plain
+    # greedy runs, one per repetition: where the answer first differs from `none`'s (its
+    # token index), None where it is the same answer
+    left_plain_at: list[int | None] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -301,7 +304,8 @@ class Row:
                 "draft_max": self.variant.draft_max,
                 "tokens_per_second": s.decode_tokens_per_second, "speedup": self.speedup,
                 "speedups": self.ratios, "copy_oracle": self.oracle, "native_speedup": self.native_speedup,
-                "native_speedups": self.native_ratios, "acceptance_rate": s.acceptance_rate,
+                "native_speedups": self.native_ratios, "left_plain_at": self.left_plain_at,
+                "acceptance_rate": s.acceptance_rate,
                 "mean_accepted_length": s.mean_accepted_length, "position_acceptance": s.position_acceptance,
                 "overhead_ms_per_round": s.overhead_ms_per_round, "stats": s.to_dict()}
 
@@ -325,7 +329,9 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
     draft length of the grid. With `native`, every llama.cpp mode runs the same prompt text
     right after ggspec's variants in each repetition; its rows get ratios to ggspec's
     `none` and to llama.cpp's plain decoding of the same repetition. Odd repetitions run
-    the variants (llama.cpp's modes included) in reverse order.
+    the variants (llama.cpp's modes included) in reverse order. Greedy, each ggspec row
+    also records where its answer left `none`'s (an exact method leaves it only at a
+    near-tie that a batch's rounding decides otherwise; its ratio then times another text).
     """
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
@@ -346,6 +352,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
         seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + r)
         for i, (workload, prompt) in enumerate(zip(workloads, prompts)):
             speeds = np.zeros(len(runs))
+            answers: dict[int, list[int]] = {}
             # every other repetition runs the variants in reverse order: a steady drift in
             # the machine's speed then favours none of them in the medians
             for j, variant in (runs if r % 2 == 0 else runs[::-1]):
@@ -353,6 +360,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
                     engine.set_threads(*(variant.threads or loaded))
                     result = engine.generate(prompt, max_tokens=max_tokens, sampling=seeded, spec=specs[j])
                     stats = result.stats
+                    answers[j] = result.tokens
                     if r == 0 and variant.method == "none":
                         rows[i][j].oracle = _oracle(engine, prompt, result.tokens, max(s.draft_max for s in specs))
                 else:
@@ -364,12 +372,21 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
             if grid[0].method == "none" and speeds[0] > 0:
                 for j, speed in enumerate(speeds):
                     rows[i][j].ratios.append(float(speed / speeds[0]))
+            if grid[0].method == "none" and sampling.temperature == 0:
+                for j, answer in answers.items():
+                    rows[i][j].left_plain_at.append(first_difference(answer, answers[0]))
             native_speeds = speeds[len(grid):]
             if len(native_speeds) and natives[0].mode == "plain" and native_speeds[0] > 0:
                 for j, speed in enumerate(native_speeds, start=len(grid)):
                     rows[i][j].native_ratios.append(float(speed / native_speeds[0]))
     engine.set_threads(*loaded)
     return [row for per_workload in rows for row in per_workload]
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first index where two token lists differ (one ending before the other counts),
+    None when they are equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def _native_stats(run: NativeRun, variant: NativeVariant, workload: Workload, prompt: list[int]) -> Stats:
@@ -405,8 +422,9 @@ def table(rows: Sequence[Row]) -> str:
     """Rows as an aligned text table; with llama.cpp rows, a column of their speed ratio to
     llama.cpp's plain decoding."""
     native = any(r.native_ratios for r in rows)
+    greedy = any(r.left_plain_at for r in rows)
     head = ("workload", "method", "tok/s", "x none", *(("x llama.cpp",) if native else ()),
-            "accept", "acc/round", "by position", "ovh ms/rd")
+            *(("answer",) if greedy else ()), "accept", "acc/round", "by position", "ovh ms/rd")
     body = []
     for row in rows:
         s = row.stats
@@ -414,6 +432,7 @@ def table(rows: Sequence[Row]) -> str:
         body.append((row.workload, row.variant.label, f"{s.decode_tokens_per_second:.1f}",
                      f"{row.speedup:.2f}" if row.speedup else "-",
                      *((f"{row.native_speedup:.2f}" if row.native_speedup else "-",) if native else ()),
+                     *((_answer(row.left_plain_at),) if greedy else ()),
                      f"{100 * s.acceptance_rate:.0f}%" if spec else "-",
                      f"{s.mean_accepted_length:.2f}" if s.draft_rounds else "-",
                      " ".join(f"{a:.2f}" for a in s.position_acceptance) or "-",
@@ -423,11 +442,24 @@ def table(rows: Sequence[Row]) -> str:
     lines = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
              for r in (head, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(_answer(r.left_plain_at) not in ("same", "-") for r in rows):
+        lines.append("answer: repetitions whose greedy answer left plain decoding's, at the earliest token "
+                     "where one did (a near-tie that a batch's rounding decided otherwise: the ratio times "
+                     "another text)")
     bounds = [f"{r.workload} {r.oracle:.2f}x" for r in rows if r.oracle is not None]
     if bounds:
         lines.append("copy oracle (every copyable token drafted and accepted, at this machine's cost curve): "
                      + ", ".join(bounds))
     return "\n".join(lines)
+
+
+def _answer(left_plain_at: Sequence[int | None]) -> str:
+    """A row's answers against plain decoding's: "same", or how many of the repetitions'
+    left it and the earliest token where one did."""
+    left = [i for i in left_plain_at if i is not None]
+    if not left_plain_at:
+        return "-"
+    return f"{len(left)}/{len(left_plain_at)} @{min(left)}" if left else "same"
 
 
 def pyplot():

@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
-from ggspec.bench import WORKLOADS, Variant, plot, run_grid, table, variants, workload_from_file
+from ggspec.bench import (WORKLOADS, Row, Variant, first_difference, plot, run_grid, table, variants,
+                          workload_from_file)
+from ggspec.stats import Stats
 from ggspec.cli import cli
 
 
@@ -81,6 +83,35 @@ def test_every_other_repetition_runs_the_variants_in_reverse_order(engine):
     assert calls == [(0, "none"), (0, "lookup k=2"), (1, "lookup k=2"), (1, "none"), (2, "none"), (2, "lookup k=2")]
     assert rows[0].ratios == [1.0, 1.0, 1.0]  # each repetition's ratio is to its own `none`
     assert len(rows[1].ratios) == 3
+
+
+def test_greedy_rows_record_that_exact_methods_gave_plain_decodings_answer(rows):
+    assert all(r.left_plain_at == [None, None] for r in rows)
+    assert all(r.to_dict()["left_plain_at"] == [None, None] for r in rows)
+    lines = table(rows).splitlines()
+    assert lines[0].split()[5] == "answer" and all(" same " in line for line in lines[2:])
+
+
+def test_sampled_rows_record_no_comparison(engine):
+    got = run_grid(engine, [WORKLOADS["code"]], variants([("lookup", ())], [2]), max_tokens=4,
+                   sampling=SamplingConfig(temperature=0.8, seed=1))
+    assert all(r.left_plain_at == [] for r in got) and "answer" not in table(got)
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2 and first_difference([1, 2, 3], [1, 2]) == 2
+    assert first_difference([], []) is None
+
+
+def test_table_names_answers_that_left_plain_decodings():
+    rows = [Row("qa", Variant("none"), Stats(), [1.0], left_plain_at=[None, None, None]),
+            Row("qa", Variant("auto", 16), Stats(), [1.1], left_plain_at=[24, None, 30])]
+    lines = table(rows).splitlines()
+    assert lines[0].split()[5] == "answer"
+    assert lines[2].split()[4] == "same" and lines[3].split()[5:7] == ["2/3", "@24"]
+    assert any(line.startswith("answer: repetitions whose greedy answer left") for line in lines)
 
 
 def test_table_has_a_line_per_row(rows):
