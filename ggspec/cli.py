@@ -175,6 +175,7 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max, draft_p_min: floa
     draft_max and draft_p_min."""
     if opts.pop("verbose"):
         set_verbose(True)
+    _tree_options(opts)
     n_ctx = opts.pop("ctx_size")
     target_config = BackendConfig(n_ctx=n_ctx, n_gpu_layers=opts.pop("gpu_layers"), n_threads=opts.pop("threads"),
                                   rpc=opts.pop("rpc"), tensor_split=opts.pop("tensor_split"))
@@ -195,6 +196,20 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max, draft_p_min: floa
     return engine
 
 
+def _tree_options(opts: dict) -> None:
+    """Refuse the tree options given on the command line without the heads they shape."""
+    given = click.get_current_context().get_parameter_source
+    needs = (("eagle_backend", "--eagle-backend", "chooses how an EAGLE draft runs", opts["eagle"] is not None,
+              "add --eagle FILE|default"),
+             ("tree_shape", "--tree", "shapes Medusa head trees", opts["heads"] is not None,
+              "add --heads FILE|default"),
+             ("tree_nodes", "--tree-nodes", "sizes Medusa and EAGLE trees",
+              opts["heads"] is not None or opts["eagle"] is not None, "add --heads or --eagle"))
+    for name, flag, does, loaded, what in needs:
+        if not loaded and given(name) is ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"{flag} {does}, and none is loaded: {what}, or leave {flag} out")
+
+
 def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = False,
           async_draft: bool | None = None, draft_p_min: float | None = None) -> SpecConfig:
     """--method, -k, --async-draft and --draft-p-min (None: DRAFT_P_MIN) for this engine.
@@ -210,6 +225,7 @@ def _spec(engine: Engine, method: str | None, draft_max: int, typical: bool = Fa
         raise GgspecError(f"method {method} is not available with these models "
                           f"(available: {', '.join(available)}){hint}")
     _draft_only(method, async_draft, draft_p_min)
+    _typical_only_with_trees(engine, method, typical)
     return SpecConfig(method, draft_max=draft_max, typical=typical, async_draft=async_draft,
                       draft_p_min=DRAFT_P_MIN if draft_p_min is None else draft_p_min)
 
@@ -220,6 +236,15 @@ def _draft_only(method: str, async_draft: bool | None, draft_p_min: float | None
     refuse_draft_only(method, [flag for flag, given in (("--async-draft", async_draft),
                                                         ("--draft-p-min", draft_p_min is not None)) if given],
                       "use it with --method draft")
+
+
+def _typical_only_with_trees(engine: Engine, method: str, typical: bool) -> None:
+    """Refuse --typical where no Medusa or EAGLE tree is verified: it changes only how
+    their trees are accepted."""
+    trees = method in ("medusa", "eagle") or method == "auto" and not {"medusa", "eagle"}.isdisjoint(engine.drafters)
+    if typical and not trees:
+        raise GgspecError(f"--typical applies to Medusa and EAGLE trees, not to method {method}: "
+                          "use it with --method medusa or eagle (and --heads or --eagle)")
 
 
 def _name(model) -> str | None:
@@ -344,6 +369,7 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
                         if given(name) is ParameterSource.COMMANDLINE}  # (options /set does not take)
             session.settings = replace(session.settings, spec=replace(session.settings.spec, **switches))
             _draft_only(session.settings.spec.method, async_draft, draft_p_min)
+            _typical_only_with_trees(engine, session.settings.spec.method, session.settings.spec.typical)
             if given("system") is ParameterSource.COMMANDLINE:
                 session.system = system
             click.secho(f"resumed {resume}: {contents(session)}; {session.settings.describe()}", dim=True, err=True)

@@ -118,7 +118,9 @@ def test_stop_string_and_system_message(target_path):
 
 @pytest.mark.parametrize("case", ["missing file", "incompatible draft", "bad option", "bad value",
                                   "unknown model", "draft method without draft", "empty prompt",
-                                  "p-min of another method", "context below a verification batch"])
+                                  "p-min of another method", "context below a verification batch",
+                                  "typical without trees", "tree shape without heads", "tree size without heads",
+                                  "eagle backend without eagle"])
 def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, target_path, mismatched):
     args, fragments = {
         "missing file": (["-m", tmp_path / "nope.gguf"], ["nope.gguf", "does not exist"]),
@@ -130,6 +132,10 @@ def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, tar
         "empty prompt": (["-m", target_path, "-f", os.devnull], ["empty"]),
         "p-min of another method": (["-m", target_path, "--draft-p-min", "0.5"], ["--draft-p-min", "--method draft"]),
         "context below a verification batch": (["-m", target_path, "-c", "16", "-k", "16"], ["-c/--ctx-size >= 17", "-k"]),
+        "typical without trees": (["-m", target_path, "--typical"], ["--typical", "not to method auto", "--method medusa"]),
+        "tree shape without heads": (["-m", target_path, "--tree", "chain"], ["--tree", "Medusa", "--heads"]),
+        "tree size without heads": (["-m", target_path, "--tree-nodes", "4"], ["--tree-nodes", "--heads or --eagle"]),
+        "eagle backend without eagle": (["-m", target_path, "--eagle-backend", "numpy"], ["--eagle-backend", "--eagle"]),
     }[case]
     prompt = [] if case == "empty prompt" else ["hello"]
     assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)

@@ -141,3 +141,13 @@ def test_head_trees_are_sized_by_the_cost_curve(medusa_engine, monkeypatch):
     fix_costs(medusa.costs, 1.0 + 0.7 * np.arange(33), monkeypatch)
     cpu_nodes, _ = medusa.plan(32)
     assert gpu_nodes >= 2 and cpu_nodes == 0
+
+
+def test_typical_acceptance_on_the_command_line_goes_with_heads_only(target_path, heads_path):
+    from test_cli import TINY, invoke
+    base = ["run", "-m", target_path, "--no-draft", *TINY, "-n", "6", "-t", "0.8", "-s", "1", "--json"]
+    got = invoke(*base, "--heads", heads_path, "--method", "medusa", "--typical", "hello")
+    assert got.exit_code == 0, got.output
+    assert invoke(*base, "--heads", heads_path, "--method", "auto", "--typical", "hello").exit_code == 0
+    refused = invoke(*base, "--heads", heads_path, "--method", "lookup", "--typical", "hello")
+    assert refused.exit_code != 0 and "--typical applies to Medusa and EAGLE trees, not to method lookup" in refused.stderr
