@@ -172,10 +172,11 @@ class _Taps:
 class Model(_Owner):
     """A loaded GGUF model: weights, vocabulary and metadata."""
 
-    def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig()):
+    def __init__(self, path: str | os.PathLike, cfg: BackendConfig = BackendConfig(), *, heads: bool = False):
+        """heads: the file is an EAGLE-3 draft that runs beside its target (refused otherwise)."""
         self.path = Path(path)
         # llama.cpp aborts the process on some malformed files; heads read the target from it
-        self.header = check_model_file(self.path)
+        self.header = check_model_file(self.path, heads=heads)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
         devices, split = _offload_devices(cfg)  # arrays that must live until the load returns

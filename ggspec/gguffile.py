@@ -208,12 +208,24 @@ def _tensor(name: str, dims: list[int], qtype: int, offset: int, align: int, dat
     return TensorInfo(tuple(reversed(dims)), q, data_start + offset, n_bytes)
 
 
-def check_model_file(path: str | os.PathLike) -> Header:
+# the architectures of the draft heads ggspec loads beside a target (ggspec.heads): what
+# each file holds, and how to give it
+HEAD_FILES = {b"medusa": ("Medusa heads", "--heads FILE (Python: heads=)"),
+              b"eagle1": ("an EAGLE-1/2 draft", "--eagle FILE (Python: eagle=)"),
+              b"eagle3": ("an EAGLE-3 draft", "--eagle FILE (Python: eagle=)")}
+
+
+def check_model_file(path: str | os.PathLike, *, heads: bool = False) -> Header:
     """The header of model file `path` once it is safe to hand to llama.cpp: a valid GGUF
     (read_header) with from 1 to 512 layers and a token list of distinct strings (llama.cpp
-    asserts both, ending the process, rather than failing the load)."""
+    asserts both, ending the process, rather than failing the load), and not draft heads
+    for a target unless `heads` (llama.cpp runs an EAGLE-3 draft as a model beside it)."""
     header = read_header(path, what="model file")
     arch = header.kv.get("general.architecture")
+    if arch in HEAD_FILES and not heads:
+        what, how = HEAD_FILES[arch]
+        raise ModelFileError(f"{path} holds {what} for a target model, not a model: give the target "
+                             f"with -m and this file with {how}")
     layers = header.kv.get(f"{arch.decode('utf-8', 'replace')}.block_count") if isinstance(arch, bytes) else None
     if layers is not None and not (isinstance(layers, int) and 1 <= layers <= MAX_LAYERS):
         raise ModelFileError(f"model file {path} is corrupt: it has {layers!r:.40} layers "

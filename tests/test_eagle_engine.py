@@ -298,3 +298,10 @@ def test_default_eagle_is_the_registry_s_shipped_file(target_path):
     assert shipped is not None and shipped.is_file() and shipped.parent.name == "heads"
     with pytest.raises(ValueError, match="no EAGLE draft is shipped for .*target.gguf"):
         Engine(target_path, None, eagle="default")
+
+
+def test_an_eagle_draft_given_as_the_target_or_the_draft_model_is_named_in_one_line(target_path, eagle_path):
+    from test_cli import TINY, assert_one_line_error, invoke
+    for args in (["-m", eagle_path], ["-m", target_path, "-d", eagle_path]):
+        assert_one_line_error(invoke("run", *args, *TINY, "hello"), "holds an EAGLE-3 draft for a target model",
+                              "--eagle FILE")

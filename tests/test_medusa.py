@@ -151,3 +151,10 @@ def test_typical_acceptance_on_the_command_line_goes_with_heads_only(target_path
     assert invoke(*base, "--heads", heads_path, "--method", "auto", "--typical", "hello").exit_code == 0
     refused = invoke(*base, "--heads", heads_path, "--method", "lookup", "--typical", "hello")
     assert refused.exit_code != 0 and "--typical applies to Medusa and EAGLE trees, not to method lookup" in refused.stderr
+
+
+def test_medusa_heads_given_as_a_model_are_named_in_one_line(target_path, heads_path):
+    from test_cli import TINY, assert_one_line_error, invoke
+    for args in (["run", "-m", heads_path, *TINY, "hello"], ["run", "-m", target_path, "-d", heads_path, *TINY, "hello"],
+                 ["info", heads_path]):
+        assert_one_line_error(invoke(*args), "holds Medusa heads for a target model", "--heads FILE")

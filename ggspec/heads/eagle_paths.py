@@ -152,7 +152,7 @@ def open_path(choice: str, heads: EagleHeads, file: str | os.PathLike, cfg: Back
     if choice == "numpy" or (choice == "auto" and (heads.features == "hidden" or eagle_graph_missing())):
         return NumpyPath(heads, capacity)
     with ExitStack() as own:  # closes the llama.cpp path unless it is chosen
-        model = own.enter_context(Model(file, cfg))
+        model = own.enter_context(Model(file, cfg, heads=True))
         llama = LlamaPath(heads, own.enter_context(EagleContext(model, target, capacity, 1 + 2 * width)), width)
         if choice == "auto":
             numpy_path = NumpyPath(heads, capacity)
