@@ -170,9 +170,11 @@ def _sampling(opts: dict) -> SamplingConfig:
                           ignore_eos=opts.pop("ignore_eos"))
 
 
-def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max, draft_p_min: float = _SPEC.draft_p_min) -> Engine:
+def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max, draft_p_min: float = _SPEC.draft_p_min,
+                 method: str | None = None) -> Engine:
     """An Engine from the model options (popped from opts); its default SpecConfig has these
-    draft_max and draft_p_min."""
+    draft_max, draft_p_min and method (None: the configuration's default), whose
+    verification batch must fit."""
     if opts.pop("verbose"):
         set_verbose(True)
     _tree_options(opts)
@@ -187,7 +189,8 @@ def _open_engine(opts: dict, draft_max: int = _SPEC.draft_max, draft_p_min: floa
     if opts.pop("no_draft"):
         draft = None
     engine = Engine(opts.pop("model"), draft, target_config=target_config, draft_config=draft_config,
-                    spec=SpecConfig(draft_max=draft_max, draft_p_min=draft_p_min), heads=opts.pop("heads"),
+                    spec=SpecConfig(method or _SPEC.method, draft_max=draft_max, draft_p_min=draft_p_min),
+                    heads=opts.pop("heads"),
                     tree_shape=opts.pop("tree_shape"), tree_nodes=opts.pop("tree_nodes"),
                     eagle=opts.pop("eagle"), eagle_backend=opts.pop("eagle_backend"))
     if engine.n_ctx != n_ctx:
@@ -278,7 +281,7 @@ def run(prompt, prompt_file, method, draft_max, typical, async_draft, draft_p_mi
     if system and not chat:
         raise click.UsageError("--system needs --chat")
     sampling = _sampling(opts)
-    with _open_engine(opts, draft_max) as engine:
+    with _open_engine(opts, draft_max, method=method) as engine:
         spec = _spec(engine, method, draft_max, typical, async_draft, draft_p_min)
         if chat and not engine.target.chat_template:
             raise GgspecError(f"{engine.target.path.name} has no chat template; use --raw")
@@ -348,7 +351,7 @@ def chat(method, draft_max, typical, async_draft, draft_p_min, max_tokens, syste
     """
     sampling = _sampling(opts)
     interactive = sys.stdin.isatty()
-    with _open_engine(opts, draft_max) as engine:
+    with _open_engine(opts, draft_max, method=method) as engine:
         # resumed, the saved method is the one --async-draft and --draft-p-min must apply to
         # (checked once loaded)
         spec = _spec(engine, method, draft_max, typical, None if resume else async_draft,
@@ -409,7 +412,7 @@ def serve(method, draft_max, typical, async_draft, draft_p_min, max_tokens, host
         raise click.BadParameter("the key is empty: give a key, or leave --api-key out", param_hint="--api-key")
     sampling = _sampling(opts)
     sock = listen(host, port)  # fail before loading the models
-    with sock, _open_engine(opts, draft_max) as engine:
+    with sock, _open_engine(opts, draft_max, method=method) as engine:
         spec = _spec(engine, method, draft_max, typical, async_draft, draft_p_min)
         app = create_app(engine, Settings(sampling, spec, max_tokens or engine.n_ctx), api_key=api_key,
                          max_queue=max_queue)

@@ -205,8 +205,8 @@ class Engine:
             self._progress = progress
             self._unstored: machine.Snapshot | None = None  # since the first generation not stored
             stack.callback(self._store)  # (last in, first out: before the contexts are freed)
+            self._check_batch(spec)  # (a refusal frees what was loaded)
             self._resources = stack.pop_all()
-        self._check_batch(spec)
 
     def close(self) -> None:
         """Free the contexts, then the models; later calls raise EngineClosedError.

@@ -246,6 +246,14 @@ def test_real_pair_run_json_greedy_draft_equals_plain_decoding():
     assert spec["stats"]["draft_tokens"] > 0 and spec["stats"]["accepted_tokens"] > 0
 
 
+def test_a_small_context_needs_a_verification_batch_only_for_methods_that_draft(target_path):
+    base = ["run", "-m", target_path, "--threads", 1, "-c", 16, "--raw", "-t", 0, "-n", 2]
+    for method, k in (("none", 16), ("lookup", 8)):
+        got = invoke(*base, "--method", method, "-k", k, "hello world")
+        assert got.exit_code == 0, got.output
+    assert_one_line_error(invoke(*base, "--method", "lookup", "-k", 16, "hello world"), "-c/--ctx-size >= 17")
+
+
 def test_a_context_size_rounded_up_by_llama_cpp_is_said_on_stderr(target_path):
     got = invoke("run", "-m", target_path, "--threads", 1, "-c", 300, "--raw", "-t", 0, "-n", 2, "hello world")
     assert got.exit_code == 0, got.output
