@@ -659,10 +659,10 @@ def info(file, draft, as_json) -> None:
     two models can pair (same tokenizer) and why not; exits with code 1 when the draft is not compatible.
     """
     cpu = BackendConfig(n_gpu_layers=0)
-    with Model(_local_model(file), cpu) as target:
+    with Model(hub.local(file), cpu) as target:
         summary = _summary(target)
         if draft is not None:
-            with Model(_local_model(draft), cpu) as d:
+            with Model(hub.local(draft), cpu) as d:
                 summary["draft"] = str(d.path)
                 try:
                     check_vocab_compatible(target, d)
@@ -716,7 +716,7 @@ def convert_eagle(src, out, target, dtype) -> None:
     """
     from .heads.convert import convert_eagle as run_convert
 
-    click.echo(run_convert(src, _local_model(target), out, dtype=dtype))
+    click.echo(run_convert(src, hub.local(target), out, dtype=dtype))
 
 
 _COLLECT = CollectConfig()
@@ -877,16 +877,6 @@ def _eagle_trainer():
             raise
         raise GgspecError("training EAGLE drafts needs torch: pip install 'ggspec[train]' "
                           "(torch==2.13.0, CPU)") from None
-
-
-def _local_model(arg: str) -> Path:
-    """A GGUF path as given, or a registry name that has been pulled (never downloads)."""
-    if not Path(arg).expanduser().exists() and arg in hub.registry():
-        path = hub.cached_path(arg)
-        if path is None:
-            raise GgspecError(f"model {arg} is not pulled yet; run: ggspec pull {arg}")
-        return path
-    return Path(arg).expanduser()
 
 
 def _summary(m: Model) -> dict:

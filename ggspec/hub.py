@@ -396,10 +396,24 @@ def _looks_like_path(arg: str) -> bool:
 
 def resolve(name_or_path: str, *, progress: bool = True) -> Path:
     """A model file for `name_or_path`: an existing file as is, or a registry model, pulled."""
+    return _given_file(name_or_path) or pull(name_or_path, progress=progress)
+
+
+def local(name_or_path: str) -> Path:
+    """As resolve(), without downloading: a registry model must have been pulled."""
+    path = _given_file(name_or_path) or cached_path(name_or_path)
+    if path is None:
+        raise ModelFileError(f"model {name_or_path} is not pulled yet; run: ggspec pull {name_or_path}")
+    return path
+
+
+def _given_file(name_or_path: str) -> Path | None:
+    """The file `name_or_path` names, or None when it is no path but a name (ModelFileError
+    for a path that does not exist or is not a file)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     if path.exists() or _looks_like_path(name_or_path):
         what = "is not a file" if path.exists() else "does not exist"
         raise ModelFileError(f"model file {name_or_path} {what}; give the path of a .gguf file or a model name")
-    return pull(name_or_path, progress=progress)
+    return None

@@ -186,7 +186,10 @@ def test_info_says_whether_a_draft_is_compatible_and_why_not(target_path, draft_
 
 
 def test_info_on_a_missing_file_or_unpulled_model_is_one_line(tmp_path, monkeypatch):
-    assert_one_line_error(invoke("info", tmp_path / "gone.gguf"), "gone.gguf")
+    assert_one_line_error(invoke("info", tmp_path / "gone.gguf"), "gone.gguf", "does not exist")
+    for command in (["info", tmp_path], ["run", "-m", tmp_path, "hi"]):  # a folder: the same words from both
+        assert_one_line_error(invoke(*command), f"model file {tmp_path} is not a file")
+    assert_one_line_error(invoke("info", "no-such-model"), "unknown model 'no-such-model'", "known models")
     monkeypatch.setenv("GGSPEC_CACHE", str(tmp_path))
     name = hub.default_model()
     assert_one_line_error(invoke("info", name), f"ggspec pull {name}")
