@@ -394,6 +394,35 @@ def test_a_full_queue_answers_429_with_retry_after(engine):
             held.close()
 
 
+def test_a_client_that_leaves_the_queue_frees_its_place_at_once(engine):
+    async def until(url: str, http: httpx.AsyncClient, **state) -> None:
+        while (await http.get(url + "/health")).json() != {"status": "ok", **state}:
+            await asyncio.sleep(0.01)
+
+    async def scenario(url: str) -> None:
+        quick = {"messages": HELLO, "max_tokens": 2}
+        async with httpx.AsyncClient(timeout=60) as http, httpx.AsyncClient(timeout=60) as leaving:
+            running = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            await until(url, http, busy=True, queued=0)
+            waiting = asyncio.create_task(leaving.post(url + "/v1/chat/completions", json=quick))
+            await until(url, http, busy=True, queued=1)
+            waiting.cancel()  # the client hangs up while it waits
+            await leaving.aclose()
+            await asyncio.wait_for(until(url, http, busy=True, queued=0), 10)  # before the engine is free
+            later = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            await until(url, http, busy=True, queued=1)  # its place, not a 429
+            held.close()
+            assert [(await r).status_code for r in (running, later)] == [200, 200]
+
+    with LiveServer(create_app(engine, DEFAULTS, max_queue=1)) as server:
+        held = engine.stream("hello", max_tokens=2)  # another user of the engine holds it meanwhile
+        next(held)
+        try:
+            asyncio.run(scenario(server.url))
+        finally:
+            held.close()
+
+
 def test_the_server_measures_the_verification_cost_before_its_first_request(target_path, draft_path, tmp_path,
                                                                             monkeypatch):
     monkeypatch.setenv("GGSPEC_STATE", str(tmp_path))  # nothing measured yet

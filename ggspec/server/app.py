@@ -114,7 +114,7 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
     async def generate(request: Request, body: GenerationRequest, prompt: Prompt, reply: Reply) -> Response:
         job = Job(prompt, settings(body), body.stops, asyncio.get_running_loop())
         worker.submit(job)
-        events = _events(job, request)
+        events = _events(job, request, worker)
         first = await anext(events, None)  # a request that fails does so before any text
         if first is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -132,9 +132,9 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
     return app
 
 
-async def _events(job: Job, request: Request) -> AsyncIterator[str | Result]:
+async def _events(job: Job, request: Request, worker: Worker) -> AsyncIterator[str | Result]:
     """The job's pieces, then its Result; an error from the engine is raised. Ends early
-    when the client disconnects, and then (like any early close) cancels the job."""
+    when the client disconnects, and then (like any early close) withdraws the job."""
     disconnected = asyncio.ensure_future(_disconnect(request))
     try:
         while True:
@@ -149,7 +149,7 @@ async def _events(job: Job, request: Request) -> AsyncIterator[str | Result]:
             if isinstance(event.result(), Result):
                 return
     finally:
-        job.cancelled.set()
+        worker.withdraw(job)
         disconnected.cancel()
 
 

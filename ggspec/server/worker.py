@@ -1,8 +1,9 @@
 """The engine's one thread: requests wait in a bounded queue and generate one at a time.
 
 A job's events (text pieces, then its Result or an exception) reach the request's event
-loop through an asyncio queue. A job whose client went away is skipped if it is still
-waiting, and its generation is closed at its next piece if it is running.
+loop through an asyncio queue. A job whose client went away leaves the queue at once (its
+place is free for the next request) if it is still waiting, and its generation is closed
+at its next piece if it is running.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from ..chat import Settings
@@ -89,15 +90,17 @@ class Worker:
         self._spec = spec  # measured for before the first job
         self._current: Job | None = None  # the job generating now
         self._totals = Totals()
-        self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
-        self._lock = threading.Lock()  # guards _totals and _stopping
+        self._max_queue = max_queue
+        self._waiting: deque[Job] = deque()
+        self._lock = threading.Lock()  # guards _totals, _waiting and _stopping
+        self._changed = threading.Condition(self._lock)  # a job came, or the worker stops
         self._stopping = False
         self._mean_seconds = 1.0  # moving average of a generation's duration, for Retry-After
         self._thread = threading.Thread(target=self._serve, name="ggspec-engine", daemon=True)
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     @property
     def busy(self) -> bool:
@@ -112,40 +115,48 @@ class Worker:
 
     def stop(self) -> None:
         """Refuse new jobs, end waiting and running ones, and wait for the thread."""
-        with self._lock:
+        with self._changed:
             self._stopping = True
+            waiting, self._waiting = self._waiting, deque()
+            self._changed.notify()
         current = self._current
         if current is not None:
             current.cancelled.set()
         self.engine.cancel()  # (also a measurement before the first job)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        for job in waiting:
             job.cancelled.set()
             job.send(ShuttingDown("the server is shutting down"))
-        self._queue.put(None)
         self._thread.join()
 
     def submit(self, job: Job) -> None:
-        with self._lock:
+        with self._changed:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                wait = (self._queue.qsize() + 1) * self._mean_seconds
-                raise QueueFull(max(1, math.ceil(wait))) from None
+            if len(self._waiting) >= self._max_queue:
+                raise QueueFull(max(1, math.ceil((len(self._waiting) + 1) * self._mean_seconds)))
+            self._waiting.append(job)
+            self._changed.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """The job's client went away: a waiting job leaves the queue, a running one stops
+        at its next piece."""
+        with self._lock:
+            job.cancelled.set()
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    def _next(self) -> Job | None:
+        """The next waiting job; None once the worker stops."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._waiting or self._stopping)
+            return None if self._stopping else self._waiting.popleft()
 
     def _serve(self) -> None:
         try:  # what the first request would measure first, before it comes
             self.engine.prepare(self._spec)
         except Exception:  # (that request measures it then)
             log.exception("measuring the verification cost before the first request failed")
-        while (job := self._queue.get()) is not None:
-            if job.cancelled.is_set():
-                continue
+        while (job := self._next()) is not None:
             self._current = job
             try:
                 self._run(job)
