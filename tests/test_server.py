@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -516,6 +517,45 @@ def test_serve_command_listens_answers_and_stops_on_ctrl_c(target_path, draft_pa
         child.send_signal(signal.SIGINT)
         stdout, _ = child.communicate(timeout=30)
     assert child.returncode == 0 and stdout == ""
+
+
+def test_ctrl_c_answers_a_waiting_request_503_at_once_and_ends_the_running_one_cleanly(target_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "ggspec", "serve", "-m", target_path, "--no-draft", "--threads", "1",
+            "-c", "4096", "--method", "none", "--port", "0"]
+    child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    interrupted = False
+    try:
+        url = child.stderr.readline().split()[4].rstrip("/")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        long = {"messages": HELLO, "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(2) as pool, \
+                http.stream("POST", "/v1/chat/completions", json=long) as running:
+            events = running.iter_lines()
+            next(events)  # it generates
+            waiting = pool.submit(httpx.post, url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60)
+            while httpx.get(url + "/health").json()["queued"] != 1:
+                time.sleep(0.01)
+            child.send_signal(signal.SIGINT)  # (once: a second Ctrl-C forces the exit)
+            interrupted = True
+            refused = waiting.result()
+            rest = [e for e in events if e]
+            assert_error(refused, 503, "shutting down")
+            last = json.loads(rest[-1].removeprefix("data: ")) if rest[-1] != "data: [DONE]" else None
+            assert last is None or "shutting down" in last["error"]["message"], rest[-3:]
+    finally:
+        if not interrupted:
+            child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=30)
+    assert child.returncode == 0 and stdout == "", stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_serve_on_a_taken_port_is_one_line(target_path):

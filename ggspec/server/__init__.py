@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import socket
@@ -30,13 +31,26 @@ def listen(host: str, port: int) -> socket.socket:
                           "choose another --port (or --host)") from None
 
 
+GRACE = 5  # seconds a running answer gets to finish when the server stops
+
+
+class _Server(uvicorn.Server):
+    """Stops the app's worker (ggspec.server.worker) as soon as shutting down begins:
+    requests still waiting get a 503 at once and the running one ends with one after the
+    grace period, where uvicorn would cancel them after it with a plain 500."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.to_thread(self.config.app.state.worker.stop, GRACE - 1)
+        await super().shutdown(sockets)
+
+
 def serve(app: FastAPI, sock: socket.socket) -> None:
-    """Serve until Ctrl-C (or SIGTERM): requests still streaming get 5 s to finish. Logs,
-    the access log included, go to stderr."""
+    """Serve until Ctrl-C (or SIGTERM): waiting requests are answered 503 at once, the
+    running one gets a few seconds to finish. Logs, the access log included, go to stderr."""
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    config = uvicorn.Config(app, timeout_graceful_shutdown=5, log_config=log_config)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=GRACE, log_config=log_config)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it stopped on again
         pass

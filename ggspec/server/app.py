@@ -55,6 +55,7 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
 
     app = FastAPI(title="ggspec", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.state.worker = worker  # (ggspec.server.serve stops it as soon as shutting down begins)
     app.add_middleware(_Guard, api_key=api_key, max_body=max_body, requests=metrics.requests)
     app.mount("/static", StaticFiles(packages=[STATIC]), name="static")
     _add_error_handlers(app, max_body)
@@ -171,8 +172,9 @@ async def _stream(reply: Reply, job: Job, first: str | Result, events: AsyncIter
             event = await anext(events, None)
             if event is None:  # the client left
                 return
-    except (GgspecError, ValueError, InternalError) as e:  # after the headers: the error is the last event
-        yield sse(error_body(str(e), 500 if isinstance(e, InternalError) else 400))
+    except (GgspecError, ValueError, InternalError, ShuttingDown) as e:  # after the headers: the last event
+        status = 500 if isinstance(e, InternalError) else 503 if isinstance(e, ShuttingDown) else 400
+        yield sse(error_body(str(e), status))
         return
     yield sse(reply.closing(job, event))
     if include_usage:

@@ -92,8 +92,8 @@ class Worker:
         self._totals = Totals()
         self._max_queue = max_queue
         self._waiting: deque[Job] = deque()
-        self._lock = threading.Lock()  # guards _totals, _waiting and _stopping
-        self._changed = threading.Condition(self._lock)  # a job came, or the worker stops
+        self._lock = threading.Lock()  # guards _totals, _waiting, _current and _stopping
+        self._changed = threading.Condition(self._lock)  # a job came or ended, or the worker stops
         self._stopping = False
         self._mean_seconds = 1.0  # moving average of a generation's duration, for Retry-After
         self._thread = threading.Thread(target=self._serve, name="ggspec-engine", daemon=True)
@@ -113,19 +113,24 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Refuse new jobs, end waiting and running ones, and wait for the thread."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Refuse new jobs, answer the waiting ones that the server is shutting down, give
+        the running one up to `grace` seconds to finish, then end it with the same answer,
+        and wait for the thread. Called again, there is nothing more to do."""
         with self._changed:
             self._stopping = True
             waiting, self._waiting = self._waiting, deque()
-            self._changed.notify()
-        current = self._current
-        if current is not None:
-            current.cancelled.set()
-        self.engine.cancel()  # (also a measurement before the first job)
+            self._changed.notify_all()
         for job in waiting:
             job.cancelled.set()
             job.send(ShuttingDown("the server is shutting down"))
+        with self._changed:
+            self._changed.wait_for(lambda: self._current is None, timeout=grace)
+            current = self._current
+        if current is not None:
+            current.cancelled.set()
+            current.send(ShuttingDown("the server is shutting down"))
+        self.engine.cancel()  # (also a measurement before the first job)
         self._thread.join()
 
     def submit(self, job: Job) -> None:
@@ -149,7 +154,8 @@ class Worker:
         """The next waiting job; None once the worker stops."""
         with self._changed:
             self._changed.wait_for(lambda: self._waiting or self._stopping)
-            return None if self._stopping else self._waiting.popleft()
+            self._current = None if self._stopping else self._waiting.popleft()
+            return self._current
 
     def _serve(self) -> None:
         try:  # what the first request would measure first, before it comes
@@ -157,11 +163,12 @@ class Worker:
         except Exception:  # (that request measures it then)
             log.exception("measuring the verification cost before the first request failed")
         while (job := self._next()) is not None:
-            self._current = job
             try:
                 self._run(job)
             finally:
-                self._current = None
+                with self._changed:
+                    self._current = None
+                    self._changed.notify_all()
 
     def _run(self, job: Job) -> None:
         job.started = time.perf_counter()
