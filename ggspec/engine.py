@@ -46,13 +46,15 @@ CALIBRATED = ("auto", "medusa", "eagle")  # the methods that choose by the measu
 class Piece(str):
     """A piece of streamed text; from_draft tells that it came from accepted draft tokens
     (the target verified them: a round's accepted drafts stream as one piece) rather than
-    from the target's own choice."""
+    from the target's own choice, and tokens how many tokens the answer has with it (a
+    piece holds any number: a round's accepted drafts, text held back for a stop string)."""
 
     from_draft: bool
+    tokens: int
 
-    def __new__(cls, text: str, from_draft: bool = False) -> Piece:
+    def __new__(cls, text: str, from_draft: bool = False, tokens: int = 0) -> Piece:
         piece = super().__new__(cls, text)
-        piece.from_draft = from_draft
+        piece.from_draft, piece.tokens = from_draft, tokens
         return piece
 
 
@@ -563,7 +565,7 @@ class Engine:
         piece, kept = text.push(self.target.pieces(tokens))
         generated += tokens[:kept]
         if piece:
-            out.append(Piece(piece, from_draft))
+            out.append(Piece(piece, from_draft, len(generated)))
         return "stop" if text.stopped else finish
 
     def _accept(self, rows: np.ndarray, draft: Draft, sampling: SamplingConfig, typical: bool,

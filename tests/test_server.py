@@ -103,6 +103,8 @@ def test_streamed_chat_has_the_same_text_draft_flags_and_a_usage_chunk(client, p
     assert "".join(c.choices[0].delta.content for c in text_chunks) == plain(HELLO, 12)
     drafted = [c.model_extra["ggspec"]["from_draft"] for c in text_chunks]
     assert any(drafted) and not all(drafted)  # the target's own token closes every round
+    counts = [c.model_extra["ggspec"]["tokens"] for c in text_chunks]
+    assert counts == sorted(counts) and counts[-1] == 12 and len(counts) < 12  # a piece holds a round's drafts
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0].choices[0].finish_reason == "length"
     assert finish[0].model_extra["timings"]["predicted_n"] == 12
@@ -593,9 +595,16 @@ def test_a_person_chats_and_sees_drafts_coloured_and_the_stats(server, browser, 
     expect(page.locator("#model")).to_contain_text("target")
 
     page.fill("#temperature", "0")
+    page.evaluate("""() => {  // every live footer, as the person saw it
+        window.live = [];
+        const stats = document.getElementById("stats");
+        new MutationObserver(() => { if (stats.dataset.state === "live") window.live.push(stats.innerText); })
+            .observe(stats, { childList: true, characterData: true, subtree: true, attributes: true });
+    }""")
     page.fill("#input", "hello world")
     page.press("#input", "Enter")
     expect(page.locator("#stats")).to_have_attribute("data-state", "done", timeout=30_000)
+    assert page.evaluate("window.live")[-1].startswith("16 tokens")  # tokens, not streamed pieces
     answer = page.locator(".message.assistant").last
     assert answer.text_content() == plain(HELLO, 16)
     assert answer.locator("span.draft").count() > 0  # accepted draft tokens, coloured

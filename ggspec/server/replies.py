@@ -3,7 +3,8 @@
 Every answer carries `usage`; the whole answer (or the last chunk of a stream) also
 carries `timings` (the fields of llama.cpp's server) and `ggspec` (the generation's
 Stats, queue time and time to first token). A streamed text chunk tells in
-`ggspec.from_draft` whether its text came from accepted draft tokens.
+`ggspec.from_draft` whether its text came from accepted draft tokens, and in
+`ggspec.tokens` how many tokens the answer has with it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Reply:
     def piece(self, piece: Piece) -> dict:
         return {**self._head(True), "choices": [{"index": 0, **self._text(piece, True), "logprobs": None,
                                                  "finish_reason": None}],
-                "ggspec": {"from_draft": piece.from_draft}}
+                "ggspec": {"from_draft": piece.from_draft, "tokens": piece.tokens}}
 
     def closing(self, job: Job, result: Result) -> dict:
         """The last chunk: the finish reason, timings and stats."""

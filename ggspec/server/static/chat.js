@@ -59,11 +59,11 @@ async function* events(response) {
   }
 }
 
-function liveStats(pieces, drafted, started, method) {
+function liveStats(tokens, drafted, started, method) {
   const seconds = (performance.now() - started) / 1000;
-  const rate = seconds > 0 ? (pieces / seconds).toFixed(1) : "-";
-  const share = pieces ? Math.round((100 * drafted) / pieces) : 0;
-  return `${pieces} tokens · ${rate} tok/s · ${share}% from drafts · ${method}`;
+  const rate = seconds > 0 ? (tokens / seconds).toFixed(1) : "-";
+  const share = tokens ? Math.round((100 * drafted) / tokens) : 0;
+  return `${tokens} tokens · ${rate} tok/s · ${share}% from drafts · ${method}`;
 }
 
 function finalStats(chunk) {
@@ -89,7 +89,7 @@ async function send(text) {
   const body = { messages, stream: true, temperature: Number($("temperature").value), method };
   chat.controller = new AbortController();
   busy(true);
-  let content = "", pieces = 0, drafted = 0;
+  let content = "", tokens = 0, drafted = 0;  // the answer's tokens so far, and those from drafts
   const started = performance.now();
   footer(liveStats(0, 0, started, method), "live");
   try {
@@ -106,15 +106,15 @@ async function send(text) {
       if (choice && choice.delta && choice.delta.content) {
         const span = document.createElement("span");
         span.textContent = choice.delta.content;
-        if (chunk.ggspec && chunk.ggspec.from_draft) {
+        if (chunk.ggspec.from_draft) {
           span.className = "draft";
-          drafted += 1;
+          drafted += chunk.ggspec.tokens - tokens;
         }
+        tokens = chunk.ggspec.tokens;
         answer.append(span);
         content += choice.delta.content;
-        pieces += 1;
         answer.scrollIntoView({ block: "end" });
-        footer(liveStats(pieces, drafted, started, method), "live");
+        footer(liveStats(tokens, drafted, started, method), "live");
       }
       if (choice && choice.finish_reason) footer(finalStats(chunk), "done");
     }
@@ -123,7 +123,7 @@ async function send(text) {
     if (error.name === "AbortError") {  // stopped: keep what was written, as the terminal chat does
       if (content) messages.push({ role: "assistant", content });
       else messages.pop();
-      footer(liveStats(pieces, drafted, started, method) + " · stopped", "done");
+      footer(liveStats(tokens, drafted, started, method) + " · stopped", "done");
     } else {
       if (!content) messages.pop();  // the question was not answered: ask it again
       answer.classList.add("error");
