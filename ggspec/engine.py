@@ -317,7 +317,7 @@ class Engine:
     def generate(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                  sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
                  on_text: Callable[[str], bool | None] | None = None, wait: bool = True,
-                 cancel: threading.Event | None = None) -> Result:
+                 cancel: threading.Event | None = None, reuse_cache: bool = True) -> Result:
         """Generate a completion. on_text receives each text piece as it is committed
         and may return True to stop (finish reason "cancelled")."""
         cancel = threading.Event() if cancel is None else cancel
@@ -327,14 +327,18 @@ class Engine:
                 cancel.set()
 
         return consume(self.stream(prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, spec=spec,
-                                   wait=wait, cancel=cancel), on_piece)
+                                   wait=wait, cancel=cancel, reuse_cache=reuse_cache), on_piece)
 
     def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                sampling: SamplingConfig | None = None, spec: SpecConfig | None = None,
-               wait: bool = True, cancel: threading.Event | None = None) -> Generator[str, None, Result]:
+               wait: bool = True, cancel: threading.Event | None = None,
+               reuse_cache: bool = True) -> Generator[str, None, Result]:
         """Yield text pieces as they are committed; the generator returns the Result.
         Closing the generator ends the generation (the engine lock is held until then).
-        stop: a stop string, or several. cancel: this generation's cancel handle."""
+        stop: a stop string, or several. cancel: this generation's cancel handle.
+        reuse_cache: keep the target's KV cache of the longest prefix the prompt shares with
+        what it holds (False: compute the whole prompt afresh, so that the answer does not
+        depend on what came before)."""
         self._check_open()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -358,7 +362,7 @@ class Engine:
         with self._holding(cancel):
             if cancel.is_set():  # cancelled while it waited
                 return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
-            return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel))
+            return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel, reuse_cache))
 
     def prepare(self, spec: SpecConfig | None = None) -> None:
         """Measure now what the first generation with `spec` (the engine's default if None)
@@ -393,7 +397,8 @@ class Engine:
                     self._resources.close()
 
     def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
-             sampling: SamplingConfig, spec: SpecConfig, cancel: threading.Event) -> Iterator[str]:
+             sampling: SamplingConfig, spec: SpecConfig, cancel: threading.Event,
+             reuse_cache: bool = True) -> Iterator[str]:
         drafter = self.drafters.get(spec.method)
         if "draft" in self.drafters:  # the confidence stop is method draft's: auto sizes its chains itself
             self.drafters["draft"].p_min = spec.draft_p_min if spec.method == "draft" else 0.0
@@ -412,7 +417,7 @@ class Engine:
             self._unstored = machine.snapshot()  # (what other processes run meanwhile)
         # prefill everything but the last prompt token, which round one verifies
         t0 = time.perf_counter()
-        stats.cached_tokens = self.ctx.sync(prompt[:-1])
+        stats.cached_tokens = self.ctx.sync(prompt[:-1] if reuse_cache else [])
         self.ctx.eval(prompt[stats.cached_tokens:-1], logits="none")
         if drafter is not None:
             drafter.prepare(prompt)

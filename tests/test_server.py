@@ -186,6 +186,20 @@ def test_a_conversation_reuses_the_kv_cache_of_its_earlier_turns(client, engine)
     assert second.model_extra["timings"]["prompt_n"] == second.usage.prompt_tokens - cached
 
 
+def test_cache_prompt_false_computes_the_whole_prompt_afresh(client, plain):
+    client.chat.completions.create(model="any", messages=HELLO, temperature=0, max_tokens=4)
+    again = client.chat.completions.create(model="any", messages=HELLO, temperature=0, max_tokens=8,
+                                           extra_body={"cache_prompt": False})
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.model_extra["timings"]["prompt_n"] == again.usage.prompt_tokens
+    assert again.choices[0].message.content == plain(HELLO, 8)
+    reused = client.chat.completions.create(model="any", messages=HELLO, temperature=0, max_tokens=8)
+    assert reused.usage.prompt_tokens_details.cached_tokens == reused.usage.prompt_tokens - 1  # the default
+    refused = httpx.post(client.base_url.join("chat/completions").__str__(),
+                         json={"messages": HELLO, "cache_prompt": "sometimes"})
+    assert refused.status_code == 400 and "cache_prompt" in refused.text
+
+
 def test_ggspec_parameters_choose_the_method_and_sampling(client, plain):
     got = client.chat.completions.create(model="any", messages=HELLO, max_tokens=10,
                                          extra_body={"method": "lookup", "draft_max": 2, "top_k": 1})

@@ -113,7 +113,7 @@ def create_app(engine: Engine, defaults: Settings, *, api_key: str | None = None
         return Settings(sampling, spec, body.length or defaults.max_tokens)
 
     async def generate(request: Request, body: GenerationRequest, prompt: Prompt, reply: Reply) -> Response:
-        job = Job(prompt, settings(body), body.stops, asyncio.get_running_loop())
+        job = Job(prompt, settings(body), body.stops, asyncio.get_running_loop(), body.cache_prompt)
         worker.submit(job)
         events = _events(job, request, worker)
         first = await anext(events, None)  # a request that fails does so before any text

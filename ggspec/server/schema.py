@@ -86,6 +86,7 @@ class GenerationRequest(_Strict):
     min_p: float | None = Field(None, ge=0, lt=1)
     seed: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None  # llama.cpp server's extension: generate to the length or a stop
+    cache_prompt: bool = True  # llama.cpp server's too: false computes the whole prompt afresh
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -49,6 +49,7 @@ class Job:
     settings: Settings
     stop: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
+    cache_prompt: bool = True  # False: the prompt is computed afresh, with no cached prefix
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -174,7 +175,7 @@ class Worker:
         job.started = time.perf_counter()
         s = job.settings
         gen = self.engine.stream(job.prompt, max_tokens=s.max_tokens, stop=job.stop, sampling=s.sampling,
-                                 spec=s.spec)
+                                 spec=s.spec, reuse_cache=job.cache_prompt)
         try:
             while not job.cancelled.is_set():
                 try:
