@@ -398,7 +398,7 @@ class Engine:
 
     def _run(self, prompt: list[int], max_tokens: int, stop: Sequence[str],
              sampling: SamplingConfig, spec: SpecConfig, cancel: threading.Event,
-             reuse_cache: bool = True) -> Iterator[str]:
+             reuse_cache: bool) -> Iterator[str]:
         drafter = self.drafters.get(spec.method)
         if "draft" in self.drafters:  # the confidence stop is method draft's: auto sizes its chains itself
             self.drafters["draft"].p_min = spec.draft_p_min if spec.method == "draft" else 0.0
