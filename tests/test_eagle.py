@@ -24,7 +24,7 @@ def eagle_path(tmp_path_factory, target_path):
 
 
 def test_written_file_loads_in_llama_cpp_and_round_trips(eagle_path, target_path, tmp_path):
-    with Model(eagle_path) as m:  # llama_model_load_from_file accepts it
+    with Model(eagle_path, heads=True) as m:  # llama_model_load_from_file accepts it
         assert m.metadata("general.architecture") == "eagle3"
         assert m.metadata("eagle3.target_hidden_size") == "64"
     heads = load_eagle(eagle_path, target_path)
@@ -74,7 +74,7 @@ def test_numpy_forward_matches_llama_cpp_graph(tmp_path, target_path, draft_voca
     heads = load_eagle(path, target_path)
     rng = np.random.default_rng(0)
     n_vocab = heads.embd.shape[0]
-    with Model(path) as model:
+    with Model(path, heads=True) as model:
         ref = _LlamaEagle(model)
         try:
             toks = rng.integers(0, n_vocab, 5)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -384,60 +385,59 @@ def test_sixteen_streaming_clients_get_complete_unmixed_answers(server, client):
             assert (text, reason) == (expected[prompt], "length"), prompt
 
 
-def test_a_full_queue_answers_429_with_retry_after(engine):
-    async def until(url: str, http: httpx.AsyncClient, **state) -> None:
-        while (await http.get(url + "/health")).json() != {"status": "ok", **state}:
-            await asyncio.sleep(0.01)
+async def until(url: str, http: httpx.AsyncClient, **state) -> None:
+    """Wait until /health says `state`."""
+    while (await http.get(url + "/health")).json() != {"status": "ok", **state}:
+        await asyncio.sleep(0.01)
 
-    async def scenario(url: str) -> None:
+
+def with_the_engine_held(engine, scenario) -> None:
+    """Run `scenario(url, held)` against a server with one queue place whose engine another
+    user holds meanwhile (`held`, a stream: closing it frees the engine)."""
+    with LiveServer(create_app(engine, DEFAULTS, max_queue=1)) as server:
+        held = engine.stream("hello", max_tokens=2)
+        next(held)
+        try:
+            asyncio.run(scenario(server.url, held))
+        finally:
+            held.close()
+
+
+QUICK = {"messages": HELLO, "max_tokens": 2}
+
+
+def test_a_full_queue_answers_429_with_retry_after(engine):
+    async def scenario(url: str, held) -> None:
         async with httpx.AsyncClient(timeout=60) as http:
-            quick = {"messages": HELLO, "max_tokens": 2}
-            running = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            running = asyncio.create_task(http.post(url + "/v1/chat/completions", json=QUICK))
             await until(url, http, busy=True, queued=0)  # taken, waiting for the engine's lock
-            waiting = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            waiting = asyncio.create_task(http.post(url + "/v1/chat/completions", json=QUICK))
             await until(url, http, busy=True, queued=1)
-            full = await http.post(url + "/v1/chat/completions", json=quick)
+            full = await http.post(url + "/v1/chat/completions", json=QUICK)
             assert_error(full, 429, "busy")
             assert int(full.headers["Retry-After"]) >= 1
             held.close()  # the engine is free: both run
             assert [(await r).status_code for r in (running, waiting)] == [200, 200]
 
-    with LiveServer(create_app(engine, DEFAULTS, max_queue=1)) as server:
-        held = engine.stream("hello", max_tokens=2)  # another user of the engine holds it meanwhile
-        next(held)
-        try:
-            asyncio.run(scenario(server.url))
-        finally:
-            held.close()
+    with_the_engine_held(engine, scenario)
 
 
 def test_a_client_that_leaves_the_queue_frees_its_place_at_once(engine):
-    async def until(url: str, http: httpx.AsyncClient, **state) -> None:
-        while (await http.get(url + "/health")).json() != {"status": "ok", **state}:
-            await asyncio.sleep(0.01)
-
-    async def scenario(url: str) -> None:
-        quick = {"messages": HELLO, "max_tokens": 2}
+    async def scenario(url: str, held) -> None:
         async with httpx.AsyncClient(timeout=60) as http, httpx.AsyncClient(timeout=60) as leaving:
-            running = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            running = asyncio.create_task(http.post(url + "/v1/chat/completions", json=QUICK))
             await until(url, http, busy=True, queued=0)
-            waiting = asyncio.create_task(leaving.post(url + "/v1/chat/completions", json=quick))
+            waiting = asyncio.create_task(leaving.post(url + "/v1/chat/completions", json=QUICK))
             await until(url, http, busy=True, queued=1)
             waiting.cancel()  # the client hangs up while it waits
             await leaving.aclose()
             await asyncio.wait_for(until(url, http, busy=True, queued=0), 10)  # before the engine is free
-            later = asyncio.create_task(http.post(url + "/v1/chat/completions", json=quick))
+            later = asyncio.create_task(http.post(url + "/v1/chat/completions", json=QUICK))
             await until(url, http, busy=True, queued=1)  # its place, not a 429
             held.close()
             assert [(await r).status_code for r in (running, later)] == [200, 200]
 
-    with LiveServer(create_app(engine, DEFAULTS, max_queue=1)) as server:
-        held = engine.stream("hello", max_tokens=2)  # another user of the engine holds it meanwhile
-        next(held)
-        try:
-            asyncio.run(scenario(server.url))
-        finally:
-            held.close()
+    with_the_engine_held(engine, scenario)
 
 
 def test_the_server_measures_the_verification_cost_before_its_first_request(target_path, draft_path, tmp_path,
@@ -508,11 +508,22 @@ def test_serve_takes_every_engine_option_of_run():
     assert {"host", "port", "api_key", "max_queue"} <= {p.name for p in serve.params}
 
 
-def test_serve_command_listens_answers_and_stops_on_ctrl_c(target_path, draft_path):
+@contextmanager
+def ggspec_serve(*args):
+    """`ggspec serve ARGS --port 0` in a child process, once /health answers: yields its URL,
+    its banner and `interrupt`, which sends one Ctrl-C (a second would force the exit). At
+    the end it gets one if it had none; it must then exit 0, with nothing on stdout and no
+    traceback."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "ggspec", "serve", "-m", target_path, "-d", draft_path, "--threads", "1",
-            "-c", "512", "-n", "5", "--port", "0", "--api-key", KEY]
-    child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-m", "ggspec", "serve", *args, "--port", "0"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sent = []
+
+    def interrupt() -> None:
+        if not sent:
+            child.send_signal(signal.SIGINT)
+            sent.append(True)
+
     try:
         banner = child.stderr.readline()
         assert banner.startswith("ggspec serve: chat page http://127.0.0.1:"), banner
@@ -525,53 +536,39 @@ def test_serve_command_listens_answers_and_stops_on_ctrl_c(target_path, draft_pa
             except httpx.ConnectError:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+        yield url, banner, interrupt
+    finally:
+        interrupt()
+        stdout, stderr = child.communicate(timeout=30)
+    assert child.returncode == 0 and stdout == "", stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_serve_command_listens_answers_and_stops_on_ctrl_c(target_path, draft_path):
+    with ggspec_serve("-m", target_path, "-d", draft_path, "--threads", "1", "-c", "512", "-n", "5",
+                      "--api-key", KEY) as (url, banner, _):
         got = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO},
                          headers={"Authorization": f"Bearer {KEY}"}).json()
         assert got["usage"]["completion_tokens"] == 5  # -n is the default length
         assert "Error" not in banner
-    finally:
-        child.send_signal(signal.SIGINT)
-        stdout, _ = child.communicate(timeout=30)
-    assert child.returncode == 0 and stdout == ""
 
 
 def test_ctrl_c_answers_a_waiting_request_503_at_once_and_ends_the_running_one_cleanly(target_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "ggspec", "serve", "-m", target_path, "--no-draft", "--threads", "1",
-            "-c", "4096", "--method", "none", "--port", "0"]
-    child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    interrupted = False
-    try:
-        url = child.stderr.readline().split()[4].rstrip("/")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        long = {"messages": HELLO, "max_tokens": 4000, "temperature": 0, "stream": True}
-        with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(2) as pool, \
-                http.stream("POST", "/v1/chat/completions", json=long) as running:
-            events = running.iter_lines()
-            next(events)  # it generates
-            waiting = pool.submit(httpx.post, url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60)
-            while httpx.get(url + "/health").json()["queued"] != 1:
-                time.sleep(0.01)
-            child.send_signal(signal.SIGINT)  # (once: a second Ctrl-C forces the exit)
-            interrupted = True
-            refused = waiting.result()
-            rest = [e for e in events if e]
-            assert_error(refused, 503, "shutting down")
-            last = json.loads(rest[-1].removeprefix("data: ")) if rest[-1] != "data: [DONE]" else None
-            assert last is None or "shutting down" in last["error"]["message"], rest[-3:]
-    finally:
-        if not interrupted:
-            child.send_signal(signal.SIGINT)
-        stdout, stderr = child.communicate(timeout=30)
-    assert child.returncode == 0 and stdout == "", stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-2000:]
+    long = {"messages": HELLO, "max_tokens": 4000, "temperature": 0, "stream": True}
+    with ggspec_serve("-m", target_path, "--no-draft", "--threads", "1", "-c", "4096", "--method", "none") as \
+            (url, _, interrupt), httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(2) as pool, \
+            http.stream("POST", "/v1/chat/completions", json=long) as running:
+        events = running.iter_lines()
+        next(events)  # it generates
+        waiting = pool.submit(httpx.post, url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60)
+        while httpx.get(url + "/health").json()["queued"] != 1:
+            time.sleep(0.01)
+        interrupt()
+        refused = waiting.result()
+        rest = [e for e in events if e]
+        assert_error(refused, 503, "shutting down")
+        last = json.loads(rest[-1].removeprefix("data: ")) if rest[-1] != "data: [DONE]" else None
+        assert last is None or "shutting down" in last["error"]["message"], rest[-3:]
 
 
 def test_serve_on_a_taken_port_is_one_line(target_path):

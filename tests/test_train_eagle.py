@@ -85,7 +85,7 @@ def test_written_file_loads_and_numpy_matches_torch(trained, features, target_pa
     """llama.cpp loads the file; heads/eagle.py's numpy forward over the draft's KV cache
     gives the torch model's logits for steps 1, 2, 3 of every row of a chunk (step k+1 of
     row P sees the step-1 rows <= P and its own earlier steps, at position P + k)."""
-    with Model(str(trained.path)) as m:
+    with Model(str(trained.path), heads=True) as m:
         assert m.metadata("general.architecture") == "eagle3"
     heads = load_eagle(trained.path, target_path)
     assert heads.vocab_size == 120 and heads.cfg.target_layers == LAYERS and heads.cfg.n_ff == 64
