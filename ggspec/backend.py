@@ -25,12 +25,13 @@ from typing import Sequence
 
 import jinja2
 import llama_cpp
-import llama_cpp._ggml
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .config import BackendConfig
 from .errors import DecodeError, GgspecError, ModelFileError, SessionFileError, VocabMismatchError
+from . import ggml, weights
+from .ggml import GGML_TYPE_F32, GgmlTensor, lib as _ggml
 from .gguffile import check_model_file
 from .text import utf8
 from .tokens import C_SPACE, Marker, common_prefix, split_markers
@@ -105,31 +106,7 @@ class _Owner:
         self.close()
 
 
-class _GgmlTensor(ctypes.Structure):
-    """The head of ggml.h's `struct ggml_tensor` (ggml 0.25), up to its name."""
-
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
-                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
-                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
-                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
-
-
-_ggml = ctypes.CDLL(llama_cpp._ggml.libggml._name)  # ggml and, through it, ggml-base: own function objects, argtypes set here
-for _name, _res, _args in [
-    ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
-    ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
-    ("ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p]),
-    ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
-    ("ggml_backend_dev_count", ctypes.c_size_t, []),
-    ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-    ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-    ("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
-    ("ggml_set_abort_callback", ctypes.c_void_p, [ctypes.c_void_p]),
-    ("ggml_backend_tensor_get", None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
-]:
-    getattr(_ggml, _name).restype, getattr(_ggml, _name).argtypes = _res, _args
-_GGML_TYPE_F32 = 0
-_NAME_OFFSET = _GgmlTensor.name.offset
+_NAME_OFFSET = GgmlTensor.name.offset
 
 
 def layer_input_name(layer: int) -> str:
@@ -157,9 +134,9 @@ class _Taps:
         taps = self.index.get(ctypes.string_at(tensor + _NAME_OFFSET))
         if taps is None:
             return not ask
-        t = ctypes.cast(tensor, ctypes.POINTER(_GgmlTensor)).contents
+        t = ctypes.cast(tensor, ctypes.POINTER(GgmlTensor)).contents
         if ask:  # do we want this tensor's data once it is computed?
-            return t.type == _GGML_TYPE_F32 and t.ne[0] == self.n_embd
+            return t.type == GGML_TYPE_F32 and t.ne[0] == self.n_embd
         n, s = t.ne[1], self.seen[taps[0]]  # a decode split in ubatches calls once per ubatch
         block = np.empty((n, self.n_embd), dtype=np.float32)
         _ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, 0, block.nbytes)
@@ -184,6 +161,7 @@ class Model(_Owner):
             params.devices = ctypes.addressof(devices)
         if split is not None:
             params.tensor_split = split
+        overrides = weights.place(params, self.header)  # likewise
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             size = self.path.stat().st_size
@@ -1009,7 +987,7 @@ RPC_REINSTALL = ("this llama-cpp-python was built without RPC support; reinstall
 RPC_TIMEOUT = 5.0  # seconds a server may take to accept and answer the handshake
 RPC_CMD_HELLO = 14  # fixed across protocol versions (ggml-rpc.cpp asserts it)
 RPC_HELLO_SIZE = 24  # the request's connection capabilities, none asked for here
-DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2  # enum ggml_backend_dev_type
+DEVICE_GPU, DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type (ggml.DEVICE_CPU = 0)
 
 _rpc_add_server_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 _rpc_start_server_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
@@ -1140,7 +1118,7 @@ def serve_rpc(endpoint: str, threads: int, cache_dir: str | None = None) -> None
     """Serve this machine's GPUs (or else its CPU) as a ggml RPC server at endpoint
     ("HOST:PORT") until interrupted. llama.cpp prints its banner on stdout."""
     start = _rpc_function("ggml_backend_rpc_start_server", _rpc_start_server_t)
-    devices = _local_gpus() or [_ggml.ggml_backend_dev_by_type(DEVICE_CPU)]
+    devices = _local_gpus() or [ggml.cpu_device()]
     array = (ctypes.c_void_p * len(devices))(*devices)
     cache = None if cache_dir is None else os.fsencode(cache_dir)
     # in a thread: a call into C cannot be interrupted, and Ctrl-C must stop the server

@@ -1,5 +1,7 @@
 """Independent references for exactness tests: plain llama.cpp decoding written directly
-against llama-cpp-python's C API, sharing no code with ggspec's engine."""
+against llama-cpp-python's C API, sharing no decoding code with ggspec's engine (the
+weights are placed as the engine's load places them, ggspec.weights, so that both run the
+same kernels)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
+
+from ggspec import weights
+from ggspec.gguffile import read_header
 
 # Batched and single-row kernels accumulate in different orders, and which kernels run
 # depends on the CPU: a position's logits computed through the cache and through a fresh
@@ -30,7 +35,9 @@ def greedy_reference(model_path: str, prompt: list[int], n: int, n_ctx: int = 51
     those tokens are fed one per decode first (teacher forcing), then n are generated.
     With `ignore_eog`, every end-of-generation token's logit is -inf (in `logits` too)."""
     mparams = llama_cpp.llama_model_default_params()
+    keep = weights.place(mparams, read_header(model_path))  # the kernels the engine's load chose
     model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+    del keep
     assert model, model_path
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = n_ctx

@@ -22,6 +22,9 @@ from tinymodels import (  # noqa: E402
     write_tiny_llama,
 )
 
+from ggspec import weights  # noqa: E402
+from ggspec.gguffile import read_header  # noqa: E402
+
 
 @llama_cpp.llama_log_callback
 def _quiet(level, text, user_data):
@@ -40,7 +43,9 @@ class Tiny:
     def __init__(self, path, n_ctx=512):
         self.model = self.ctx = None
         mparams = llama_cpp.llama_model_default_params()
+        keep = weights.place(mparams, read_header(path))  # the kernels the engine's load chose
         self.model = llama_cpp.llama_model_load_from_file(os.fsencode(path), mparams)
+        del keep
         if not self.model:
             raise RuntimeError(f"cannot load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
