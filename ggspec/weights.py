@@ -3,7 +3,7 @@
 On a CPU with Intel AMX (Xeon from Sapphire Rapids on), llama.cpp offers an AMX buffer type
 first among the CPU's extra buffer types: the matrices its AMX kernels take are stored there
 and their products run on AMX tiles; of the rest, those its AVX2 kernels repack go to the
-repack buffer (CPU_REPACK). Built by GCC 12 (Debian 12's) or older, those AMX kernels end
+repack buffer (CPU_REPACK). Built by Debian 12's GCC 12, those AMX kernels end
 the process at their first product: that GCC's `_tile_loadconfig` tells the compiler it
 reads 8 of the tile configuration's 64 bytes, the stores of the rest are dropped, and
 `ldtilecfg` faults on what the stack held (llama.cpp issue 20824). So where the AMX buffer
@@ -130,9 +130,9 @@ def amx_runs() -> bool:
     except subprocess.TimeoutExpired:
         outcome = f"did not finish in {CHECK_TIMEOUT} s"
     if outcome:
-        print(f"ggspec: llama.cpp's AMX kernels {outcome} on this CPU (built by GCC 12 or older, they "
-              "crash: llama.cpp issue 20824); models load without the AMX buffer, the matrices llama.cpp "
-              "repacks for AVX2 still repacked. A llama-cpp-python built by clang or a newer GCC may run "
+        print(f"ggspec: llama.cpp's AMX kernels {outcome} on this CPU (built by GCC 12, they crash: "
+              "llama.cpp issue 20824); models load without the AMX buffer, the matrices llama.cpp "
+              "repacks for AVX2 still repacked. A llama-cpp-python built by another compiler may run "
               "them.", file=sys.stderr)
     data[key] = outcome is None
     hub.write_json(store, data, "the check of llama.cpp's AMX kernels")
