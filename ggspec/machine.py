@@ -41,26 +41,49 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
+def _others_total() -> float:
+    """CPU seconds every process but this one has used since boot: the machine's busy time
+    (/proc/stat) less this process's own and its finished children's (ggspec's own runs of
+    llama.cpp's tools, one after another). It counts processes too short-lived for any
+    snapshot of /proc to see (a build's compiler runs, a test's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    busy = sum(int(f) for k, f in enumerate(fields[:8]) if k not in (3, 4))  # less idle, iowait
+    own = Path("/proc/self/stat").read_text()
+    own_fields = own[own.rindex(")") + 2:].split()
+    return (busy - sum(int(f) for f in own_fields[11:15])) / tick  # utime stime cutime cstime
+
+
 @dataclass(frozen=True)
 class Snapshot:
     at: float
     used: dict[int, tuple[str, float]]
+    others: float  # _others_total then
 
 
 def snapshot() -> Snapshot:
     """Every other process's CPU time now (nothing where /proc is not available)."""
-    return Snapshot(time.monotonic(), _cpu_seconds() if Path("/proc/self/stat").exists() else {})
+    if not Path("/proc/self/stat").exists():
+        return Snapshot(time.monotonic(), {}, 0.0)
+    return Snapshot(time.monotonic(), _cpu_seconds(), _others_total())
 
 
 def busy_since(before: Snapshot) -> list[str]:
     """Other processes that used more than PROCESS_LIMIT of a core since `before`, as
-    "name (pid): 85%"."""
+    "name (pid): 85%" (one started since then counted in full), and, as "short-lived
+    processes: 40%", the CPU used beyond theirs by processes no snapshot saw."""
+    if not before.used:
+        return []
     seconds = max(time.monotonic() - before.at, 1e-3)
-    busy = []
-    for pid, (name, used) in (_cpu_seconds() if before.used else {}).items():
-        share = (used - before.used.get(pid, (name, used))[1]) / seconds
+    busy, seen = [], 0.0
+    for pid, (name, used) in _cpu_seconds().items():
+        share = (used - before.used.get(pid, (name, 0.0))[1]) / seconds
+        seen += max(share, 0.0)
         if share > PROCESS_LIMIT:
             busy.append(f"{name} ({pid}): {100 * share:.0f}%")
+    unseen = (_others_total() - before.others) / seconds - seen
+    if unseen > PROCESS_LIMIT:
+        busy.append(f"short-lived processes: {100 * unseen:.0f}%")
     return busy
 
 
