@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import SamplingConfig
+from . import weights
 from .errors import GgspecError
 
 COMPLETION = "llama-completion"
@@ -131,6 +132,11 @@ class LlamaCpp:
             cmd += ["--seed", str(sampling.seed)]
         if sampling.ignore_eos:
             cmd.append("--ignore-eos")
+        if not weights.amx_usable():
+            # built from the same source by the same compiler, its AMX kernels crash as the
+            # engine's would; its -ot names only devices' own buffer types (CPU, not
+            # CPU_REPACK), so llama.cpp's way around is all its extra buffer types off, draft's too
+            cmd.append("--no-repack")
         if variant.mode == "plain":
             return cmd + ["-no-cnv", "--no-display-prompt"]  # the prompt is already chat-templated
         cmd += ["--spec-type", variant.mode]

@@ -56,9 +56,9 @@ def place(params: llama_cpp.llama_model_params, header: Header):
     """Set `params` to load the model of `header` without llama.cpp's AMX buffer where its
     AMX kernels do not run here (amx_runs); else leave them. Returns what must live until
     llama_model_load_from_file returns (the override array), or None."""
-    bufts = ggml.cpu_extra_buffer_types()
-    if AMX not in bufts or amx_runs():
+    if amx_usable():
         return None
+    bufts = ggml.cpu_extra_buffer_types()
     params.use_extra_bufts = False
     pattern = repack_pattern(header, bufts.get(REPACK))
     if pattern is None:
@@ -66,6 +66,12 @@ def place(params: llama_cpp.llama_model_params, header: Header):
     overrides = (_Override * 2)(_Override(pattern.encode(), bufts[REPACK]))  # then the {NULL, NULL} end
     params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
     return overrides
+
+
+def amx_usable() -> bool:
+    """Whether llama.cpp may put weights in its AMX buffer here: it offers none, or its AMX
+    kernels run (amx_runs)."""
+    return AMX not in ggml.cpu_extra_buffer_types() or amx_runs()
 
 
 def repack_pattern(header: Header, repack: int | None) -> str | None:

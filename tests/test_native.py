@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, weights
 from ggspec.bench import WORKLOADS, run_grid, table, variants
 from ggspec.cli import cli
 from ggspec.errors import GgspecError
@@ -110,6 +110,15 @@ def test_gpu_layers_follow_the_engine_settings(tmp_path):
                      n_gpu_layers=0, n_gpu_layers_draft=12)
     opts = options(llama.command(NativeVariant("draft-simple"), tmp_path / "p.txt", 8, GREEDY))
     assert (opts["-ngl"], opts["-ngld"]) == ("0", "12")
+
+
+@pytest.mark.parametrize("usable", [True, False])
+def test_where_llama_cpps_amx_kernels_crash_its_tools_run_without_extra_buffer_types(tmp_path, monkeypatch, usable):
+    monkeypatch.setattr(weights, "amx_usable", lambda: usable)
+    llama = LlamaCpp(fake_binaries(tmp_path / "bin"), Path("t.gguf"), Path("d.gguf"), 2, 2048)
+    for variant in llama.variants():
+        cmd = llama.command(variant, tmp_path / "p.txt", 8, GREEDY)
+        assert ("--no-repack" in cmd) is not usable
 
 
 def test_draft_simple_runs_only_with_a_draft_model(tmp_path):
