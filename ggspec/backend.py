@@ -28,9 +28,9 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from . import ggml, weights
 from .config import BackendConfig
 from .errors import DecodeError, GgspecError, ModelFileError, SessionFileError, VocabMismatchError
-from . import ggml, weights
 from .ggml import GGML_TYPE_F32, GgmlTensor, lib as _ggml
 from .gguffile import check_model_file
 from .text import utf8
@@ -161,7 +161,7 @@ class Model(_Owner):
             params.devices = ctypes.addressof(devices)
         if split is not None:
             params.tensor_split = split
-        overrides = weights.place(params, self.header)  # likewise
+        overrides = weights.place(params, self.header)  # likewise (None where nothing is overridden)
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             size = self.path.stat().st_size

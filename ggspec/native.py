@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SamplingConfig
 from . import weights
+from .config import SamplingConfig
 from .errors import GgspecError
 
 COMPLETION = "llama-completion"
