@@ -63,7 +63,13 @@ def place(params: llama_cpp.llama_model_params, header: Header):
     pattern = repack_pattern(header, bufts.get(REPACK))
     if pattern is None:
         return None
-    overrides = (_Override * 2)(_Override(pattern.encode(), bufts[REPACK]))  # then the {NULL, NULL} end
+    return override(params, pattern, bufts[REPACK])
+
+
+def override(params: llama_cpp.llama_model_params, pattern: str, buft: int):
+    """Set `params` to store the tensors whose names match `pattern` in buffers of type
+    `buft`; returns the override array, which must live until the load returns."""
+    overrides = (_Override * 2)(_Override(pattern.encode(), buft))  # then the {NULL, NULL} end
     params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
     return overrides
 
@@ -79,10 +85,12 @@ def repack_pattern(header: Header, repack: int | None) -> str | None:
     repack buffer type `repack` takes (llama.cpp's own test: does the CPU device support a
     product of the matrix held in that buffer type), grouped by name so that llama.cpp's
     std::regex stays short; None where it takes none."""
+    if repack is None:
+        return None
     layers = defaultdict(list)  # "attn_q.weight" -> the layers whose one is taken; "" for output.weight
     for name, t in header.tensors.items():
         m = _MATRIX.fullmatch(name)
-        if m and repack and len(t.shape) == 2 and _repack_takes(t, repack):
+        if m and len(t.shape) == 2 and _repack_takes(t, repack):
             layers[m.group(2) or ""].append(m.group(1))
     if not layers:
         return None

@@ -35,8 +35,7 @@ def test_a_process_started_during_the_measurement_is_named_with_all_its_time():
 def test_processes_too_short_lived_for_any_snapshot_are_counted():
     """A shell that runs one short computation after another: each ends before any look at
     /proc, and the shell waits for it, so only the machine's busy time shows them."""
-    shell = subprocess.Popen(["sh", "-c", f"for i in 1 2 3 4 5 6 7 8 9 10; do {' '.join(_spin(0.15)[:2])} "
-                              f"'{_spin(0.15)[2]}'; done"])
+    shell = subprocess.Popen(["sh", "-c", 'for i in 1 2 3 4 5 6 7 8 9 10; do "$0" "$1" "$2"; done', *_spin(0.15)])
     before = machine.snapshot()
     time.sleep(1.2)
     busy = machine.busy_since(before)

@@ -3,7 +3,6 @@ and, where they do not run, the matrices llama.cpp repacks placed in its repack 
 
 from __future__ import annotations
 
-import ctypes
 import re
 import subprocess
 
@@ -24,9 +23,7 @@ def _loaded_buffers(capfd, path, use_extra_bufts, pattern):
     try:
         params = llama_cpp.llama_model_default_params()
         params.use_extra_bufts = use_extra_bufts
-        keep = (weights._Override * 2)(weights._Override(pattern.encode(), REPACK)) if pattern else None
-        if keep is not None:
-            params.tensor_buft_overrides = ctypes.cast(keep, ctypes.c_void_p)
+        keep = weights.override(params, pattern, REPACK) if pattern else None
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         assert model
         llama_cpp.llama_model_free(model)
