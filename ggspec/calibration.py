@@ -1,17 +1,21 @@
 """Measure what a verification costs on this machine, once, and remember it on disk.
 
 A calibration times one llama_decode of b rows after the cached tokens for every b the
-controller may use, in PASSES passes over the sizes (up, then down), keeping each size's
-fastest (the rounds that follow correct the points they use), and one draft-model token.
-Every size is measured alike: a curve whose t(1) were the best of more tries than the
-other points would overstate every other point against it, and a size that looks too dear
-is never tried, so never corrected. It is stored in calibration.json in the state
-directory (ggspec.hub.state_dir) under a key naming everything that changes the figures:
-the model file (path, size, modification time), the context's settings (threads, batch,
-GPU layers, flash attention, sequences, embeddings, rollback slots), llama.cpp's build and
-this machine's CPU. Any change of those measures again. A calibration taken while other
+controller may use (ggspec.controller.Survey: every size alike, in two passes, each
+size's fastest kept; the rounds that follow correct the points they use), and one
+draft-model token. It is stored in calibration.json in the state directory
+(ggspec.hub.state_dir) under a key naming everything that changes the figures: the model
+file (path, size, modification time), the context's settings (threads, batch, GPU layers,
+flash attention, sequences, embeddings, rollback slots), llama.cpp's build and this
+machine's CPU. Any change of those measures again. A calibration taken while other
 processes were busy is used but not stored. Storing one drops what was stored for model
 files that are gone.
+
+measure() decodes filler tokens, for an application that has time before its first
+generation (Engine.prepare). A generation that finds nothing stored does not wait for
+that: its own rounds take the timings (ggspec.engine), and what an answer too short to
+take them all has taken is stored as a survey under way (store_survey) for the next
+engine to go on with.
 
 The cost model refines the curve from the rounds it runs (ggspec.controller.CostModel:
 a correction per size). The curve is timed just after the first prompt, and rounds deep in
@@ -36,10 +40,8 @@ import numpy as np
 
 from . import hub, machine
 from .backend import Context
+from .controller import PASSES, Survey
 
-DENSE_ROWS = 33   # every size up to here is measured (CPU kernels favour some sizes, e.g.
-STRIDE = 8        # multiples of 16); above it every STRIDE-th one
-PASSES = 2        # timings of each size: the fastest counts
 FILE = "calibration.json"
 
 
@@ -59,10 +61,6 @@ def context_key(ctx: Context) -> str:
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
-def measured_sizes(rows: int) -> list[int]:
-    return sorted({*range(1, min(rows, DENSE_ROWS) + 1), *range(DENSE_ROWS, rows + 1, STRIDE), rows})
-
-
 def measure(ctx: Context, rows: int, stop: threading.Event | None = None) -> np.ndarray | None:
     """Seconds for one decode of b = 1..rows tokens after the cached ones: (rows,),
     sizes between measured ones interpolated; None if `stop` is set before the last
@@ -72,16 +70,15 @@ def measure(ctx: Context, rows: int, stop: threading.Event | None = None) -> np.
     ctx.checkpoint(rows, 0)  # a recurrent state is saved here, and restored by each truncate
     ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
     ctx.truncate(n)
-    sizes = measured_sizes(rows)
-    seconds = dict.fromkeys(sizes, np.inf)
-    for b in [b for i in range(PASSES) for b in (sizes if i % 2 == 0 else sizes[::-1])]:
+    survey = Survey(rows)
+    while (b := survey.next) is not None:
         if stop is not None and stop.is_set():
             return None
         t0 = time.perf_counter()
         ctx.eval(filler * b, logits="all")
-        seconds[b] = min(seconds[b], time.perf_counter() - t0)
+        survey.observe(b, time.perf_counter() - t0)
         ctx.truncate(n)
-    return np.interp(np.arange(1, rows + 1), sizes, [seconds[b] for b in sizes])
+    return survey.curve()
 
 
 def _store() -> Path:
@@ -113,6 +110,31 @@ def store_curve(ctx: Context, curve: np.ndarray) -> None:
     data[context_key(ctx)] = {"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
                               "threads": ctx.n_threads, "depth": len(ctx.tokens), "measured": time.time(),
                               "seconds": [float(s) for s in curve]}
+    hub.write_json(_store(), data, "the calibration")
+
+
+def stored_survey(ctx: Context, rows: int) -> Survey:
+    """A survey of this context's curve for `rows` rows, resumed where a stored one of the
+    same rows stopped (else from its start)."""
+    entry = hub.read_json(_store()).get(context_key(ctx))
+    try:
+        saved = entry["survey"]
+        done = [(int(b), float(s)) for b, s in saved["done"]]
+    except (TypeError, KeyError, ValueError):
+        return Survey(rows)
+    sane = saved.get("rows") == rows and all(np.isfinite(s) and s > 0 for _, s in done)
+    return Survey(rows, done if sane else ())
+
+
+def store_survey(ctx: Context, survey: Survey) -> None:
+    """Store a survey under way for this context (written atomically), unless a curve is
+    stored for it."""
+    data = hub.entries_for_files_that_exist(_store())
+    key = context_key(ctx)
+    if isinstance(data.get(key), dict) and "seconds" in data[key]:
+        return
+    data[key] = {"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
+                 "threads": ctx.n_threads, "survey": {"rows": survey.rows, "done": survey.done}}
     hub.write_json(_store(), data, "the calibration")
 
 
@@ -148,12 +170,17 @@ def verify_curve(ctx: Context, rows: int, *, progress: bool = True,
               f"(once for this model, machine and settings)", file=sys.stderr)
     before = machine.snapshot()
     curve = measure(ctx, rows, stop)
-    if curve is None:
-        return None
-    busy = machine.busy_since(before)
-    if busy:  # the shape is distorted: use it now, measure again next time
+    if curve is not None:
+        keep(ctx, curve, before)
+    return curve
+
+
+def keep(ctx: Context, curve: np.ndarray, since: machine.Snapshot) -> None:
+    """Store a curve measured since `since`, unless other processes were busy meanwhile
+    (its shape is then distorted: it is used now, and measured again next time)."""
+    busy = machine.busy_since(since)
+    if busy:
         print(f"ggspec: not saving the calibration: other processes were busy ({', '.join(busy)})",
               file=sys.stderr)
     else:
         store_curve(ctx, curve)
-    return curve

@@ -21,6 +21,9 @@ import numpy as np
 
 EMA = 0.1           # weight of a new observation, once the prior has been outweighed
 EXPLORE_EVERY = 48  # rounds of one kind (plain / drafting) in a row before trying the other
+DENSE_ROWS = 33     # a calibration times every size up to here (CPU kernels favour some sizes,
+STRIDE = 8          # e.g. multiples of 16), above it every STRIDE-th one,
+PASSES = 2          # in this many passes (up, then down): each size's fastest counts
 
 
 class _Input:
@@ -35,6 +38,49 @@ class _Input:
     def __set__(self, model: CostModel, value) -> None:
         model.__dict__[self.name] = value
         model._table = None
+
+
+def measured_sizes(rows: int) -> list[int]:
+    """The verification sizes a calibration of 1..rows rows times; the others are interpolated."""
+    return sorted({*range(1, min(rows, DENSE_ROWS) + 1), *range(DENSE_ROWS, rows + 1, STRIDE), rows})
+
+
+class Survey:
+    """One calibration's timings, in their order: each of measured_sizes(rows), up, then
+    down, PASSES passes; each size keeps its fastest. Every size is timed alike: a curve
+    whose t(1) were the best of more tries than the other points would overstate every
+    other point against it, and a size that looks too dear is never tried, so never
+    corrected. ggspec.calibration.measure takes the timings from decodes of filler tokens
+    while nothing else waits; an engine with no stored curve takes them from its first
+    rounds instead (ggspec.engine: each round's draft is fitted to `next` rows), so its
+    first answer streams while it measures, and every timing also commits tokens.
+
+    done: the timings taken so far, (rows, seconds) in order (a survey resumed from the
+    store replays them)."""
+
+    def __init__(self, rows: int, done: Sequence[tuple[int, float]] = ()):
+        self.rows = rows
+        self._sizes = measured_sizes(rows)
+        self._order = [b for i in range(PASSES) for b in (self._sizes if i % 2 == 0 else self._sizes[::-1])]
+        self._fastest = dict.fromkeys(self._sizes, np.inf)
+        self.done: list[tuple[int, float]] = []
+        for b, seconds in done:
+            self.observe(b, seconds)
+
+    @property
+    def next(self) -> int | None:
+        """Rows of the next timing (None: all taken)."""
+        return self._order[len(self.done)] if len(self.done) < len(self._order) else None
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode of `rows` rows took `seconds`: the next timing if that is its size."""
+        if rows == self.next:
+            self.done.append((rows, seconds))
+            self._fastest[rows] = min(self._fastest[rows], seconds)
+
+    def curve(self) -> np.ndarray:
+        """t(1..rows): (rows,), sizes between the timed ones interpolated (all taken)."""
+        return np.interp(np.arange(1, self.rows + 1), self._sizes, [self._fastest[b] for b in self._sizes])
 
 
 class CostModel:
@@ -57,6 +103,8 @@ class CostModel:
     state_copy: seconds one save or one restore of the target's recurrent state takes (0:
     the target's cache is cut without copies); rollback: how many rejected tokens its
     memory drops without one (llama.cpp's rollback slots).
+
+    survey: the calibration the rounds are taking (Survey), if one is under way.
     """
 
     SHAPE_EMA = 0.05
@@ -80,6 +128,7 @@ class CostModel:
         self._table: np.ndarray | None = None  # t(1..b_max), made when first asked for
         self.draft_token = self.draft_row = 0.0
         self.overlap = Overlap()
+        self.survey: Survey | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -87,6 +136,8 @@ class CostModel:
 
     def calibrate(self, curve: np.ndarray, draft_token: float = 0.0) -> None:
         self.curve = np.array(curve, dtype=np.float64)
+        if self.survey is not None and self.survey.rows <= len(self.curve):
+            self.survey = None  # (a curve measured or stored meanwhile covers its sizes)
         self.correction = np.ones_like(self.curve)
         self.scale = 1.0
         self.draft_token = self.draft_row = draft_token
@@ -129,6 +180,8 @@ class CostModel:
         return cost
 
     def observe_verify(self, rows: int, seconds: float) -> None:
+        if self.survey is not None:
+            self.survey.observe(rows, seconds)
         if self.curve is not None and rows <= len(self.curve):
             ratio = seconds / self.curve[rows - 1]
             self.scale += EMA * (ratio - self.scale)  # (which also drops the table)

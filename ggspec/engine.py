@@ -8,6 +8,7 @@ the first row of the next verification batch, followed by the draft.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -22,7 +23,7 @@ from .acceptance import (TreeVerdict, accept_greedy, accept_match, accept_specul
                          accept_tree_typical)
 from .backend import Context, Model, check_vocab_compatible, layer_input_name
 from .config import BackendConfig, SamplingConfig, SpecConfig
-from .controller import CostModel
+from .controller import CostModel, Survey
 from .drafters import Draft, Drafter
 from .drafters.auto import AutoDrafter
 from .drafters.eagle import DEPTH, TOP_K, EagleDrafter
@@ -366,7 +367,7 @@ class Engine:
 
     def prepare(self, spec: SpecConfig | None = None) -> None:
         """Measure now what the first generation with `spec` (the engine's default if None)
-        would otherwise measure before its first token: the verification cost curve and the
+        would otherwise measure in its first rounds (ggspec.controller.Survey): the verification cost curve and the
         draft model's token cost, when the calibration store holds none for this machine
         and these settings (ggspec.calibration). Call it while the application waits for
         its user, from any thread: `ggspec chat` does while the first message is typed,
@@ -422,7 +423,8 @@ class Engine:
         if drafter is not None:
             drafter.prepare(prompt)
             if spec.method in CALIBRATED:
-                self._calibrate(spec.draft_max + 1)
+                self._calibrate(spec.draft_max + 1, wait=False)
+        surveying = (machine.snapshot(), len(self.costs.survey.done)) if self.costs.survey else None
         stats.prefill_tokens = len(prompt) - stats.cached_tokens
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
@@ -440,6 +442,7 @@ class Engine:
             budget = self._budget(spec, max_tokens - len(generated), len(committed))
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
+            draft = self._fit(draft, budget, committed[-1])
             if draft.tree is None:  # a recurrent target's state may be saved here (the cost model counts it apart)
                 self.ctx.checkpoint(len(draft.tokens) + 1, 1)
             tb = time.perf_counter()
@@ -462,6 +465,8 @@ class Engine:
                 self.costs.overlap.observe(ahead, tc - ta, len(accepted) + 1)
             if not ahead:  # (a verification sharing the machine with the worker is not the curve's)
                 self.costs.observe_verify(len(draft.tokens) + 1, tc - tb)
+                if self.costs.survey is not None and self.costs.survey.next is None:
+                    self._surveyed(surveying[0])
             if drafter is not None:
                 drafter.accept(draft, verdict.nodes)
             # commit: keep the pending token and the accepted drafts in the KV cache
@@ -490,6 +495,8 @@ class Engine:
         stats.llama_seconds = self._busy() - busy1
         stats.generated_tokens = len(generated)
         stats.finish_reason = finish
+        if self.costs.survey is not None and surveying:
+            self._keep_survey(*surveying)
         if learns and time.monotonic() - self._unstored.at >= REMEMBER_EVERY:
             self._store()
         if isinstance(drafter, AutoDrafter):
@@ -533,30 +540,76 @@ class Engine:
         self.drafters["draft"].propose_ahead([*committed, *draft.tokens], budget, sampling, rng)
         return True
 
-    def _calibrate(self, rows: int, progress: bool | None = None, stop: threading.Event | None = None) -> None:
+    def _calibrate(self, rows: int, progress: bool | None = None, stop: threading.Event | None = None,
+                   wait: bool = True) -> None:
         """Give the cost model a verification curve covering `rows` rows (and the largest
-        tree with heads), from the calibration store or measured now (announced on stderr
-        with `progress`, the engine's setting if None); none if `stop` is set before the
-        measurement ends."""
+        tree with heads): from the calibration store, or measured now (announced on stderr
+        with `progress`, the engine's setting if None; none if `stop` is set before the
+        measurement ends), or, without `wait`, by the rounds that follow (a survey, resumed
+        where a stored one stopped)."""
         if self._tree_drafters():
             rows = max(rows, MEDUSA_MAX_NODES + 1)
-        if self.costs.calibrated and self.costs.max_rows >= rows:
+        under_way = self.costs.survey is not None and self.costs.survey.rows >= rows
+        if self.costs.calibrated and self.costs.max_rows >= rows or under_way and not wait:
             return
         if len(self.ctx.tokens) + rows + 1 > self.n_ctx:
             return  # no room to measure: the controller drafts nothing until there is
         progress = self._progress if progress is None else progress
         draft = self.drafters.get("draft")
-        draft_token = np.zeros(1)
         if draft is not None and len(draft.ctx.tokens) + 2 <= draft.ctx.n_ctx:
             draft_token = calibration.verify_curve(draft.ctx, 1, progress=progress, stop=stop)
-        curve = calibration.verify_curve(self.ctx, rows, progress=progress, stop=stop)
-        if draft_token is None or curve is None:
+            if draft_token is None:
+                return
+            self.costs.draft_token = self.costs.draft_row = float(draft_token[0])
+        curve = calibration.cached_curve(self.ctx, rows)
+        if curve is None and not wait:
+            self.costs.survey = calibration.stored_survey(self.ctx, rows)
+            if progress:
+                print(f"ggspec: measuring {self.target.path.name}'s verification cost for 1-{rows} rows in the "
+                      "first rounds (once for this model, machine and settings)", file=sys.stderr)
             return
-        self.costs.calibrate(curve, float(draft_token[0]))
-        refined = calibration.stored_correction(self.ctx, rows) if self.remember else None
+        curve = calibration.verify_curve(self.ctx, rows, progress=progress, stop=stop)
+        if curve is not None:
+            self._take_curve(curve)
+
+    def _take_curve(self, curve: np.ndarray) -> None:
+        """Let the cost model choose by this verification curve, refined by the corrections
+        stored for it."""
+        self.costs.calibrate(curve, self.costs.draft_token)
+        refined = calibration.stored_correction(self.ctx, len(curve)) if self.remember else None
         if refined is not None:
             self.costs.correction = refined
         self.costs.state_copy, self.costs.rollback = self.ctx.time_state_copy(), self.ctx.n_rs_seq
+
+    def _fit(self, draft: Draft, budget: int, pending: int) -> Draft:
+        """While the rounds take a calibration's timings (a survey), `draft` cut or filled
+        to the size of the next timing, when that fits the budget. The filler repeats the
+        pending token: what it drafts changes how many tokens a round commits, never
+        which (every draft is verified)."""
+        survey = self.costs.survey
+        k = survey.next - 1 if survey is not None and survey.next is not None else -1
+        if not 0 <= k <= budget or draft.tree is not None or k == len(draft.tokens):
+            return draft
+        fill = [pending] * (k - len(draft.tokens))
+        q = None if draft.q is None else draft.q[:k] + [(np.array([pending]), np.ones(1))] * len(fill)
+        return Draft(draft.tokens[:k] + fill, q, plan=draft.plan if k > len(draft.tokens) else None)
+
+    def _surveyed(self, since: machine.Snapshot) -> None:
+        """The rounds took every timing of the survey: choose by its curve from now on, and
+        store it unless other processes were busy while this generation took its part."""
+        curve = self.costs.survey.curve()
+        calibration.keep(self.ctx, curve, since)
+        self._take_curve(curve)
+
+    def _keep_survey(self, since: machine.Snapshot, before: int) -> None:
+        """A generation ended with the survey under way: store what it has taken for the
+        next engine, or, when other processes were busy meanwhile, drop this generation's
+        timings (taken again by the next rounds)."""
+        survey = self.costs.survey
+        if machine.busy_since(since):
+            self.costs.survey = Survey(survey.rows, survey.done[:before])
+        else:
+            calibration.store_survey(self.ctx, survey)
 
     def _take(self, tokens: list[int], from_draft: bool, generated: list[int], text: TextStream,
               out: list[str], max_tokens: int) -> str:

@@ -16,6 +16,9 @@ from ggspec import BackendConfig, calibration, machine
 from ggspec.backend import Context, Model
 
 
+COPYABLE = [1] + list(range(300, 312)) * 4  # a prompt that lookup copies from
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     path = tmp_path / calibration.FILE
@@ -105,11 +108,12 @@ def test_a_damaged_store_is_ignored_and_rewritten(store, measured, target_path, 
 def test_an_engine_reuses_the_stored_calibration(store, measured, target_path):
     from ggspec import Engine, SamplingConfig, SpecConfig
     cfg = BackendConfig(n_ctx=256, n_threads=1)
-    for _ in range(2):
+    for n in (40, 3):  # the first answer's rounds measure; the second starts from the stored curve
         with Engine(target_path, None, target_config=cfg, progress=False) as eng:
-            eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
-            assert eng.costs.calibrated and eng.costs.max_rows == SpecConfig().draft_max + 1
-    assert len(measured) == 1
+            eng.generate(COPYABLE, max_tokens=n, sampling=SamplingConfig(temperature=0, ignore_eos=True),
+                         spec=SpecConfig("auto", 4))
+            assert eng.costs.calibrated and eng.costs.max_rows == 5
+    assert measured == [] and len(json.loads(store.read_text())) == 1
 
 
 def test_every_size_is_timed_in_each_pass_and_its_fastest_kept(target_path, monkeypatch):
@@ -143,6 +147,7 @@ def engine_corrections(target_path, monkeypatch, remember=True):
     monkeypatch.setattr(CostModel, "observe_verify", lambda self, rows, seconds: None)
     cfg = BackendConfig(n_ctx=256, n_threads=1)
     with Engine(target_path, None, target_config=cfg, progress=False, remember=remember) as eng:
+        eng.prepare(SpecConfig("auto"))  # (rounds that observe nothing would never finish a survey)
         eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
         return eng.costs.correction.copy()
 
@@ -256,8 +261,9 @@ def test_cancel_stops_prepare_and_keeps_nothing_it_measured(store, measured, tar
         assert not eng.costs.calibrated and not store.exists() and eng.ctx.tokens == []
         result = eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0),
                               spec=SpecConfig("auto", 4))
-        assert len(result.tokens) == 3 and len(measured) == 2 and eng.costs.calibrated  # measured then
-    assert len(json.loads(store.read_text())) == 1
+        assert len(result.tokens) == 3 and len(measured) == 1  # its rounds measure instead
+        assert [b for b, _ in eng.costs.survey.done] == [1, 2]
+    assert "survey" in stored_entry(store)
 
 
 def test_close_from_another_thread_stops_prepare_at_once(store, target_path, monkeypatch):
@@ -286,3 +292,87 @@ def test_close_from_another_thread_stops_prepare_at_once(store, target_path, mon
     assert not store.exists()
     with pytest.raises(EngineClosedError):
         eng.prepare(SpecConfig("auto"))
+
+
+
+
+def rounds_of(monkeypatch, ctx) -> list[int]:
+    """The rows of every decode of `ctx` that asks for all its rows' logits (verifications
+    and measurements), in order."""
+    sizes, real = [], ctx.eval
+
+    def recording(tokens, logits="last"):
+        if logits == "all":
+            sizes.append(len(tokens))
+        return real(tokens, logits=logits)
+
+    monkeypatch.setattr(ctx, "eval", recording)
+    return sizes
+
+
+def test_a_first_generation_measures_in_its_own_rounds_and_equals_plain_greedy_decoding(store, measured,
+                                                                                         target_path, monkeypatch):
+    """No stored curve: no decode of filler before the first token. The first rounds
+    verify drafts cut or filled to each size of the calibration in turn (up, then down),
+    the curve they time is stored and chosen by, and the answer is the target's own."""
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    from reference import greedy_reference
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        sizes = rounds_of(monkeypatch, eng.ctx)
+        got = eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))
+        assert measured == [] and sizes[:10] == [1, 2, 3, 4, 5, 5, 4, 3, 2, 1]
+        assert eng.costs.calibrated and eng.costs.max_rows == 5 and eng.costs.survey is None
+        assert got.stats.controller["plans"]["copy while measuring costs"] == 10
+        np.testing.assert_array_equal(eng.costs.curve, stored_entry(store)["seconds"])
+    ref = greedy_reference(target_path, COPYABLE, 40, n_ctx=256, ignore_eog=True, stop_at_eog=False)
+    assert got.tokens == ref.tokens
+    assert "survey" not in stored_entry(store)
+
+
+def test_a_seeded_sampled_first_generation_samples_what_plain_decoding_samples(store, target_path):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    sampling = SamplingConfig(temperature=0.8, seed=3, ignore_eos=True)
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        surveyed = eng.generate(COPYABLE, max_tokens=30, sampling=sampling, spec=SpecConfig("auto", 4))
+        assert surveyed.stats.controller["plans"]["copy while measuring costs"] == 10
+        plain = eng.generate(COPYABLE, max_tokens=30, sampling=sampling, spec=SpecConfig("none"))
+    assert surveyed.tokens == plain.tokens
+
+
+def test_a_survey_an_answer_leaves_unfinished_is_stored_and_the_next_engine_goes_on_with_it(store, measured,
+                                                                                           target_path, monkeypatch):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+        done = eng.costs.survey.done
+    saved = stored_entry(store)["survey"]
+    assert saved["rows"] == 5 and [b for b, _ in saved["done"]] == [b for b, _ in done] == [1, 2]
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        sizes = rounds_of(monkeypatch, eng.ctx)
+        eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))
+        assert sizes[:10 - len(done)] == [1, 2, 3, 4, 5, 5, 4, 3, 2, 1][len(done):]
+        assert eng.costs.calibrated and measured == []
+    assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
+
+
+def test_survey_timings_taken_while_other_processes_were_busy_are_dropped(store, target_path, monkeypatch):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    monkeypatch.setattr(machine, "busy_since", lambda before: ["make (42): 99%"])
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto", 4))
+        assert eng.costs.survey.done == []
+    assert not store.exists()
+
+
+def test_prepare_measures_at_once_what_a_stored_survey_had_begun(store, measured, target_path):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto", 4))
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.prepare(SpecConfig("auto", 4))
+        assert measured == [("target.gguf", 5)] and eng.costs.calibrated and eng.costs.survey is None
+    assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ggspec import BackendConfig, Engine, SamplingConfig
-from ggspec.controller import (MATCH_PRIOR, MAX_CHANCE, RECENT_EDGES, AcceptanceModel, CostModel, MatchAcceptance, Plan,
-                               TokenRecord, best_plan, best_tree, copy_kinds)
+from ggspec.controller import (DENSE_ROWS, MATCH_PRIOR, MAX_CHANCE, RECENT_EDGES, STRIDE, AcceptanceModel, CostModel,
+                               MatchAcceptance, Plan, Survey, TokenRecord, best_plan, best_tree, copy_kinds)
 from ggspec.drafters.lookup import AGREE, ALONE, DIFFER
 from tinymodels import VOCAB
 
@@ -262,11 +262,52 @@ def test_cost_model_follows_measured_rounds_and_keeps_the_curve_shape():
     assert costs.t_verify(8) == pytest.approx(12.0, rel=1e-3)  # linear beyond the curve
 
 
+def test_a_survey_times_every_size_up_then_down_and_keeps_each_ones_fastest():
+    survey = Survey(4)
+    order = []
+    while (b := survey.next) is not None:
+        order.append(b)
+        survey.observe(b + 1, 0.01)  # not the size it waits for: not one of its timings
+        survey.observe(b, b + (0.5 if len(order) <= 4 else 0.0))  # the first pass is slower
+    assert order == [1, 2, 3, 4, 4, 3, 2, 1]
+    assert survey.curve().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_survey_beyond_the_dense_sizes_times_every_stride_and_interpolates():
+    rows = DENSE_ROWS + 2 * STRIDE + 3
+    survey = Survey(rows)
+    sizes = []
+    while (b := survey.next) is not None and b not in sizes:
+        sizes.append(b)
+        survey.observe(b, 2.0 * b)
+    assert sizes == [*range(1, DENSE_ROWS + 1), DENSE_ROWS + STRIDE, DENSE_ROWS + 2 * STRIDE, rows]
+    while (b := survey.next) is not None:
+        survey.observe(b, 2.0 * b)
+    np.testing.assert_allclose(survey.curve(), 2.0 * np.arange(1, rows + 1))
+
+
+def test_a_survey_resumed_from_its_timings_goes_on_where_it_stopped():
+    first = Survey(5)
+    for _ in range(3):
+        first.observe(first.next, 0.1 * first.next)
+    resumed = Survey(5, first.done)
+    assert resumed.done == first.done and resumed.next == 4
+
+
+def test_the_cost_model_passes_its_rounds_to_the_survey_under_way():
+    costs = CostModel()
+    costs.survey = Survey(2)
+    costs.observe_verify(1, 0.5)
+    assert costs.survey.done == [(1, 0.5)] and not costs.calibrated
+    costs.reset()
+    assert costs.survey is None
+
+
 def test_engine_follows_the_controller(target_path, draft_path, monkeypatch):
     prompt = [VOCAB.bos_id] + list(range(300, 320)) * 3
     with Engine(target_path, draft_path, target_config=BackendConfig(n_ctx=512, n_threads=1)) as eng:
         auto = eng.drafters["auto"]
-        eng.generate(prompt, max_tokens=4, sampling=SamplingConfig(temperature=0))  # calibrates
+        eng.prepare()  # calibrates
         monkeypatch.setattr(auto.costs, "observe_verify", lambda *args: None)
         auto.costs.calibrate(np.array([1.0] + [1e3] * 16))
         expensive = eng.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0))

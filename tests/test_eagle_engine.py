@@ -38,7 +38,8 @@ def eagle_engine(request, target_path, eagle_path, tmp_path_factory):
                 eagle_backend=backend) as e:
         assert e.drafters["eagle"].path.name == backend
         assert e.ctx.embeddings is (request.param == "eagle1")
-        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
+        e.prepare(SpecConfig("eagle"))  # calibrates
+        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("eagle"))
         yield e
 
 
@@ -266,7 +267,8 @@ def test_both_paths_grow_the_same_tree(target_path, eagle_path):
     with ExitStack() as stack:
         e = stack.enter_context(Engine(target_path, None, target_config=CFG, eagle=eagle_path,
                                        eagle_backend="numpy", tree_nodes=16))
-        e.generate(random_prompt(5), max_tokens=3, spec=SpecConfig("eagle"))  # calibrates
+        e.prepare(SpecConfig("eagle"))  # calibrates
+        e.generate(random_prompt(5), max_tokens=3, spec=SpecConfig("eagle"))  # the history
         by_numpy = e.drafters["eagle"]
         llama = open_path("llama", by_numpy.heads, eagle_path, CFG, e.ctx, stack, by_numpy.top_k, DEPTH)
         by_llama = EagleDrafter(e.ctx, e.costs, llama, 32, 16)

@@ -62,7 +62,7 @@ def test_other_methods_equal_plain_greedy_decoding(engine, target_path, method, 
     # a repetitive prompt so that lookup finds matches
     prompt = [VOCAB.bos_id] + random_prompt(5, 12)[1:] * 4
     if method == "auto":
-        engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
+        engine.prepare(SpecConfig("auto"))  # calibrates
         make_verification_cheap(engine.drafters["auto"], monkeypatch)
     ref = greedy_reference(target_path, prompt, 60)
     got = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=6))
@@ -458,7 +458,7 @@ def test_auto_without_a_seed_samples_the_target_distribution(request, pair, n, m
     auto = engine.drafters["auto"]
     # "t t t" at the end: lookup proposes one token ("t"), which the draft model extends
     prompt = random_prompt(22, 6) + [400, 400, 400]
-    engine.generate(prompt, max_tokens=2, spec=SpecConfig("auto"))  # calibrates
+    engine.prepare(SpecConfig("auto"))  # calibrates
     costs = auto.costs
     t1 = float(costs.t_verify(1))
     monkeypatch.setattr(costs, "curve", np.full(costs.max_rows, t1))  # verifying costs one token
@@ -487,7 +487,7 @@ def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, met
     prompt = [VOCAB.bos_id] + random_prompt(31, 40)[1:] * 3
     if method == "auto":
         auto = engine.drafters["auto"]
-        engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
+        engine.prepare(SpecConfig("auto"))  # calibrates
         make_verification_cheap(auto, monkeypatch)
         monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, in_prompt: np.full(len(kinds), 0.99))
     ref = greedy_reference(target_path, prompt, 80)

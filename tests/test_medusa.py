@@ -30,7 +30,8 @@ def heads_path(tmp_path_factory, target_path):
 @pytest.fixture(scope="module")
 def medusa_engine(target_path, heads_path):
     with Engine(target_path, None, target_config=CFG, heads=heads_path) as e:
-        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("medusa"))  # calibrates
+        e.prepare(SpecConfig("medusa"))  # calibrates
+        e.generate(random_prompt(1), max_tokens=2, spec=SpecConfig("medusa"))
         yield e
 
 
@@ -110,7 +111,7 @@ def test_sampled_medusa_follows_the_target_distribution(medusa_engine, free_tree
 def test_fixed_tree_nodes_draft_that_many_whatever_the_cost(target_path, heads_path, monkeypatch):
     with Engine(target_path, None, target_config=CFG, heads=heads_path, tree_nodes=6) as eng:
         prompt = random_prompt(95)
-        eng.generate(prompt, max_tokens=2, spec=SpecConfig("medusa"))  # calibrates
+        eng.prepare(SpecConfig("medusa"))  # calibrates
         medusa = eng.drafters["medusa"]
         fix_costs(eng.costs, [1.0] + [1e3] * 32, monkeypatch)
         sizes, propose = [], medusa.propose

@@ -60,6 +60,7 @@ def test_shipped_heads_draft_trees_the_target_accepts(method, shipped, nodes, le
                 tree_nodes=nodes, **shipped) as e:
         prompt = e.tokenize([{"role": "user", "content": PROMPTS["code"]}])
         ref = greedy_reference(str(target), prompt, 96, n_ctx=1024, n_threads=2)
+        e.prepare(SpecConfig(method, draft_max=nodes))  # (a first answer would take the timings in its rounds)
         got = e.generate(prompt, max_tokens=96, sampling=SamplingConfig(temperature=0),
                          spec=SpecConfig(method, draft_max=nodes))
     problem = first_divergence(got.tokens, ref, REAL_NEAR_TIE)

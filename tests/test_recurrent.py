@@ -91,7 +91,7 @@ def test_every_method_equals_plain_greedy_decoding(engines, models, arch, method
     engine = engines[arch]
     prompt = [VOCAB.bos_id] + random_prompt(5, 12)[1:] * 4  # repeats, for lookup
     if method == "auto":
-        engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
+        engine.prepare(SpecConfig("auto"))  # calibrates
         make_verification_cheap(engine.drafters["auto"], monkeypatch)
     rejected = 0
     for seed, p in enumerate([prompt, random_prompt(6), random_prompt(7)]):

@@ -187,7 +187,7 @@ def test_speculative_methods_over_rpc_equal_local_decoding(servers, target_path,
     ref = greedy_reference(target_path, prompt, 60)
     with Engine(target_path, draft_path, target_config=config(servers)) as engine:
         if method == "auto":
-            engine.generate(prompt, max_tokens=2, sampling=GREEDY, spec=SpecConfig("auto"))  # calibrates
+            engine.prepare(SpecConfig("auto"))  # calibrates
             make_verification_cheap(engine.drafters["auto"], monkeypatch)
         got = engine.generate(prompt, max_tokens=60, sampling=GREEDY, spec=SpecConfig(method, draft_max=6))
     assert first_divergence(got.tokens, ref) is None

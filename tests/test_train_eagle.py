@@ -159,7 +159,7 @@ def test_cli_trains_a_draft_on_the_targets_answers_that_decodes_exactly(target_p
     cfg = BackendConfig(n_ctx=512, n_batch=64, n_threads=1)
     with Engine(target_path, None, target_config=cfg, eagle=str(out), tree_nodes=8) as e:
         prompt = random_prompt(5)
-        e.generate(prompt, max_tokens=2, spec=SpecConfig("eagle"))  # calibrates
+        e.prepare(SpecConfig("eagle"))  # calibrates
         got = e.generate(prompt, max_tokens=40, sampling=SamplingConfig(temperature=0),
                          spec=SpecConfig("eagle", draft_max=8))
     assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 40)) is None

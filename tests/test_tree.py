@@ -146,7 +146,7 @@ def test_copy_trees_in_auto_equal_plain_greedy_decoding(target_path, monkeypatch
     ref = greedy_reference(target_path, prompt, 40)
     with Engine(target_path, None, target_config=CFG, max_tree_paths=4) as e:
         auto = e.drafters["auto"]
-        e.generate(prompt, max_tokens=2, sampling=SamplingConfig(temperature=0), spec=SpecConfig("auto"))
+        e.prepare(SpecConfig("auto"))  # calibrates
         t1 = float(auto.costs.t_verify(1))
         monkeypatch.setattr(auto.costs, "curve", np.full(auto.costs.max_rows, t1))
         monkeypatch.setattr(auto.costs, "correction", np.ones(auto.costs.max_rows))
