@@ -104,7 +104,8 @@ class CostModel:
     the target's cache is cut without copies); rollback: how many rejected tokens its
     memory drops without one (llama.cpp's rollback slots).
 
-    survey: the calibration the rounds are taking (Survey), if one is under way.
+    survey: the calibration that the rounds of `auto`, `medusa` and `eagle` are taking
+    (Survey; the engine passes it their timings), if one is under way.
     """
 
     SHAPE_EMA = 0.05
@@ -180,8 +181,6 @@ class CostModel:
         return cost
 
     def observe_verify(self, rows: int, seconds: float) -> None:
-        if self.survey is not None:
-            self.survey.observe(rows, seconds)
         if self.curve is not None and rows <= len(self.curve):
             ratio = seconds / self.curve[rows - 1]
             self.scale += EMA * (ratio - self.scale)  # (which also drops the table)

@@ -367,8 +367,8 @@ class Engine:
 
     def prepare(self, spec: SpecConfig | None = None) -> None:
         """Measure now what the first generation with `spec` (the engine's default if None)
-        would otherwise measure in its first rounds (ggspec.controller.Survey): the verification cost curve and the
-        draft model's token cost, when the calibration store holds none for this machine
+        would otherwise measure in its first rounds (ggspec.controller.Survey): the
+        verification cost curve and the draft model's token cost, when the calibration store holds none for this machine
         and these settings (ggspec.calibration). Call it while the application waits for
         its user, from any thread: `ggspec chat` does while the first message is typed,
         `ggspec serve` before its first request. A generation asked for meanwhile waits for
@@ -424,7 +424,9 @@ class Engine:
             drafter.prepare(prompt)
             if spec.method in CALIBRATED:
                 self._calibrate(spec.draft_max + 1, wait=False)
-        surveying = (machine.snapshot(), len(self.costs.survey.done)) if self.costs.survey else None
+        # (since when, timings before): a survey this generation's rounds go on with
+        surveying = (machine.snapshot(), len(self.costs.survey.done)) \
+            if self.costs.survey is not None and spec.method in CALIBRATED else None
         stats.prefill_tokens = len(prompt) - stats.cached_tokens
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
@@ -442,7 +444,8 @@ class Engine:
             budget = self._budget(spec, max_tokens - len(generated), len(committed))
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
-            draft = self._fit(draft, budget, committed[-1])
+            if surveying:
+                draft = self._fit(draft, budget, committed[-1])
             if draft.tree is None:  # a recurrent target's state may be saved here (the cost model counts it apart)
                 self.ctx.checkpoint(len(draft.tokens) + 1, 1)
             tb = time.perf_counter()
@@ -465,8 +468,8 @@ class Engine:
                 self.costs.overlap.observe(ahead, tc - ta, len(accepted) + 1)
             if not ahead:  # (a verification sharing the machine with the worker is not the curve's)
                 self.costs.observe_verify(len(draft.tokens) + 1, tc - tb)
-                if self.costs.survey is not None and self.costs.survey.next is None:
-                    self._surveyed(surveying[0])
+                if surveying:
+                    self._survey_round(len(draft.tokens) + 1, tc - tb, surveying[0])
             if drafter is not None:
                 drafter.accept(draft, verdict.nodes)
             # commit: keep the pending token and the accepted drafts in the KV cache
@@ -594,12 +597,18 @@ class Engine:
         q = None if draft.q is None else draft.q[:k] + [(np.array([pending]), np.ones(1))] * len(fill)
         return Draft(draft.tokens[:k] + fill, q, plan=draft.plan if k > len(draft.tokens) else None)
 
-    def _surveyed(self, since: machine.Snapshot) -> None:
-        """The rounds took every timing of the survey: choose by its curve from now on, and
-        store it unless other processes were busy while this generation took its part."""
-        curve = self.costs.survey.curve()
-        calibration.keep(self.ctx, curve, since)
-        self._take_curve(curve)
+    def _survey_round(self, rows: int, seconds: float, since: machine.Snapshot) -> None:
+        """A verification of `rows` rows took `seconds`: a timing of the survey, if it is
+        still under way and waits for that size. After its last, choose by its curve, and
+        store that unless other processes were busy while this generation took its part."""
+        survey = self.costs.survey
+        if survey is None:
+            return
+        survey.observe(rows, seconds)
+        if survey.next is None:
+            curve = survey.curve()
+            calibration.keep(self.ctx, curve, since)
+            self._take_curve(curve)
 
     def _keep_survey(self, since: machine.Snapshot, before: int) -> None:
         """A generation ended with the survey under way: store what it has taken for the

@@ -376,3 +376,13 @@ def test_prepare_measures_at_once_what_a_stored_survey_had_begun(store, measured
         eng.prepare(SpecConfig("auto", 4))
         assert measured == [("target.gguf", 5)] and eng.costs.calibrated and eng.costs.survey is None
     assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
+
+
+def test_other_methods_decode_as_asked_while_a_survey_is_under_way(store, target_path, monkeypatch):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+        sizes = rounds_of(monkeypatch, eng.ctx)
+        eng.generate(COPYABLE, max_tokens=10, sampling=greedy, spec=SpecConfig("none"))
+        assert sizes == [1] * 10 and [b for b, _ in eng.costs.survey.done] == [1, 2]

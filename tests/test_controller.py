@@ -294,11 +294,14 @@ def test_a_survey_resumed_from_its_timings_goes_on_where_it_stopped():
     assert resumed.done == first.done and resumed.next == 4
 
 
-def test_the_cost_model_passes_its_rounds_to_the_survey_under_way():
+def test_a_survey_ends_when_a_curve_covering_it_comes_or_the_machine_changes():
     costs = CostModel()
-    costs.survey = Survey(2)
-    costs.observe_verify(1, 0.5)
-    assert costs.survey.done == [(1, 0.5)] and not costs.calibrated
+    costs.survey = Survey(3)
+    costs.calibrate(np.ones(2))  # covers fewer rows: the survey goes on
+    assert costs.survey is not None
+    costs.calibrate(np.ones(3))
+    assert costs.survey is None
+    costs.survey = Survey(3)
     costs.reset()
     assert costs.survey is None
 
