@@ -61,16 +61,18 @@ def context_key(ctx: Context) -> str:
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
-def measure(ctx: Context, rows: int, stop: threading.Event | None = None) -> np.ndarray | None:
+def measure(ctx: Context, rows: int, stop: threading.Event | None = None,
+            survey: Survey | None = None) -> np.ndarray | None:
     """Seconds for one decode of b = 1..rows tokens after the cached ones: (rows,),
     sizes between measured ones interpolated; None if `stop` is set before the last
-    decode. Leaves the KV cache as it found it."""
+    decode. Takes the timings `survey` still waits for (a new one's if None; one that
+    stops keeps those it took). Leaves the KV cache as it found it."""
     n = len(ctx.tokens)
     filler = ctx.tokens[-1:] or [0]
     ctx.checkpoint(rows, 0)  # a recurrent state is saved here, and restored by each truncate
     ctx.eval(filler, logits="last")  # warm-up: the first decode allocates
     ctx.truncate(n)
-    survey = Survey(rows)
+    survey = Survey(rows) if survey is None else survey
     while (b := survey.next) is not None:
         if stop is not None and stop.is_set():
             return None
@@ -158,10 +160,11 @@ def store_correction(ctx: Context, correction: np.ndarray) -> None:
     hub.write_json(_store(), data, "the calibration")
 
 
-def verify_curve(ctx: Context, rows: int, *, progress: bool = True,
-                 stop: threading.Event | None = None) -> np.ndarray | None:
+def verify_curve(ctx: Context, rows: int, *, progress: bool = True, stop: threading.Event | None = None,
+                 survey: Survey | None = None) -> np.ndarray | None:
     """The verification cost curve of `ctx` for 1..rows rows: from the store, else measured
-    now (and stored); None if `stop` is set before the measurement ends."""
+    now (and stored; going on with `survey` if given); None if `stop` is set before the
+    measurement ends."""
     curve = cached_curve(ctx, rows)
     if curve is not None:
         return curve
@@ -169,7 +172,7 @@ def verify_curve(ctx: Context, rows: int, *, progress: bool = True,
         print(f"ggspec: measuring {ctx.model.path.name}'s verification cost for 1-{rows} rows "
               f"(once for this model, machine and settings)", file=sys.stderr)
     before = machine.snapshot()
-    curve = measure(ctx, rows, stop)
+    curve = measure(ctx, rows, stop, survey)
     if curve is not None:
         keep(ctx, curve, before)
     return curve

@@ -207,6 +207,7 @@ class Engine:
                 experience.recall(self)
             self._progress = progress
             self._unstored: machine.Snapshot | None = None  # since the first generation not stored
+            self._preparing: threading.Event | None = None  # the stop event of a prepare() running now
             stack.callback(self._store)  # (last in, first out: before the contexts are freed)
             self._check_batch(spec)  # (a refusal frees what was loaded)
             self._resources = stack.pop_all()
@@ -358,6 +359,7 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
                 "use a larger context size (--ctx-size) or a shorter prompt")
+        self.end_prepare()  # (the answer does not wait for a measurement ahead: its rounds take the rest)
         if not wait and self._lock.locked():
             raise BusyError("the engine is already generating; wait for it or use another engine")
         with self._holding(cancel):
@@ -368,18 +370,33 @@ class Engine:
     def prepare(self, spec: SpecConfig | None = None) -> None:
         """Measure now what the first generation with `spec` (the engine's default if None)
         would otherwise measure in its first rounds (ggspec.controller.Survey): the
-        verification cost curve and the draft model's token cost, when the calibration store holds none for this machine
-        and these settings (ggspec.calibration). Call it while the application waits for
-        its user, from any thread: `ggspec chat` does while the first message is typed,
-        `ggspec serve` before its first request. A generation asked for meanwhile waits for
-        it; cancel() and close() stop it, and what it had measured is dropped. Methods
-        none, lookup and draft measure nothing."""
+        verification cost curve and the draft model's token cost, when the calibration
+        store holds none for this machine and these settings (ggspec.calibration). Call it
+        while the application waits for its user, from any thread: `ggspec chat` does while
+        the first message is typed, `ggspec serve` before its first request. A generation
+        asked for meanwhile, end_prepare(), cancel() and close() stop it after its current
+        decode; the timings it took are kept (and stored, as a survey under way) for the
+        next generation's rounds to go on with. Methods none, lookup and draft measure
+        nothing."""
         spec = spec or self.spec
         if spec.method not in CALIBRATED:
             return
         cancel = threading.Event()
         with self._holding(cancel):
-            self._calibrate(spec.draft_max + 1, progress=False, stop=cancel)
+            self._preparing = cancel
+            try:
+                self._calibrate(spec.draft_max + 1, progress=False, stop=cancel)
+            finally:
+                self._preparing = None
+
+    def end_prepare(self) -> None:
+        """Stop a prepare() running now (thread-safe) after its current decode: the timings
+        it took are kept, and the next generation's rounds take the rest. A generation
+        asked for calls it itself; an application that queues its requests calls it when
+        one comes."""
+        preparing = self._preparing
+        if preparing is not None:
+            preparing.set()
 
     @contextmanager
     def _holding(self, cancel: threading.Event) -> Iterator[None]:
@@ -565,15 +582,20 @@ class Engine:
                 return
             self.costs.draft_token = self.costs.draft_row = float(draft_token[0])
         curve = calibration.cached_curve(self.ctx, rows)
-        if curve is None and not wait:
-            self.costs.survey = calibration.stored_survey(self.ctx, rows)
-            if progress:
-                print(f"ggspec: measuring {self.target.path.name}'s verification cost for 1-{rows} rows in the "
-                      "first rounds (once for this model, machine and settings)", file=sys.stderr)
-            return
-        curve = calibration.verify_curve(self.ctx, rows, progress=progress, stop=stop)
-        if curve is not None:
-            self._take_curve(curve)
+        if curve is None:
+            if not under_way:
+                self.costs.survey = calibration.stored_survey(self.ctx, rows)
+            if not wait:
+                if progress:
+                    print(f"ggspec: measuring {self.target.path.name}'s verification cost for 1-{rows} rows in "
+                          "the first rounds (once for this model, machine and settings)", file=sys.stderr)
+                return
+            since, before = machine.snapshot(), len(self.costs.survey.done)
+            curve = calibration.verify_curve(self.ctx, rows, progress=progress, stop=stop, survey=self.costs.survey)
+            if curve is None:  # stopped: the next generation's rounds go on with it
+                self._keep_survey(since, before)
+                return
+        self._take_curve(curve)
 
     def _take_curve(self, curve: np.ndarray) -> None:
         """Let the cost model choose by this verification curve, refined by the corrections
@@ -611,10 +633,12 @@ class Engine:
             self._take_curve(curve)
 
     def _keep_survey(self, since: machine.Snapshot, before: int) -> None:
-        """A generation ended with the survey under way: store what it has taken for the
-        next engine, or, when other processes were busy meanwhile, drop this generation's
-        timings (taken again by the next rounds)."""
+        """A generation (or prepare) ended with the survey under way: store what it took
+        since `since` (the timings after the first `before`) for the next engine, or, when
+        other processes were busy meanwhile, drop them (taken again by the next rounds)."""
         survey = self.costs.survey
+        if len(survey.done) == before:
+            return
         if machine.busy_since(since):
             self.costs.survey = Survey(survey.rows, survey.done[:before])
         else:

@@ -33,9 +33,9 @@ def measured(monkeypatch):
     calls = []
     real = calibration.measure
 
-    def counting(ctx, rows, stop=None):
+    def counting(ctx, rows, stop=None, survey=None):
         calls.append((ctx.model.path.name, rows))
-        return real(ctx, rows, stop)
+        return real(ctx, rows, stop, survey)
 
     monkeypatch.setattr(calibration, "measure", counting)
     return calls
@@ -252,18 +252,41 @@ def slowed(monkeypatch, ctx, seconds, on_decode=lambda n: None):
     monkeypatch.setattr(ctx, "eval", slow_eval)
 
 
-def test_cancel_stops_prepare_and_keeps_nothing_it_measured(store, measured, target_path, monkeypatch):
+def test_cancel_stops_prepare_and_the_next_generation_goes_on_with_its_timings(store, measured, target_path,
+                                                                                monkeypatch):
     from ggspec import Engine, SamplingConfig, SpecConfig
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
-        slowed(monkeypatch, eng.ctx, 0.0, lambda n: eng.cancel() if n == 4 else None)
+        slowed(monkeypatch, eng.ctx, 0.0, lambda n: eng.cancel() if n == 4 else None)  # (1: the warm-up)
         eng.prepare(SpecConfig("auto", 4))
         assert measured == [("target.gguf", 5)]  # begun, then stopped
-        assert not eng.costs.calibrated and not store.exists() and eng.ctx.tokens == []
-        result = eng.generate([1, 5, 6, 7], max_tokens=3, sampling=SamplingConfig(temperature=0),
-                              spec=SpecConfig("auto", 4))
-        assert len(result.tokens) == 3 and len(measured) == 1  # its rounds measure instead
-        assert [b for b, _ in eng.costs.survey.done] == [1, 2]
-    assert "survey" in stored_entry(store)
+        assert not eng.costs.calibrated and eng.ctx.tokens == []
+        assert [b for b, _ in eng.costs.survey.done] == [1, 2, 3]
+        assert [b for b, _ in stored_entry(store)["survey"]["done"]] == [1, 2, 3]
+        sizes = rounds_of(monkeypatch, eng.ctx)
+        eng.generate(COPYABLE, max_tokens=40, sampling=SamplingConfig(temperature=0, ignore_eos=True),
+                     spec=SpecConfig("auto", 4))
+        assert sizes[:7] == [4, 5, 5, 4, 3, 2, 1] and len(measured) == 1 and eng.costs.calibrated
+    assert len(stored_entry(store)["seconds"]) == 5
+
+
+def test_a_generation_asked_for_during_prepare_stops_it_and_its_rounds_take_the_rest(store, measured, target_path,
+                                                                                    monkeypatch):
+    """The chat's first message, typed while prepare() measures: its answer waits for one
+    decode, not for the whole measurement."""
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        started = threading.Event()
+        slowed(monkeypatch, eng.ctx, 0.05, lambda n: started.set() if n == 3 else None)
+        thread = threading.Thread(target=eng.prepare, args=(SpecConfig("auto", 16),))  # 35 decodes: 1.75 s at least
+        thread.start()
+        assert started.wait(10)
+        t0, first = time.monotonic(), []
+        eng.generate(COPYABLE, max_tokens=40, sampling=SamplingConfig(temperature=0, ignore_eos=True),
+                     spec=SpecConfig("auto", 16), on_text=lambda piece: first.append(time.monotonic()) and None)
+        thread.join(10)
+        assert not thread.is_alive() and first[0] - t0 < 1.0
+        assert measured == [("target.gguf", 17)]  # no second measurement: the rounds went on with the first
+        assert eng.costs.calibrated or len(eng.costs.survey.done) > 3
 
 
 def test_close_from_another_thread_stops_prepare_at_once(store, target_path, monkeypatch):
@@ -289,7 +312,7 @@ def test_close_from_another_thread_stops_prepare_at_once(store, target_path, mon
     waited = time.monotonic() - t0
     thread.join(10)
     assert not thread.is_alive() and errors == [] and waited < 1.0
-    assert not store.exists()
+    assert not store.exists() or "seconds" not in stored_entry(store)  # (a survey under way at most)
     with pytest.raises(EngineClosedError):
         eng.prepare(SpecConfig("auto"))
 

@@ -455,6 +455,28 @@ def test_the_server_measures_the_verification_cost_before_its_first_request(targ
         assert answer["usage"]["completion_tokens"] >= 1 and answer["ggspec"]["method"] == "auto"
 
 
+def test_a_request_during_the_measurement_ahead_stops_it_and_is_answered_at_once(target_path, draft_path, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("GGSPEC_STATE", str(tmp_path))  # nothing measured yet
+    defaults = Settings(SamplingConfig(), SpecConfig("auto", draft_max=16), max_tokens=8)
+    with Engine(target_path, draft_path, target_config=CFG, progress=False) as e:
+        decodes, real = [], e.ctx.eval
+
+        def slow_eval(tokens, logits="last"):  # the measurement: 35 decodes, 3.5 s at least
+            decodes.append(len(tokens))
+            time.sleep(0.1)
+            return real(tokens, logits=logits)
+
+        monkeypatch.setattr(e.ctx, "eval", slow_eval)
+        with LiveServer(create_app(e, defaults)) as server:
+            deadline = time.monotonic() + 30
+            while len(decodes) < 3:  # measuring
+                assert time.monotonic() < deadline, "nothing measured before the first request"
+                time.sleep(0.01)
+            answer = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60).json()
+    assert answer["usage"]["completion_tokens"] >= 1 and answer["ggspec"]["queue_seconds"] < 1.0
+
+
 def test_a_client_that_disconnects_mid_stream_frees_the_engine(server):
     long = {"messages": HELLO, "max_tokens": 900, "temperature": 0}
     full = httpx.post(server.url + "/v1/chat/completions", json=long, timeout=120).json()

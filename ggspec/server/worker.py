@@ -82,7 +82,8 @@ class Totals:
 
 class Worker:
     """Runs jobs on `engine`, one at a time, at most `max_queue` waiting; before the first,
-    measures what generations with `spec` need (Engine.prepare)."""
+    measures what generations with `spec` need (Engine.prepare, stopped when a job comes:
+    its rounds take the rest)."""
 
     def __init__(self, engine: Engine, max_queue: int, spec: SpecConfig | None = None):
         if max_queue < 1:
@@ -142,6 +143,7 @@ class Worker:
                 raise QueueFull(max(1, math.ceil((len(self._waiting) + 1) * self._mean_seconds)))
             self._waiting.append(job)
             self._changed.notify()
+        self.engine.end_prepare()  # the first request does not wait for the measurement ahead
 
     def withdraw(self, job: Job) -> None:
         """The job's client went away: a waiting job leaves the queue, a running one stops
