@@ -129,14 +129,14 @@ def stored_survey(ctx: Context, rows: int) -> Survey:
 
 
 def store_survey(ctx: Context, survey: Survey) -> None:
-    """Store a survey under way for this context (written atomically), unless a curve is
-    stored for it."""
+    """Store a survey under way for this context (written atomically), beside a shorter
+    curve stored for it, if any."""
     data = hub.entries_for_files_that_exist(_store())
     key = context_key(ctx)
-    if isinstance(data.get(key), dict) and "seconds" in data[key]:
-        return
-    data[key] = {"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
-                 "threads": ctx.n_threads, "survey": {"rows": survey.rows, "done": survey.done}}
+    entry = data[key] if isinstance(data.get(key), dict) else {}
+    entry.update({"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
+                  "threads": ctx.n_threads, "survey": {"rows": survey.rows, "done": survey.done}})
+    data[key] = entry
     hub.write_json(_store(), data, "the calibration")
 
 

@@ -409,3 +409,20 @@ def test_other_methods_decode_as_asked_while_a_survey_is_under_way(store, target
         sizes = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=10, sampling=greedy, spec=SpecConfig("none"))
         assert sizes == [1] * 10 and [b for b, _ in eng.costs.survey.done] == [1, 2]
+
+
+def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store, measured, target_path):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.prepare(SpecConfig("auto", 2))
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+    entry = stored_entry(store)
+    assert len(entry["seconds"]) == 3 and entry["survey"]["rows"] == 5 and len(entry["survey"]["done"]) == 2
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 2))  # the stored curve
+        assert eng.costs.calibrated and eng.costs.max_rows == 3
+        eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))  # the survey's rest
+        assert eng.costs.max_rows == 5 and measured == [("target.gguf", 3)]
+    assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
