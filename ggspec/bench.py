@@ -344,7 +344,7 @@ def run_grid(engine: Engine, workloads: Sequence[Workload], grid: Sequence[Varia
     loaded = engine.threads
     for variant, spec in zip(grid, specs):
         engine.set_threads(*(variant.threads or loaded))
-        engine.prepare(spec)  # (a first generation would measure the costs in its timed rounds)
+        engine.prepare(spec, progress=True)  # (a first generation would measure the costs in its timed rounds)
         engine.generate(prompts[0], max_tokens=min(8, max_tokens), sampling=sampling, spec=spec)
     natives = native.variants() if native is not None else []
     rows = [[Row(w.name, v, Stats(method=v.method)) for v in [*grid, *natives]] for w in workloads]

@@ -367,7 +367,7 @@ class Engine:
                 return Result("", [], "cancelled", Stats(method=spec.method, finish_reason="cancelled"))
             return (yield from self._run(tokens, max_tokens, stop, sampling, spec, cancel, reuse_cache))
 
-    def prepare(self, spec: SpecConfig | None = None) -> None:
+    def prepare(self, spec: SpecConfig | None = None, *, progress: bool = False) -> None:
         """Measure now what the first generation with `spec` (the engine's default if None)
         would otherwise measure in its first rounds (ggspec.controller.Survey): the
         verification cost curve and the draft model's token cost, when the calibration
@@ -377,7 +377,7 @@ class Engine:
         asked for meanwhile, end_prepare(), cancel() and close() stop it after its current
         decode; the timings it took are kept (and stored, as a survey under way) for the
         next generation's rounds to go on with. Methods none, lookup and draft measure
-        nothing."""
+        nothing. With `progress`, a measurement is announced on stderr."""
         spec = spec or self.spec
         if spec.method not in CALIBRATED:
             return
@@ -385,7 +385,7 @@ class Engine:
         with self._holding(cancel):
             self._preparing = cancel
             try:
-                self._calibrate(spec.draft_max + 1, progress=False, stop=cancel)
+                self._calibrate(spec.draft_max + 1, progress=progress, stop=cancel)
             finally:
                 self._preparing = None
 
