@@ -92,15 +92,29 @@ def cached_curve(ctx: Context, rows: int) -> np.ndarray | None:
     return _stored(ctx, "seconds", rows)
 
 
+def _entry(ctx: Context):
+    """What the store holds for this context (None if nothing; anything if damaged)."""
+    return hub.read_json(_store()).get(context_key(ctx))
+
+
+def _labels(ctx: Context) -> dict:
+    """What an entry names for a person reading the store (and for dropping it when its
+    model file is gone)."""
+    return {"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name, "threads": ctx.n_threads}
+
+
+def _sane(seconds: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(seconds) & (seconds > 0)))
+
+
 def _stored(ctx: Context, name: str, rows: int) -> np.ndarray | None:
     """The first `rows` numbers stored as `name` for this context, when there are that
     many and all are finite and positive."""
-    entry = hub.read_json(_store()).get(context_key(ctx))
     try:
-        values = np.asarray(entry[name], dtype=np.float64)
+        values = np.asarray(_entry(ctx)[name], dtype=np.float64)
     except (TypeError, KeyError, ValueError):
         return None
-    if values.ndim != 1 or len(values) < rows or not np.all(np.isfinite(values) & (values > 0)):
+    if values.ndim != 1 or len(values) < rows or not _sane(values):
         return None
     return values[:rows]
 
@@ -109,8 +123,7 @@ def store_curve(ctx: Context, curve: np.ndarray) -> None:
     """Add this context's curve to the store (written atomically; a failure to write is
     only a lost cache), and drop what was stored for model files that are gone."""
     data = hub.entries_for_files_that_exist(_store())
-    data[context_key(ctx)] = {"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
-                              "threads": ctx.n_threads, "depth": len(ctx.tokens), "measured": time.time(),
+    data[context_key(ctx)] = {**_labels(ctx), "depth": len(ctx.tokens), "measured": time.time(),
                               "seconds": [float(s) for s in curve]}
     hub.write_json(_store(), data, "the calibration")
 
@@ -118,14 +131,13 @@ def store_curve(ctx: Context, curve: np.ndarray) -> None:
 def stored_survey(ctx: Context, rows: int) -> Survey:
     """A survey of this context's curve for `rows` rows, resumed where a stored one of the
     same rows stopped (else from its start)."""
-    entry = hub.read_json(_store()).get(context_key(ctx))
     try:
-        saved = entry["survey"]
+        saved = _entry(ctx)["survey"]
         done = [(int(b), float(s)) for b, s in saved["done"]]
     except (TypeError, KeyError, ValueError):
         return Survey(rows)
-    sane = saved.get("rows") == rows and all(np.isfinite(s) and s > 0 for _, s in done)
-    return Survey(rows, done if sane else ())
+    fits = saved.get("rows") == rows and _sane(np.array([s for _, s in done]))
+    return Survey(rows, done if fits else ())
 
 
 def store_survey(ctx: Context, survey: Survey) -> None:
@@ -134,8 +146,7 @@ def store_survey(ctx: Context, survey: Survey) -> None:
     data = hub.entries_for_files_that_exist(_store())
     key = context_key(ctx)
     entry = data[key] if isinstance(data.get(key), dict) else {}
-    entry.update({"files": [str(ctx.model.path.resolve())], "model": ctx.model.path.name,
-                  "threads": ctx.n_threads, "survey": {"rows": survey.rows, "done": survey.done}})
+    entry.update({**_labels(ctx), "survey": {"rows": survey.rows, "done": survey.done}})
     data[key] = entry
     hub.write_json(_store(), data, "the calibration")
 
