@@ -426,3 +426,20 @@ def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store,
         eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))  # the survey's rest
         assert eng.costs.max_rows == 5 and measured == [("target.gguf", 3)]
     assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
+
+
+@pytest.mark.parametrize("damage", [{"done": [["a", 0.1]]}, {"done": [[1, -1.0]], "rows": 5}, "x", {"rows": 5}])
+def test_a_damaged_stored_survey_is_started_again(store, target_path, damage):
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["survey"] = damage
+    store.write_text(json.dumps(data))
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+        assert [b for b, _ in eng.costs.survey.done] == [1, 2]  # from its start
+    assert [b for b, _ in stored_entry(store)["survey"]["done"]] == [1, 2]
