@@ -13,9 +13,9 @@ files that are gone.
 
 measure() decodes filler tokens, for an application that has time before its first
 generation (Engine.prepare). A generation that finds nothing stored does not wait for
-that: its own rounds take the timings (ggspec.engine), and what an answer too short to
-take them all has taken is stored as a survey under way (store_survey) for the next
-engine to go on with.
+that: its rounds time the sizes they verify, choosing meanwhile by what they have timed
+(ggspec.controller.Survey), and until every size is timed, what they took is stored as a
+survey under way (store_survey) for the next engine to go on with.
 
 The cost model refines the curve from the rounds it runs (ggspec.controller.CostModel:
 a correction per size). The curve is timed just after the first prompt, and rounds deep in

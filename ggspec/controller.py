@@ -46,14 +46,14 @@ def measured_sizes(rows: int) -> list[int]:
 
 
 class Survey:
-    """One calibration's timings, in their order: each of measured_sizes(rows), up, then
-    down, PASSES passes; each size keeps its fastest. Every size is timed alike: a curve
-    whose t(1) were the best of more tries than the other points would overstate every
-    other point against it, and a size that looks too dear is never tried, so never
-    corrected. ggspec.calibration.measure takes the timings from decodes of filler tokens
-    while nothing else waits; an engine with no stored curve takes them from its first
-    rounds instead (ggspec.engine: each round's draft is fitted to `next` rows), so its
-    first answer streams while it measures, and every timing also commits tokens.
+    """One calibration's timings: every size of measured_sizes(rows) PASSES times, each
+    size keeping its fastest. Every size is timed alike: a curve whose t(1) were the best
+    of more tries than the other points would overstate every other point against it.
+    ggspec.calibration.measure takes the timings from decodes of filler tokens while
+    nothing else waits, in the order of `next` (up, then down). An engine with no stored
+    curve takes them from its own rounds instead, whatever sizes they verify (ggspec.engine),
+    and chooses meanwhile by curve(): an answer streams from its first round, and no round
+    decodes filler.
 
     done: the timings taken so far, (rows, seconds) in order (a survey resumed from the
     store replays them)."""
@@ -61,26 +61,40 @@ class Survey:
     def __init__(self, rows: int, done: Sequence[tuple[int, float]] = ()):
         self.rows = rows
         self._sizes = measured_sizes(rows)
-        self._order = [b for i in range(PASSES) for b in (self._sizes if i % 2 == 0 else self._sizes[::-1])]
-        self._fastest = dict.fromkeys(self._sizes, np.inf)
+        self._times: dict[int, list[float]] = {b: [] for b in self._sizes}
         self.done: list[tuple[int, float]] = []
         for b, seconds in done:
             self.observe(b, seconds)
 
     @property
     def next(self) -> int | None:
-        """Rows of the next timing (None: all taken)."""
-        return self._order[len(self.done)] if len(self.done) < len(self._order) else None
+        """Rows of the next timing a measurement takes: the sizes timed fewest times, up
+        on even passes and down on odd ones (None: all taken)."""
+        for n in range(PASSES):
+            left = [b for b in self._sizes if len(self._times[b]) == n]
+            if left:
+                return left[0] if n % 2 == 0 else left[-1]
+        return None
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """A decode of `rows` rows took `seconds`: the next timing if that is its size."""
-        if rows == self.next:
-            self.done.append((rows, seconds))
-            self._fastest[rows] = min(self._fastest[rows], seconds)
+    def observe(self, rows: int, seconds: float) -> bool:
+        """A decode of `rows` rows took `seconds`: True when it is a timing the survey
+        still waits for."""
+        times = self._times.get(rows)
+        if times is None or len(times) >= PASSES:
+            return False
+        times.append(seconds)
+        self.done.append((rows, seconds))
+        return True
 
-    def curve(self) -> np.ndarray:
-        """t(1..rows): (rows,), sizes between the timed ones interpolated (all taken)."""
-        return np.interp(np.arange(1, self.rows + 1), self._sizes, [self._fastest[b] for b in self._sizes])
+    def curve(self) -> np.ndarray | None:
+        """t(1..rows) from each timed size's fastest: (rows,), sizes between timed ones
+        interpolated, those above the largest timed one taken to cost as much as it; None
+        before t(1). Under way, an untimed size so never looks dearer than the timed ones
+        around it: where drafting that much might pay, a round tries it, and times it."""
+        timed = [b for b in self._sizes if self._times[b]]
+        if not timed or timed[0] != 1:
+            return None
+        return np.interp(np.arange(1, self.rows + 1), timed, [min(self._times[b]) for b in timed])
 
 
 class CostModel:
@@ -104,8 +118,8 @@ class CostModel:
     the target's cache is cut without copies); rollback: how many rejected tokens its
     memory drops without one (llama.cpp's rollback slots).
 
-    survey: the calibration that the rounds of `auto`, `medusa` and `eagle` are taking
-    (Survey; the engine passes it their timings), if one is under way.
+    survey: the calibration that the rounds are taking (Survey; the engine passes it their
+    timings, and has the model follow its curve meanwhile), if one is under way.
     """
 
     SHAPE_EMA = 0.05
@@ -136,12 +150,17 @@ class CostModel:
         return self.curve is not None
 
     def calibrate(self, curve: np.ndarray, draft_token: float = 0.0) -> None:
-        self.curve = np.array(curve, dtype=np.float64)
+        self.follow(curve)
         if self.survey is not None and self.survey.rows <= len(self.curve):
             self.survey = None  # (a curve measured or stored meanwhile covers its sizes)
-        self.correction = np.ones_like(self.curve)
-        self.scale = 1.0
         self.draft_token = self.draft_row = draft_token
+
+    def follow(self, curve: np.ndarray | None) -> None:
+        """Choose by this curve (None: draft nothing), its corrections started afresh: a
+        calibration's, or a survey's while it is under way."""
+        self.curve = None if curve is None else np.array(curve, dtype=np.float64)
+        self.correction = None if curve is None else np.ones_like(self.curve)
+        self.scale = 1.0
 
     @property
     def max_rows(self) -> int:

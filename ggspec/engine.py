@@ -442,8 +442,7 @@ class Engine:
             if spec.method in CALIBRATED:
                 self._calibrate(spec.draft_max + 1, wait=False)
         # (since when, timings before): a survey this generation's rounds go on with
-        surveying = (machine.snapshot(), len(self.costs.survey.done)) \
-            if self.costs.survey is not None and spec.method in CALIBRATED else None
+        surveying = (machine.snapshot(), len(self.costs.survey.done)) if self.costs.survey is not None else None
         stats.prefill_tokens = len(prompt) - stats.cached_tokens
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
@@ -461,8 +460,6 @@ class Engine:
             budget = self._budget(spec, max_tokens - len(generated), len(committed))
             ta = time.perf_counter()
             draft = drafter.propose(committed, budget, sampling, draft_rng) if drafter else Draft([])
-            if surveying:
-                draft = self._fit(draft, budget, committed[-1])
             if draft.tree is None:  # a recurrent target's state may be saved here (the cost model counts it apart)
                 self.ctx.checkpoint(len(draft.tokens) + 1, 1)
             tb = time.perf_counter()
@@ -532,7 +529,7 @@ class Engine:
         if self._unstored is None:
             return
         experience.remember(self)
-        if self.costs.calibrated and not machine.busy_since(self._unstored):
+        if self.costs.calibrated and self.costs.survey is None and not machine.busy_since(self._unstored):
             calibration.store_correction(self.ctx, self.costs.correction)
         self._unstored = None
 
@@ -570,7 +567,7 @@ class Engine:
         if self._tree_drafters():
             rows = max(rows, MEDUSA_MAX_NODES + 1)
         under_way = self.costs.survey is not None and self.costs.survey.rows >= rows
-        if self.costs.calibrated and self.costs.max_rows >= rows or under_way and not wait:
+        if under_way and not wait or self.costs.survey is None and self.costs.calibrated and self.costs.max_rows >= rows:
             return
         if len(self.ctx.tokens) + rows + 1 > self.n_ctx:
             return  # no room to measure: the controller drafts nothing until there is
@@ -585,10 +582,11 @@ class Engine:
         if curve is None:
             if not under_way:
                 self.costs.survey = calibration.stored_survey(self.ctx, rows)
+                self.costs.follow(self.costs.survey.curve())
             if not wait:
                 if progress:
-                    print(f"ggspec: measuring {self.target.path.name}'s verification cost for 1-{rows} rows in "
-                          "the first rounds (once for this model, machine and settings)", file=sys.stderr)
+                    print(f"ggspec: timing {self.target.path.name}'s verification cost for 1-{rows} rows in the "
+                          "rounds of the first answers (once for this model, machine and settings)", file=sys.stderr)
                 return
             since, before = machine.snapshot(), len(self.costs.survey.done)
             curve = calibration.verify_curve(self.ctx, rows, progress=progress, stop=stop, survey=self.costs.survey)
@@ -606,31 +604,20 @@ class Engine:
             self.costs.correction = refined
         self.costs.state_copy, self.costs.rollback = self.ctx.time_state_copy(), self.ctx.n_rs_seq
 
-    def _fit(self, draft: Draft, budget: int, pending: int) -> Draft:
-        """While the rounds take a calibration's timings (a survey), `draft` cut or filled
-        to the size of the next timing, when that fits the budget. The filler repeats the
-        pending token: what it drafts changes how many tokens a round commits, never
-        which (every draft is verified)."""
-        survey = self.costs.survey
-        k = survey.next - 1 if survey is not None and survey.next is not None else -1
-        if not 0 <= k <= budget or draft.tree is not None or k == len(draft.tokens):
-            return draft
-        fill = [pending] * (k - len(draft.tokens))
-        q = None if draft.q is None else draft.q[:k] + [(np.array([pending]), np.ones(1))] * len(fill)
-        return Draft(draft.tokens[:k] + fill, q, plan=draft.plan if k > len(draft.tokens) else None)
-
     def _survey_round(self, rows: int, seconds: float, since: machine.Snapshot) -> None:
         """A verification of `rows` rows took `seconds`: a timing of the survey, if it is
-        still under way and waits for that size. After its last, choose by its curve, and
-        store that unless other processes were busy while this generation took its part."""
+        still under way and waits for one of that size. Until its last, choose by what it
+        has timed (Survey.curve); then by the whole curve, stored unless other processes
+        were busy while this generation took its part."""
         survey = self.costs.survey
-        if survey is None:
+        if survey is None or not survey.observe(rows, seconds):
             return
-        survey.observe(rows, seconds)
         if survey.next is None:
             curve = survey.curve()
             calibration.keep(self.ctx, curve, since)
             self._take_curve(curve)
+        else:
+            self.costs.follow(survey.curve())
 
     def _keep_survey(self, since: machine.Snapshot, before: int) -> None:
         """A generation (or prepare) ended with the survey under way: store what it took
@@ -643,6 +630,7 @@ class Engine:
             self.costs.survey = Survey(survey.rows, survey.done[:before])
         else:
             calibration.store_survey(self.ctx, survey)
+        self.costs.follow(self.costs.survey.curve())
 
     def _take(self, tokens: list[int], from_draft: bool, generated: list[int], text: TextStream,
               out: list[str], max_tokens: int) -> str:

@@ -259,14 +259,16 @@ def test_cancel_stops_prepare_and_the_next_generation_goes_on_with_its_timings(s
         slowed(monkeypatch, eng.ctx, 0.0, lambda n: eng.cancel() if n == 4 else None)  # (1: the warm-up)
         eng.prepare(SpecConfig("auto", 4))
         assert measured == [("target.gguf", 5)]  # begun, then stopped
-        assert not eng.costs.calibrated and eng.ctx.tokens == []
+        assert eng.ctx.tokens == []
         assert [b for b, _ in eng.costs.survey.done] == [1, 2, 3]
         assert [b for b, _ in stored_entry(store)["survey"]["done"]] == [1, 2, 3]
+        np.testing.assert_array_equal(eng.costs.curve, eng.costs.survey.curve())  # chosen by meanwhile
+        taken = list(eng.costs.survey.done)
         sizes = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=40, sampling=SamplingConfig(temperature=0, ignore_eos=True),
                      spec=SpecConfig("auto", 4))
-        assert sizes[:7] == [4, 5, 5, 4, 3, 2, 1] and len(measured) == 1 and eng.costs.calibrated
-    assert len(stored_entry(store)["seconds"]) == 5
+        assert len(measured) == 1 and eng.costs.survey.done[:3] == taken
+        assert_timings_are_the_rounds(eng.costs.survey.done[3:], sizes)
 
 
 def test_a_generation_asked_for_during_prepare_stops_it_and_its_rounds_take_the_rest(store, measured, target_path,
@@ -333,23 +335,51 @@ def rounds_of(monkeypatch, ctx) -> list[int]:
     return sizes
 
 
-def test_a_first_generation_measures_in_its_own_rounds_and_equals_plain_greedy_decoding(store, measured,
-                                                                                         target_path, monkeypatch):
-    """No stored curve: no decode of filler before the first token. The first rounds
-    verify drafts cut or filled to each size of the calibration in turn (up, then down),
-    the curve they time is stored and chosen by, and the answer is the target's own."""
+def assert_timings_are_the_rounds(timings: list[tuple[int, float]], sizes: list[int]) -> None:
+    """Each timing a survey took is of a round in `sizes` (the rows of the rounds, in order)."""
+    rest = iter(sizes)
+    assert all(any(b == size for size in rest) for b, _ in timings), (timings, sizes)
+
+
+def test_a_first_generation_times_its_own_rounds_and_equals_plain_greedy_decoding(store, measured,
+                                                                                   target_path, monkeypatch):
+    """No stored curve: no decode of filler, before the first token or after. The first
+    round is plain (it times t(1)); the rounds after it draft what the controller chooses
+    by the sizes timed so far, and their timings are the survey's. The answer is the
+    target's own."""
     from ggspec import Engine, SamplingConfig, SpecConfig
     from reference import greedy_reference
     greedy = SamplingConfig(temperature=0, ignore_eos=True)
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
-        sizes = rounds_of(monkeypatch, eng.ctx)
+        rounds, real = [], eng.ctx.eval
+        monkeypatch.setattr(eng.ctx, "eval", lambda tokens, logits="last": (
+            rounds.append(list(tokens)) if logits == "all" else None, real(tokens, logits=logits))[1])
+        proposed, propose = [], eng.drafters["auto"].propose
+        monkeypatch.setattr(eng.drafters["auto"], "propose", lambda *args: (
+            proposed.append(propose(*args)), proposed[-1])[1])
         got = eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))
-        assert measured == [] and sizes[:10] == [1, 2, 3, 4, 5, 5, 4, 3, 2, 1]
-        assert eng.costs.calibrated and eng.costs.max_rows == 5 and eng.costs.survey is None
-        assert got.stats.controller["plans"]["copy while measuring costs"] == 10
-        np.testing.assert_array_equal(eng.costs.curve, stored_entry(store)["seconds"])
+        assert measured == [] and len(rounds[0]) == 1 and max(map(len, rounds)) > 1
+        assert [r[1:] for r in rounds] == [d.tokens for d in proposed]  # the drafts verified as proposed
+        survey = eng.costs.survey
+        assert survey.done[0][0] == 1
+        assert_timings_are_the_rounds(survey.done, [len(r) for r in rounds])
+        np.testing.assert_array_equal(eng.costs.curve, survey.curve())
     ref = greedy_reference(target_path, COPYABLE, 40, n_ctx=256, ignore_eog=True, stop_at_eog=False)
     assert got.tokens == ref.tokens
+    assert stored_entry(store)["survey"]["done"] == [list(t) for t in survey.done]
+
+
+def test_a_survey_the_rounds_complete_is_stored_as_the_curve(store, measured, target_path):
+    """Rounds of any method time the sizes they verify; when every size has its timings,
+    the curve is stored and chosen by, and the survey ends."""
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=1, sampling=greedy, spec=SpecConfig("auto", 1))  # one plain round
+        assert [b for b, _ in eng.costs.survey.done] == [1]
+        eng.generate(COPYABLE, max_tokens=30, sampling=greedy, spec=SpecConfig("lookup", 1))  # rounds of 1-2 rows
+        assert eng.costs.survey is None and eng.costs.max_rows == 2 and measured == []
+        np.testing.assert_array_equal(eng.costs.curve, stored_entry(store)["seconds"])
     assert "survey" not in stored_entry(store)
 
 
@@ -358,7 +388,7 @@ def test_a_seeded_sampled_first_generation_samples_what_plain_decoding_samples(s
     sampling = SamplingConfig(temperature=0.8, seed=3, ignore_eos=True)
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
         surveyed = eng.generate(COPYABLE, max_tokens=30, sampling=sampling, spec=SpecConfig("auto", 4))
-        assert surveyed.stats.controller["plans"]["copy while measuring costs"] == 10
+        assert len(eng.costs.survey.done) > 1 and surveyed.stats.draft_tokens > 0
         plain = eng.generate(COPYABLE, max_tokens=30, sampling=sampling, spec=SpecConfig("none"))
     assert surveyed.tokens == plain.tokens
 
@@ -372,13 +402,12 @@ def test_a_survey_an_answer_leaves_unfinished_is_stored_and_the_next_engine_goes
         eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
         done = eng.costs.survey.done
     saved = stored_entry(store)["survey"]
-    assert saved["rows"] == 5 and [b for b, _ in saved["done"]] == [b for b, _ in done] == [1, 2]
+    assert saved["rows"] == 5 and saved["done"] == [list(t) for t in done] and done[0][0] == 1
     with Engine(target_path, None, target_config=cfg, progress=False) as eng:
         sizes = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))
-        assert sizes[:10 - len(done)] == [1, 2, 3, 4, 5, 5, 4, 3, 2, 1][len(done):]
-        assert eng.costs.calibrated and measured == []
-    assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
+        assert eng.costs.survey.done[:len(done)] == done and measured == []
+        assert_timings_are_the_rounds(eng.costs.survey.done[len(done):], sizes)
 
 
 def test_survey_timings_taken_while_other_processes_were_busy_are_dropped(store, target_path, monkeypatch):
@@ -405,10 +434,10 @@ def test_other_methods_decode_as_asked_while_a_survey_is_under_way(store, target
     from ggspec import Engine, SamplingConfig, SpecConfig
     greedy = SamplingConfig(temperature=0, ignore_eos=True)
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
-        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+        eng.generate(COPYABLE, max_tokens=1, sampling=greedy, spec=SpecConfig("auto", 4))
         sizes = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=10, sampling=greedy, spec=SpecConfig("none"))
-        assert sizes == [1] * 10 and [b for b, _ in eng.costs.survey.done] == [1, 2]
+        assert sizes == [1] * 10 and [b for b, _ in eng.costs.survey.done] == [1, 1]
 
 
 def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store, measured, target_path):
@@ -423,8 +452,9 @@ def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store,
     with Engine(target_path, None, target_config=cfg, progress=False) as eng:
         eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 2))  # the stored curve
         assert eng.costs.calibrated and eng.costs.max_rows == 3
-        eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))  # the survey's rest
+        eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))  # the survey goes on
         assert eng.costs.max_rows == 5 and measured == [("target.gguf", 3)]
+        eng.prepare(SpecConfig("auto", 4))  # and ends
     assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
 
 
@@ -441,5 +471,6 @@ def test_a_damaged_stored_survey_is_started_again(store, target_path, damage):
     store.write_text(json.dumps(data))
     with Engine(target_path, None, target_config=cfg, progress=False) as eng:
         eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
-        assert [b for b, _ in eng.costs.survey.done] == [1, 2]  # from its start
-    assert [b for b, _ in stored_entry(store)["survey"]["done"]] == [1, 2]
+        done = eng.costs.survey.done
+        assert done[0][0] == 1 and len(done) <= 3 and all(s > 0 for _, s in done)  # from its start
+    assert stored_entry(store)["survey"]["done"] == [list(t) for t in done]

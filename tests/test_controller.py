@@ -267,10 +267,27 @@ def test_a_survey_times_every_size_up_then_down_and_keeps_each_ones_fastest():
     order = []
     while (b := survey.next) is not None:
         order.append(b)
-        survey.observe(b + 1, 0.01)  # not the size it waits for: not one of its timings
-        survey.observe(b, b + (0.5 if len(order) <= 4 else 0.0))  # the first pass is slower
+        assert survey.observe(b, b + (0.5 if len(order) <= 4 else 0.0))  # the first pass is slower
     assert order == [1, 2, 3, 4, 4, 3, 2, 1]
     assert survey.curve().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert not survey.observe(2, 0.01) and not survey.observe(5, 0.01)  # all taken; no such size
+    assert survey.curve().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_survey_takes_timings_of_any_size_and_chooses_by_what_it_has_timed():
+    """Rounds time whatever sizes they verify. Until every size is timed twice, the curve
+    interpolates between the timed sizes and takes a size above the largest timed one to
+    cost as much as it: an untimed size never looks dearer than its timed neighbours."""
+    survey = Survey(9)
+    assert survey.curve() is None  # nothing to choose by before t(1): a plain round times it
+    assert survey.observe(4, 0.3)
+    assert survey.curve() is None
+    assert survey.observe(1, 0.1)
+    np.testing.assert_allclose(survey.curve(), [0.1, 1 / 6, 0.7 / 3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+    assert survey.observe(9, 0.5) and survey.observe(4, 0.2) and not survey.observe(4, 0.1)  # twice at most
+    np.testing.assert_allclose(survey.curve()[[3, 5, 8]], [0.2, 0.32, 0.5])
+    assert survey.next == 2  # what a measurement takes next: the untimed sizes, up
+    assert [b for b, _ in survey.done] == [4, 1, 9, 4]
 
 
 def test_a_survey_beyond_the_dense_sizes_times_every_stride_and_interpolates():

@@ -480,53 +480,6 @@ def test_auto_without_a_seed_samples_the_target_distribution(request, pair, n, m
     assert stats.controller["plans"].get("lookup=1,model=1", 0) > 0  # the last run drafted a mixed chain
 
 
-class HeldSurvey:
-    """A survey that keeps waiting for one size: every round is fitted to it."""
-
-    def __init__(self, size: int):
-        self.next, self.rows, self.done = size, 17, []
-
-    def observe(self, rows, seconds):
-        pass
-
-
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_survey_rounds_sample_the_target_distribution(engine, target_path, calibrated, monkeypatch):
-    """Rounds that take a calibration's timings verify the draft cut or filled with the
-    pending token, and unseeded the first two tokens still follow the target's law.
-    Uncalibrated: lookup's copy, filled (no q). Calibrated (a survey for more rows under
-    way): a copied token and one draft-model token (its q), filled with one-hot q."""
-    auto = engine.drafters["auto"]
-    prompt = random_prompt(22, 6) + [400, 400, 400]  # lookup proposes 400
-    costs = engine.costs
-    engine.prepare(SpecConfig("auto"))
-    if calibrated:
-        t1 = float(costs.t_verify(1))
-        monkeypatch.setattr(costs, "curve", t1 * (1 + 0.05 * np.arange(costs.max_rows)))  # a row costs 5%
-        monkeypatch.setattr(costs, "correction", np.ones(costs.max_rows))
-        monkeypatch.setattr(costs, "scale", 1.0)
-        monkeypatch.setattr(costs, "draft_token", t1 / 100)
-        monkeypatch.setattr(costs, "draft_row", 0.0)
-        monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, in_prompt: np.full(len(kinds), 0.9))
-        alpha = np.full_like(auto.model_acceptance.alpha, 0.01)
-        alpha[0] = 0.9  # so the plan is one copied and one model token
-        monkeypatch.setattr(auto.model_acceptance, "alpha", alpha)
-        for model in (costs, auto.copy_acceptance, auto.model_acceptance):
-            for name in ("observe", "observe_verify", "observe_draft"):
-                if hasattr(model, name):
-                    monkeypatch.setattr(model, name, lambda *args: None)
-    else:
-        monkeypatch.setattr(costs, "curve", None)
-    monkeypatch.setattr(costs, "survey", HeldSurvey(5))  # 4 drafted tokens a round
-    exact = exact_first_two(target_path, prompt, 0.9, 0)
-    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
-    stats = sample_first_two(engine, prompt, 10_000, sampling, SpecConfig("auto", draft_max=4), exact,
-                             seeded=False, max_tokens=5)
-    assert stats.position_proposed[3] > 0  # rounds of 4 drafted tokens
-    plans = stats.controller["plans"]
-    assert plans.get("lookup=1,model=1", 0) > 0 if calibrated else plans.get("copy while measuring costs", 0) > 0
-
-
 @pytest.mark.parametrize("method", ["lookup", "auto"])
 def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, method, monkeypatch):
     """Copies followed over many rounds, drafted 15 at a time (auto with copying made to

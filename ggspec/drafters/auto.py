@@ -23,7 +23,6 @@ from .medusa import MedusaDrafter
 from .model import ModelDrafter
 
 MODEL_PRIOR = 0.7  # starting acceptance guess for the draft model, replaced by measurements
-SURVEY = "copy while measuring costs"  # a round of a survey (ggspec.controller.Survey), in report()
 
 
 class AutoDrafter:
@@ -66,10 +65,6 @@ class AutoDrafter:
             self.copied.observe(f.proposed, f.hits)
             if f.alternative is not None:
                 self.copy_acceptance.observe_alternative(f.alternative)
-        if not self.costs.calibrated and self.costs.survey is not None:
-            # the rounds measure the costs, the engine sizes them: offer what can be copied
-            self.plans[SURVEY] += 1
-            return Draft(copy.tokens[:budget], plan=Plan(lookup=min(len(copy.tokens), budget)))
         plan, rate = Plan(), 0.0
         tree: Draft | None = None
         if self.costs.calibrated and budget > 0:
