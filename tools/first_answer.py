@@ -78,7 +78,8 @@ def main() -> None:
                     answers[name] = result["tokens"]
                     same = "" if name == "plain" else \
                         "  (plain's answer)" if result["tokens"] == answers["plain"] else "  (another answer)"
-                    print(f"{rep + 1}  {prompt.name:<28} {name:<13} {stats['generated_tokens']:4d} tokens  "
+                    label = prompt.name if str(prompt) in args.prompt_file else prompt.read_text()[:26]
+                    print(f"{rep + 1}  {label:<28} {name:<13} {stats['generated_tokens']:4d} tokens  "
                           f"{stats['generated_tokens'] / stats['decode_seconds']:6.2f} tok/s  wall {wall:6.2f} s{same}",
                           flush=True)
     print(machine.state().describe(default_threads()))
