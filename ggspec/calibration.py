@@ -40,7 +40,7 @@ import numpy as np
 
 from . import hub, machine
 from .backend import Context
-from .controller import PASSES, Survey
+from .controller import PASSES, Survey, measured_sizes
 
 FILE = "calibration.json"
 
@@ -107,14 +107,14 @@ def _sane(seconds: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(seconds) & (seconds > 0)))
 
 
-def _stored(ctx: Context, name: str, rows: int) -> np.ndarray | None:
-    """The first `rows` numbers stored as `name` for this context, when there are that
-    many and all are finite and positive."""
+def _stored(ctx: Context, name: str, rows: int | None) -> np.ndarray | None:
+    """The first `rows` numbers stored as `name` for this context (None: all), when there
+    are that many and all are finite and positive."""
     try:
         values = np.asarray(_entry(ctx)[name], dtype=np.float64)
     except (TypeError, KeyError, ValueError):
         return None
-    if values.ndim != 1 or len(values) < rows or not _sane(values):
+    if values.ndim != 1 or len(values) < (rows or 1) or not _sane(values):
         return None
     return values[:rows]
 
@@ -129,15 +129,17 @@ def store_curve(ctx: Context, curve: np.ndarray) -> None:
 
 
 def stored_survey(ctx: Context, rows: int) -> Survey:
-    """A survey of this context's curve for `rows` rows, resumed where a stored one of the
-    same rows stopped (else from its start)."""
+    """A survey of this context's curve for `rows` rows, begun from what the store holds: a
+    shorter stored curve's points (each as all its passes' timings) and a stored survey's
+    timings (of any rows; none when any is damaged)."""
+    curve = _stored(ctx, "seconds", None)
+    done = [] if curve is None else \
+        [(b, float(curve[b - 1])) for b in measured_sizes(rows) if b <= len(curve) for _ in range(PASSES)]
     try:
-        saved = _entry(ctx)["survey"]
-        done = [(int(b), float(s)) for b, s in saved["done"]]
+        saved = [(int(b), float(s)) for b, s in _entry(ctx)["survey"]["done"]]
     except (TypeError, KeyError, ValueError):
-        return Survey(rows)
-    fits = saved.get("rows") == rows and _sane(np.array([s for _, s in done]))
-    return Survey(rows, done if fits else ())
+        saved = []
+    return Survey(rows, done + saved if _sane(np.array([s for _, s in saved])) else done)
 
 
 def store_survey(ctx: Context, survey: Survey) -> None:

@@ -446,9 +446,15 @@ def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store,
     cfg = BackendConfig(n_ctx=256, n_threads=1)
     with Engine(target_path, None, target_config=cfg, progress=False) as eng:
         eng.prepare(SpecConfig("auto", 2))
-        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+        curve = eng.costs.curve.copy()
+        eng.generate(COPYABLE, max_tokens=1, sampling=greedy, spec=SpecConfig("auto", 4))
+        survey = eng.costs.survey
+        assert survey.done == [(b, curve[b - 1]) for b in (1, 1, 2, 2, 3, 3)]  # begun from the curve
+        np.testing.assert_array_equal(survey.curve(), [*curve, curve[2], curve[2]])
+        eng.generate(COPYABLE, max_tokens=20, sampling=greedy, spec=SpecConfig("lookup", 4))  # rounds of 5 rows
+        assert len(survey.done) > 6
     entry = stored_entry(store)
-    assert len(entry["seconds"]) == 3 and entry["survey"]["rows"] == 5 and len(entry["survey"]["done"]) == 2
+    assert len(entry["seconds"]) == 3 and entry["survey"]["rows"] == 5 and len(entry["survey"]["done"]) > 6
     with Engine(target_path, None, target_config=cfg, progress=False) as eng:
         eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 2))  # the stored curve
         assert eng.costs.calibrated and eng.costs.max_rows == 3
@@ -456,6 +462,19 @@ def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store,
         assert eng.costs.max_rows == 5 and measured == [("target.gguf", 3)]
         eng.prepare(SpecConfig("auto", 4))  # and ends
     assert len(stored_entry(store)["seconds"]) == 5 and "survey" not in stored_entry(store)
+
+
+def test_a_stored_survey_goes_on_for_another_draft_max(store, target_path):
+    """The timings are per size: a survey stored for K = 4 goes on for K = 8."""
+    from ggspec import Engine, SamplingConfig, SpecConfig
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    cfg = BackendConfig(n_ctx=256, n_threads=1)
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=3, sampling=greedy, spec=SpecConfig("auto", 4))
+        done = eng.costs.survey.done
+    with Engine(target_path, None, target_config=cfg, progress=False) as eng:
+        eng.generate(COPYABLE, max_tokens=1, sampling=greedy, spec=SpecConfig("auto", 8))
+        assert eng.costs.survey.rows == 9 and eng.costs.survey.done[:len(done)] == done
 
 
 @pytest.mark.parametrize("damage", [{"done": [["a", 0.1]]}, {"done": [[1, -1.0]], "rows": 5}, "x", {"rows": 5}])
