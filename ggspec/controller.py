@@ -87,14 +87,18 @@ class Survey:
         return True
 
     def curve(self) -> np.ndarray | None:
-        """t(1..rows) from each timed size's fastest: (rows,), sizes between timed ones
-        interpolated, those above the largest timed one taken to cost as much as it; None
-        before t(1). Under way, an untimed size so never looks dearer than the timed ones
-        around it: where drafting that much might pay, a round tries it, and times it."""
+        """t(1..rows) from each timed size's fastest: (rows,) once every size is timed;
+        None before t(1). Under way, sizes between timed ones are interpolated, and those
+        above the largest timed one, up to twice it, taken to cost as much as it: an
+        untimed size never looks dearer than the timed ones around it, so where drafting
+        that much might pay, a round tries it, and times it. (Past twice the largest timed
+        size the curve ends, and the cost model takes a size to cost in proportion to its
+        rows: a draft at most doubles from one untried size to the next, so a first answer
+        does not pay for K + 1 rows before a smaller size told what rows cost.)"""
         timed = [b for b in self._sizes if self._times[b]]
         if not timed or timed[0] != 1:
             return None
-        return np.interp(np.arange(1, self.rows + 1), timed, [min(self._times[b]) for b in timed])
+        return np.interp(np.arange(1, min(self.rows, 2 * timed[-1]) + 1), timed, [min(self._times[b]) for b in timed])
 
 
 class CostModel:

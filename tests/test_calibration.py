@@ -108,12 +108,13 @@ def test_a_damaged_store_is_ignored_and_rewritten(store, measured, target_path, 
 def test_an_engine_reuses_the_stored_calibration(store, measured, target_path):
     from ggspec import Engine, SamplingConfig, SpecConfig
     cfg = BackendConfig(n_ctx=256, n_threads=1)
-    for n in (40, 3):  # the first answer's rounds measure; the second starts from the stored curve
+    for _ in range(2):  # the first engine measures; the second starts from the stored curve
         with Engine(target_path, None, target_config=cfg, progress=False) as eng:
-            eng.generate(COPYABLE, max_tokens=n, sampling=SamplingConfig(temperature=0, ignore_eos=True),
+            eng.prepare(SpecConfig("auto", 4))
+            eng.generate(COPYABLE, max_tokens=3, sampling=SamplingConfig(temperature=0, ignore_eos=True),
                          spec=SpecConfig("auto", 4))
-            assert eng.costs.calibrated and eng.costs.max_rows == 5
-    assert measured == [] and len(json.loads(store.read_text())) == 1
+            assert eng.costs.survey is None and eng.costs.max_rows == 5
+    assert measured == [("target.gguf", 5)] and len(json.loads(store.read_text())) == 1
 
 
 def test_every_size_is_timed_in_each_pass_and_its_fastest_kept(target_path, monkeypatch):

@@ -283,7 +283,10 @@ def test_a_survey_takes_timings_of_any_size_and_chooses_by_what_it_has_timed():
     assert survey.observe(4, 0.3)
     assert survey.curve() is None
     assert survey.observe(1, 0.1)
-    np.testing.assert_allclose(survey.curve(), [0.1, 1 / 6, 0.7 / 3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+    np.testing.assert_allclose(survey.curve(), [0.1, 1 / 6, 0.7 / 3, 0.3, 0.3, 0.3, 0.3, 0.3])  # up to 2 x 4 rows
+    costs = CostModel()
+    costs.follow(survey.curve())
+    assert costs.t_verify(9) == pytest.approx(0.3 * 9 / 8)  # beyond: in proportion to the rows
     assert survey.observe(9, 0.5) and survey.observe(4, 0.2) and not survey.observe(4, 0.1)  # twice at most
     np.testing.assert_allclose(survey.curve()[[3, 5, 8]], [0.2, 0.32, 0.5])
     assert survey.next == 2  # what a measurement takes next: the untimed sizes, up
