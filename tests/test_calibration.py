@@ -265,11 +265,11 @@ def test_cancel_stops_prepare_and_the_next_generation_goes_on_with_its_timings(s
         assert [b for b, _ in stored_entry(store)["survey"]["done"]] == [1, 2, 3]
         np.testing.assert_array_equal(eng.costs.curve, eng.costs.survey.curve())  # chosen by meanwhile
         taken = list(eng.costs.survey.done)
-        sizes = rounds_of(monkeypatch, eng.ctx)
+        rounds = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=40, sampling=SamplingConfig(temperature=0, ignore_eos=True),
                      spec=SpecConfig("auto", 4))
         assert len(measured) == 1 and eng.costs.survey.done[:3] == taken
-        assert_timings_are_the_rounds(eng.costs.survey.done[3:], sizes)
+        assert_timings_are_the_rounds(eng.costs.survey.done[3:], rounds)
 
 
 def test_a_generation_asked_for_during_prepare_stops_it_and_its_rounds_take_the_rest(store, measured, target_path,
@@ -322,24 +322,24 @@ def test_close_from_another_thread_stops_prepare_at_once(store, target_path, mon
 
 
 
-def rounds_of(monkeypatch, ctx) -> list[int]:
-    """The rows of every decode of `ctx` that asks for all its rows' logits (verifications
-    and measurements), in order."""
-    sizes, real = [], ctx.eval
+def rounds_of(monkeypatch, ctx) -> list[list[int]]:
+    """The tokens of every decode of `ctx` that asks for all its rows' logits
+    (verifications and measurements), in order."""
+    rounds, real = [], ctx.eval
 
     def recording(tokens, logits="last"):
         if logits == "all":
-            sizes.append(len(tokens))
+            rounds.append(list(tokens))
         return real(tokens, logits=logits)
 
     monkeypatch.setattr(ctx, "eval", recording)
-    return sizes
+    return rounds
 
 
-def assert_timings_are_the_rounds(timings: list[tuple[int, float]], sizes: list[int]) -> None:
-    """Each timing a survey took is of a round in `sizes` (the rows of the rounds, in order)."""
-    rest = iter(sizes)
-    assert all(any(b == size for size in rest) for b, _ in timings), (timings, sizes)
+def assert_timings_are_the_rounds(timings: list[tuple[int, float]], rounds: list[list[int]]) -> None:
+    """Each timing a survey took is of one of `rounds` (rounds_of), in order."""
+    rest = iter(rounds)
+    assert all(any(b == len(r) for r in rest) for b, _ in timings), (timings, [len(r) for r in rounds])
 
 
 def test_a_first_generation_times_its_own_rounds_and_equals_plain_greedy_decoding(store, measured,
@@ -352,18 +352,19 @@ def test_a_first_generation_times_its_own_rounds_and_equals_plain_greedy_decodin
     from reference import greedy_reference
     greedy = SamplingConfig(temperature=0, ignore_eos=True)
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
-        rounds, real = [], eng.ctx.eval
-        monkeypatch.setattr(eng.ctx, "eval", lambda tokens, logits="last": (
-            rounds.append(list(tokens)) if logits == "all" else None, real(tokens, logits=logits))[1])
-        proposed, propose = [], eng.drafters["auto"].propose
-        monkeypatch.setattr(eng.drafters["auto"], "propose", lambda *args: (
-            proposed.append(propose(*args)), proposed[-1])[1])
+        rounds, proposed, propose = rounds_of(monkeypatch, eng.ctx), [], eng.drafters["auto"].propose
+
+        def recording(*args):
+            proposed.append(propose(*args))
+            return proposed[-1]
+
+        monkeypatch.setattr(eng.drafters["auto"], "propose", recording)
         got = eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))
         assert measured == [] and len(rounds[0]) == 1 and max(map(len, rounds)) > 1
         assert [r[1:] for r in rounds] == [d.tokens for d in proposed]  # the drafts verified as proposed
         survey = eng.costs.survey
         assert survey.done[0][0] == 1
-        assert_timings_are_the_rounds(survey.done, [len(r) for r in rounds])
+        assert_timings_are_the_rounds(survey.done, rounds)
         np.testing.assert_array_equal(eng.costs.curve, survey.curve())
     ref = greedy_reference(target_path, COPYABLE, 40, n_ctx=256, ignore_eog=True, stop_at_eog=False)
     assert got.tokens == ref.tokens
@@ -405,10 +406,10 @@ def test_a_survey_an_answer_leaves_unfinished_is_stored_and_the_next_engine_goes
     saved = stored_entry(store)["survey"]
     assert saved["rows"] == 5 and saved["done"] == [list(t) for t in done] and done[0][0] == 1
     with Engine(target_path, None, target_config=cfg, progress=False) as eng:
-        sizes = rounds_of(monkeypatch, eng.ctx)
+        rounds = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=40, sampling=greedy, spec=SpecConfig("auto", 4))
         assert eng.costs.survey.done[:len(done)] == done and measured == []
-        assert_timings_are_the_rounds(eng.costs.survey.done[len(done):], sizes)
+        assert_timings_are_the_rounds(eng.costs.survey.done[len(done):], rounds)
 
 
 def test_survey_timings_taken_while_other_processes_were_busy_are_dropped(store, target_path, monkeypatch):
@@ -436,9 +437,9 @@ def test_other_methods_decode_as_asked_while_a_survey_is_under_way(store, target
     greedy = SamplingConfig(temperature=0, ignore_eos=True)
     with Engine(target_path, None, target_config=BackendConfig(n_ctx=256, n_threads=1), progress=False) as eng:
         eng.generate(COPYABLE, max_tokens=1, sampling=greedy, spec=SpecConfig("auto", 4))
-        sizes = rounds_of(monkeypatch, eng.ctx)
+        rounds = rounds_of(monkeypatch, eng.ctx)
         eng.generate(COPYABLE, max_tokens=10, sampling=greedy, spec=SpecConfig("none"))
-        assert sizes == [1] * 10 and [b for b, _ in eng.costs.survey.done] == [1, 1]
+        assert [len(r) for r in rounds] == [1] * 10 and [b for b, _ in eng.costs.survey.done] == [1, 1]
 
 
 def test_a_survey_for_more_rows_than_the_stored_curve_is_stored_beside_it(store, measured, target_path):
