@@ -50,6 +50,11 @@ def main() -> None:
     ap.add_argument("--other", type=Path, help="a checkout of other code, run from an empty state too")
     ap.add_argument("--allow-busy", action="store_true", help="measure even while the machine is busy")
     args = ap.parse_args()
+    missing = [f for f in args.prompt_file if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"Error: no such prompt file: {', '.join(missing)}")
+    if not args.prompt_file and not args.prompt:
+        raise SystemExit("Error: no prompt: give -f FILE or -p TEXT")
     stored = hub.state_dir() / calibration.FILE
     if not stored.exists():
         raise SystemExit(f"Error: no calibration is stored in {stored.parent}: run `ggspec run` once first")
