@@ -35,10 +35,11 @@ def run(code: Path, state: Path, prompt: Path, method: str, max_tokens: int) -> 
     """One `ggspec run --json` of `code` with this state directory: its JSON and wall seconds."""
     env = {**os.environ, "GGSPEC_STATE": str(state), "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "ggspec", "run", "--json", "-t", "0", "-n", str(max_tokens),
-                          "--method", method, "-f", str(prompt)], cwd=code, env=env, check=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
-    return json.loads(out), time.perf_counter() - t0
+    done = subprocess.run([sys.executable, "-m", "ggspec", "run", "--json", "-t", "0", "-n", str(max_tokens),
+                           "--method", method, "-f", str(prompt)], cwd=code, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"Error: ggspec run in {code} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout), time.perf_counter() - t0
 
 
 def main() -> None:
@@ -55,6 +56,8 @@ def main() -> None:
         raise SystemExit(f"Error: no such prompt file: {', '.join(missing)}")
     if not args.prompt_file and not args.prompt:
         raise SystemExit("Error: no prompt: give -f FILE or -p TEXT")
+    if args.other and not (args.other / "ggspec" / "__init__.py").is_file():
+        raise SystemExit(f"Error: {args.other} is not a checkout of ggspec (no ggspec/__init__.py there)")
     stored = hub.state_dir() / calibration.FILE
     if not stored.exists():
         raise SystemExit(f"Error: no calibration is stored in {stored.parent}: run `ggspec run` once first")
