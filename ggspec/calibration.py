@@ -6,8 +6,8 @@ size's fastest kept; the rounds that follow correct the points they use), and on
 draft-model token. It is stored in calibration.json in the state directory
 (ggspec.hub.state_dir) under a key naming everything that changes the figures: the model
 file (path, size, modification time), the context's settings (threads, batch, GPU layers,
-flash attention, sequences, embeddings, rollback slots), llama.cpp's build and this
-machine's CPU. Any change of those measures again. A calibration taken while other
+flash attention, sequences, embeddings, rollback slots), llama.cpp's build (its library
+file: a rebuild with other compiler flags changes which kernels run) and this machine's CPU. Any change of those measures again. A calibration taken while other
 processes were busy is used but not stored. Storing one drops what was stored for model
 files that are gone.
 
@@ -35,10 +35,9 @@ import threading
 import time
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
-from . import hub, machine
+from . import hub, machine, weights
 from .backend import Context
 from .controller import PASSES, Survey, measured_sizes
 
@@ -51,8 +50,7 @@ def context_key(ctx: Context) -> str:
     st = path.stat()
     cfg = ctx.cfg
     facts = [str(path), st.st_size, st.st_mtime_ns, ctx.n_threads, ctx.n_batch, cfg.n_gpu_layers,
-             cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, llama_cpp.__version__,
-             llama_cpp.llama_print_system_info().decode(), machine.cpu_name(), os.cpu_count(),
+             cfg.flash_attn, ctx.n_seq_max, ctx.embeddings, weights.build_key(), os.cpu_count(),
              ("passes", PASSES)]  # (curves stored before passes were measured another way)
     if ctx.n_rs_seq:  # rollback slots (recurrent models); absent, the keys stored before them hold
         facts.append(("rollback slots", ctx.n_rs_seq))

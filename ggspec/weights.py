@@ -112,7 +112,7 @@ def _repack_takes(t: TensorInfo, repack: int) -> bool:
             weights.buffer = None
 
 
-def _build_key() -> str:
+def build_key() -> str:
     """A digest naming this llama.cpp build (its library file and features) and this CPU."""
     library = Path(llama_cpp._ggml.libggml._name)
     st = library.stat()
@@ -127,7 +127,7 @@ def amx_runs() -> bool:
     process (a crash ends the process that computes) once per llama.cpp build and CPU."""
     store = hub.state_dir() / FILE
     data = hub.read_json(store)
-    key = _build_key()
+    key = build_key()
     if isinstance(data.get(key), bool):
         return data[key]
     print("ggspec: checking llama.cpp's AMX kernels on this CPU (once for this llama.cpp build)",

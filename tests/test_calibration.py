@@ -8,7 +8,9 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -86,6 +88,20 @@ def test_a_changed_model_file_is_measured_again(store, measured, target_path, tm
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten
     curve_for(copy)
     assert len(measured) == 2
+
+
+def test_another_llama_cpp_build_is_measured_again(store, measured, target_path, tmp_path, monkeypatch):
+    """A llama.cpp library rebuilt with other compiler flags reports the same version and
+    features, but may run other kernels (on a Xeon, AMX or not): its costs are its own."""
+    curve_for(target_path)
+    library = Path(llama_cpp._ggml.libggml._name)
+    rebuilt = tmp_path / library.name
+    shutil.copy(library, rebuilt)
+    monkeypatch.setattr(llama_cpp._ggml.libggml, "_name", str(rebuilt))
+    curve_for(target_path)
+    curve_for(target_path)
+    assert len(measured) == 2
+    assert len(json.loads(store.read_text())) == 2
 
 
 def test_a_calibration_taken_while_the_machine_is_busy_is_not_stored(store, measured, target_path, monkeypatch,

@@ -100,7 +100,7 @@ def test_the_amx_check_runs_once_per_build_and_is_remembered(monkeypatch, state_
         assert "checking llama.cpp's AMX kernels" in err and said in err
         weights.amx_runs.cache_clear()
         assert weights.amx_runs() is runs and child.calls == 1  # from kernels.json
-        assert hub.read_json(state_dir / weights.FILE) == {weights._build_key(): runs}
+        assert hub.read_json(state_dir / weights.FILE) == {weights.build_key(): runs}
     finally:
         weights.amx_runs.cache_clear()
         (state_dir / weights.FILE).unlink(missing_ok=True)
