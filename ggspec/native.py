@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import weights
+from . import ggml, weights
 from .config import SamplingConfig
 from .errors import GgspecError
 
@@ -33,6 +34,10 @@ BUILD_HINT = "build them with: python tools/build_llama_cpp.py DIR"
 MODES = ("plain", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
 TAIL_CHARS = 1500  # how much of a failed tool's stderr an error quotes
 ATTEMPTS = 3  # runs of one generation when a tool's log loses its timing lines
+# directories whose tools were killed by a signal on this CPU, which offers llama.cpp's AMX
+# buffer: built by GCC 12 without tools/build_llama_cpp.py's flags, their AMX kernels crash
+# (ggspec.weights); they run with llama.cpp's way around, all extra buffer types off
+_AMX_CRASHED: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -132,10 +137,9 @@ class LlamaCpp:
             cmd += ["--seed", str(sampling.seed)]
         if sampling.ignore_eos:
             cmd.append("--ignore-eos")
-        if not weights.amx_usable():
-            # built from the same source by the same compiler, its AMX kernels crash as the
-            # engine's would; its -ot names only devices' own buffer types (CPU, not
-            # CPU_REPACK), so llama.cpp's way around is all its extra buffer types off, draft's too
+        if self.directory in _AMX_CRASHED:
+            # its -ot names only devices' own buffer types (CPU, not CPU_REPACK), so not the
+            # engine's placement by name: all extra buffer types off, the draft's too
             cmd.append("--no-repack")
         if variant.mode == "plain":
             return cmd + ["-no-cnv", "--no-display-prompt"]  # the prompt is already chat-templated
@@ -151,7 +155,8 @@ class LlamaCpp:
 
         Both tools log through a worker thread that nobody flushes at exit (common/log.cpp
         says so), so a run that succeeded can lose its last lines: such a run is repeated,
-        up to ATTEMPTS times in all."""
+        up to ATTEMPTS times in all. A tool killed by a signal where llama.cpp offers its
+        AMX buffer is run again, and from then on, with --no-repack (_AMX_CRASHED)."""
         parse = parse_completion if variant.mode == "plain" else parse_speculative
         with tempfile.TemporaryDirectory(prefix="ggspec-native-") as tmp:
             prompt_file = Path(tmp) / "prompt.txt"
@@ -164,6 +169,14 @@ class LlamaCpp:
                                           errors="replace")
                 except OSError as e:
                     raise GgspecError(f"could not run {cmd[0]}: {e}; {BUILD_HINT}") from None
+                if done.returncode < 0 and self.directory not in _AMX_CRASHED \
+                        and weights.AMX in ggml.cpu_extra_buffer_types():
+                    print(f"ggspec: {variant.binary} was killed by signal {-done.returncode}; its AMX kernels "
+                          "crash here (built by GCC 12 without tools/build_llama_cpp.py's flags?): running "
+                          "llama.cpp's tools with --no-repack", file=sys.stderr)
+                    _AMX_CRASHED.add(self.directory)
+                    cmd = self.command(variant, prompt_file, max_tokens, sampling)
+                    continue
                 if done.returncode != 0:
                     raise GgspecError(f"{variant.binary} failed (exit code {done.returncode}); "
                                       f"its stderr ends:\n{done.stderr[-TAIL_CHARS:]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, weights
+from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, ggml, native, weights
 from ggspec.bench import WORKLOADS, run_grid, table, variants
 from ggspec.cli import cli
 from ggspec.errors import GgspecError
@@ -112,13 +112,32 @@ def test_gpu_layers_follow_the_engine_settings(tmp_path):
     assert (opts["-ngl"], opts["-ngld"]) == ("0", "12")
 
 
-@pytest.mark.parametrize("usable", [True, False])
-def test_where_llama_cpps_amx_kernels_crash_its_tools_run_without_extra_buffer_types(tmp_path, monkeypatch, usable):
-    monkeypatch.setattr(weights, "amx_usable", lambda: usable)
-    llama = LlamaCpp(fake_binaries(tmp_path / "bin"), Path("t.gguf"), Path("d.gguf"), 2, 2048)
+@pytest.mark.parametrize("amx_offered", [True, False])
+def test_tools_killed_where_amx_is_offered_run_again_without_extra_buffer_types(tmp_path, monkeypatch, capsys,
+                                                                                amx_offered):
+    """Built by GCC 12, llama.cpp's AMX kernels crash at their first product (ggspec.weights):
+    such a build's tools run again, and from then on, with --no-repack. Elsewhere a crash
+    is an error."""
+    monkeypatch.setattr(native, "_AMX_CRASHED", set())
+    offered = {weights.AMX: 1, weights.REPACK: 2} if amx_offered else {weights.REPACK: 2}
+    monkeypatch.setattr(ggml, "cpu_extra_buffer_types", lambda: offered)
+    log = tmp_path / "calls"
+    script = (f'echo "$*" >> {log}\n'
+              f'case "$*" in *--no-repack*) cat {DATA / "llama-completion.stderr.txt"} >&2 ;; *) kill -SEGV $$ ;; esac')
+    llama = LlamaCpp(fake_binaries(tmp_path / "bin", script), Path("t.gguf"), Path("d.gguf"), 2, 2048)
+    plain = NativeVariant("plain")
+    assert "--no-repack" not in llama.command(plain, tmp_path / "p.txt", 8, GREEDY)
+    if not amx_offered:
+        with pytest.raises(GgspecError, match=r"llama-completion failed \(exit code -11\)"):
+            llama.run(plain, "Hello", 8, GREEDY)
+        return
+    assert llama.run(plain, "Hello", 8, GREEDY) == parse_completion((DATA / "llama-completion.stderr.txt").read_text())
+    assert "llama-completion was killed by signal 11" in capsys.readouterr().err
+    assert llama.run(plain, "Hello", 8, GREEDY).tokens == 47
+    calls = log.read_text().splitlines()
+    assert ["--no-repack" in c for c in calls] == [False, True, True]  # one crash, then without AMX
     for variant in llama.variants():
-        cmd = llama.command(variant, tmp_path / "p.txt", 8, GREEDY)
-        assert ("--no-repack" in cmd) is not usable
+        assert "--no-repack" in llama.command(variant, tmp_path / "p.txt", 8, GREEDY)
 
 
 def test_draft_simple_runs_only_with_a_draft_model(tmp_path):

@@ -8,6 +8,13 @@ Downloads the sdist of exactly the installed version with pip (so the binaries r
 same llama.cpp as ggspec), configures a Release build (static, no network features, no
 tests), builds only the two targets and copies them into OUT_DIR. Extra CMake arguments
 come from CMAKE_ARGS, as for `pip install llama-cpp-python`.
+
+Where the compiler is a GCC whose `_tile_loadconfig` tells it that `ldtilecfg` reads 8 of
+the tile configuration's 64 bytes (GCC 12: the rest of the configuration's stores are
+dropped, and llama.cpp's AMX kernels crash at their first product; ggspec.weights), the
+build turns off dead-store elimination (-fno-tree-dse -fno-dse), which keeps those
+stores: on an AMX CPU the tools then run llama.cpp's default placement, AMX kernels
+included, rather than falling back to --no-repack.
 Progress goes to stderr; stdout gets OUT_DIR's path.
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -58,12 +66,28 @@ def vendored_source(version: str, work: Path) -> Path:
     return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
+def tile_config_flags() -> list[str]:
+    """CMake arguments that keep a GCC 12 build's AMX tile configuration whole (see the
+    module's docstring); none where the compiler's header is not that one."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        header = subprocess.run([cxx, "-mamx-tile", "-E", "-x", "c++", "-"], input="#include <immintrin.h>\n",
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if header.returncode != 0 or not re.search(r'ldtilecfg.*"m" \(\*\(\(const void \*\*\)', header.stdout):
+        return []
+    flags = "-fno-tree-dse -fno-dse"
+    log(f"{cxx}'s _tile_loadconfig declares an 8-byte read: building with {flags} (AMX kernels)")
+    return [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
+
+
 def build(src: Path, build_dir: Path, cuda: bool, jobs: int) -> Path:
     """Configure and build the two targets; returns the directory holding the binaries."""
     configure = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON",
-                 "-DLLAMA_BUILD_EXAMPLES=ON", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}",
+                 "-DLLAMA_BUILD_EXAMPLES=ON", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}", *tile_config_flags(),
                  *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
