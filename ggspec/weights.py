@@ -146,8 +146,9 @@ def amx_runs() -> bool:
     if outcome:
         print(f"ggspec: llama.cpp's AMX kernels {outcome} on this CPU (built by GCC 12, they crash: "
               "llama.cpp issue 20824); models load without the AMX buffer, the matrices llama.cpp "
-              "repacks for AVX2 still repacked. A llama-cpp-python built by another compiler may run "
-              "them.", file=sys.stderr)
+              "repacks for AVX2 still repacked. Built by another compiler, or by GCC 12 with "
+              "-fno-tree-dse -fno-dse in CMAKE_C_FLAGS and CMAKE_CXX_FLAGS, llama-cpp-python runs them "
+              "(README: Intel CPUs with AMX).", file=sys.stderr)
     data[key] = outcome is None
     hub.write_json(store, data, "the check of llama.cpp's AMX kernels")
     return data[key]
