@@ -7,8 +7,9 @@ draft-model token. It is stored in calibration.json in the state directory
 (ggspec.hub.state_dir) under a key naming everything that changes the figures: the model
 file (path, size, modification time), the context's settings (threads, batch, GPU layers,
 flash attention, sequences, embeddings, rollback slots), llama.cpp's build (its library
-file: a rebuild with other compiler flags changes which kernels run) and this machine's CPU. Any change of those measures again. A calibration taken while other
-processes were busy is used but not stored. Storing one drops what was stored for model
+file: a rebuild with other compiler flags changes which kernels run) and this machine's
+CPU. Any change of those measures again. A calibration taken while other processes were
+busy is used but not stored. Storing one drops what was stored for model
 files that are gone.
 
 measure() decodes filler tokens, for an application that has time before its first
