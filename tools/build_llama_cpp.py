@@ -15,6 +15,7 @@ dropped, and llama.cpp's AMX kernels crash at their first product; ggspec.weight
 build turns off dead-store elimination (-fno-tree-dse -fno-dse), which keeps those
 stores: on an AMX CPU the tools then run llama.cpp's default placement, AMX kernels
 included, rather than falling back to --no-repack.
+
 Progress goes to stderr; stdout gets OUT_DIR's path.
 """
 
