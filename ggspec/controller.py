@@ -369,15 +369,16 @@ class AcceptanceModel:
 # match of the copy source with the text just before it (for the i-th token of a draft
 # from a match of length L, L + i: the draft tokens before it were accepted). It depends
 # on where the source is: text the user gave (a document, code to edit) is copied far more
-# faithfully than the answer's own earlier words. It depends on the token: a copy tends to
+# faithfully than the answer's own earlier words, and the part of it an answer working
+# through it in order has reached (ggspec.drafters.lookup: AHEAD) more than what it passed. It depends on the token: a copy tends to
 # end where a line ends (the next line of an edit is the one that changes; a quotation
 # stops at the end of its sentence or paragraph), so a copied line break is far less
 # certain than the tokens inside a line. It depends on the match's other sources (earlier
 # occurrences of the same text): where they all went on with the copied token it is more
 # likely, where one went on differently far less (the text branches there). And on what
 # is being written: an answer that copies a document confirms long matches, prose rarely
-# does. So the estimate is kept by (source in the prompt or not, how often copying was
-# right lately, the token's kind, match length); a token's kind is whether it ends a line
+# does. So the estimate is kept by (where the source is, how often copying was right
+# lately, the token's kind, match length); a token's kind is whether it ends a line
 # plus KINDS_PER_AGREEMENT times its agreement (ggspec.drafters.lookup: ALONE, AGREE, DIFFER).
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
 # the recent hit rate: RECENT_EDGES likewise.
@@ -438,9 +439,9 @@ class MatchAcceptance:
     GUESS_WEIGHT = 1.0
     _GUESSED = (GUESS_WEIGHT * GUESSES).tolist()  # (the guesses' share of every table, computed once)
     NEIGHBOUR = 0.5  # an outcome counts this much for the neighbouring length buckets too
-    _SHAPE = (2, len(RECENT_EDGES), *GUESSES.shape)
+    _SHAPE = (3, len(RECENT_EDGES), *GUESSES.shape)  # where: lookup's OUTPUT, PROMPT, AHEAD
 
-    # The tables are nested lists, indexed [source in the prompt][recent bucket][kind][length
+    # The tables are nested lists, indexed [where the source is][recent bucket][kind][length
     # bucket]: a round reads and updates a few of their entries, right after a decode,
     # where a numpy index costs several times a list's.
     def __init__(self) -> None:
@@ -465,15 +466,15 @@ class MatchAcceptance:
     def row(self) -> int:
         return bisect.bisect_right(RECENT_EDGES, self.recent) - 1
 
-    def chances(self, match_len: int, kinds: Sequence[int], in_prompt: bool) -> list[float]:
+    def chances(self, match_len: int, kinds: Sequence[int], where: int) -> list[float]:
         """For a draft of len(kinds) tokens copied after a match of match_len tokens;
         kinds: theirs (copy_kinds)."""
-        return self.chance_at(range(match_len, match_len + len(kinds)), kinds, in_prompt)
+        return self.chance_at(range(match_len, match_len + len(kinds)), kinds, where)
 
-    def chance_at(self, lengths: Sequence[int], kinds: Sequence[int], in_prompt: bool) -> list[float]:
+    def chance_at(self, lengths: Sequence[int], kinds: Sequence[int], where: int) -> list[float]:
         """Chances of copied tokens each after a match of lengths[i] tokens."""
-        source, row = int(in_prompt), self.row
-        p, hits, trials, guessed = self.p[source][row], self.hits[source][row], self.trials[source][row], self._GUESSED
+        row = self.row
+        p, hits, trials, guessed = self.p[where][row], self.hits[where][row], self.trials[where][row], self._GUESSED
         weight = self.ANSWER_PRIOR + self.GUESS_WEIGHT
         out = []
         for length, kind in zip(lengths, kinds, strict=True):
@@ -487,16 +488,15 @@ class MatchAcceptance:
         one of the others right?"""
         self.alternative += RECENT_EMA * (float(right) - self.alternative)
 
-    def observe(self, match_len: int, kinds: Sequence[int], hits: int, in_prompt: bool) -> None:
+    def observe(self, match_len: int, kinds: Sequence[int], hits: int, where: int) -> None:
         """The copy after a match of match_len tokens gave `hits` right tokens, then (when
         it proposed more, kinds being longer) a wrong one. kinds: those of the tokens it
-        proposed (copy_kinds)."""
-        source = int(in_prompt)
+        proposed (copy_kinds); where: the source's (lookup's OUTPUT, PROMPT or AHEAD)."""
         for i, kind in enumerate(kinds):
             hit = float(i < hits)
             b, row = self.bucket(match_len + i), self.row
-            _learn(self.p[source][row][kind], self._seen[source][row][kind], b, hit, self.PRIOR_WEIGHT)
-            hits_at, trials_at = self.hits[source][row][kind], self.trials[source][row][kind]
+            _learn(self.p[where][row][kind], self._seen[where][row][kind], b, hit, self.PRIOR_WEIGHT)
+            hits_at, trials_at = self.hits[where][row][kind], self.trials[where][row][kind]
             for near in range(max(b - 1, 0), min(b + 2, len(MATCH_EDGES))):
                 hits_at[near] += self.NEIGHBOUR * hit
                 trials_at[near] += self.NEIGHBOUR

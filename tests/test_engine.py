@@ -466,7 +466,7 @@ def test_auto_without_a_seed_samples_the_target_distribution(request, pair, n, m
     monkeypatch.setattr(costs, "scale", 1.0)
     monkeypatch.setattr(costs, "draft_token", t1 / 10)
     monkeypatch.setattr(costs, "draft_row", 0.0)  # catching up on each new prompt costs nothing
-    monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, in_prompt: np.full(len(kinds), 0.9))
+    monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, where: np.full(len(kinds), 0.9))
     monkeypatch.setattr(auto.model_acceptance, "alpha", np.full_like(auto.model_acceptance.alpha, 0.9))
     for model in (costs, auto.copy_acceptance, auto.model_acceptance):  # and stays so
         for name in ("observe", "observe_verify", "observe_draft"):
@@ -489,7 +489,7 @@ def test_long_copied_chains_equal_plain_greedy_decoding(engine, target_path, met
         auto = engine.drafters["auto"]
         engine.prepare(SpecConfig("auto"))  # calibrates
         make_verification_cheap(auto, monkeypatch)
-        monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, in_prompt: np.full(len(kinds), 0.99))
+        monkeypatch.setattr(auto.copy_acceptance, "chances", lambda length, kinds, where: np.full(len(kinds), 0.99))
     ref = greedy_reference(target_path, prompt, 80)
     got = engine.generate(prompt, max_tokens=80, sampling=GREEDY, spec=SpecConfig(method, draft_max=15))
     assert first_divergence(got.tokens, ref) is None

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ggspec.drafters import lookup
-from ggspec.drafters.lookup import AGREE, ALONE, DIFFER, MANY, SEARCH_MAX, CopySource, History, LookupDrafter
+from ggspec.drafters.lookup import (AGREE, AHEAD, ALONE, DIFFER, MANY, OUTPUT, PROMPT, SEARCH_MAX, CopySource, History,
+                                   LookupDrafter)
 
 
 def reference_longest(history, max_len=SEARCH_MAX):
@@ -173,10 +174,10 @@ def test_following_reports_how_the_source_predicted_the_committed_tokens():
     source.sync(text + [1] + text[:5])
     assert source.match(4).followed is None  # a search, nothing followed yet
     source.sync(text + [1] + text[:8])       # three tokens as the source continued
-    assert source.match(4).followed == lookup.Followed(length=5, proposed=tuple(text[5:8]), hits=3, in_prompt=False,
+    assert source.match(4).followed == lookup.Followed(length=5, proposed=tuple(text[5:8]), hits=3, where=OUTPUT,
                                                       agreement=(ALONE,) * 3)
     source.sync(text + [1] + text[:10] + [7, 8])  # two more right, then a wrong one
-    assert source.match(4).followed == lookup.Followed(length=8, proposed=tuple(text[8:11]), hits=2, in_prompt=False,
+    assert source.match(4).followed == lookup.Followed(length=8, proposed=tuple(text[8:11]), hits=2, where=OUTPUT,
                                                       agreement=(ALONE,) * 3)
 
 
@@ -253,10 +254,46 @@ def test_a_source_in_the_prompt_is_told_apart_from_one_in_the_output():
     drafter = LookupDrafter()
     prompt = [5, 6, 7, 8, 9]
     drafter.prepare(prompt)
-    assert drafter.match(prompt + [5, 6], 4).in_prompt            # copies the prompt
+    assert drafter.match(prompt + [5, 6], 4).where == AHEAD       # copies the prompt
     out = prompt + [1, 2, 3, 4, 1, 2]
     found = drafter.match(out, 4)
-    assert found.tokens == [3, 4, 1, 2] and not found.in_prompt    # copies the answer
+    assert found.tokens == [3, 4, 1, 2] and found.where == OUTPUT  # copies the answer
+
+
+def test_the_prompt_is_copied_in_order_from_where_the_last_copy_stopped():
+    """Of equally long matches, the first in the prompt at or after the point the last
+    right copy from it stopped is followed, not the most recent occurrence."""
+    drafter = LookupDrafter()
+    prompt = [1, 2, 10, 11, 1, 2, 20, 21, 9]
+    drafter.prepare(prompt)
+    found = drafter.match(prompt + [1, 2], 4)
+    assert found.tokens == [10, 11, 1, 2] and found.where == AHEAD  # the first: nothing copied yet
+    answer = [1, 2, 10, 11]                                         # copied two tokens: the cursor is at 4
+    drafter.match(prompt + answer, 4)
+    answer += [7]                                                   # a new token, then a token seen thrice
+    assert drafter.match(prompt + answer, 4).tokens == []
+    answer += [1]
+    found = drafter.match(prompt + answer, 4)
+    # the most recent occurrence of 1 is the answer's own, followed by 2 10 11 7
+    assert found.tokens == [2, 20, 21, 9] and found.length == 1 and found.where == AHEAD
+
+
+def test_the_most_recent_occurrence_is_followed_where_the_prompt_has_none_ahead():
+    drafter = LookupDrafter()
+    prompt = [1, 2, 3, 4, 5, 6]
+    drafter.prepare(prompt)
+    answer = [3, 4, 5, 6]                                           # copies up to the prompt's end
+    drafter.match(prompt + answer[:1], 4)
+    drafter.match(prompt + answer, 4)
+    answer += [9, 2]
+    found = drafter.match(prompt + answer, 4)                       # 2: only in the prompt, behind the cursor
+    assert found.tokens == [3, 4, 5, 6] and found.where == PROMPT
+    answer += [7, 1]
+    found = drafter.match(prompt + answer, 4)                       # 1: behind the cursor, and not in the answer
+    assert found.tokens == [2, 3, 4, 5] and found.where == PROMPT
+    answer += [8, 9]
+    found = drafter.match(prompt + answer, 4)                       # 9: only in the answer
+    assert found.tokens == [2, 7, 1, 8] and found.where == OUTPUT
 
 
 @pytest.mark.parametrize("seed", range(30))

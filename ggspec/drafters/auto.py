@@ -61,7 +61,7 @@ class AutoDrafter:
         copy = self.lookup.match(tokens, budget)
         if copy.followed is not None:  # every committed token tells how copying fares
             f = copy.followed
-            self.copy_acceptance.observe(f.length, self._kinds(f.proposed, f.agreement), f.hits, f.in_prompt)
+            self.copy_acceptance.observe(f.length, self._kinds(f.proposed, f.agreement), f.hits, f.where)
             self.copied.observe(f.proposed, f.hits)
             if f.alternative is not None:
                 self.copy_acceptance.observe_alternative(f.alternative)
@@ -71,7 +71,7 @@ class AutoDrafter:
             chances: list[float] = []
             if copy.tokens:
                 kinds = self._kinds(copy.tokens, copy.agreement)
-                chances = self.copied.cap(self.copy_acceptance.chances(copy.length, kinds, copy.in_prompt), copy.tokens)
+                chances = self.copied.cap(self.copy_acceptance.chances(copy.length, kinds, copy.where), copy.tokens)
             behind = self.model.behind(tokens) if self.model is not None else 1
             plan, rate = best_plan(self.costs, chances, self.model_acceptance, budget, behind)
             if self.max_paths > 1 and copy.tokens:
@@ -131,7 +131,7 @@ class AutoDrafter:
             DIFFER if len(candidates.children[parents[i] + 1]) > 1 else AGREE if weight[through[i]].sum() > 1 else ALONE
             for i in range(len(first), len(tokens))]
         copied = np.array(self.copied.cap(self.copy_acceptance.chance_at(
-            (copy.length + candidates.depths - 1).tolist(), self._kinds(tokens, agreement), copy.in_prompt), tokens))
+            (copy.length + candidates.depths - 1).tolist(), self._kinds(tokens, agreement), copy.where), tokens))
         chances = copied.copy()
         for kids in candidates.children:
             if len(kids) > 1:
@@ -201,7 +201,7 @@ class AutoDrafter:
                 source: {f"recent {r:.2f}+": {kind: {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
                                               for kind, row in zip(KIND_NAMES, rows, strict=True)}
                          for r, rows in zip(RECENT_EDGES, table)}
-                for source, table in zip(("output", "prompt"), self.copy_acceptance.p)},
+                for source, table in zip(("output", "prompt", "prompt ahead"), self.copy_acceptance.p)},
             "model_acceptance": None if self.model_acceptance is None else
             [round(a, 3) for a in self.model_acceptance.alpha],
         }
