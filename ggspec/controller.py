@@ -510,9 +510,12 @@ class MatchAcceptance:
                 "recent": self.recent, "alternative": self.alternative}
 
     def set_state(self, state: dict) -> None:
-        """Take the estimates of state(); ValueError when they do not fit."""
-        self.p, self._seen, self.hits, self.trials = (estimates(state[k], self._SHAPE).tolist()
-                                                      for k in ("p", "seen", "hits", "trials"))
+        """Take the estimates of state(); ValueError when they do not fit. Tables saved by
+        versions that kept two places (output, prompt) give the prompt's to both of its
+        places now: sessions and stored experience from before still load."""
+        tables = [np.array(state[k], dtype=np.float64) for k in ("p", "seen", "hits", "trials")]
+        tables = [a[[0, 1, 1]] if a.shape == (2, *self._SHAPE[1:]) else a for a in tables]
+        self.p, self._seen, self.hits, self.trials = (estimates(a, self._SHAPE).tolist() for a in tables)
         self.recent, self.alternative = float(state["recent"]), float(state["alternative"])
 
 

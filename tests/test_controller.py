@@ -8,7 +8,7 @@ import pytest
 from ggspec import BackendConfig, Engine, SamplingConfig
 from ggspec.controller import (DENSE_ROWS, MATCH_PRIOR, MAX_CHANCE, RECENT_EDGES, STRIDE, AcceptanceModel, CostModel,
                                MatchAcceptance, Plan, Survey, TokenRecord, best_plan, best_tree, copy_kinds)
-from ggspec.drafters.lookup import AGREE, ALONE, DIFFER, OUTPUT, PROMPT
+from ggspec.drafters.lookup import AGREE, AHEAD, ALONE, DIFFER, OUTPUT, PROMPT
 from tinymodels import VOCAB
 
 CPU = CostModel(np.array([1.0, 1.4, 2.0, 2.0, 2.6, 3.0, 4.0, 5.0, 5.5]), draft_token=0.4)
@@ -88,27 +88,27 @@ def test_copy_acceptance_grows_with_the_match_length_it_learns():
     for _ in range(100):
         acc.observe(match_len=2, kinds=inside(1), hits=0, where=PROMPT)     # short matches: wrong
         acc.observe(match_len=20, kinds=inside(4), hits=4, where=PROMPT)   # long matches: right
-    assert acc.chances(2, inside(1), True)[0] < 0.05
-    assert min(acc.chances(20, inside(4), True)) > 0.95
+    assert acc.chances(2, inside(1), PROMPT)[0] < 0.05
+    assert min(acc.chances(20, inside(4), PROMPT)) > 0.95
     # a draft from a match of 2 whose first token is accepted continues from a match of 3
-    np.testing.assert_array_equal(acc.chances(2, inside(3), True),
-                                  [acc.chances(n, inside(1), True)[0] for n in (2, 3, 4)])
-    assert acc.chances(20, inside(1), False)[0] == MATCH_PRIOR[acc.bucket(20)]  # the answer's own text: not learnt yet
+    np.testing.assert_array_equal(acc.chances(2, inside(3), PROMPT),
+                                  [acc.chances(n, inside(1), PROMPT)[0] for n in (2, 3, 4)])
+    assert acc.chances(20, inside(1), OUTPUT)[0] == MATCH_PRIOR[acc.bucket(20)]  # the answer's own text: not learnt yet
 
 
 def test_copy_acceptance_is_kept_apart_for_answers_that_copy_and_those_that_do_not():
     acc = MatchAcceptance()
     for _ in range(50):  # a document being copied: long matches hold
         acc.observe(match_len=10, kinds=inside(31), hits=30, where=PROMPT)
-    copying = acc.chances(10, inside(1), True)[0]
+    copying = acc.chances(10, inside(1), PROMPT)[0]
     for _ in range(50):  # prose: matches are coincidences
         acc.observe(match_len=1, kinds=inside(1), hits=0, where=PROMPT)
         acc.observe(match_len=10, kinds=inside(1), hits=0, where=PROMPT)
-    assert acc.recent < 0.25 and acc.chances(10, inside(1), True)[0] < 0.1
+    assert acc.recent < 0.25 and acc.chances(10, inside(1), PROMPT)[0] < 0.1
     assert copying > 0.9
     for _ in range(16):  # back to copying: the estimates learnt there come back (less the
         acc.observe(match_len=10, kinds=inside(1), hits=1, where=PROMPT)  # misses of the switch to prose)
-    assert acc.row == len(RECENT_EDGES) - 1 and acc.chances(10, inside(1), True)[0] > 0.75
+    assert acc.row == len(RECENT_EDGES) - 1 and acc.chances(10, inside(1), PROMPT)[0] > 0.75
 
 
 def test_copy_acceptance_learns_that_copies_end_where_lines_end():
@@ -119,9 +119,9 @@ def test_copy_acceptance_learns_that_copies_end_where_lines_end():
     line = copy_kinds(np.array([False] * 7 + [True]), [ALONE] * 8)  # seven tokens, then the line's end
     for _ in range(40):
         acc.observe(match_len=10, kinds=line, hits=7, where=PROMPT)  # the break is where it diverges
-    assert acc.chances(10, inside(1), True)[0] > 0.9
-    assert acc.chances(17, line[-1:], True)[0] < 0.2
-    across = acc.chances(10, line, True)
+    assert acc.chances(10, inside(1), PROMPT)[0] > 0.9
+    assert acc.chances(17, line[-1:], PROMPT)[0] < 0.2
+    across = acc.chances(10, line, PROMPT)
     assert across[-1] < 0.2 and min(across[:-1]) > 0.9
 
 
@@ -129,30 +129,44 @@ def test_copy_acceptance_learns_where_the_other_sources_agree_and_where_one_diff
     """Where earlier occurrences of the text went on differently, the text branches: a
     copy there is kept apart from one that every source agrees with, and each learns its own."""
     acc = MatchAcceptance()
-    fresh = [acc.chances(3, inside(1, a), True)[0] for a in (ALONE, AGREE, DIFFER)]
+    fresh = [acc.chances(3, inside(1, a), PROMPT)[0] for a in (ALONE, AGREE, DIFFER)]
     assert fresh[2] < fresh[0] < fresh[1]  # the starting guesses already say so
     for _ in range(60):  # (the recent hit rate held in one row: only the kind differs)
         for agreement, hits in ((DIFFER, 0), (AGREE, 1)):
             acc.recent = 0.6
             acc.observe(match_len=3, kinds=inside(1, agreement), hits=hits, where=PROMPT)
     acc.recent = 0.6
-    assert acc.chances(3, inside(1, DIFFER), True)[0] < 0.05
-    assert acc.chances(3, inside(1, AGREE), True)[0] > 0.95
+    assert acc.chances(3, inside(1, DIFFER), PROMPT)[0] < 0.05
+    assert acc.chances(3, inside(1, AGREE), PROMPT)[0] > 0.95
     mixed = copy_kinds(np.array([False, True, False]), [AGREE, ALONE, DIFFER])
-    np.testing.assert_array_equal(acc.chances(3, mixed, True),
-                                  [acc.chances(n, [inside(1, a)[0] + e], True)[0]
+    np.testing.assert_array_equal(acc.chances(3, mixed, PROMPT),
+                                  [acc.chances(n, [inside(1, a)[0] + e], PROMPT)[0]
                                    for n, a, e in ((3, AGREE, 0), (4, ALONE, 1), (5, DIFFER, 0))])
 
 
 def test_an_answers_outcomes_inform_the_neighbouring_match_lengths():
     acc = MatchAcceptance()
     acc.start()
-    before = [acc.chances(n, inside(1), True)[0] for n in (5, 6, 8, 16)]  # buckets 4, 5, 6, 8
+    before = [acc.chances(n, inside(1), PROMPT)[0] for n in (5, 6, 8, 16)]  # buckets 4, 5, 6, 8
     for _ in range(4):
         acc.observe(match_len=6, kinds=inside(1), hits=0, where=PROMPT)
-    after = [acc.chances(n, inside(1), True)[0] for n in (5, 6, 8, 16)]
+    after = [acc.chances(n, inside(1), PROMPT)[0] for n in (5, 6, 8, 16)]
     assert after[1] < after[0] < before[0] and after[2] < before[2]  # neighbours learn less
     assert after[3] == before[3]                                        # others nothing
+
+
+def test_estimates_saved_with_two_places_of_the_source_load_with_the_prompts_for_both():
+    acc = MatchAcceptance()
+    acc.observe(match_len=20, kinds=inside(4), hits=4, where=PROMPT)
+    acc.observe(match_len=2, kinds=inside(1), hits=0, where=OUTPUT)
+    state = acc.state()
+    old = {**state, **{k: np.array(state[k])[:2].tolist() for k in ("p", "seen", "hits", "trials")}}
+    loaded = MatchAcceptance()
+    loaded.set_state(old)
+    assert loaded.chances(20, inside(4), AHEAD) == loaded.chances(20, inside(4), PROMPT) == acc.chances(20, inside(4), PROMPT)
+    assert loaded.chances(2, inside(1), OUTPUT) == acc.chances(2, inside(1), OUTPUT)
+    with pytest.raises(ValueError):
+        loaded.set_state({**state, "p": np.array(state["p"])[:1].tolist()})
 
 
 def test_an_outcome_counts_for_its_match_length_and_half_for_each_neighbour_at_the_edges_too():
@@ -437,13 +451,13 @@ def test_a_new_answer_follows_its_own_evidence_over_earlier_answers():
     acc = MatchAcceptance()
     for _ in range(200):  # earlier answers: copies from the prompt held
         acc.observe(match_len=4, kinds=inside(1), hits=1, where=PROMPT)
-    assert acc.chances(4, inside(1), True)[0] > 0.95
+    assert acc.chances(4, inside(1), PROMPT)[0] > 0.95
     acc.start()  # this answer: they do not
-    before = acc.chances(4, inside(1), True)[0]
+    before = acc.chances(4, inside(1), PROMPT)[0]
     for _ in range(6):
         acc.observe(match_len=4, kinds=inside(1), hits=0, where=PROMPT)
         acc.observe(match_len=4, kinds=inside(1), hits=1, where=PROMPT)  # keeps the recent rate's row
-    assert before > 0.88 and acc.chances(4, inside(1), True)[0] < 0.75
+    assert before > 0.88 and acc.chances(4, inside(1), PROMPT)[0] < 0.75
 
 
 def test_earlier_answers_are_not_taken_as_certain():
@@ -455,14 +469,14 @@ def test_earlier_answers_are_not_taken_as_certain():
     b = acc.bucket(20)
     learnt, guess = acc.p[1][acc.row][0][b], MATCH_PRIOR[b]
     acc.start()
-    first = acc.chances(20, inside(1), True)[0]
+    first = acc.chances(20, inside(1), PROMPT)[0]
     w, g = MatchAcceptance.ANSWER_PRIOR, MatchAcceptance.GUESS_WEIGHT
     assert learnt > 0.99 and g > 0
     np.testing.assert_allclose(first, (w * learnt + g * guess) / (w + g))
     assert first < 0.97
     for _ in range(20):  # this answer's copies hold too
         acc.observe(match_len=20, kinds=inside(1), hits=1, where=PROMPT)
-    assert acc.chances(20, inside(1), True)[0] == MAX_CHANCE
+    assert acc.chances(20, inside(1), PROMPT)[0] == MAX_CHANCE
 
 
 def test_no_copy_is_priced_as_certain():
@@ -476,6 +490,6 @@ def test_no_copy_is_priced_as_certain():
     for _ in range(100):
         acc.observe(match_len=100, kinds=inside(16), hits=16, where=PROMPT)
     assert acc.p[1][acc.row][0][acc.bucket(100)] > 0.99  # what the table learnt
-    chances = acc.chances(100, inside(31), True)
+    chances = acc.chances(100, inside(31), PROMPT)
     np.testing.assert_array_equal(chances, np.full(31, MAX_CHANCE))
     assert np.cumprod(chances).sum() < 0.8 * 31
