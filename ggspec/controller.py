@@ -370,14 +370,14 @@ class AcceptanceModel:
 # from a match of length L, L + i: the draft tokens before it were accepted). It depends
 # on where the source is: text the user gave (a document, code to edit) is copied far more
 # faithfully than the answer's own earlier words, and the part of it an answer working
-# through it in order has reached (ggspec.drafters.lookup: AHEAD) more than what it passed. It depends on the token: a copy tends to
-# end where a line ends (the next line of an edit is the one that changes; a quotation
-# stops at the end of its sentence or paragraph), so a copied line break is far less
-# certain than the tokens inside a line. It depends on the match's other sources (earlier
-# occurrences of the same text): where they all went on with the copied token it is more
-# likely, where one went on differently far less (the text branches there). And on what
-# is being written: an answer that copies a document confirms long matches, prose rarely
-# does. So the estimate is kept by (where the source is, how often copying was right
+# through it in order has reached (ggspec.drafters.lookup: AHEAD) more than what it passed.
+# It depends on the token: a copy tends to end where a line ends (the next line of an edit
+# is the one that changes; a quotation stops at the end of its sentence or paragraph), so
+# a copied line break is far less certain than the tokens inside a line. It depends on the
+# match's other sources (earlier occurrences of the same text): where they all went on with
+# the copied token it is more likely, where one went on differently far less (the text
+# branches there). And on what is being written: an answer that copies a document
+# confirms long matches, prose rarely does. So the estimate is kept by (where the source is, how often copying was right
 # lately, the token's kind, match length); a token's kind is whether it ends a line
 # plus KINDS_PER_AGREEMENT times its agreement (ggspec.drafters.lookup: ALONE, AGREE, DIFFER).
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of

@@ -163,7 +163,8 @@ def test_estimates_saved_with_two_places_of_the_source_load_with_the_prompts_for
     old = {**state, **{k: np.array(state[k])[:2].tolist() for k in ("p", "seen", "hits", "trials")}}
     loaded = MatchAcceptance()
     loaded.set_state(old)
-    assert loaded.chances(20, inside(4), AHEAD) == loaded.chances(20, inside(4), PROMPT) == acc.chances(20, inside(4), PROMPT)
+    prompt = acc.chances(20, inside(4), PROMPT)
+    assert loaded.chances(20, inside(4), AHEAD) == loaded.chances(20, inside(4), PROMPT) == prompt
     assert loaded.chances(2, inside(1), OUTPUT) == acc.chances(2, inside(1), OUTPUT)
     with pytest.raises(ValueError):
         loaded.set_state({**state, "p": np.array(state["p"])[:1].tolist()})
