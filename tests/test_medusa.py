@@ -144,6 +144,22 @@ def test_head_trees_are_sized_by_the_cost_curve(medusa_engine, monkeypatch):
     assert gpu_nodes >= 2 and cpu_nodes == 0
 
 
+def test_auto_copy_trees_beside_heads_leave_the_heads_estimates_alone(medusa_engine, target_path, monkeypatch):
+    """With heads loaded, `auto` may verify a tree of copied continuations: the heads see
+    its verification (their hidden state follows every round) and learn nothing from it."""
+    medusa, auto = medusa_engine.drafters["medusa"], medusa_engine.drafters["auto"]
+    monkeypatch.setattr(medusa, "plan", lambda budget, tokens=(): (0, 0.0))  # no head trees: copies only
+    fix_costs(medusa_engine.costs, np.full(33, 1.0), monkeypatch)  # a tree costs what one row does
+    before = medusa.acceptance.copy()
+    base = random_prompt(99, 8)
+    prompt = base + [5] + base + [6] + base + [7] + base  # the same text three times, going on differently
+    got = medusa_engine.generate(prompt, max_tokens=12, sampling=SamplingConfig(temperature=0),
+                                 spec=SpecConfig("auto"))
+    assert any(not isinstance(p, str) and p.paths > 1 for p in auto.plans)
+    np.testing.assert_array_equal(medusa.acceptance, before)
+    assert first_divergence(got.tokens, greedy_reference(target_path, prompt, 12)) is None
+
+
 def test_typical_acceptance_on_the_command_line_goes_with_heads_only(target_path, heads_path):
     from test_cli import TINY, invoke
     base = ["run", "-m", target_path, "--no-draft", *TINY, "-n", "6", "-t", "0.8", "-s", "1", "--json"]

@@ -102,8 +102,8 @@ class MedusaDrafter:
         # (also another drafter's chain) was verified with one row per token after the pending one
         row = nodes[-1] + 1 if len(nodes) else 0
         self._hidden = self.target.hidden(len(draft.tokens) + 1)[row].copy()
-        if draft.tree is not None and draft.plan is not None:
-            self._learn(draft.tree, draft.plan, list(nodes))
+        if draft.tree is not None and isinstance(draft.plan, np.ndarray):  # its own tree, with its ranks
+            self._learn(draft.tree, draft.plan, list(nodes))                # (auto's copy trees carry a Plan)
 
     def _learn(self, tree: Tree, ranks: np.ndarray, nodes: list[int]) -> None:
         """Update the (head, rank) acceptance from the levels the verification reached."""
