@@ -377,9 +377,10 @@ class AcceptanceModel:
 # match's other sources (earlier occurrences of the same text): where they all went on with
 # the copied token it is more likely, where one went on differently far less (the text
 # branches there). And on what is being written: an answer that copies a document
-# confirms long matches, prose rarely does. So the estimate is kept by (where the source is, how often copying was right
-# lately, the token's kind, match length); a token's kind is whether it ends a line
-# plus KINDS_PER_AGREEMENT times its agreement (ggspec.drafters.lookup: ALONE, AGREE, DIFFER).
+# confirms long matches, prose rarely does. So the estimate is kept by (where the source
+# is, how often copying was right lately, the token's kind, match length); a token's kind
+# is whether it ends a line plus KINDS_PER_AGREEMENT times its agreement
+# (ggspec.drafters.lookup: ALONE, AGREE, DIFFER).
 # Buckets of match length: bucket j holds MATCH_EDGES[j] <= L < MATCH_EDGES[j + 1]; of
 # the recent hit rate: RECENT_EDGES likewise.
 MATCH_EDGES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128)
