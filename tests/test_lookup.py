@@ -278,6 +278,27 @@ def test_the_prompt_is_copied_in_order_from_where_the_last_copy_stopped():
     assert found.tokens == [2, 20, 21, 9] and found.length == 1 and found.where == AHEAD
 
 
+def test_a_source_that_takes_over_keeps_the_label_of_the_one_it_replaces():
+    """When the followed source goes wrong and another that agreed with the text all along
+    takes over (no new search), it inherits the AHEAD label, wherever it lies: labelling it
+    by its own place replayed lower (docs/speed-notes.md)."""
+    drafter = LookupDrafter()
+    prompt = [1, 2, 3, 5, 7, 1, 2, 3, 4, 0, 6]
+    drafter.prepare(prompt)
+    answer = [3, 5]
+    drafter.match(prompt + answer, 4)
+    answer += [7, 9]                                                # copied 7: the cursor is at 5
+    assert drafter.match(prompt + answer, 4).tokens == []
+    answer += [1, 2]
+    found = drafter.match(prompt + answer, 4)                       # 1 2 ends at 2 and 7: 7 is ahead
+    assert found.tokens == [3, 4, 0, 6] and found.where == AHEAD
+    answer += [3, 5]                                                # 3 right, then 5 where it has 4
+    found = drafter.match(prompt + answer, 4)
+    assert found.followed.hits == 1 and found.followed.where == AHEAD
+    # the source behind the cursor (1 2 3 5 at the start) went on as the text did
+    assert found.tokens == [7, 1, 2, 3] and found.length == 4 and found.where == AHEAD
+
+
 def test_the_most_recent_occurrence_is_followed_where_the_prompt_has_none_ahead():
     drafter = LookupDrafter()
     prompt = [1, 2, 3, 4, 5, 6]
