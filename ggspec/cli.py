@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__, bench as benchmark, hub, machine
 from .backend import Model, check_vocab_compatible, default_threads, serve_rpc, set_verbose
 from .chat import NAMES, ChatSession, Settings, available_methods, refuse_draft_only
-from .config import DRAFT_P_MIN, METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
+from .config import DRAFT_P_MIN, MAX_DRAFT, METHODS, BackendConfig, SamplingConfig, SpecConfig, rpc_endpoint
 from .engine import DEFAULT, MEDUSA_MAX_NODES, Engine, Result
 from .heads.eagle_paths import BACKENDS as EAGLE_BACKENDS
 from .errors import GgspecError
@@ -137,7 +137,7 @@ _model_options = _options(
 _spec_options = _options(
     click.option("--method", type=click.Choice(METHODS), help="Speculation method.  "
                  f"[default: {_SPEC.method}, or none when that cannot run with these models]"),
-    click.option("-k", "--draft-max", type=int, default=_SPEC.draft_max, show_default=True,
+    click.option("-k", "--draft-max", type=click.IntRange(1, MAX_DRAFT), default=_SPEC.draft_max, show_default=True,
                  help="Most tokens drafted per round (medusa, eagle: tree nodes)."),
     click.option("--typical", is_flag=True,
                  help="Verify medusa trees with typical acceptance: LOSSY, output may differ."),
@@ -440,11 +440,14 @@ def _method_list(ctx, param, values) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _int_list(ctx, param, values) -> tuple[int, ...]:
-    """-k 2 -k 4 or -k 2,4."""
+    """-k 2 -k 4 or -k 2,4 (draft lengths, 1 to MAX_DRAFT)."""
     try:
-        return tuple(int(v) for value in values for v in value.split(",") if v.strip())
+        ks = tuple(int(v) for value in values for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected integers like 2,4,8, got {' '.join(values)!r}") from None
+    if any(not 1 <= k <= MAX_DRAFT for k in ks):
+        raise click.BadParameter(f"draft lengths run from 1 to {MAX_DRAFT}, got {' '.join(values)!r}")
+    return ks
 
 
 @cli.command()

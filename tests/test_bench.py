@@ -188,6 +188,13 @@ def test_bench_method_with_its_own_draft_lengths(target_path):
     assert got.exit_code == 2 and "unknown method 'fast'" in got.stderr
 
 
+@pytest.mark.parametrize("args", [["-k", "0"], ["-k", "4,65"], ["--method", "lookup:2,0"]])
+def test_bench_refuses_a_draft_length_out_of_range_before_loading(args, tmp_path):
+    """(the model does not exist: a refusal after loading would say that instead)"""
+    got = CliRunner().invoke(cli, ["bench", "-m", str(tmp_path / "none.gguf"), *args, "--allow-busy"])
+    assert got.exit_code == 2 and "draft lengths run from 1 to 64" in got.stderr
+
+
 def test_bench_refuses_a_method_these_models_cannot_run(target_path):
     got = CliRunner().invoke(cli, ["bench", "-m", target_path, "--method", "draft", "--allow-busy"])
     assert got.exit_code == 1 and "Error: method draft is not available" in got.stderr

@@ -120,7 +120,7 @@ def test_stop_string_and_system_message(target_path):
                                   "unknown model", "draft method without draft", "empty prompt",
                                   "p-min of another method", "context below a verification batch",
                                   "typical without trees", "tree shape without heads", "tree size without heads",
-                                  "eagle backend without eagle"])
+                                  "eagle backend without eagle", "draft length out of range"])
 def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, target_path, mismatched):
     args, fragments = {
         "missing file": (["-m", tmp_path / "nope.gguf"], ["nope.gguf", "does not exist"]),
@@ -136,6 +136,7 @@ def test_user_mistakes_give_one_line_and_a_failing_exit_code(case, tmp_path, tar
         "tree shape without heads": (["-m", target_path, "--tree", "chain"], ["--tree", "Medusa", "--heads"]),
         "tree size without heads": (["-m", target_path, "--tree-nodes", "4"], ["--tree-nodes", "--heads or --eagle"]),
         "eagle backend without eagle": (["-m", target_path, "--eagle-backend", "numpy"], ["--eagle-backend", "--eagle"]),
+        "draft length out of range": (["-m", target_path, "-k", "0"], ["'-k' / '--draft-max'", "1<=x<=64"]),
     }[case]
     prompt = [] if case == "empty prompt" else ["hello"]
     assert_one_line_error(invoke("run", *TINY, *args, *prompt), *fragments)
