@@ -400,8 +400,6 @@ KINDS_PER_AGREEMENT = 2  # inside a line, line end
 # priced at 26-28 accepted tokens where the answer broke off after 1-4: a larger draft_max
 # made `auto` slower.
 MAX_CHANCE = 0.98
-KIND_NAMES = [f"{line}, {sources}" for sources in ("one source", "others agree", "another differs")
-              for line in ("inside a line", "line end")]
 
 
 def copy_kinds(line_ends: Sequence[bool], agreement: Sequence[int]) -> list[int]:

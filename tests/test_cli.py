@@ -71,6 +71,15 @@ def test_run_json_has_every_field_and_the_lossless_greedy_answer(target_path, dr
     assert data["params"]["max_tokens"] == 12 and data["params"]["chat"] is True
 
 
+def test_run_json_of_auto_carries_its_choices_not_the_engines_estimates(target_path, draft_path):
+    """The acceptance tables are the engine's state (tens of kB): an answer's stats carry
+    its plans and the costs they read."""
+    got = invoke("run", "-m", target_path, "-d", draft_path, *TINY, "-t", 0, "-n", 12, "--json", "hello world")
+    controller = json.loads(got.stdout)["stats"]["controller"]
+    assert set(controller) == {"plans", "verify_ms", "draft_token_ms", "state_copy_ms"}
+    assert sum(controller["plans"].values()) > 0
+
+
 def test_run_streams_the_text_to_stdout_and_the_footer_to_stderr(target_path, draft_path):
     got = invoke("run", "-m", target_path, "-d", draft_path, *TINY, "-t", 0, "-n", 10, "--json", "hi")
     text = json.loads(got.stdout)["text"]

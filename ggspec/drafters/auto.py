@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from ..config import MAX_DRAFT, SamplingConfig
-from ..controller import (EXPLORE_EVERY, KIND_NAMES, MATCH_EDGES, RECENT_EDGES, AcceptanceModel, CostModel,
-                          MatchAcceptance, Plan, TokenRecord, best_plan, best_tree, copy_kinds)
+from ..controller import (EXPLORE_EVERY, AcceptanceModel, CostModel, MatchAcceptance, Plan, TokenRecord, best_plan,
+                          best_tree, copy_kinds)
 from ..tree import Tree, trie
 from . import Draft
 from .eagle import EagleDrafter
@@ -188,7 +188,9 @@ class AutoDrafter:
         self._streak = int(state["streak"])
 
     def report(self) -> dict:
-        """The controller's estimates and how often it chose each plan."""
+        """How often this answer chose each plan, and the costs the choices read. (The
+        acceptance estimates, the rest of what the choices read, are the engine's state:
+        experience.json keeps them.)"""
         return {
             "plans": {p if isinstance(p, str) else f"lookup={p.lookup},model={p.model}"
                       + (f",paths={p.paths}" if p.paths > 1 else ""): n
@@ -197,11 +199,4 @@ class AutoDrafter:
             [round(1000 * t, 3) for t in self.costs.t_verify(np.arange(1, self.costs.max_rows + 1))],
             "draft_token_ms": round(1000 * self.costs.draft_token, 3),
             "state_copy_ms": round(1000 * self.costs.state_copy, 3),
-            "copy_acceptance": {  # by source, recent hit rate, the token's kind, then match length
-                source: {f"recent {r:.2f}+": {kind: {f"{lo}+": round(float(p), 3) for lo, p in zip(MATCH_EDGES, row)}
-                                              for kind, row in zip(KIND_NAMES, rows, strict=True)}
-                         for r, rows in zip(RECENT_EDGES, table)}
-                for source, table in zip(("output", "prompt", "prompt ahead"), self.copy_acceptance.p)},
-            "model_acceptance": None if self.model_acceptance is None else
-            [round(a, 3) for a in self.model_acceptance.alpha],
         }
