@@ -117,7 +117,8 @@ def _zip_pad(a: list[int], b: list[int]):
 
 def footer(s: Stats) -> str:
     """One line for after an answer."""
-    line = f"{s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s"
+    n = s.generated_tokens
+    line = f"{n} token{'' if n == 1 else 's'}, {s.decode_tokens_per_second:.1f} tok/s"
     if s.draft_tokens:
         line += (f", {100 * s.acceptance_rate:.0f}% accepted, "
                  f"{s.mean_accepted_length:.2f} accepted/round")

@@ -184,7 +184,7 @@ def spawn_chat(*args: str, target: str, draft: str) -> pexpect.spawn:
     return child
 
 
-FOOTER = r"(\d+) tokens, [\d.]+ tok/s.*(draft|none|lookup|auto)"
+FOOTER = r"(\d+) tokens?, [\d.]+ tok/s.*(draft|none|lookup|auto)"
 
 
 def test_chat_in_a_terminal_as_a_person_uses_it(target_path, draft_path):

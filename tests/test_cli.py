@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from ggspec import BackendConfig, Engine, SamplingConfig, SpecConfig, hub
 from ggspec.cli import cli
 from ggspec.config import DRAFT_P_MIN
+from ggspec.stats import Stats, footer
 from tinymodels import VOCAB, write_mismatched_vocab_llama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,11 @@ def test_run_json_of_auto_carries_its_choices_not_the_engines_estimates(target_p
     controller = json.loads(got.stdout)["stats"]["controller"]
     assert set(controller) == {"plans", "verify_ms", "draft_token_ms", "state_copy_ms"}
     assert sum(controller["plans"].values()) > 0
+
+
+def test_the_footer_counts_one_token_in_the_singular():
+    assert footer(Stats(method="none", generated_tokens=1, decode_seconds=0.5)) == "1 token, 2.0 tok/s, none"
+    assert footer(Stats(method="none", generated_tokens=2, decode_seconds=0.5)) == "2 tokens, 4.0 tok/s, none"
 
 
 def test_run_streams_the_text_to_stdout_and_the_footer_to_stderr(target_path, draft_path):
