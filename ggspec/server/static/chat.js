@@ -59,16 +59,18 @@ async function* events(response) {
   }
 }
 
+const count = (n) => `${n} token${n === 1 ? "" : "s"}`;
+
 function liveStats(tokens, drafted, started, method) {
   const seconds = (performance.now() - started) / 1000;
   const rate = seconds > 0 ? (tokens / seconds).toFixed(1) : "-";
   const share = tokens ? Math.round((100 * drafted) / tokens) : 0;
-  return `${tokens} tokens · ${rate} tok/s · ${share}% from drafts · ${method}`;
+  return `${count(tokens)} · ${rate} tok/s · ${share}% from drafts · ${method}`;
 }
 
 function finalStats(chunk) {
   const t = chunk.timings, g = chunk.ggspec;
-  const parts = [`${t.predicted_n} tokens`, `${t.predicted_per_second.toFixed(1)} tok/s`];
+  const parts = [count(t.predicted_n), `${t.predicted_per_second.toFixed(1)} tok/s`];
   if (t.draft_n) {
     parts.push(`${Math.round((100 * t.draft_n_accepted) / t.draft_n)}% accepted ` +
                `(${t.draft_n_accepted}/${t.draft_n} drafted, ${g.mean_accepted_length.toFixed(2)}/round)`);
