@@ -68,3 +68,24 @@ def test_a_replay_can_start_from_stored_experience(tmp_path):
     path.write_text(json.dumps({"a": {"saved": 1.0, "auto": {"copy_acceptance": {"p": [1.0]}}}}))
     with pytest.raises(SystemExit, match="do not fit"):
         replay_auto.stored_estimates(str(path))
+
+
+def test_llama_cpp_ngram_cache_replays_copies_of_the_prompt_and_nothing_else():
+    data = recording()
+    curve = np.array(data["_curve"])
+    assert replay_auto.ngram_cache(data["copy"], curve) > 1.2  # 3- and 4-grams seen once in the prompt draft
+    assert replay_auto.ngram_cache(data["new"], curve) == 1.0  # nothing seen: every round plain
+
+
+def test_llama_cpp_ngram_cache_never_counts_n_grams_across_two_updates():
+    """As llama.cpp: each update counts the tokens added since the last on their own, so an
+    answer that repeats itself one committed token at a time is never drafted (auto's
+    lookup follows it)."""
+    data = recording()
+    loop = {"prompt": [2, 3], "output": [7, 8, 9, 4] * 20}
+    assert replay_auto.ngram_cache(loop, np.array(data["_curve"])) == 1.0
+    ratios, _ = replay_auto.replay({"loop": loop, **{k: v for k, v in data.items() if k.startswith("_")}}, 16, 1)
+    assert ratios["loop"][0] > 1.2
+    # the same repetition in the prompt is counted (one update) and drafted
+    assert replay_auto.ngram_cache({"prompt": [2, 3, *[7, 8, 9, 4] * 3], "output": [7, 8, 9, 4] * 20},
+                                   np.array(data["_curve"])) > 1.2

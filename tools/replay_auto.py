@@ -31,6 +31,18 @@ answers, drafts these answers (a live run's losses can depend on that stored sta
 
 `tools/prompts/heldout/` holds prompts that no change of the estimates was tried on:
 compare a change there too, after the replays it was developed on, before keeping it.
+
+The last column replays llama.cpp's `ngram-cache` drafting (`llama-speculative-simple
+--spec-type ngram-cache`, the mode that `bench --native` found best on qa and revise) on
+the same answers at the same curve, so the two drafters are compared on one text: live,
+llama.cpp's answer can leave ggspec's at a near-tie, and its tools may run other kernels
+(another curve). The rule is common/ngram-cache.cpp's as common/speculative.cpp calls it:
+up to NGRAM_CACHE_DRAFT tokens, each the most frequent continuation of the longest 4- to
+1-gram before it that has been seen often and consistently enough (NGRAM_CACHE_MIN_*), from
+counts of the prompt and the tokens added since each update, counted on their own (so
+n-grams across two updates, most of the answer's own, are never counted). Over llama.cpp's
+revise answer it drafted 153 tokens and 72 were accepted, where llama.cpp reported 158 and
+73 over its 196 tokens (docs/speed-notes.md).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -154,6 +167,44 @@ def known(answer: dict, curve: np.ndarray, k: int) -> float:
     return float(len(out) * curve[0] / seconds)
 
 
+NGRAM_CACHE_DRAFT = 8  # common/speculative.cpp, create_state_ngram_cache
+NGRAM_CACHE_MIN_COUNT = (2, 2, 1, 1)  # of 1- to 4-grams (common/ngram-cache.cpp, the "lax" thresholds)
+NGRAM_CACHE_MIN_PERCENT = (66, 50, 50, 50)
+
+
+def ngram_cache(answer: dict, curve: np.ndarray) -> float:
+    """llama.cpp ngram-cache's speed ratio over plain decoding on one recorded answer."""
+    prompt, out = answer["prompt"], answer["output"]
+    counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+    committed = [*prompt, out[0]]  # (the first token comes from the prompt's decode)
+    counted, pos, seconds = 0, 1, float(curve[0])
+    while pos < len(out):
+        new = committed[counted:]
+        for size in range(1, 5):
+            for i in range(size, len(new)):
+                counts[tuple(new[i - size:i])][new[i]] += 1
+        counted = len(committed)
+        draft: list[int] = []
+        while len(draft) < min(NGRAM_CACHE_DRAFT, len(out) - pos - 1):
+            text = committed + draft
+            for size in (4, 3, 2, 1):
+                seen = counts.get(tuple(text[-size:]))
+                if not seen:
+                    continue
+                token, count = seen.most_common(1)[0]
+                total = seen.total()
+                if total >= NGRAM_CACHE_MIN_COUNT[size - 1] and 100 * count >= NGRAM_CACHE_MIN_PERCENT[size - 1] * total:
+                    draft.append(token)
+                    break
+            else:
+                break
+        n = accepted(draft, out[pos:])
+        seconds += curve[len(draft)]
+        committed += out[pos:pos + n + 1]
+        pos += n + 1
+    return float(len(out) * curve[0] / seconds)
+
+
 def stored_estimates(path: str) -> dict:
     """The copy estimates of the most recently saved entry of an experience.json."""
     try:
@@ -217,13 +268,14 @@ def main() -> None:
     with open(args.path) as f:
         data = json.load(f)
     start = stored_estimates(args.experience) if args.experience else None
-    print("workload  auto   known acceptance")
+    print("workload  auto   known acceptance  llama.cpp ngram-cache")
     if args.curve:
         data["_curve"] = args.curve
     ratios, means = replay(data, args.draft_max, args.repetitions, args.paths, args.fresh, args.orders, args.seed,
                            start)
+    curve = np.asarray(data["_curve"])
     for name, (ratio, bound) in ratios.items():
-        print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x")
+        print(f"{name:8}  {ratio:.2f}x  {bound:.2f}x             {ngram_cache(data[name], curve):.2f}x")
     spread = f" (orders {min(means):.4f}-{max(means):.4f})" if args.orders else ""
     print(f"all answers: geometric mean {np.mean(means):.4f}x{spread}")
 
