@@ -175,6 +175,8 @@ NGRAM_CACHE_MIN_PERCENT = (66, 50, 50, 50)
 def ngram_cache(answer: dict, curve: np.ndarray) -> float:
     """llama.cpp ngram-cache's speed ratio over plain decoding on one recorded answer."""
     prompt, out = answer["prompt"], answer["output"]
+    if not out:
+        return float("nan")  # (as replay_answer's 0 / 0: no tokens, no ratio)
     counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
     committed = [*prompt, out[0]]  # (the first token comes from the prompt's decode)
     counted, pos, seconds = 0, 1, float(curve[0])
