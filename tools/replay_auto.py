@@ -188,7 +188,7 @@ def ngram_cache(answer: dict, curve: np.ndarray) -> float:
         counted = len(committed)
         draft: list[int] = []
         while len(draft) < min(NGRAM_CACHE_DRAFT, len(out) - pos - 1):
-            text = committed + draft
+            text = committed[-4:] + draft  # (the longest n-gram looked up is 4 tokens)
             for size in (4, 3, 2, 1):
                 seen = counts.get(tuple(text[-size:]))
                 if not seen:
