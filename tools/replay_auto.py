@@ -51,6 +51,7 @@ import argparse
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,6 +63,9 @@ from ggspec.drafters.auto import AutoDrafter
 from ggspec.drafters.lookup import LookupDrafter
 
 GREEDY = SamplingConfig(temperature=0)
+# one round of a replay: (committed tokens, the output still to come, draft budget) ->
+# (tokens drafted, tokens of them accepted)
+Round = Callable[[list[int], list[int], int], tuple[int, int]]
 
 
 def record(path: str, max_tokens: int, rows: int, workloads: list[Workload]) -> None:
@@ -134,37 +138,45 @@ def replay(data: dict, k: int, repetitions: int, paths: int = 1, fresh: bool = F
     return {n: (float(np.median(r)), known(data[n], curve, k)) for n, r in ratios.items()}, means
 
 
-def replay_answer(auto: AutoDrafter, answer: dict, curve: np.ndarray, k: int) -> float:
-    """auto's speed ratio over plain decoding on one recorded answer (its estimates carried on)."""
+def timed(answer: dict, curve: np.ndarray, k: int, round_: Round, first: int = 0) -> float:
+    """The speed ratio over plain decoding of one recorded answer decoded in rounds at
+    `curve`: the first `first` output tokens each in a plain round, then round_'s (drafting
+    at most k tokens a round)."""
     prompt, out = answer["prompt"], answer["output"]
-    committed, pos, seconds = list(prompt), 0, 0.0
-    auto.prepare(committed)
+    committed, pos, seconds = [*prompt, *out[:first]], first, first * float(curve[0])
     while pos < len(out):
-        draft = auto.propose(committed, min(k, len(out) - pos - 1), GREEDY, None)
-        nodes = accepted_nodes(draft, out[pos:])
-        n = len(nodes)
-        seconds += curve[len(draft.tokens)]
-        auto.accept(draft, nodes)
+        drafted, n = round_(committed, out[pos:], min(k, len(out) - pos - 1))
+        seconds += curve[drafted]
         committed += out[pos:pos + n + 1]
         pos += n + 1
     return float(len(out) * curve[0] / seconds)
+
+
+def replay_answer(auto: AutoDrafter, answer: dict, curve: np.ndarray, k: int) -> float:
+    """auto's speed ratio over plain decoding on one recorded answer (its estimates carried on)."""
+    auto.prepare(answer["prompt"])
+
+    def round_(committed: list[int], truth: list[int], budget: int) -> tuple[int, int]:
+        draft = auto.propose(committed, budget, GREEDY, None)
+        nodes = accepted_nodes(draft, truth)
+        auto.accept(draft, nodes)
+        return len(draft.tokens), len(nodes)
+
+    return timed(answer, curve, k, round_)
 
 
 def known(answer: dict, curve: np.ndarray, k: int) -> float:
     """The same copy sources, each round drafting the best length given how many of the
     source's tokens will be accepted."""
-    prompt, out = answer["prompt"], answer["output"]
     lookup = LookupDrafter(min_match=1)
-    committed, pos, seconds = list(prompt), 0, 0.0
-    lookup.prepare(committed)
-    while pos < len(out):
-        right = accepted(lookup.match(committed, min(k, len(out) - pos - 1)).tokens, out[pos:])
-        lengths = np.arange(right + 1)
+    lookup.prepare(answer["prompt"])
+
+    def round_(committed: list[int], truth: list[int], budget: int) -> tuple[int, int]:
+        lengths = np.arange(accepted(lookup.match(committed, budget).tokens, truth) + 1)
         n = int(lengths[np.argmax((lengths + 1) / curve[lengths])])
-        seconds += curve[n]
-        committed += out[pos:pos + n + 1]
-        pos += n + 1
-    return float(len(out) * curve[0] / seconds)
+        return n, n
+
+    return timed(answer, curve, k, round_)
 
 
 NGRAM_CACHE_DRAFT = 8  # common/speculative.cpp, create_state_ngram_cache
@@ -174,20 +186,20 @@ NGRAM_CACHE_MIN_PERCENT = (66, 50, 50, 50)
 
 def ngram_cache(answer: dict, curve: np.ndarray) -> float:
     """llama.cpp ngram-cache's speed ratio over plain decoding on one recorded answer."""
-    prompt, out = answer["prompt"], answer["output"]
-    if not out:
+    if not answer["output"]:
         return float("nan")  # (as replay_answer's 0 / 0: no tokens, no ratio)
     counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
-    committed = [*prompt, out[0]]  # (the first token comes from the prompt's decode)
-    counted, pos, seconds = 0, 1, float(curve[0])
-    while pos < len(out):
+    counted = 0  # committed tokens counted so far
+
+    def round_(committed: list[int], truth: list[int], budget: int) -> tuple[int, int]:
+        nonlocal counted
         new = committed[counted:]
         for size in range(1, 5):
             for i in range(size, len(new)):
                 counts[tuple(new[i - size:i])][new[i]] += 1
         counted = len(committed)
         draft: list[int] = []
-        while len(draft) < min(NGRAM_CACHE_DRAFT, len(out) - pos - 1):
+        while len(draft) < budget:
             text = committed[-4:] + draft  # (the longest n-gram looked up is 4 tokens)
             for size in (4, 3, 2, 1):
                 seen = counts.get(tuple(text[-size:]))
@@ -200,11 +212,10 @@ def ngram_cache(answer: dict, curve: np.ndarray) -> float:
                     break
             else:
                 break
-        n = accepted(draft, out[pos:])
-        seconds += curve[len(draft)]
-        committed += out[pos:pos + n + 1]
-        pos += n + 1
-    return float(len(out) * curve[0] / seconds)
+        return len(draft), accepted(draft, truth)
+
+    # (the first token comes from the prompt's decode)
+    return timed(answer, curve, NGRAM_CACHE_DRAFT, round_, first=1)
 
 
 def stored_estimates(path: str) -> dict:
